@@ -1,0 +1,1 @@
+"""The service side of heist mesh: one gRPC server process per contract."""

@@ -8,7 +8,6 @@ files as the ``heist.auth.v1.required_scope`` method option.
 from __future__ import annotations
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-
 from heist.auth.v1 import options_pb2 as auth_options
 from heist.tools.v1 import options_pb2 as tool_options
 
@@ -20,13 +19,13 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 
 
 def required_scope(method: MethodDescriptor) -> str | None:
-    """The OAuth scope a method requires, or None if it needs no token."""
+    """Return the OAuth scope a method requires, or None if it needs no token."""
     scope: str = method.GetOptions().Extensions[auth_options.required_scope]
     return scope or None
 
 
 def tool_description(method: MethodDescriptor) -> str:
-    """The model-facing description of a tool method ('' if none)."""
+    """Return the model-facing description of a tool method ('' if none)."""
     description: str = method.GetOptions().Extensions[tool_options.tool_description]
     return description
 

@@ -1,0 +1,190 @@
+"""Where OAuth client secrets and the token signing key come from.
+
+Local development: ``ensure_dev_credentials`` generates them on first start into
+``<run_dir>/credentials/`` (folder 0700, files 0600, git-ignored), so a fresh
+clone works without anyone handling secrets and nothing secret is ever committed:
+
+- ``clients.json``: ``{client_id: secret}`` for every client in ``oauth.clients``
+- ``signing_key.pem``: Ed25519 private key (PKCS#8) the OAuth server signs tokens with
+- ``public_key.pem``: its public key, which every tool server verifies tokens with
+
+Production: provide the secrets from your secret store through the environment;
+each variable wins over the generated files:
+
+- ``HEIST_OAUTH_CLIENT_SECRET_<CLIENT_ID>``: a client's secret; the client id is
+  upper-cased and every non-alphanumeric character becomes ``_``
+  (``safecracker`` -> ``HEIST_OAUTH_CLIENT_SECRET_SAFECRACKER``)
+- ``HEIST_OAUTH_SIGNING_KEY_FILE``: path of the Ed25519 private key PEM (OAuth server only)
+- ``HEIST_OAUTH_PUBLIC_KEY_FILE``: path of the matching public key PEM (tool servers)
+- ``HEIST_CREDENTIALS_DIR``: use this folder instead of ``<run_dir>/credentials``
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from servers.settings import MeshSettings
+
+CREDENTIALS_DIR_ENV = "HEIST_CREDENTIALS_DIR"
+SIGNING_KEY_FILE_ENV = "HEIST_OAUTH_SIGNING_KEY_FILE"
+PUBLIC_KEY_FILE_ENV = "HEIST_OAUTH_PUBLIC_KEY_FILE"
+CLIENT_SECRET_ENV_PREFIX = "HEIST_OAUTH_CLIENT_SECRET_"
+
+CLIENTS_FILE = "clients.json"
+SIGNING_KEY_FILE = "signing_key.pem"
+PUBLIC_KEY_FILE = "public_key.pem"
+
+
+class CredentialsError(RuntimeError):
+    """A secret or key is missing or unreadable."""
+
+
+def credentials_dir(settings: MeshSettings) -> Path:
+    """Return the folder holding the credentials (``HEIST_CREDENTIALS_DIR`` wins)."""
+    override = os.environ.get(CREDENTIALS_DIR_ENV)
+    return Path(override) if override else settings.credentials_dir
+
+
+def client_secret_env_var(client_id: str) -> str:
+    """Return the environment variable that overrides one client's secret."""
+    return CLIENT_SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", client_id).upper()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by the owner only, without a window where it is world-readable."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def public_key_overridden() -> bool:
+    """Whether the public key comes from ``HEIST_OAUTH_PUBLIC_KEY_FILE`` (production) rather than dev files."""
+    return bool(os.environ.get(PUBLIC_KEY_FILE_ENV))
+
+
+def ensure_dev_credentials(settings: MeshSettings) -> Path:
+    """Create whatever local development credentials are missing; return their folder.
+
+    Existing secrets and keys are kept (tokens and clients stay valid across
+    restarts); a client added to the config later gets a secret added. A lock
+    file serialises concurrent first starts so they never generate two keys.
+    """
+    folder = credentials_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    lock_fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        _create_missing(settings, folder)
+    finally:
+        os.close(lock_fd)
+    return folder
+
+
+def _create_missing(settings: MeshSettings, folder: Path) -> None:
+
+    clients_path = folder / CLIENTS_FILE
+    existing: dict[str, str] = {}
+    if clients_path.exists():
+        loaded = json.loads(clients_path.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            existing = {str(k): str(v) for k, v in loaded.items()}
+    wanted = {cid: existing.get(cid) or secrets.token_urlsafe(32) for cid in settings.oauth.clients}
+    merged = {**existing, **wanted}
+    if merged != existing or not clients_path.exists():
+        _write_private(clients_path, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
+
+    signing_path = folder / SIGNING_KEY_FILE
+    public_path = folder / PUBLIC_KEY_FILE
+    if not signing_path.exists():
+        private = Ed25519PrivateKey.generate()
+        _write_private(
+            signing_path,
+            private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+        public_path.unlink(missing_ok=True)
+    if not public_path.exists():
+        private_key = _load_private(signing_path)
+        _write_private(public_path, public_pem(private_key.public_key()).encode())
+
+
+def client_secret(settings: MeshSettings, client_id: str) -> str:
+    """Return one client's secret: the environment variable, else the generated file."""
+    from_env = os.environ.get(client_secret_env_var(client_id))
+    if from_env:
+        return from_env
+    path = credentials_dir(settings) / CLIENTS_FILE
+    try:
+        secrets_by_client = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(
+            f"no secret for client {client_id!r}: set {client_secret_env_var(client_id)} or start the oauth "
+            f"server once to generate {path} ({exc})"
+        ) from None
+    secret = secrets_by_client.get(client_id) if isinstance(secrets_by_client, dict) else None
+    if not isinstance(secret, str) or not secret:
+        raise CredentialsError(f"no secret for client {client_id!r} in {path}")
+    return secret
+
+
+def client_secrets(settings: MeshSettings) -> dict[str, str]:
+    """Return the secret of every configured client (what the OAuth server checks against)."""
+    return {client_id: client_secret(settings, client_id) for client_id in settings.oauth.clients}
+
+
+def _load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(f"cannot load signing key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CredentialsError(f"signing key {path} is not an Ed25519 key")
+    return key
+
+
+def _load_public(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(f"cannot load public key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise CredentialsError(f"public key {path} is not an Ed25519 key")
+    return key
+
+
+def signing_key(settings: MeshSettings) -> Ed25519PrivateKey:
+    """Return the Ed25519 key the OAuth server signs tokens with."""
+    override = os.environ.get(SIGNING_KEY_FILE_ENV)
+    return _load_private(Path(override) if override else credentials_dir(settings) / SIGNING_KEY_FILE)
+
+
+def public_key(settings: MeshSettings) -> Ed25519PublicKey:
+    """Return the Ed25519 key tool servers verify tokens with."""
+    override = os.environ.get(PUBLIC_KEY_FILE_ENV)
+    return _load_public(Path(override) if override else credentials_dir(settings) / PUBLIC_KEY_FILE)
+
+
+def public_pem(key: Ed25519PublicKey) -> str:
+    """Return a public key as SubjectPublicKeyInfo PEM text."""
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """Return a stable key id (the token header's ``kid``): a hash of the public key."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.urlsafe_b64encode(hashlib.sha256(raw).digest()[:12]).decode().rstrip("=")

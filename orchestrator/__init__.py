@@ -1,1 +1,1 @@
-"""The client side of heist mesh: runs a crew of LLM agents over the gRPC services."""
+"""The heist orchestrator: runs a crew of LLM agents over the gRPC mesh and audits every step."""

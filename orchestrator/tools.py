@@ -1,0 +1,256 @@
+"""Tool registry: every tool method's LLM function schema is derived from its proto.
+
+The ``.proto`` is the single source of truth: descriptions and argument
+descriptions are method/field options, the required OAuth scope is the
+``required_scope`` method option, and the JSON schema is a walk over the request
+message descriptor. Adding a tool method to a proto makes it callable by the
+model without touching Python.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
+from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from heist.database_query.v1 import database_query_pb2, database_query_pb2_grpc
+from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
+from heist.tools.v1 import options_pb2 as tool_options
+from servers.contract import is_inline_default, required_scope, tool_description
+
+JsonSchema = dict[str, Any]
+
+_PROTO_MODULES: dict[str, tuple[ModuleType, ModuleType, str]] = {
+    "calculator": (calculator_pb2, calculator_pb2_grpc, "CalculatorService"),
+    "file_reader": (file_reader_pb2, file_reader_pb2_grpc, "FileReaderService"),
+    "database_query": (database_query_pb2, database_query_pb2_grpc, "DatabaseQueryService"),
+}
+"""Which generated service implements each configured tool (names match ``services`` in the config)."""
+
+_INTEGER_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+_WELL_KNOWN_SCHEMAS: dict[str, JsonSchema] = {
+    "google.protobuf.Struct": {"type": "object"},
+    "google.protobuf.Value": {},
+    "google.protobuf.ListValue": {"type": "array"},
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "description": "Seconds with an 's' suffix, e.g. 1.5s"},
+    "google.protobuf.StringValue": {"type": "string"},
+    "google.protobuf.BoolValue": {"type": "boolean"},
+    "google.protobuf.DoubleValue": {"type": "number"},
+    "google.protobuf.Int64Value": {"type": "integer"},
+    "google.protobuf.Int32Value": {"type": "integer"},
+}
+_MAX_DEPTH = 6
+
+
+class ToolArgumentError(ValueError):
+    """The model's arguments do not fit the tool's request message."""
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _field_schema(fd: FieldDescriptor, depth: int) -> JsonSchema:
+    """Schema of one field's value(s); maps and repeated fields wrap the element schema."""
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        value_field = fd.message_type.fields_by_name["value"]
+        return {"type": "object", "additionalProperties": _value_schema(value_field, depth)}
+    element = _value_schema(fd, depth)
+    return {"type": "array", "items": element} if fd.is_repeated else element
+
+
+def _value_schema(fd: FieldDescriptor, depth: int) -> JsonSchema:
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_schema(fd.message_type, depth + 1)
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return {"type": "string", "enum": [value.name for value in fd.enum_type.values]}
+    if fd.type == FieldDescriptor.TYPE_BOOL:
+        return {"type": "boolean"}
+    if fd.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return {"type": "number"}
+    if fd.type in _INTEGER_TYPES:
+        return {"type": "integer"}
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return {"type": "string", "contentEncoding": "base64"}
+    return {"type": "string"}
+
+
+def _is_required(fd: FieldDescriptor) -> bool:
+    """Proto3 has no 'required'; a plain singular scalar is what the method cannot do without.
+
+    Fields with explicit presence (``optional``, oneof members, messages) and
+    repeated fields may be omitted by the model.
+    """
+    return not fd.is_repeated and not fd.has_presence and fd.type != FieldDescriptor.TYPE_MESSAGE
+
+
+def message_schema(descriptor: Descriptor, depth: int = 0) -> JsonSchema:
+    """JSON schema (OpenAI function-parameters dialect) of a request message."""
+    if descriptor.full_name in _WELL_KNOWN_SCHEMAS:
+        return dict(_WELL_KNOWN_SCHEMAS[descriptor.full_name])
+    if depth > _MAX_DEPTH:  # recursive messages: stop describing, still accept an object
+        return {"type": "object"}
+    properties: dict[str, JsonSchema] = {}
+    required: list[str] = []
+    for fd in descriptor.fields:
+        schema = _field_schema(fd, depth)
+        description: str = fd.GetOptions().Extensions[tool_options.argument_description]
+        if description:
+            schema["description"] = description
+        properties[fd.name] = schema
+        if _is_required(fd):
+            required.append(fd.name)
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class ToolMethod:
+    """One RPC the model may call, with everything needed to call it and to describe it."""
+
+    tool: str
+    function_name: str
+    method: MethodDescriptor
+    request_class: type[Message]
+    description: str
+    required_scope: str | None
+    inline_default: bool
+    parameters: JsonSchema
+
+    @property
+    def rpc_path(self) -> str:
+        """gRPC's ``/package.Service/Method`` path (what the servers log and authorize)."""
+        return f"/{self.method.containing_service.full_name}/{self.method.name}"
+
+    def openai_tool(self) -> dict[str, Any]:
+        """The ``tools=[...]`` entry for chat.completions."""
+        return {
+            "type": "function",
+            "function": {"name": self.function_name, "description": self.description, "parameters": self.parameters},
+        }
+
+    def parse_arguments(self, arguments: str | Mapping[str, Any]) -> Message:
+        """Turn the model's JSON arguments into the typed request; ToolArgumentError if they don't fit."""
+        try:
+            data = json.loads(arguments or "{}") if isinstance(arguments, str) else dict(arguments)
+            if not isinstance(data, dict):
+                raise ToolArgumentError(f"arguments must be a JSON object, got {type(data).__name__}")
+            return json_format.ParseDict(data, self.request_class())
+        except (ValueError, json_format.ParseError) as exc:
+            if isinstance(exc, ToolArgumentError):
+                raise
+            raise ToolArgumentError(f"invalid arguments for {self.function_name}: {exc}") from None
+
+    def inline_request(self, argument: str) -> Message:
+        """Request for the inline convention: the argument fills the single string field."""
+        string_fields = [fd for fd in self.request_class.DESCRIPTOR.fields if fd.type == FieldDescriptor.TYPE_STRING]
+        if len(string_fields) != 1:
+            raise ToolArgumentError(f"{self.function_name} cannot be called inline (needs exactly one string field)")
+        request = self.request_class()
+        setattr(request, string_fields[0].name, argument)
+        return request
+
+
+@dataclass(frozen=True)
+class ToolService:
+    """A tool (one gRPC service) and its callable methods."""
+
+    name: str
+    descriptor: ServiceDescriptor
+    stub_class: Callable[[grpc.aio.Channel], Any]
+    methods: tuple[ToolMethod, ...]
+    inline_method: ToolMethod | None
+
+    @property
+    def required_scopes(self) -> tuple[str, ...]:
+        """Every scope a token needs to call all of this tool's methods."""
+        return tuple(sorted({m.required_scope for m in self.methods if m.required_scope}))
+
+
+def _build_service(name: str) -> ToolService:
+    pb2, pb2_grpc, service_name = _PROTO_MODULES[name]
+    descriptor: ServiceDescriptor = pb2.DESCRIPTOR.services_by_name[service_name]
+    methods = tuple(
+        ToolMethod(
+            tool=name,
+            function_name=f"{name}_{_snake(method.name)}",
+            method=method,
+            request_class=message_factory.GetMessageClass(method.input_type),
+            description=tool_description(method) or f"{service_name}.{method.name}",
+            required_scope=required_scope(method),
+            inline_default=is_inline_default(method),
+            parameters=message_schema(method.input_type),
+        )
+        for method in descriptor.methods
+        if tool_description(method)  # only methods the proto offers to models
+    )
+    inline = next((m for m in methods if m.inline_default), None)
+    return ToolService(
+        name=name,
+        descriptor=descriptor,
+        stub_class=getattr(pb2_grpc, f"{service_name}Stub"),
+        methods=methods,
+        inline_method=inline,
+    )
+
+
+@dataclass(frozen=True)
+class ToolRegistry:
+    """All tool services, looked up by tool name or by OpenAI function name."""
+
+    services: dict[str, ToolService] = field(default_factory=dict)
+
+    @classmethod
+    def default(cls) -> ToolRegistry:
+        """Registry of every tool service the mesh has."""
+        return cls({name: _build_service(name) for name in _PROTO_MODULES})
+
+    def service(self, tool: str) -> ToolService:
+        """The tool service called ``tool``; KeyError for unknown tools."""
+        return self.services[tool]
+
+    def method_by_function(self, function_name: str) -> ToolMethod | None:
+        """The method behind an OpenAI function name, or None if no tool has it."""
+        for service in self.services.values():
+            for method in service.methods:
+                if method.function_name == function_name:
+                    return method
+        return None
+
+    def functions_for(self, tools: tuple[str, ...]) -> list[dict[str, Any]]:
+        """``tools=[...]`` for an agent allowed to use ``tools``."""
+        return [method.openai_tool() for tool in tools for method in self.services[tool].methods]
+
+    def scopes_for(self, tools: tuple[str, ...]) -> tuple[str, ...]:
+        """Scopes an agent's token must carry to use ``tools`` (from the proto options)."""
+        return tuple(sorted({scope for tool in tools for scope in self.services[tool].required_scopes}))
+
+
+def render_result(response: Message, max_chars: int) -> str:
+    """Compact JSON of a tool response for the model, bounded so one document cannot flood the context."""
+    text = json.dumps(
+        json_format.MessageToDict(response, preserving_proto_field_name=True), ensure_ascii=False, separators=(",", ":")
+    )
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."

@@ -1,0 +1,321 @@
+"""gRPC side of the orchestrator: one channel per service, circuit breakers, typed clients.
+
+Why this shape: channels are expensive to set up and cheap to reuse, so each
+service gets exactly one ``grpc.aio`` channel for the life of the mesh. Retries
+on UNAVAILABLE are gRPC's own (``retryPolicy`` in the channel's service config);
+on top of that a pybreaker circuit per service stops hammering a service that
+is down and lets one trial call through after the cool-down. Every failure
+becomes a ``ServiceCallError`` carrying service, operation, status code,
+message and latency, which the agent turns into an audit event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import pybreaker
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from heist.memory.v1 import memory_pb2, memory_pb2_grpc
+from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
+from orchestrator.audit import EventRow
+from orchestrator.config import GrpcRetryConfig, HeistConfig
+from orchestrator.tools import ToolRegistry
+from servers.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
+from servers.credentials import CredentialsError, client_secret
+
+__all__ = [
+    "CIRCUIT_OPEN",
+    "GuardedService",
+    "HealthResult",
+    "MemoryClient",
+    "ServiceCallError",
+    "ServiceMesh",
+    "TokenProvider",
+    "retry_service_config",
+]
+
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+CIRCUIT_OPEN = "CIRCUIT_OPEN"
+"""Status code recorded for calls the circuit breaker refused to make."""
+
+OUTAGE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+"""Codes that say the service (not the request) is broken; only these trip a breaker."""
+
+_SERVICE_FULL_NAMES: dict[str, str] = {
+    "oauth": oauth_pb2.DESCRIPTOR.services_by_name["OAuthService"].full_name,
+    "memory": memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+}
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class ServiceCallError(Exception):
+    """A failed (or refused) service call, with everything the audit needs."""
+
+    def __init__(self, service: str, operation: str, status_code: str, detail: str, latency_ms: float) -> None:
+        super().__init__(f"{service}.{operation} failed: {status_code}: {detail}")
+        self.service = service
+        self.operation = operation
+        self.status_code = status_code
+        self.detail = detail
+        self.latency_ms = latency_ms
+
+    @property
+    def circuit_open(self) -> bool:
+        """True when the breaker refused the call (nothing was sent)."""
+        return self.status_code == CIRCUIT_OPEN
+
+    def to_event(self, turn_id: int | None = None, agent_name: str | None = None) -> EventRow:
+        """The ``events`` row describing this failure."""
+        return EventRow(
+            service=self.service,
+            operation=self.operation,
+            status_code=self.status_code,
+            detail=self.detail,
+            latency_ms=round(self.latency_ms, 3),
+            turn_id=turn_id,
+            agent_name=agent_name,
+        )
+
+
+def retry_service_config(grpc_services: Sequence[str], retry: GrpcRetryConfig) -> str:
+    """Service-config JSON with gRPC's built-in retryPolicy for UNAVAILABLE on ``grpc_services``."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": name} for name in grpc_services],
+                    "retryPolicy": {
+                        "maxAttempts": retry.max_attempts,
+                        "initialBackoff": f"{retry.initial_backoff_s}s",
+                        "maxBackoff": f"{retry.max_backoff_s}s",
+                        "backoffMultiplier": retry.backoff_multiplier,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _is_not_an_outage(error: BaseException) -> bool:
+    """pybreaker exclusion: request errors (bad argument, denied) prove the service is up."""
+    return not (isinstance(error, grpc.aio.AioRpcError) and error.code() in OUTAGE_CODES)
+
+
+class GuardedService:
+    """One service: its channel (created once), deadline and circuit breaker."""
+
+    def __init__(self, name: str, target: str, deadline_s: float, channel: grpc.aio.Channel, breaker: Any) -> None:
+        self.name = name
+        self.target = target
+        self.deadline_s = deadline_s
+        self.channel = channel
+        self.breaker: pybreaker.CircuitBreaker = breaker
+
+    @property
+    def circuit_state(self) -> str:
+        """``closed``, ``open`` or ``half-open``."""
+        state: str = self.breaker.current_state
+        return state
+
+    async def call(
+        self, operation: str, rpc: Callable[..., Awaitable[T]], request: Message, metadata: Metadata
+    ) -> T:
+        """Invoke ``rpc`` through the breaker with the service's deadline; ServiceCallError on any failure."""
+        start = time.perf_counter()
+        try:
+            with self.breaker.calling():
+                return await rpc(request, timeout=self.deadline_s, metadata=metadata)
+        except pybreaker.CircuitBreakerError:
+            raise ServiceCallError(
+                self.name, operation, CIRCUIT_OPEN, "circuit open: service skipped during cool-down", _elapsed_ms(start)
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            raise ServiceCallError(
+                self.name, operation, exc.code().name, exc.details() or "", _elapsed_ms(start)
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthResult:
+    """One row of the health table."""
+
+    service: str
+    target: str
+    status: str
+    latency_ms: float
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the service can be used."""
+        return self.status == "SERVING"
+
+    def to_event(self) -> EventRow:
+        """The ``events`` row for this health result."""
+        return EventRow(
+            service=self.service,
+            operation="health_check",
+            status_code=self.status,
+            detail=self.detail or self.target,
+            latency_ms=round(self.latency_ms, 3),
+        )
+
+
+class TokenProvider:
+    """OAuth client-credentials tokens, cached per agent and refreshed before they expire."""
+
+    REFRESH_FRACTION = 0.8
+    """Refresh once 80% of a token's lifetime has passed, so a token never expires mid-call."""
+
+    def __init__(self, oauth: GuardedService, config: HeistConfig) -> None:
+        self._oauth = oauth
+        self._stub = oauth_pb2_grpc.OAuthServiceStub(oauth.channel)
+        self._config = config
+        self._cache: dict[str, tuple[str, float]] = {}
+        self.issued_count = 0
+
+    async def token(self, client_id: str, scopes: Sequence[str], metadata: Metadata) -> str:
+        """A valid bearer token for ``client_id`` with ``scopes``; ServiceCallError if OAuth fails."""
+        key = client_id + "|" + " ".join(scopes)
+        cached = self._cache.get(key)
+        if cached is not None and time.monotonic() < cached[1]:
+            return cached[0]
+        start = time.perf_counter()
+        try:
+            secret = client_secret(self._config.mesh, client_id)
+        except CredentialsError as exc:
+            raise ServiceCallError("oauth", "IssueToken", "CREDENTIALS", str(exc), _elapsed_ms(start)) from None
+        request = oauth_pb2.IssueTokenRequest(
+            grant_type="client_credentials", client_id=client_id, client_secret=secret, scopes=list(scopes)
+        )
+        response = await self._oauth.call("IssueToken", self._stub.IssueToken, request, metadata)
+        lifetime = max(float(response.expires_in), 0.0)
+        self._cache[key] = (response.access_token, time.monotonic() + lifetime * self.REFRESH_FRACTION)
+        self.issued_count += 1
+        return response.access_token
+
+    def invalidate(self, client_id: str) -> None:
+        """Forget a client's tokens (after UNAUTHENTICATED, e.g. the OAuth key was rotated)."""
+        for key in [k for k in self._cache if k.startswith(client_id + "|")]:
+            del self._cache[key]
+
+
+class MemoryClient:
+    """Typed calls to MemoryService; the session comes from ``x-session-id`` metadata."""
+
+    def __init__(self, memory: GuardedService) -> None:
+        self.service = memory
+        self._stub = memory_pb2_grpc.MemoryServiceStub(memory.channel)
+
+    async def compressed(self, agent: str, recent_count: int, max_chars: int, metadata: Metadata) -> str:
+        """The agent's compressed memory (last ``recent_count`` messages, each cut to ``max_chars``)."""
+        request = memory_pb2.GetCompressedMemoryRequest(agent_id=agent, recent_count=recent_count, max_chars=max_chars)
+        response = await self.service.call("GetCompressedMemory", self._stub.GetCompressedMemory, request, metadata)
+        return response.summary
+
+    async def store(self, agent: str, turn_id: int, message: str, metadata: Metadata) -> int:
+        """Store one turn (idempotent per agent and turn); returns the agent's memory count."""
+        request = memory_pb2.StoreMemoryRequest(agent_id=agent, turn_id=turn_id, message=message)
+        response = await self.service.call("StoreMemory", self._stub.StoreMemory, request, metadata)
+        return response.agent_memory_count
+
+    async def session_memories(self, metadata: Metadata) -> int:
+        """How many memories the service holds for the calling session."""
+        response = await self.service.call("GetStats", self._stub.GetStats, memory_pb2.GetStatsRequest(), metadata)
+        return response.session_memories
+
+
+def session_metadata(session_id: str) -> Metadata:
+    """Metadata every call of a session carries."""
+    return ((SESSION_METADATA_KEY, session_id),)
+
+
+def tool_metadata(session_id: str, token: str) -> Metadata:
+    """Metadata of a tool call: the session plus the bearer token."""
+    return ((SESSION_METADATA_KEY, session_id), (AUTHORIZATION_METADATA_KEY, f"Bearer {token}"))
+
+
+class ServiceMesh:
+    """Every service of the mesh behind one reusable channel each, plus the typed clients.
+
+    Open it once and share it across sessions (benchmarks run many sessions on
+    one mesh); ``close()`` closes the channels.
+    """
+
+    RECONNECT_BACKOFF_MS = (100, 1000)
+    """Min/max reconnect backoff: a restarted service is noticed within a second, not gRPC's default 2 min."""
+
+    def __init__(self, config: HeistConfig, registry: ToolRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or ToolRegistry.default()
+        breaker_config = config.resilience.circuit_breaker
+        self.services: dict[str, GuardedService] = {}
+        for name, settings in config.mesh.services.items():
+            grpc_services = self._grpc_services_of(name)
+            options: list[tuple[str, Any]] = [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", retry_service_config(grpc_services, config.resilience.grpc_retry)),
+                ("grpc.min_reconnect_backoff_ms", self.RECONNECT_BACKOFF_MS[0]),
+                ("grpc.initial_reconnect_backoff_ms", self.RECONNECT_BACKOFF_MS[0]),
+                ("grpc.max_reconnect_backoff_ms", self.RECONNECT_BACKOFF_MS[1]),
+            ]
+            channel = grpc.aio.insecure_channel(settings.address, options=options)
+            breaker = pybreaker.CircuitBreaker(
+                fail_max=breaker_config.failure_threshold,
+                reset_timeout=breaker_config.reset_timeout_s,
+                exclude=[_is_not_an_outage],
+                throw_new_error_on_trip=False,
+                name=name,
+            )
+            self.services[name] = GuardedService(name, settings.address, settings.deadline_s, channel, breaker)
+        self.tokens = TokenProvider(self.services["oauth"], config)
+        self.memory = MemoryClient(self.services["memory"])
+        self.tool_stubs: dict[str, Any] = {
+            tool: service.stub_class(self.services[tool].channel)
+            for tool, service in self.registry.services.items()
+            if tool in self.services
+        }
+
+    def _grpc_services_of(self, name: str) -> list[str]:
+        if name in _SERVICE_FULL_NAMES:
+            return [_SERVICE_FULL_NAMES[name]]
+        if name in self.registry.services:
+            return [self.registry.services[name].descriptor.full_name]
+        return []
+
+    async def check_health(self, timeout_s: float | None = None) -> list[HealthResult]:
+        """grpc.health.v1 Check on every service, concurrently, each with its own short deadline."""
+        deadline = timeout_s if timeout_s is not None else self.config.resilience.health_timeout_s
+        return list(await asyncio.gather(*(self._check_one(service, deadline) for service in self.services.values())))
+
+    @staticmethod
+    async def _check_one(service: GuardedService, deadline: float) -> HealthResult:
+        stub = health_pb2_grpc.HealthStub(service.channel)
+        start = time.perf_counter()
+        try:
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            detail = exc.details() or ""
+            status = "UNREACHABLE" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
+            return HealthResult(service.name, service.target, status, _elapsed_ms(start), detail)
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return HealthResult(service.name, service.target, status, _elapsed_ms(start))
+
+    async def close(self) -> None:
+        """Close every channel (in-flight calls are cancelled)."""
+        await asyncio.gather(*(service.channel.close(None) for service in self.services.values()))

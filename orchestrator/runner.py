@@ -1,0 +1,234 @@
+"""A whole heist session: health checks, the turn loop, the audit trail, the exports.
+
+``run_session`` is the programmatic entry point (the CLI, drills and benchmarks
+call it); ``SessionRunner`` is the same on an already open mesh, LLM client and
+audit store, so many sessions can share one set of channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator.agent import ConversationMessage, IntegratedAgent, MemoryFetch, SessionContext, TurnResult
+from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
+from orchestrator.clients import HealthResult, ServiceMesh
+from orchestrator.config import HeistConfig
+from orchestrator.export import write_exports
+from orchestrator.llm import LLMClient
+from orchestrator.strategies import turn_schedule
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_UNHEALTHY",
+    "RunOptions",
+    "SessionResult",
+    "SessionRunner",
+    "check_health",
+    "new_session_id",
+    "run_session",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_UNHEALTHY = 2
+EXIT_INTERRUPTED = 130
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""Session IDs become file names of the exports, so they stay filesystem-safe."""
+
+TurnObserver = Callable[[TurnResult], None]
+
+
+def new_session_id(now: datetime | None = None) -> str:
+    """``heist_YYYYMMDD_HHMMSS_<4 hex>`` (UTC): sortable, and unique even for runs started in the same second."""
+    moment = now or datetime.now(UTC)
+    return f"heist_{moment:%Y%m%d_%H%M%S}_{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-run choices that are not configuration (mostly CLI flags)."""
+
+    session_id: str | None = None
+    turns: int | None = None
+    seed: int | None = None
+    require_healthy: bool = False
+    export_dir: Path | None = None
+    export: bool = True
+
+
+@dataclass
+class SessionResult:
+    """What a session did, for the summary and for tests and benchmarks."""
+
+    session_id: str
+    status: str
+    exit_code: int
+    health: list[HealthResult] = field(default_factory=list)
+    turns: list[TurnResult] = field(default_factory=list)
+    database: str = ""
+    exports: list[Path] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tool_calls_ok(self) -> int:
+        """Tool calls that returned a result."""
+        return sum(1 for turn in self.turns for row in turn.tool_usage if row.success)
+
+    @property
+    def tool_calls_failed(self) -> int:
+        """Tool calls that failed or were refused."""
+        return sum(1 for turn in self.turns for row in turn.tool_usage if not row.success)
+
+    @property
+    def errors(self) -> int:
+        """Service errors recorded during turns (health results not counted)."""
+        return sum(1 for turn in self.turns for event in turn.events if event.status_code != "OK")
+
+    @property
+    def degraded_services(self) -> list[str]:
+        """Services that were not SERVING at start."""
+        return [result.service for result in self.health if not result.ok]
+
+
+async def check_health(mesh: ServiceMesh, llm: LLMClient, timeout_s: float) -> list[HealthResult]:
+    """Every gRPC service and the LLM endpoint, concurrently."""
+    services, llm_health = await asyncio.gather(mesh.check_health(timeout_s), llm.check_health(timeout_s))
+    return [*services, llm_health]
+
+
+class SessionRunner:
+    """Runs one session on shared clients (open them once, run many sessions)."""
+
+    def __init__(
+        self,
+        config: HeistConfig,
+        mesh: ServiceMesh,
+        llm: LLMClient,
+        audit: AuditStore,
+        options: RunOptions | None = None,
+        *,
+        on_health: Callable[[list[HealthResult]], None] | None = None,
+        on_turn: TurnObserver | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options or RunOptions()
+        self.session_id = self.options.session_id or new_session_id()
+        if not SESSION_ID_PATTERN.match(self.session_id):
+            raise ValueError(f"invalid session ID {self.session_id!r} (letters, digits, '_', '.', '-'; max 128)")
+        self.context = SessionContext(self.session_id, config, mesh, llm, audit)
+        self.agents = {agent.name: IntegratedAgent(agent, self.context) for agent in config.agents}
+        self._on_health = on_health
+        self._on_turn = on_turn
+
+    async def run(self) -> SessionResult:
+        """Play the session; a Ctrl-C (cancellation) marks it interrupted and re-raises."""
+        context = self.context
+        audit = context.audit
+        result = SessionResult(self.session_id, SessionStatus.ACTIVE, EXIT_OK, database=audit.location)
+        result.health = await check_health(context.mesh, context.llm, self.config.resilience.health_timeout_s)
+        if self._on_health is not None:
+            self._on_health(result.health)
+        try:
+            await audit.create_session(
+                self.session_id, strategy=self.config.session.strategy, seed=self.options.seed, model=self.config.llm.model
+            )
+            await audit.add_events(self.session_id, [health.to_event() for health in result.health])
+        except AuditError as exc:
+            return self._failed(result, str(exc))
+
+        if self.options.require_healthy and result.degraded_services:
+            message = f"required services unhealthy: {', '.join(result.degraded_services)}"
+            return await self._finish(result, SessionStatus.FAILED, EXIT_UNHEALTHY, message)
+        try:
+            await self._play(result)
+        except AuditError as exc:
+            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, str(exc))
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, EXIT_INTERRUPTED, "interrupted"))
+            raise
+        return await self._finish(result, SessionStatus.COMPLETED, EXIT_OK, None)
+
+    async def _play(self, result: SessionResult) -> None:
+        session_config = self.config.session
+        turns = self.options.turns or session_config.max_turns
+        schedule = turn_schedule(session_config.strategy, session_config.turn_order, turns, self.options.seed)
+        history: list[ConversationMessage] = []
+        prefetched: asyncio.Task[MemoryFetch] | None = None
+        try:
+            for index, name in enumerate(schedule):
+                agent = self.agents[name]
+                memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
+                following = schedule[index + 1] if index + 1 < len(schedule) else None
+                # The next speaker's memory cannot change during this turn unless it is the same agent.
+                prefetched = (
+                    asyncio.ensure_future(self.agents[following].fetch_memory())
+                    if following is not None and following != name
+                    else None
+                )
+                turn = await agent.take_turn(index + 1, history, memory)
+                history.append(ConversationMessage(turn.turn_id, turn.agent_name, turn.agent_role, turn.message))
+                result.turns.append(turn)
+                if self._on_turn is not None:
+                    self._on_turn(turn)
+        finally:
+            if prefetched is not None and not prefetched.done():
+                prefetched.cancel()
+
+    async def _finish(self, result: SessionResult, status: str, exit_code: int, error: str | None) -> SessionResult:
+        result.status, result.exit_code, result.error = status, exit_code, error
+        try:
+            await self.context.audit.finish_session(self.session_id, status, error)
+        except AuditError as exc:
+            return self._failed(result, f"{error}; {exc}" if error else str(exc))
+        if self.options.export and status != SessionStatus.INTERRUPTED:
+            out_dir = self.options.export_dir or self.config.sessions_dir
+            try:
+                result.exports = await asyncio.get_running_loop().run_in_executor(
+                    None, write_exports, self.context.audit, self.session_id, out_dir
+                )
+            except (AuditError, OSError) as exc:
+                result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
+        return result
+
+    @staticmethod
+    def _failed(result: SessionResult, error: str) -> SessionResult:
+        result.status, result.exit_code, result.error = SessionStatus.FAILED, EXIT_FAILED, error
+        return result
+
+
+async def run_session(
+    config: HeistConfig,
+    options: RunOptions | None = None,
+    *,
+    on_health: Callable[[list[HealthResult]], None] | None = None,
+    on_turn: TurnObserver | None = None,
+) -> SessionResult:
+    """Open the audit store, channels and LLM client, run one session, close everything.
+
+    Raises AuditError if the audit database cannot be opened at all.
+    """
+    audit = AuditStore.open(config.database.url)
+    mesh = ServiceMesh(config)
+    llm = LLMClient(config.llm)
+    try:
+        runner = SessionRunner(config, mesh, llm, audit, options, on_health=on_health, on_turn=on_turn)
+        return await runner.run()
+    finally:
+        await asyncio.shield(_close(mesh, llm, audit))
+
+
+async def _close(mesh: ServiceMesh, llm: LLMClient, audit: AuditStore) -> None:
+    await mesh.close()
+    await llm.close()
+    await asyncio.get_running_loop().run_in_executor(None, audit.close)
+
+
+def health_events(results: list[HealthResult]) -> list[EventRow]:
+    """Health results as ``events`` rows."""
+    return [result.to_event() for result in results]

@@ -1,0 +1,119 @@
+import asyncio
+
+import grpc
+import pytest
+from heist.memory.v1 import memory_pb2 as pb
+from heist.memory.v1 import memory_pb2_grpc
+
+SESSION_A = [("x-session-id", "session-a")]
+SESSION_B = [("x-session-id", "session-b")]
+
+
+@pytest.fixture
+async def memory(mesh):
+    return memory_pb2_grpc.MemoryServiceStub(await mesh.channel("memory"))
+
+
+def store(agent="planner", turn=0, message="hello"):
+    return pb.StoreMemoryRequest(agent_id=agent, turn_id=turn, message=message)
+
+
+async def test_store_is_idempotent_per_turn(memory):
+    assert (await memory.StoreMemory(store(turn=1, message="first"), metadata=SESSION_A)).agent_memory_count == 1
+    assert (await memory.StoreMemory(store(turn=1, message="again"), metadata=SESSION_A)).agent_memory_count == 1
+    assert (await memory.StoreMemory(store(turn=2), metadata=SESSION_A)).agent_memory_count == 2
+    summary = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_id="planner"), metadata=SESSION_A)
+    assert summary.summary == "Turn 1: again\nTurn 2: hello"
+
+
+async def test_compressed_memory_keeps_the_latest_in_turn_order_and_truncates(memory):
+    for turn in (7, 1, 3, 2, 6, 5, 4):
+        await memory.StoreMemory(store(turn=turn, message=f"turn {turn} " + "x" * 200), metadata=SESSION_A)
+    response = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_id="planner"), metadata=SESSION_A)
+    lines = response.summary.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Turn 3", "Turn 4", "Turn 5", "Turn 6", "Turn 7"]
+    assert all(len(line.split(": ", 1)[1]) == 103 and line.endswith("...") for line in lines)
+    assert (response.included_count, response.total_count) == (5, 7)
+    short = await memory.GetCompressedMemory(
+        pb.GetCompressedMemoryRequest(agent_id="planner", recent_count=2, max_chars=6), metadata=SESSION_A
+    )
+    assert short.summary == "Turn 6: turn 6...\nTurn 7: turn 7..."
+
+
+async def test_sessions_and_agents_are_isolated(memory):
+    await memory.StoreMemory(store(agent="planner"), metadata=SESSION_A)
+    await memory.StoreMemory(store(agent="hacker"), metadata=SESSION_A)
+    await memory.StoreMemory(store(agent="planner", turn=1), metadata=SESSION_B)
+    other = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_id="mole"), metadata=SESSION_A)
+    assert (other.summary, other.included_count, other.total_count) == ("", 0, 0)
+    stats = await memory.GetStats(pb.GetStatsRequest(), metadata=SESSION_A)
+    assert (stats.agents, stats.sessions, stats.memories) == (2, 2, 3)
+    assert (stats.session_memories, stats.session_agents) == (2, 2)
+    anonymous = await memory.GetStats(pb.GetStatsRequest())
+    assert (anonymous.memories, anonymous.session_memories, anonymous.session_agents) == (3, 0, 0)
+
+
+async def test_clear_only_the_calling_session_unless_all_sessions(memory, fails_with):
+    await memory.StoreMemory(store(), metadata=SESSION_A)
+    await memory.StoreMemory(store(turn=1), metadata=SESSION_A)
+    await memory.StoreMemory(store(), metadata=SESSION_B)
+    await fails_with(memory.ClearMemories(pb.ClearMemoriesRequest()), grpc.StatusCode.INVALID_ARGUMENT, "all_sessions")
+    assert (await memory.ClearMemories(pb.ClearMemoriesRequest(), metadata=SESSION_A)).cleared == 2
+    stats = await memory.GetStats(pb.GetStatsRequest(), metadata=SESSION_B)
+    assert (stats.memories, stats.sessions, stats.session_memories) == (1, 1, 1)
+    assert (await memory.ClearMemories(pb.ClearMemoriesRequest(all_sessions=True))).cleared == 1
+    assert (await memory.GetStats(pb.GetStatsRequest())).memories == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "metadata", "code", "fragment"),
+    [
+        ("StoreMemory", [], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
+        ("StoreMemory", [("x-session-id", "")], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
+        ("StoreMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
+        ("StoreMemory/long-agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
+        ("StoreMemory/turn", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "turn_id"),
+        ("StoreMemory/size", SESSION_A, grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
+        ("StoreMemory/multibyte", SESSION_A, grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
+        ("GetCompressedMemory", [], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
+        ("GetCompressedMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
+        ("GetCompressedMemory/negative", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, ">= 0"),
+    ],
+)
+async def test_bad_requests(memory, fails_with, call, metadata, code, fragment):
+    request = {
+        "StoreMemory": store(),
+        "StoreMemory/agent": store(agent=""),
+        "StoreMemory/long-agent": store(agent="a" * 129),
+        "StoreMemory/turn": store(turn=-1),
+        "StoreMemory/size": store(message="x" * (64 * 1024 + 1)),
+        "StoreMemory/multibyte": store(message="€" * 30000),
+        "GetCompressedMemory": pb.GetCompressedMemoryRequest(agent_id="planner"),
+        "GetCompressedMemory/agent": pb.GetCompressedMemoryRequest(agent_id=""),
+        "GetCompressedMemory/negative": pb.GetCompressedMemoryRequest(agent_id="planner", recent_count=-1),
+    }[call]
+    method = getattr(memory, call.split("/")[0])
+    await fails_with(method(request, metadata=metadata), code, fragment)
+
+
+async def test_message_at_the_size_limit_is_accepted(memory):
+    response = await memory.StoreMemory(store(message="x" * (64 * 1024)), metadata=SESSION_A)
+    assert response.agent_memory_count == 1
+
+
+async def test_concurrent_stores_keep_consistent_counts(memory):
+    sessions = [[("x-session-id", f"s{index}")] for index in range(4)]
+
+    async def one(index: int) -> None:
+        await memory.StoreMemory(
+            store(agent=f"agent{index % 5}", turn=index // 20, message=f"m{index}"), metadata=sessions[index % 4]
+        )
+
+    await asyncio.gather(*(one(index) for index in range(200)))
+    # Repeat half of them: idempotent per turn, so the counts must not change.
+    await asyncio.gather(*(one(index) for index in range(100)))
+    stats = await memory.GetStats(pb.GetStatsRequest(), metadata=sessions[0])
+    distinct = {(index % 4, index % 5, index // 20) for index in range(200)}
+    assert stats.memories == len(distinct)
+    assert (stats.sessions, stats.agents) == (4, 5)
+    assert stats.session_memories == len({key for key in distinct if key[0] == 0})

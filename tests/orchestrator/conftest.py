@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestrator.agent import ConversationMessage, IntegratedAgent, SessionContext, TurnResult
+from orchestrator.audit import AuditStore
+from orchestrator.clients import ServiceMesh
 from orchestrator.config import HeistConfig, load_config
+from orchestrator.llm import LLMClient
 from servers import credentials
 from servers.launch import RunningServer, start_server
 from servers.settings import SERVICE_NAMES
@@ -89,9 +94,59 @@ class MeshHarness:
         for name in list(self.servers):
             await self.stop(name)
 
+    def write_config(self, source: Path, target: Path) -> Path:
+        """Copy the YAML at ``source`` with ``services`` pointing at the running servers (for CLI subprocesses)."""
+        data = yaml.safe_load(source.read_text())
+        for name, port in self.ports.items():
+            data["services"][name]["address"] = f"127.0.0.1:{port}"
+        target.write_text(yaml.safe_dump(data, sort_keys=False))
+        return target
+
     def with_llm(self, base_url: str, **llm: Any) -> HeistConfig:
         """``config`` with the LLM section pointed at ``base_url`` (plus any field overrides)."""
         return self.config.with_overrides(llm=dataclasses.replace(self.config.llm, base_url=base_url, **llm))
+
+
+class SessionHarness:
+    """One session's clients and agents, for driving turns one by one (drills, breaker timing)."""
+
+    def __init__(self, config: HeistConfig, session_id: str = "heist_test_0001") -> None:
+        self.config = config
+        self.session_id = session_id
+        self.audit = AuditStore.open(config.database.url)
+        self.mesh = ServiceMesh(config)
+        self.llm = LLMClient(config.llm)
+        self.context = SessionContext(session_id, config, self.mesh, self.llm, self.audit)
+        self.agents = {agent.name: IntegratedAgent(agent, self.context) for agent in config.agents}
+        self.history: list[ConversationMessage] = []
+        self.turn_id = 0
+
+    async def begin(self) -> SessionHarness:
+        await self.audit.create_session(self.session_id, strategy="manual", seed=None, model=self.config.llm.model)
+        return self
+
+    async def turn(self, agent: str) -> TurnResult:
+        self.turn_id += 1
+        result = await self.agents[agent].take_turn(self.turn_id, self.history)
+        self.history.append(ConversationMessage(result.turn_id, agent, result.agent_role, result.message))
+        return result
+
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        path = self.audit.location
+        with sqlite3.connect(path) as db:
+            return list(db.execute(sql, params).fetchall())
+
+    async def close(self) -> None:
+        await self.mesh.close()
+        await self.llm.close()
+        self.audit.close()
+
+
+def audit_rows(config: HeistConfig, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run SQL against a config's SQLite audit database."""
+    path = config.database.url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        return list(db.execute(sql, params).fetchall())
 
 
 @pytest.fixture

@@ -268,9 +268,9 @@ class Supervisor:
     # -- status and stop ---------------------------------------------------------------------
 
     def known_processes(self) -> list[ManagedProcess]:
-        """Every gRPC service, plus the LLM when it is configured or has a pid file."""
+        """Every gRPC service, plus the embedded LLM when serve started it (``--llm off`` runs stay green)."""
         processes = [self.grpc_process(name) for name in SERVICE_NAMES]
-        if self.llm.embedded or self.pid_file(LLM_NAME).exists():
+        if self.pid_file(LLM_NAME).exists():
             processes.append(self.llm_process())
         return processes
 

@@ -117,7 +117,8 @@ class LLMClient:
         except openai.APITimeoutError as exc:
             raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", _elapsed_ms(start)) from None
         except openai.APIStatusError as exc:
-            raise LLMError(f"HTTP {exc.status_code}", _short(exc.message), _elapsed_ms(start)) from None
+            detail = exc.message.split(" - ", 1)[1] if exc.message.startswith("Error code:") else exc.message
+            raise LLMError(f"HTTP {exc.status_code}", _short(detail), _elapsed_ms(start)) from None
         except openai.APIConnectionError as exc:
             raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", _elapsed_ms(start)) from None
         except (openai.OpenAIError, ValueError, TypeError, KeyError) as exc:

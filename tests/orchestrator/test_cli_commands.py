@@ -1,0 +1,143 @@
+"""Every CLI command, in a worker thread (the servers run in the test's event loop) or as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from tests.orchestrator.conftest import MeshHarness, audit_rows
+from tests.scripted_llm import ScriptedLLM, hang, inline_tool, text
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+@pytest.fixture
+def live_config(mesh: MeshHarness, config_path: Path, tmp_path: Path) -> Path:
+    return mesh.write_config(config_path, tmp_path / "live.yaml")
+
+
+async def test_run_then_sessions_show_export(live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM,
+                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scripted_llm.script(text("We go Friday."), inline_tool("file_reader", "bank_layout.md"))
+    out_dir = tmp_path / "logs"
+    code = await cli("run", "--config", str(live_config), "--turns", "2", "--session-id", "heist_cli_1",
+                     "--out", str(out_dir))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "[turn 1] planner (Mastermind): We go Friday." in printed
+    assert "tool file_reader.ReadFile" in printed
+    assert "All services healthy." in printed
+    assert "Session:    heist_cli_1 (completed)" in printed and "Tool calls: 1 ok, 0 failed" in printed
+    assert (out_dir / "heist_cli_1.json").exists() and (out_dir / "heist_cli_1.md").exists()
+
+    assert await cli("sessions", "--config", str(live_config)) == 0
+    listing = capsys.readouterr().out
+    assert "heist_cli_1" in listing and "completed" in listing
+
+    assert await cli("show", "heist_cli_1", "--config", str(live_config)) == 0
+    shown = capsys.readouterr().out
+    assert "### Turn 2: hacker (Hacker)" in shown and "file_reader.ReadFile" in shown
+
+    target = tmp_path / "export.json"
+    assert await cli("export", "heist_cli_1", "--format", "json", "--out", str(target), "--config",
+                     str(live_config)) == 0
+    assert capsys.readouterr().out == f"wrote {target}\n"
+    exported = json.loads(target.read_text())
+    assert exported["session"]["status"] == "completed"
+    assert [m["agent_name"] for m in exported["messages"]] == ["planner", "hacker"]
+    assert exported["tool_usage"][0]["tool_name"] == "file_reader"
+    assert any(e["operation"] == "health_check" for e in exported["events"])
+
+    assert await cli("export", "heist_cli_1", "--format", "md", "--config", str(live_config)) == 0
+    assert capsys.readouterr().out.startswith("# Heist session heist_cli_1")
+
+
+async def test_run_flags_override_llm_and_db(live_config: Path, scripted_llm: ScriptedLLM, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with ScriptedLLM(text("from the other model")) as other:
+        db = tmp_path / "other.db"
+        code = await cli("run", "--config", str(live_config), "--turns", "1", "--llm-base-url", other.base_url,
+                         "--model", "other-model", "--db", f"sqlite:///{db}", "--seed", "3")
+        assert code == 0
+        assert other.chat_requests[0]["model"] == "other-model"
+    assert scripted_llm.chat_requests == []
+    assert db.exists() and "from the other model" in capsys.readouterr().out
+
+
+async def test_health_command(live_config: Path, mesh: MeshHarness, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await cli("health", "--config", str(live_config)) == 0
+    table = capsys.readouterr().out
+    assert "memory" in table and "SERVING" in table and "llm" in table
+    await mesh.stop("memory")
+    assert await cli("health", "--config", str(live_config)) == 2
+    assert "UNREACHABLE" in capsys.readouterr().out
+
+
+async def test_require_healthy_exit_code(live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    await mesh.stop("calculator")
+    assert await cli("run", "--config", str(live_config), "--require-healthy") == 2
+    assert "degraded services: calculator" in capsys.readouterr().out
+    assert scripted_llm.chat_requests == []
+
+
+async def test_error_exit_codes(config_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await cli("show", "heist_nope", "--config", str(config_path)) == 5
+    assert "unknown session 'heist_nope'" in capsys.readouterr().err
+    assert await cli("sessions", "--config", str(tmp_path / "missing.yaml")) == 3
+    assert "configuration error" in capsys.readouterr().err
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    assert await cli("sessions", "--config", str(config_path), "--db", f"sqlite:///{blocker}/x/heist.db") == 4
+    assert "cannot open audit database" in capsys.readouterr().err
+
+
+def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ([], ["run"], ["health"], ["sessions"], ["show"], ["export"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--help"])
+        assert exited.value.code == 0
+        assert "usage: orchestrator" in capsys.readouterr().out
+
+
+def test_default_config_from_env(tmp_path: Path, config_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HEIST_CONFIG", str(config_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sessions"]) == 0
+    assert "No sessions yet." in capsys.readouterr().out
+
+
+async def test_ctrl_c_marks_interrupted_and_exits_130(live_config: Path, mesh: MeshHarness,
+                                                       scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.script(text("first"), hang(30))
+    command = [str(Path(sys.executable).parent / "orchestrator"), "run", "--config", str(live_config),
+               "--session-id", "heist_sigint"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while len(scripted_llm.chat_requests) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+    assert audit_rows(mesh.config, "SELECT status, num_turns FROM sessions WHERE session_id = 'heist_sigint'") == [
+        ("interrupted", 1)]

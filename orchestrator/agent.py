@@ -32,8 +32,7 @@ NOT_ALLOWED = "NOT_ALLOWED"
 NO_TOKEN = "NO_TOKEN"
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 SABOTEUR_BRIEF = (
-    " Secretly you are a mole working for the police: subtly steer the crew towards mistakes"
-    " without ever revealing it."
+    " Secretly you are a mole working for the police: subtly steer the crew towards mistakes without ever revealing it."
 )
 
 
@@ -100,7 +99,7 @@ class MemorySync:
         self.per_agent[agent_name] = self.per_agent.get(agent_name, 0) + 1
 
     async def after_store(self, agent_name: str, agent_memory_count: int, turn_id: int) -> list[EventRow]:
-        """Called after a successful StoreMemory: rebuild if the service lost anything."""
+        """Rebuild after a successful StoreMemory if the service lost anything."""
         lost = agent_memory_count < self.per_agent.get(agent_name, 0)
         if not (lost or self.degraded):
             return []
@@ -199,7 +198,7 @@ class IntegratedAgent:
         )
 
     async def fetch_memory(self) -> MemoryFetch:
-        """This agent's compressed memory; failures are returned, not raised (safe to prefetch)."""
+        """Fetch the agent's compressed memory; failures are returned, not raised (safe to prefetch)."""
         memory_config = self.session.config.session.memory
         try:
             summary = await self.session.mesh.memory.compressed(
@@ -232,7 +231,9 @@ class IntegratedAgent:
             result.status = "llm_error"
             result.message = f"Error generating response: {exc.status_code}: {exc.detail}"
             audit.events.append(
-                EventRow("llm", "chat.completions", exc.status_code, exc.detail, round(exc.latency_ms, 3), turn_id, self.name)
+                EventRow(
+                    "llm", "chat.completions", exc.status_code, exc.detail, round(exc.latency_ms, 3), turn_id, self.name
+                )
             )
         result.llm_ms = _elapsed_ms(llm_start) - sum(row.latency_ms or 0.0 for row in audit.tool_usage)
 
@@ -261,7 +262,9 @@ class IntegratedAgent:
             )
             return None
 
-    def _build_messages(self, history: Sequence[ConversationMessage], memory: str, inline: bool) -> list[dict[str, Any]]:
+    def _build_messages(
+        self, history: Sequence[ConversationMessage], memory: str, inline: bool
+    ) -> list[dict[str, Any]]:
         session_config = self.session.config.session
         system = self._system_prompt_inline if inline else self._system_prompt
         if memory:
@@ -315,7 +318,9 @@ class IntegratedAgent:
         used = "; ".join(f"{row.tool_name}.{row.operation} -> {row.tool_result}" for row in audit.tool_usage)
         return f"(no text; tool results: {used})"
 
-    async def _native_call(self, turn_id: int, function: str, arguments: str, token: str | None, audit: TurnAudit) -> str:
+    async def _native_call(
+        self, turn_id: int, function: str, arguments: str, token: str | None, audit: TurnAudit
+    ) -> str:
         method = self.session.mesh.registry.method_by_function(function)
         if method is None:
             reason = f"unknown tool function {function!r}"
@@ -338,7 +343,9 @@ class IntegratedAgent:
             method = service.inline_method if service is not None else None
             if method is None:
                 reason = f"unknown tool {marker.tool!r}"
-                outcomes[index] = self._refuse(turn_id, marker.tool, "inline", marker.argument, NOT_ALLOWED, reason, audit)
+                outcomes[index] = self._refuse(
+                    turn_id, marker.tool, "inline", marker.argument, NOT_ALLOWED, reason, audit
+                )
             else:
                 pending[index] = self._call_tool(turn_id, method, method.inline_request(marker.argument), token, audit)
         outcomes.update(zip(pending, await asyncio.gather(*pending.values()), strict=True))
@@ -369,11 +376,19 @@ class IntegratedAgent:
         params = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True), ensure_ascii=False)
         operation = method.method.name
         if method.tool not in self._allowed:
-            return self._refuse(turn_id, method.tool, operation, params, NOT_ALLOWED,
-                                f"{self.name} is not allowed to use {method.tool}", audit)
+            return self._refuse(
+                turn_id,
+                method.tool,
+                operation,
+                params,
+                NOT_ALLOWED,
+                f"{self.name} is not allowed to use {method.tool}",
+                audit,
+            )
         if token is None:
-            return self._refuse(turn_id, method.tool, operation, params, NO_TOKEN,
-                                f"{self.name} has no OAuth token this turn", audit)
+            return self._refuse(
+                turn_id, method.tool, operation, params, NO_TOKEN, f"{self.name} has no OAuth token this turn", audit
+            )
         mesh = self.session.mesh
         service = mesh.services[method.tool]
         rpc = getattr(mesh.tool_stubs[method.tool], operation)
@@ -385,15 +400,25 @@ class IntegratedAgent:
                 mesh.tokens.invalidate(self.config.oauth_client)
             reason = "circuit open" if exc.circuit_open else f"{exc.status_code}: {exc.detail}"
             audit.tool_usage.append(
-                ToolUsageRow(turn_id, self.name, method.tool, operation, params, reason, False, exc.status_code,
-                             round(exc.latency_ms, 3))
+                ToolUsageRow(
+                    turn_id,
+                    self.name,
+                    method.tool,
+                    operation,
+                    params,
+                    reason,
+                    False,
+                    exc.status_code,
+                    round(exc.latency_ms, 3),
+                )
             )
             audit.events.append(exc.to_event(turn_id, self.name))
             return f"error: {reason}"
         text = render_result(response, self.session.config.session.tool_result_max_chars)
         audit.tool_usage.append(
-            ToolUsageRow(turn_id, self.name, method.tool, operation, params, text, True, "OK",
-                         round(_elapsed_ms(start), 3))
+            ToolUsageRow(
+                turn_id, self.name, method.tool, operation, params, text, True, "OK", round(_elapsed_ms(start), 3)
+            )
         )
         return text
 

@@ -84,7 +84,7 @@ class SessionRecord(_BaseModel):
     model = peewee.TextField(null=True)
     error = peewee.TextField(null=True)
 
-    class Meta:
+    class Meta:  # noqa: D106 - Peewee options
         table_name = "sessions"
 
 
@@ -101,7 +101,7 @@ class MessageRecord(_BaseModel):
     status = peewee.TextField(default="ok")
     latency_ms = peewee.FloatField(null=True)
 
-    class Meta:
+    class Meta:  # noqa: D106 - Peewee options
         table_name = "messages"
         indexes = ((("session", "turn_id"), False),)
 
@@ -122,7 +122,7 @@ class ToolUsageRecord(_BaseModel):
     status_code = peewee.TextField(null=True)
     latency_ms = peewee.FloatField(null=True)
 
-    class Meta:
+    class Meta:  # noqa: D106 - Peewee options
         table_name = "tool_usage"
         indexes = ((("session", "turn_id"), False),)
 
@@ -143,7 +143,7 @@ class EventRecord(_BaseModel):
     latency_ms = peewee.FloatField(null=True)
     timestamp = peewee.TextField()
 
-    class Meta:
+    class Meta:  # noqa: D106 - Peewee options
         table_name = "events"
         indexes = ((("session", "id"), False),)
 

@@ -99,7 +99,7 @@ def _open_store(config: HeistConfig) -> AuditStore:
 
 
 def print_health(results: Sequence[HealthResult]) -> None:
-    """The service table: service, target, status, latency."""
+    """Print the service table: service, target, status, latency."""
     width = max(len(r.target) for r in results) if results else 10
     print(f"{'service':<16} {'target':<{width}} {'status':<13} {'latency':>9}")
     for r in results:
@@ -196,8 +196,10 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         return 0
     print(f"{'session':<32} {'status':<12} {'turns':>5}  {'start':<29} end")
     for row in rows:
-        print(f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5}  {row['start_time']:<29} "
-              f"{row['end_time'] or '-'}")
+        print(
+            f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5}  {row['start_time']:<29} "
+            f"{row['end_time'] or '-'}"
+        )
     return 0
 
 
@@ -206,7 +208,8 @@ def _read_log(args: argparse.Namespace) -> dict[str, object]:
     try:
         return store.read_session_log(args.session_id)
     except UnknownSessionError:
-        raise CommandError(f"unknown session {args.session_id!r} (see 'orchestrator sessions')", EXIT_UNKNOWN_SESSION)
+        message = f"unknown session {args.session_id!r} (see 'orchestrator sessions')"
+        raise CommandError(message, EXIT_UNKNOWN_SESSION) from None
     finally:
         store.close()
 

@@ -22,9 +22,9 @@ import grpc
 import pybreaker
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
+
 from orchestrator.audit import EventRow
 from orchestrator.config import GrpcRetryConfig, HeistConfig
 from orchestrator.tools import ToolRegistry
@@ -79,7 +79,7 @@ class ServiceCallError(Exception):
         return self.status_code == CIRCUIT_OPEN
 
     def to_event(self, turn_id: int | None = None, agent_name: str | None = None) -> EventRow:
-        """The ``events`` row describing this failure."""
+        """Describe this failure as an ``events`` row."""
         return EventRow(
             service=self.service,
             operation=self.operation,
@@ -112,7 +112,7 @@ def retry_service_config(grpc_services: Sequence[str], retry: GrpcRetryConfig) -
 
 
 def _is_not_an_outage(error: BaseException) -> bool:
-    """pybreaker exclusion: request errors (bad argument, denied) prove the service is up."""
+    """Pybreaker exclusion: request errors (bad argument, denied) prove the service is up."""
     return not (isinstance(error, grpc.aio.AioRpcError) and error.code() in OUTAGE_CODES)
 
 
@@ -132,9 +132,7 @@ class GuardedService:
         state: str = self.breaker.current_state
         return state
 
-    async def call(
-        self, operation: str, rpc: Callable[..., Awaitable[T]], request: Message, metadata: Metadata
-    ) -> T:
+    async def call(self, operation: str, rpc: Callable[..., Awaitable[T]], request: Message, metadata: Metadata) -> T:
         """Invoke ``rpc`` through the breaker with the service's deadline; ServiceCallError on any failure."""
         start = time.perf_counter()
         try:
@@ -166,7 +164,7 @@ class HealthResult:
         return self.status == "SERVING"
 
     def to_event(self) -> EventRow:
-        """The ``events`` row for this health result."""
+        """Describe this health result as an ``events`` row."""
         return EventRow(
             service=self.service,
             operation="health_check",
@@ -190,7 +188,7 @@ class TokenProvider:
         self.issued_count = 0
 
     async def token(self, client_id: str, scopes: Sequence[str], metadata: Metadata) -> str:
-        """A valid bearer token for ``client_id`` with ``scopes``; ServiceCallError if OAuth fails."""
+        """Return a valid bearer token for ``client_id`` with ``scopes``; ServiceCallError if OAuth fails."""
         key = client_id + "|" + " ".join(scopes)
         cached = self._cache.get(key)
         if cached is not None and time.monotonic() < cached[1]:
@@ -223,7 +221,7 @@ class MemoryClient:
         self._stub = memory_pb2_grpc.MemoryServiceStub(memory.channel)
 
     async def compressed(self, agent: str, recent_count: int, max_chars: int, metadata: Metadata) -> str:
-        """The agent's compressed memory (last ``recent_count`` messages, each cut to ``max_chars``)."""
+        """Return the agent's compressed memory (last ``recent_count`` messages, each cut to ``max_chars``)."""
         request = memory_pb2.GetCompressedMemoryRequest(agent_id=agent, recent_count=recent_count, max_chars=max_chars)
         response = await self.service.call("GetCompressedMemory", self._stub.GetCompressedMemory, request, metadata)
         return response.summary

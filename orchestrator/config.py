@@ -41,7 +41,9 @@ CONFIG_PATH_ENV = "HEIST_CONFIG"
 TOOL_NAMES: tuple[str, ...] = ("calculator", "file_reader", "database_query")
 """Services an agent may use as tools (each a gRPC service with tool methods)."""
 
-TOP_LEVEL_KEYS = frozenset({"mesh", "services", "oauth", "limits", "agents", "llm", "session", "database", "resilience"})
+TOP_LEVEL_KEYS = frozenset(
+    {"mesh", "services", "oauth", "limits", "agents", "llm", "session", "database", "resilience"}
+)
 ToolCallingMode = Literal["native", "inline", "auto"]
 TurnStrategyName = Literal["round_robin", "random"]
 PLACEHOLDER_API_KEY = "not-needed"

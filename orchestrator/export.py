@@ -12,7 +12,7 @@ __all__ = ["render_json", "render_markdown", "write_exports"]
 
 
 def render_json(log: dict[str, Any]) -> str:
-    """The full log: session metadata, messages, tool usage and events."""
+    """Render the full log as JSON: session metadata, messages, tool usage and events."""
     return json.dumps(log, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
@@ -22,7 +22,7 @@ def _cell(value: object) -> str:
 
 
 def render_markdown(log: dict[str, Any]) -> str:
-    """A readable transcript: turns in order, each with its tool calls and errors."""
+    """Render a readable transcript: turns in order, each with its tool calls and errors."""
     session = log["session"]
     lines = [
         f"# Heist session {session['session_id']}",
@@ -31,7 +31,8 @@ def render_markdown(log: dict[str, Any]) -> str:
         f"- started: {session['start_time']}",
         f"- ended: {session.get('end_time') or '-'}",
         f"- turns: {session['num_turns']}",
-        f"- strategy: {session.get('strategy') or '-'}, seed: {session.get('seed')}, model: {session.get('model') or '-'}",
+        f"- strategy: {session.get('strategy') or '-'}, seed: {session.get('seed')}",
+        f"- model: {session.get('model') or '-'}",
     ]
     if session.get("error"):
         lines.append(f"- error: {session['error']}")
@@ -48,12 +49,19 @@ def render_markdown(log: dict[str, Any]) -> str:
         lines += ["", message["message"], ""]
         for row in tools_by_turn.get(turn, []):
             outcome = "ok" if row["success"] else f"FAILED ({row['status_code']})"
-            lines.append(f"- tool `{row['tool_name']}.{row['operation']}` {row['tool_params']} -> {outcome}: "
-                         f"{_cell(row['tool_result'])[:300]}")
+            lines.append(
+                f"- tool `{row['tool_name']}.{row['operation']}` {row['tool_params']} -> {outcome}: "
+                f"{_cell(row['tool_result'])[:300]}"
+            )
         for row in events_by_turn.get(turn, []):
             lines.append(f"- event {row['service']}.{row['operation']} {row['status_code']}: {_cell(row['detail'])}")
         lines.append("")
-    lines += ["## Events", "", "| time | turn | service | operation | status | latency ms | detail |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Events",
+        "",
+        "| time | turn | service | operation | status | latency ms | detail |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in log["events"]:
         lines.append(
             f"| {row['timestamp']} | {_cell(row['turn_id'])} | {row['service']} | {row['operation']} | "

@@ -62,7 +62,7 @@ class Completion:
     latency_ms: float = 0.0
 
     def assistant_message(self) -> dict[str, Any]:
-        """The assistant turn to send back before the tool results (OpenAI protocol)."""
+        """Build the assistant turn to send back before the tool results (OpenAI protocol)."""
         return {
             "role": "assistant",
             "content": self.content or None,
@@ -134,7 +134,7 @@ class LLMClient:
         return Completion(content=(message.content or "").strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
 
     async def check_health(self, timeout_s: float) -> HealthResult:
-        """``GET /models`` with a short deadline and no retries: is the endpoint there at all?"""
+        """Probe ``GET /models`` with a short deadline and no retries: is the endpoint there at all."""
         start = time.perf_counter()
         try:
             page = await self.client.with_options(timeout=timeout_s, max_retries=0).models.list()

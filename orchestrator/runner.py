@@ -136,7 +136,10 @@ class SessionRunner:
             self._on_health(result.health)
         try:
             await audit.create_session(
-                self.session_id, strategy=self.config.session.strategy, seed=self.options.seed, model=self.config.llm.model
+                self.session_id,
+                strategy=self.config.session.strategy,
+                seed=self.options.seed,
+                model=self.config.llm.model,
             )
             await audit.add_events(self.session_id, [health.to_event() for health in result.health])
         except AuditError as exc:

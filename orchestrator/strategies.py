@@ -17,12 +17,12 @@ OPENING_AGENT = "planner"
 
 
 def round_robin(turn_order: Sequence[str], turns: int) -> list[str]:
-    """The turn order, repeated."""
+    """Repeat the turn order."""
     return [turn_order[index % len(turn_order)] for index in range(turns)]
 
 
 def random_order(turn_order: Sequence[str], turns: int, seed: int | None) -> list[str]:
-    """The planner opens, then a random other agent each turn, never the same one twice in a row."""
+    """Let the planner open, then a random other agent each turn, never the same one twice in a row."""
     rng = random.Random(seed)
     opener = OPENING_AGENT if OPENING_AGENT in turn_order else turn_order[0]
     schedule = [opener][:turns]

@@ -20,11 +20,11 @@ import grpc
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
-
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from heist.database_query.v1 import database_query_pb2, database_query_pb2_grpc
 from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
 from heist.tools.v1 import options_pb2 as tool_options
+
 from servers.contract import is_inline_default, required_scope, tool_description
 
 JsonSchema = dict[str, Any]
@@ -74,7 +74,7 @@ def _snake(name: str) -> str:
 
 
 def _field_schema(fd: FieldDescriptor, depth: int) -> JsonSchema:
-    """Schema of one field's value(s); maps and repeated fields wrap the element schema."""
+    """Describe one field's value(s); maps and repeated fields wrap the element schema."""
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
         value_field = fd.message_type.fields_by_name["value"]
         return {"type": "object", "additionalProperties": _value_schema(value_field, depth)}
@@ -83,9 +83,9 @@ def _field_schema(fd: FieldDescriptor, depth: int) -> JsonSchema:
 
 
 def _value_schema(fd: FieldDescriptor, depth: int) -> JsonSchema:
-    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+    if fd.message_type is not None:
         return message_schema(fd.message_type, depth + 1)
-    if fd.type == FieldDescriptor.TYPE_ENUM:
+    if fd.enum_type is not None:
         return {"type": "string", "enum": [value.name for value in fd.enum_type.values]}
     if fd.type == FieldDescriptor.TYPE_BOOL:
         return {"type": "boolean"}
@@ -141,11 +141,11 @@ class ToolMethod:
 
     @property
     def rpc_path(self) -> str:
-        """gRPC's ``/package.Service/Method`` path (what the servers log and authorize)."""
+        """GRPC's ``/package.Service/Method`` path (what the servers log and authorize)."""
         return f"/{self.method.containing_service.full_name}/{self.method.name}"
 
     def openai_tool(self) -> dict[str, Any]:
-        """The ``tools=[...]`` entry for chat.completions."""
+        """Build the ``tools=[...]`` entry for chat.completions."""
         return {
             "type": "function",
             "function": {"name": self.function_name, "description": self.description, "parameters": self.parameters},
@@ -228,11 +228,11 @@ class ToolRegistry:
         return cls({name: _build_service(name) for name in _PROTO_MODULES})
 
     def service(self, tool: str) -> ToolService:
-        """The tool service called ``tool``; KeyError for unknown tools."""
+        """Return the tool service called ``tool``; KeyError for unknown tools."""
         return self.services[tool]
 
     def method_by_function(self, function_name: str) -> ToolMethod | None:
-        """The method behind an OpenAI function name, or None if no tool has it."""
+        """Return the method behind an OpenAI function name, or None if no tool has it."""
         for service in self.services.values():
             for method in service.methods:
                 if method.function_name == function_name:

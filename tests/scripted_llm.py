@@ -213,7 +213,7 @@ def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
             # Headers and body go out in separate writes; without NODELAY, Nagle adds ~40 ms per reply.
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             return
 
         def _send(self, status: int, payload: dict[str, Any]) -> None:

@@ -35,8 +35,9 @@ CLIENTS = {
 }
 
 
-def write_heist_config(tmp_path: Path, *, llm_base_url: str = "http://127.0.0.1:9/v1", token_ttl_s: int = 900,
-                       **sections: Any) -> Path:
+def write_heist_config(
+    tmp_path: Path, *, llm_base_url: str = "http://127.0.0.1:9/v1", token_ttl_s: int = 900, **sections: Any
+) -> Path:
     """A complete config under ``tmp_path``; ``sections`` replace or add whole top-level sections."""
     config: dict[str, Any] = {
         "mesh": {"run_dir": str(tmp_path / "run"), "shutdown_grace_s": 0.2},

@@ -31,7 +31,9 @@ async def test_seed_queries_work_on_the_schema(store: AuditStore, tmp_path: Path
     await store.create_session("heist_1", strategy="round_robin", seed=None, model="m")
     turn = TurnAudit(
         message=MessageRow(1, "safecracker", "Safecracker", "315 seconds"),
-        tool_usage=[ToolUsageRow(1, "safecracker", "calculator", "Evaluate", '{"expression":"1"}', "1", True, "OK", 0.3)],
+        tool_usage=[
+            ToolUsageRow(1, "safecracker", "calculator", "Evaluate", '{"expression":"1"}', "1", True, "OK", 0.3)
+        ],
         events=[EventRow("memory", "StoreMemory", "UNAVAILABLE", "down", 1.0, 1, "safecracker")],
     )
     await store.write_turn("heist_1", turn)
@@ -41,7 +43,11 @@ async def test_seed_queries_work_on_the_schema(store: AuditStore, tmp_path: Path
     db.row_factory = sqlite3.Row
     message = db.execute("SELECT * FROM messages WHERE session_id = ?", ("heist_1",)).fetchone()
     assert (message["turn_id"], message["agent_name"], message["agent_role"], message["message"]) == (
-        1, "safecracker", "Safecracker", "315 seconds")
+        1,
+        "safecracker",
+        "Safecracker",
+        "315 seconds",
+    )
     assert message["timestamp"]
     tool = db.execute("SELECT tool_name, tool_params, tool_result, success FROM tool_usage").fetchone()
     assert tuple(tool) == ("calculator", '{"expression":"1"}', "1", 1)

@@ -29,12 +29,14 @@ def live_config(mesh: MeshHarness, config_path: Path, tmp_path: Path) -> Path:
     return mesh.write_config(config_path, tmp_path / "live.yaml")
 
 
-async def test_run_then_sessions_show_export(live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM,
-                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_run_then_sessions_show_export(
+    live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     scripted_llm.script(text("We go Friday."), inline_tool("file_reader", "bank_layout.md"))
     out_dir = tmp_path / "logs"
-    code = await cli("run", "--config", str(live_config), "--turns", "2", "--session-id", "heist_cli_1",
-                     "--out", str(out_dir))
+    code = await cli(
+        "run", "--config", str(live_config), "--turns", "2", "--session-id", "heist_cli_1", "--out", str(out_dir)
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "[turn 1] planner (Mastermind): We go Friday." in printed
@@ -52,8 +54,9 @@ async def test_run_then_sessions_show_export(live_config: Path, mesh: MeshHarnes
     assert "### Turn 2: hacker (Hacker)" in shown and "file_reader.ReadFile" in shown
 
     target = tmp_path / "export.json"
-    assert await cli("export", "heist_cli_1", "--format", "json", "--out", str(target), "--config",
-                     str(live_config)) == 0
+    assert (
+        await cli("export", "heist_cli_1", "--format", "json", "--out", str(target), "--config", str(live_config)) == 0
+    )
     assert capsys.readouterr().out == f"wrote {target}\n"
     exported = json.loads(target.read_text())
     assert exported["session"]["status"] == "completed"
@@ -65,12 +68,26 @@ async def test_run_then_sessions_show_export(live_config: Path, mesh: MeshHarnes
     assert capsys.readouterr().out.startswith("# Heist session heist_cli_1")
 
 
-async def test_run_flags_override_llm_and_db(live_config: Path, scripted_llm: ScriptedLLM, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+async def test_run_flags_override_llm_and_db(
+    live_config: Path, scripted_llm: ScriptedLLM, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with ScriptedLLM(text("from the other model")) as other:
         db = tmp_path / "other.db"
-        code = await cli("run", "--config", str(live_config), "--turns", "1", "--llm-base-url", other.base_url,
-                         "--model", "other-model", "--db", f"sqlite:///{db}", "--seed", "3")
+        code = await cli(
+            "run",
+            "--config",
+            str(live_config),
+            "--turns",
+            "1",
+            "--llm-base-url",
+            other.base_url,
+            "--model",
+            "other-model",
+            "--db",
+            f"sqlite:///{db}",
+            "--seed",
+            "3",
+        )
         assert code == 0
         assert other.chat_requests[0]["model"] == "other-model"
     assert scripted_llm.chat_requests == []
@@ -86,8 +103,9 @@ async def test_health_command(live_config: Path, mesh: MeshHarness, capsys: pyte
     assert "UNREACHABLE" in capsys.readouterr().out
 
 
-async def test_require_healthy_exit_code(live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+async def test_require_healthy_exit_code(
+    live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM, capsys: pytest.CaptureFixture[str]
+) -> None:
     await mesh.stop("calculator")
     assert await cli("run", "--config", str(live_config), "--require-healthy") == 2
     assert "degraded services: calculator" in capsys.readouterr().out
@@ -113,31 +131,41 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert "usage: orchestrator" in capsys.readouterr().out
 
 
-def test_default_config_from_env(tmp_path: Path, config_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_config_from_env(
+    tmp_path: Path, config_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("HEIST_CONFIG", str(config_path))
     monkeypatch.chdir(tmp_path)
     assert main(["sessions"]) == 0
     assert "No sessions yet." in capsys.readouterr().out
 
 
-async def test_ctrl_c_marks_interrupted_and_exits_130(live_config: Path, mesh: MeshHarness,
-                                                       scripted_llm: ScriptedLLM) -> None:
+async def test_ctrl_c_marks_interrupted_and_exits_130(
+    live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM
+) -> None:
     scripted_llm.script(text("first"), hang(30))
-    command = [str(Path(sys.executable).parent / "orchestrator"), "run", "--config", str(live_config),
-               "--session-id", "heist_sigint"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        str(Path(sys.executable).parent / "orchestrator"),
+        "run",
+        "--config",
+        str(live_config),
+        "--session-id",
+        "heist_sigint",
+    ]
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         deadline = time.monotonic() + 30
         while len(scripted_llm.chat_requests) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        _out, err = await asyncio.to_thread(proc.communicate, timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err
     assert audit_rows(mesh.config, "SELECT status, num_turns FROM sessions WHERE session_id = 'heist_sigint'") == [
-        ("interrupted", 1)]
+        ("interrupted", 1)
+    ]

@@ -58,8 +58,10 @@ def test_sampling_extras_go_to_extra_body(tmp_path: Path) -> None:
         ({"session": {"strategy": "chaos"}}, "session.strategy"),
         ({"session": {"memory": {"recent": 3}}}, "session.memory.recent: unknown key"),
         ({"database": {"path": "x.db"}}, "database.path: unknown key"),
-        ({"resilience": {"circuit_breaker": {"failure_threshold": "3"}}},
-         "resilience.circuit_breaker.failure_threshold: expected an integer"),
+        (
+            {"resilience": {"circuit_breaker": {"failure_threshold": "3"}}},
+            "resilience.circuit_breaker.failure_threshold: expected an integer",
+        ),
         ({"resilience": {"grpc_retry": {"max_attempts": 9}}}, "resilience.grpc_retry.max_attempts"),
         ({"agentz": []}, "agentz: unknown key"),
         ({"services": {"memory": {"adress": "x:1"}}}, "adress"),
@@ -86,13 +88,13 @@ def test_unknown_tool_fails(tmp_path: Path) -> None:
 def test_agent_missing_from_turn_order_fails(tmp_path: Path) -> None:
     agents = [_agent("planner"), _agent("hacker", ["file_reader"])]
     path = write_heist_config(tmp_path, agents=agents, session={"turn_order": ["planner"]})
-    with pytest.raises(ConfigError, match="session.turn_order: is missing agents: hacker"):
+    with pytest.raises(ConfigError, match=r"session\.turn_order: is missing agents: hacker"):
         load_config(path)
 
 
 def test_turn_order_naming_unknown_agent_fails(tmp_path: Path) -> None:
     path = write_heist_config(tmp_path, agents=[_agent("planner")], session={"turn_order": ["planner", "driver"]})
-    with pytest.raises(ConfigError, match="session.turn_order: names unknown agents: driver"):
+    with pytest.raises(ConfigError, match=r"session\.turn_order: names unknown agents: driver"):
         load_config(path)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
+
 from orchestrator.config import load_config
 from orchestrator.runner import RunOptions, SessionRunner, run_session
 from tests.orchestrator.conftest import MeshHarness, SessionHarness, audit_rows, write_heist_config
@@ -44,7 +44,8 @@ async def test_tool_down_is_audited_and_turn_completes(mesh: MeshHarness, script
     row = session.rows("SELECT tool_name, success, status_code, latency_ms FROM tool_usage")[0]
     assert row[:3] == ("calculator", 0, "UNAVAILABLE") and row[3] >= 0
     assert session.rows("SELECT service, operation, status_code FROM events WHERE service = 'calculator'") == [
-        ("calculator", "Evaluate", "UNAVAILABLE")]
+        ("calculator", "Evaluate", "UNAVAILABLE")
+    ]
 
 
 async def test_tool_not_allowed_is_refused_and_never_called(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
@@ -54,7 +55,8 @@ async def test_tool_not_allowed_is_refused_and_never_called(mesh: MeshHarness, s
         planner = await session.turn("planner")  # planner has no tools
         scripted_llm.script(tool_call("database_query_query", sql="SELECT 1"), text("fine"))
         session.context.config = session.config.with_overrides(
-            llm=dataclasses.replace(session.config.llm, tool_calling="native"))
+            llm=dataclasses.replace(session.config.llm, tool_calling="native")
+        )
         native = await session.turn("hacker")
     finally:
         await session.close()
@@ -80,9 +82,13 @@ async def test_llm_500_and_timeout_store_error_as_message(tmp_path: Path, script
     assert messages[1].startswith("Error generating response: TIMEOUT")
     assert messages[2] == "back"
     assert audit_rows(harness.config, "SELECT status FROM messages ORDER BY turn_id") == [
-        ("llm_error",), ("llm_error",), ("ok",)]
-    assert audit_rows(harness.config, "SELECT status_code FROM events WHERE service = 'llm' AND turn_id IS NOT NULL") == [
-        ("HTTP 500",), ("TIMEOUT",)]
+        ("llm_error",),
+        ("llm_error",),
+        ("ok",),
+    ]
+    assert audit_rows(
+        harness.config, "SELECT status_code FROM events WHERE service = 'llm' AND turn_id IS NOT NULL"
+    ) == [("HTTP 500",), ("TIMEOUT",)]
 
 
 async def test_circuit_opens_skips_calls_then_recovers(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
@@ -111,7 +117,8 @@ async def test_circuit_opens_skips_calls_then_recovers(mesh: MeshHarness, script
 async def _session_memories(mesh: MeshHarness, session_id: str) -> int:
     async with grpc.aio.insecure_channel(mesh.config.mesh.address("memory")) as channel:
         stats = await memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
-            memory_pb2.GetStatsRequest(), metadata=(("x-session-id", session_id),))
+            memory_pb2.GetStatsRequest(), metadata=(("x-session-id", session_id),)
+        )
     return stats.session_memories
 
 
@@ -151,7 +158,8 @@ async def test_require_healthy_exits_2_before_any_turn(mesh: MeshHarness, script
     assert scripted_llm.chat_requests == []
     assert "file_reader" in (result.error or "")
     assert ("file_reader", "UNREACHABLE") in audit_rows(
-        mesh.config, "SELECT service, status_code FROM events WHERE operation = 'health_check'")
+        mesh.config, "SELECT service, status_code FROM events WHERE operation = 'health_check'"
+    )
 
 
 async def test_degraded_start_continues(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
@@ -165,12 +173,16 @@ async def test_unwritable_database_stops_run_cleanly(mesh: MeshHarness, scripted
     make_read_only = []
 
     def after_turn(_turn: object) -> None:
-        make_read_only.append(asyncio.ensure_future(
-            session.audit.run_in_writer(lambda: session.audit.database.execute_sql("PRAGMA query_only = 1"))))
+        make_read_only.append(
+            asyncio.ensure_future(
+                session.audit.run_in_writer(lambda: session.audit.database.execute_sql("PRAGMA query_only = 1"))
+            )
+        )
 
     try:
-        runner = SessionRunner(mesh.config, session.mesh, session.llm, session.audit, RunOptions(turns=4),
-                               on_turn=after_turn)
+        runner = SessionRunner(
+            mesh.config, session.mesh, session.llm, session.audit, RunOptions(turns=4), on_turn=after_turn
+        )
         result = await runner.run()
     finally:
         await session.close()

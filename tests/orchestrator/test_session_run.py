@@ -28,15 +28,21 @@ async def test_inline_session_writes_complete_audit_trail(mesh: MeshHarness, scr
     assert [t.agent_name for t in result.turns] == ["planner", "hacker", "safecracker", "mole"]
     assert "(120-15)*3 = 315" in result.turns[2].message
     assert result.tool_calls_ok == 3 and result.tool_calls_failed == 0
-    rows = audit_rows(mesh.config, "SELECT turn_id, agent_name, agent_role FROM messages WHERE session_id = ?",
-                      result.session_id)
-    assert rows == [(1, "planner", "Mastermind"), (2, "hacker", "Hacker"), (3, "safecracker", "Safecracker"),
-                    (4, "mole", "Inside Man")]
+    rows = audit_rows(
+        mesh.config, "SELECT turn_id, agent_name, agent_role FROM messages WHERE session_id = ?", result.session_id
+    )
+    assert rows == [
+        (1, "planner", "Mastermind"),
+        (2, "hacker", "Hacker"),
+        (3, "safecracker", "Safecracker"),
+        (4, "mole", "Inside Man"),
+    ]
     tools = audit_rows(mesh.config, "SELECT agent_name, tool_name, tool_params, success FROM tool_usage ORDER BY id")
     assert tools[1] == ("safecracker", "calculator", '{"expression": "(120-15)*3"}', 1)
     health = audit_rows(mesh.config, "SELECT service, status_code FROM events WHERE operation = 'health_check'")
-    assert sorted(health) == sorted([(s, "SERVING") for s in
-                                     ("oauth", "memory", "calculator", "file_reader", "database_query", "llm")])
+    assert sorted(health) == sorted(
+        [(s, "SERVING") for s in ("oauth", "memory", "calculator", "file_reader", "database_query", "llm")]
+    )
     assert audit_rows(mesh.config, "SELECT status, num_turns FROM sessions") == [("completed", 4)]
     assert [p.suffix for p in result.exports] == [".json", ".md"]
     exported = json.loads(result.exports[0].read_text())
@@ -61,7 +67,11 @@ async def test_memory_context_reaches_the_prompt(mesh: MeshHarness, scripted_llm
 
 
 async def test_native_tool_calls_feed_results_back(tmp_path: Path, scripted_llm: ScriptedLLM) -> None:
-    path = write_heist_config(tmp_path, llm_base_url=scripted_llm.base_url, session={"turn_order": ["safecracker", "planner", "hacker", "mole"]})
+    path = write_heist_config(
+        tmp_path,
+        llm_base_url=scripted_llm.base_url,
+        session={"turn_order": ["safecracker", "planner", "hacker", "mole"]},
+    )
     harness = MeshHarness(load_config(path))
     await harness.start_all()
     try:
@@ -83,15 +93,19 @@ async def test_native_tool_calls_feed_results_back(tmp_path: Path, scripted_llm:
 
 
 async def test_auto_mode_uses_native_or_inline(tmp_path: Path, scripted_llm: ScriptedLLM) -> None:
-    path = write_heist_config(tmp_path, llm_base_url=scripted_llm.base_url, llm={
-        "base_url": scripted_llm.base_url, "tool_calling": "auto", "timeout_s": 2, "max_retries": 0},
-        session={"turn_order": ["safecracker", "planner", "hacker", "mole"]})
+    path = write_heist_config(
+        tmp_path,
+        llm_base_url=scripted_llm.base_url,
+        llm={"base_url": scripted_llm.base_url, "tool_calling": "auto", "timeout_s": 2, "max_retries": 0},
+        session={"turn_order": ["safecracker", "planner", "hacker", "mole"]},
+    )
     harness = MeshHarness(load_config(path))
     await harness.start_all()
     try:
         session = await SessionHarness(harness.config).begin()
-        scripted_llm.script(tool_call("calculator_evaluate", expression="6*7"), text("42 it is."),
-                            inline_tool("calculator", "1+1"))
+        scripted_llm.script(
+            tool_call("calculator_evaluate", expression="6*7"), text("42 it is."), inline_tool("calculator", "1+1")
+        )
         native = await session.turn("safecracker")
         inline = await session.turn("safecracker")
         await session.close()
@@ -104,8 +118,13 @@ async def test_auto_mode_uses_native_or_inline(tmp_path: Path, scripted_llm: Scr
 
 async def test_token_is_cached_and_refreshed_before_expiry(tmp_path: Path, scripted_llm: ScriptedLLM) -> None:
     agents = [{"name": "safecracker", "role": "Safecracker", "system_prompt": "Count.", "tools": ["calculator"]}]
-    path = write_heist_config(tmp_path, llm_base_url=scripted_llm.base_url, token_ttl_s=1, agents=agents,
-                              session={"turn_order": ["safecracker"]})
+    path = write_heist_config(
+        tmp_path,
+        llm_base_url=scripted_llm.base_url,
+        token_ttl_s=1,
+        agents=agents,
+        session={"turn_order": ["safecracker"]},
+    )
     harness = MeshHarness(load_config(path))
     await harness.start_all()
     try:
@@ -137,8 +156,13 @@ async def test_runner_shares_one_mesh_across_sessions(mesh: MeshHarness, scripte
     session = SessionHarness(mesh.config)
     try:
         for n in range(2):
-            runner = SessionRunner(mesh.config, session.mesh, session.llm, session.audit,
-                                   RunOptions(turns=2, session_id=f"heist_shared_{n}", export=False))
+            runner = SessionRunner(
+                mesh.config,
+                session.mesh,
+                session.llm,
+                session.audit,
+                RunOptions(turns=2, session_id=f"heist_shared_{n}", export=False),
+            )
             assert (await runner.run()).status == "completed"
         assert audit_rows(mesh.config, "SELECT COUNT(*) FROM sessions") == [(2,)]
     finally:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
 from heist.calculator.v1 import calculator_pb2
+
 from orchestrator.tools import ToolArgumentError, ToolRegistry, message_schema
 
 REGISTRY = ToolRegistry.default()
@@ -64,15 +64,20 @@ def test_schema_walk_covers_repeated_enum_nested_and_optional_fields() -> None:
     enum.value.add(name="MODE_UNSPECIFIED", number=0)
     enum.value.add(name="MODE_FAST", number=1)
     inner = file.message_type.add(name="Inner")
-    inner.field.add(name="count", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
-                    label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    inner.field.add(
+        name="count",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+    )
     outer = file.message_type.add(name="Outer")
     fdp = descriptor_pb2.FieldDescriptorProto
     outer.field.add(name="tags", number=1, type=fdp.TYPE_STRING, label=fdp.LABEL_REPEATED)
     outer.field.add(name="mode", number=2, type=fdp.TYPE_ENUM, type_name=".t.Mode", label=fdp.LABEL_OPTIONAL)
     outer.field.add(name="inner", number=3, type=fdp.TYPE_MESSAGE, type_name=".t.Inner", label=fdp.LABEL_OPTIONAL)
-    outer.field.add(name="ratio", number=4, type=fdp.TYPE_DOUBLE, label=fdp.LABEL_OPTIONAL, proto3_optional=True,
-                    oneof_index=0)
+    outer.field.add(
+        name="ratio", number=4, type=fdp.TYPE_DOUBLE, label=fdp.LABEL_OPTIONAL, proto3_optional=True, oneof_index=0
+    )
     outer.oneof_decl.add(name="_ratio")
     pool.Add(file)
     descriptor = pool.FindMessageTypeByName("t.Outer")

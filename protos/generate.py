@@ -55,8 +55,8 @@ def generate(output_root: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={output_root}",
         f"--grpc_python_out={output_root}",
-        f"--mypy_out={output_root}",
-        f"--mypy_grpc_out={output_root}",
+        f"--mypy_out=quiet:{output_root}",
+        f"--mypy_grpc_out=quiet:{output_root}",
         *[str(path.relative_to(PROTO_ROOT)) for path in proto_files()],
     ]
     if protoc.main(args) != 0:

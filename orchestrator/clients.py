@@ -125,6 +125,7 @@ class GuardedService:
         self.deadline_s = deadline_s
         self.channel = channel
         self.breaker: pybreaker.CircuitBreaker = breaker
+        self._trial_in_flight = False
 
     @property
     def circuit_state(self) -> str:
@@ -133,11 +134,28 @@ class GuardedService:
         return state
 
     async def call(self, operation: str, rpc: Callable[..., Awaitable[T]], request: Message, metadata: Metadata) -> T:
-        """Invoke ``rpc`` through the breaker with the service's deadline; ServiceCallError on any failure."""
+        """Invoke ``rpc`` through the breaker with the service's deadline; ServiceCallError on any failure.
+
+        Half-open admits exactly one trial call (pybreaker alone would let every
+        concurrent call through); the others are refused as if the circuit were
+        open. The trial waits for the channel to reconnect, within its deadline,
+        so a service restarted during the cool-down is not failed by a channel
+        still backing off from the outage.
+        """
         start = time.perf_counter()
+        if self._trial_in_flight:
+            raise ServiceCallError(
+                self.name, operation, CIRCUIT_OPEN, "circuit half-open: a trial call is in flight", _elapsed_ms(start)
+            )
         try:
             with self.breaker.calling():
-                return await rpc(request, timeout=self.deadline_s, metadata=metadata)
+                trial = self.breaker.current_state == pybreaker.STATE_HALF_OPEN
+                self._trial_in_flight = trial
+                try:
+                    return await rpc(request, timeout=self.deadline_s, metadata=metadata, wait_for_ready=trial or None)
+                finally:
+                    if trial:
+                        self._trial_in_flight = False
         except pybreaker.CircuitBreakerError:
             raise ServiceCallError(
                 self.name, operation, CIRCUIT_OPEN, "circuit open: service skipped during cool-down", _elapsed_ms(start)

@@ -237,6 +237,18 @@ def _open_database(url: str) -> peewee.Database:
 _DB_ERRORS = (peewee.PeeweeException, sqlite3.Error, OSError)
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """Return the database error that started it all.
+
+    When COMMIT fails (disk full), SQLite has already rolled back, so Peewee's
+    own rollback fails with "cannot rollback - no transaction is active" and
+    would hide the real reason; report the error it was handling instead.
+    """
+    while "no transaction is active" in str(exc) and isinstance(exc.__context__, _DB_ERRORS):
+        exc = exc.__context__
+    return exc
+
+
 class AuditStore:
     """The audit database behind one writer thread.
 
@@ -284,7 +296,7 @@ class AuditStore:
             try:
                 return work()
             except _DB_ERRORS as exc:
-                raise AuditError(f"audit database {self.location}: cannot {what}: {exc}") from None
+                raise AuditError(f"audit database {self.location}: cannot {what}: {_root_cause(exc)}") from None
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, guarded)
 
@@ -339,11 +351,22 @@ class AuditStore:
     async def finish_session(self, session_id: str, status: str, error: str | None = None) -> None:
         """Close the session with its final status and end time."""
 
-        def work() -> None:
+        def update() -> None:
             with self.database.atomic():
                 SessionRecord.update(status=status, end_time=now_iso(), error=error).where(
                     SessionRecord.session_id == session_id
                 ).execute()
+
+        def work() -> None:
+            try:
+                update()
+            except _DB_ERRORS:
+                # Disk full: checkpointing the WAL into the database file and truncating it frees
+                # room for this one small update, so even a failed run is marked as failed.
+                if not isinstance(self.database, peewee.SqliteDatabase):
+                    raise
+                self.database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[no-untyped-call]
+                update()
 
         await self._in_writer(work, f"finish session {session_id}")
 

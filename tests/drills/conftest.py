@@ -99,8 +99,9 @@ class ServerProcess:
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"=== start {self.starts}\n".encode())
+            command = [sys.executable, "-m", f"servers.{self.name}", "--config", str(self.config_path)]
             self.process = subprocess.Popen(
-                [sys.executable, "-m", f"servers.{self.name}", "--config", str(self.config_path), "--address", self.address],
+                [*command, "--address", self.address],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -161,17 +162,17 @@ class ServerProcess:
 class DrillMesh:
     """All five services as processes, a config file pointing at them, and the scripted LLM."""
 
-    def __init__(self, tmp_path: Path, llm: ScriptedLLM, **sections: Any) -> None:
+    def __init__(self, tmp_path: Path, endpoint: ScriptedLLM, **sections: Any) -> None:
         self.tmp_path = tmp_path
-        self.llm = llm
+        self.endpoint = endpoint
         ports = {name: free_port() for name in SERVICE_NAMES}
         deadlines = sections.pop("deadlines", {})
         services = {
             name: {"address": f"127.0.0.1:{port}", "deadline_s": deadlines.get(name, 1.0)}
             for name, port in ports.items()
         }
-        sections.setdefault("llm", {"base_url": llm.base_url, "timeout_s": 2, "max_retries": 0, "tool_calling": "inline"})
-        self.config_path = write_heist_config(tmp_path, llm_base_url=llm.base_url, services=services, **sections)
+        sections.setdefault("llm", {"base_url": endpoint.base_url, "timeout_s": 2, "max_retries": 0})
+        self.config_path = write_heist_config(tmp_path, llm_base_url=endpoint.base_url, services=services, **sections)
         self.config: HeistConfig = load_config(self.config_path)
         credentials.ensure_dev_credentials(self.config.mesh)  # once, before several processes would race for it
         log_dir = tmp_path / "logs"

@@ -11,7 +11,9 @@ run, because then nothing could be trusted afterwards.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
+import re
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,10 @@ from orchestrator.tools import ToolArgumentError, ToolMethod, render_result
 
 __all__ = ["ConversationMessage", "IntegratedAgent", "MemorySync", "SessionContext", "TurnResult"]
 
+PARROT_SIMILARITY = 0.8
+"""A transcript reply this similar to an earlier line is resampled."""
+PARROT_RESAMPLE_BOOSTS = (0.3, 0.6)
+"""Temperature added for each resample of a parroted reply (at most this many resamples)."""
 NOT_ALLOWED = "NOT_ALLOWED"
 NO_TOKEN = "NO_TOKEN"
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -162,6 +168,45 @@ def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+def _speaker_label(agent_name: str) -> str:
+    """How an agent appears in a transcript: ``safecracker`` -> ``Safecracker``."""
+    return agent_name.replace("_", " ").title()
+
+
+_SUBSTITUTED_TOOL = re.compile(r"\[[\w-]+: .*? -> .*\]")
+"""A tool marker after ``_inline_tools`` replaced it: ``[tool: argument -> outcome]``."""
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    """Flatten a message to one transcript line, without tool markers or their results.
+
+    A newline would end the speaker's turn, and a 270M model copies whatever
+    bracket syntax or tool output it sees in the lines before (measured: once
+    a result is in the transcript, most later turns parrot it). So the
+    transcript keeps only what was said; the full results stay in the audit.
+    """
+    flat = _SUBSTITUTED_TOOL.sub("", " ".join(text.split()))
+    flat = " ".join(flat.replace("[", " ").replace("]", " ").split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _parrots(reply: str, spoken: Sequence[str]) -> bool:
+    """Whether a reply is empty or (nearly) a copy of a line already in the transcript."""
+    said = _one_line(reply).lower()
+    return not said or any(
+        difflib.SequenceMatcher(None, said, line.lower()).ratio() > PARROT_SIMILARITY for line in spoken
+    )
+
+
+def _close_prefill(prefill: str, continuation: str) -> str:
+    """Join a prefilled marker opening and the model's continuation, closing the marker if the line ended first."""
+    if not prefill:
+        return continuation
+    if "]" not in continuation:
+        continuation += "]"
+    return (prefill + continuation).strip()
+
+
 class IntegratedAgent:
     """One crew member wired to every service of the mesh."""
 
@@ -175,6 +220,9 @@ class IntegratedAgent:
         self._system_prompt = self._compose_system_prompt(with_inline_tools=False)
         self._system_prompt_inline = self._compose_system_prompt(with_inline_tools=True)
         self._tool_metadata: tuple[str, Metadata] | None = None
+        self._turns_taken = 0
+        inline_methods = [m for tool in config.tools if (m := registry.service(tool).inline_method) is not None]
+        self._inline_method = inline_methods[0] if inline_methods else None
 
     @property
     def name(self) -> str:
@@ -222,11 +270,24 @@ class IntegratedAgent:
             audit.events.append(fetched.error.to_event(turn_id, self.name))
 
         token = await self._token(turn_id, audit) if self.config.tools else None
-        mode = self.session.config.llm.tool_calling
-        messages = self._build_messages(history, fetched.summary, inline=token is not None and mode != "native")
+        llm_config = self.session.config.llm
         llm_start = time.perf_counter()
         try:
-            result.message = await self._converse(turn_id, messages, token, audit)
+            if llm_config.prompt_style == "transcript":
+                prefill = self._tool_prefill() if token is not None else ""
+                prompt, spoken = self._transcript_prompt(history, fetched.summary, with_tools=token is not None)
+                completion = await self.session.llm.complete_text(prompt + prefill)
+                for boost in PARROT_RESAMPLE_BOOSTS:
+                    if prefill or not _parrots(completion.content, spoken):
+                        break
+                    # Tiny models often repeat an earlier line; a hotter resample usually breaks the loop.
+                    completion = await self.session.llm.complete_text(prompt, temperature_boost=boost)
+                reply = _close_prefill(prefill, completion.content)
+                result.message = await self._inline_tools(turn_id, reply, token, audit)
+            else:
+                inline = token is not None and llm_config.tool_calling != "native"
+                messages = self._build_messages(history, fetched.summary, inline=inline)
+                result.message = await self._converse(turn_id, messages, token, audit)
         except LLMError as exc:
             result.status = "llm_error"
             result.message = f"Error generating response: {exc.status_code}: {exc.detail}"
@@ -277,6 +338,57 @@ class IntegratedAgent:
         messages.extend({"role": "user", "content": f"[{m.agent_name}]: {m.message}"} for m in recent)
         messages.append({"role": "user", "content": f"Your turn, {self.name} ({self.config.role}). Reply briefly."})
         return messages
+
+    def _tool_prefill(self) -> str:
+        """Return the opening of a tool marker that starts every ``prefill_tool_every``-th line ("" otherwise).
+
+        A 270M base model almost never starts a marker on its own, but given
+        "[TOOL:calculator:" it writes a sensible argument; the tool call is then
+        real (and can fail like any other), only its timing is prompted.
+        """
+        every = self.session.config.llm.prefill_tool_every
+        self._turns_taken += 1
+        method = self._inline_method
+        if not every or method is None or (self._turns_taken - 1) % every:
+            return ""
+        return f" [TOOL:{method.tool}:"
+
+    def _transcript_prompt(
+        self, history: Sequence[ConversationMessage], memory: str, with_tools: bool
+    ) -> tuple[str, list[str]]:
+        """Render the meeting so far as a plain transcript ending in "<Speaker>:", for a base model to continue.
+
+        A base model has no notion of system prompts or turns; what it does well is
+        continue a document. So the brief, the tool convention (shown by example
+        lines, which small models imitate far better than instructions) and the
+        recent conversation become one transcript, one line per speaker.
+        """
+        session_config = self.session.config.session
+        speaker = _speaker_label(self.name)
+        brief = self.config.system_prompt + (SABOTEUR_BRIEF if self.config.is_saboteur else "")
+        parts = [
+            "The following is the transcript of a heist crew's planning meeting. "
+            f"{session_config.objective} Each crew member speaks in one or two short sentences.",
+            f"About {speaker} ({self.config.role}): {brief}",
+        ]
+        if with_tools:
+            registry = self.session.mesh.registry
+            methods = [m for tool in self.config.tools if (m := registry.service(tool).inline_method) is not None]
+            if methods:
+                parts.append(
+                    f"{speaker} uses tools by writing a marker, and the result appears in the transcript:\n"
+                    + "\n".join(f"{m.tool}: {m.description}" for m in methods)
+                    + "\nFor example:\n"
+                    + "\n".join(f"{speaker}: [TOOL:{m.tool}:{m.inline_example}]" for m in methods)
+                )
+        notes = [note for line in memory.splitlines() if (note := _one_line(line)) and not note.endswith(":")]
+        if notes:
+            parts.append(f"{speaker}'s notes from earlier turns:\n" + "\n".join(notes))
+        recent = history[-session_config.context_messages :] if session_config.context_messages else ()
+        spoken = [(m.agent_name, said) for m in recent if (said := _one_line(m.message))]
+        lines = [f"{_speaker_label(name)}: {said}" for name, said in spoken]
+        parts.append("Transcript:\n" + "\n".join([*lines, f"{speaker}:"]))
+        return "\n\n".join(parts), [said for _, said in spoken]
 
     async def _converse(self, turn_id: int, messages: list[dict[str, Any]], token: str | None, audit: TurnAudit) -> str:
         """LLM plus tool calls, per ``llm.tool_calling``.
@@ -347,7 +459,8 @@ class IntegratedAgent:
                     turn_id, marker.tool, "inline", marker.argument, NOT_ALLOWED, reason, audit
                 )
             else:
-                pending[index] = self._call_tool(turn_id, method, method.inline_request(marker.argument), token, audit)
+                request = method.inline_request(marker.argument)
+                pending[index] = self._call_tool(turn_id, method, request, token, audit, plain=True)
         outcomes.update(zip(pending, await asyncio.gather(*pending.values()), strict=True))
         for index, marker in enumerate(markers):
             outcome = outcomes[index]
@@ -370,7 +483,14 @@ class IntegratedAgent:
         return cached[1]
 
     async def _call_tool(
-        self, turn_id: int, method: ToolMethod, request: Message, token: str | None, audit: TurnAudit
+        self,
+        turn_id: int,
+        method: ToolMethod,
+        request: Message,
+        token: str | None,
+        audit: TurnAudit,
+        *,
+        plain: bool = False,
     ) -> str:
         """Call one tool RPC (if allowed and authorized) and record it in ``tool_usage``."""
         params = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True), ensure_ascii=False)
@@ -414,7 +534,7 @@ class IntegratedAgent:
             )
             audit.events.append(exc.to_event(turn_id, self.name))
             return f"error: {reason}"
-        text = render_result(response, self.session.config.session.tool_result_max_chars)
+        text = render_result(response, self.session.config.session.tool_result_max_chars, plain=plain)
         audit.tool_usage.append(
             ToolUsageRow(
                 turn_id, self.name, method.tool, operation, params, text, True, "OK", round(_elapsed_ms(start), 3)

@@ -45,6 +45,11 @@ TOP_LEVEL_KEYS = frozenset(
     {"mesh", "services", "oauth", "limits", "agents", "llm", "session", "database", "resilience"}
 )
 ToolCallingMode = Literal["native", "inline", "auto"]
+PromptStyle = Literal["chat", "transcript"]
+"""chat: system/user messages to /chat/completions (instruction-tuned models).
+transcript: the meeting as a plain-text transcript to /completions, which the
+model continues with the speaker's next line (small base models such as the
+embedded Gemma 3 270M, which have no chat template)."""
 TurnStrategyName = Literal["round_robin", "random"]
 PLACEHOLDER_API_KEY = "not-needed"
 
@@ -75,6 +80,8 @@ class LLMConfig:
     timeout_s: float = 60.0
     max_retries: int = 1
     tool_calling: ToolCallingMode = "inline"
+    prompt_style: PromptStyle = "chat"
+    prefill_tool_every: int = 0
     max_tool_rounds: int = 2
     repeat_penalty: float | None = None
     top_p: float | None = None
@@ -329,6 +336,9 @@ def _read_llm(node: _Node) -> LLMConfig:
     d = LLMConfig()
     node.only(*(f.name for f in dataclasses.fields(LLMConfig)))
     mode = node.choice("tool_calling", d.tool_calling, ("native", "inline", "auto"))
+    style = node.choice("prompt_style", d.prompt_style, ("chat", "transcript"))
+    if style == "transcript" and mode == "native":
+        raise node.error("native function calling needs prompt_style: chat (transcript uses markers)", "tool_calling")
     top_k = node.integer("top_k", 1) if "top_k" in node.data else None
     return LLMConfig(
         embedded=node.flag("embedded", d.embedded),
@@ -340,6 +350,8 @@ def _read_llm(node: _Node) -> LLMConfig:
         timeout_s=node.number("timeout_s", d.timeout_s),
         max_retries=node.integer("max_retries", d.max_retries, minimum=0),
         tool_calling=mode,  # type: ignore[arg-type]  # checked by choice()
+        prompt_style=style,  # type: ignore[arg-type]  # checked by choice()
+        prefill_tool_every=node.integer("prefill_tool_every", d.prefill_tool_every, minimum=0),
         max_tool_rounds=node.integer("max_tool_rounds", d.max_tool_rounds),
         repeat_penalty=node.optional_number("repeat_penalty"),
         top_p=node.optional_number("top_p"),

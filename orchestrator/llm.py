@@ -8,10 +8,12 @@ native function calling.
 
 from __future__ import annotations
 
+import random
 import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
@@ -73,6 +75,9 @@ class Completion:
         }
 
 
+T = TypeVar("T")
+
+
 def find_inline_tool_calls(text: str) -> list[InlineToolCall]:
     """Every inline tool marker in ``text``, in order."""
     return [InlineToolCall(m.group(0), m.group(1), m.group(2)) for m in INLINE_TOOL_PATTERN.finditer(text)]
@@ -106,23 +111,16 @@ class LLMClient:
             kwargs["tool_choice"] = "none" if final else "auto"
         if self._extra_body:
             kwargs["extra_body"] = self._extra_body
-        try:
-            response = await self.client.chat.completions.create(
+        response = await self._request(
+            self.client.chat.completions.create(
                 model=self.config.model,
                 messages=messages,  # type: ignore[arg-type]  # plain dicts are the wire format
                 temperature=self.config.temperature,
                 max_tokens=self.config.max_tokens,
                 **kwargs,
-            )
-        except openai.APITimeoutError as exc:
-            raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", _elapsed_ms(start)) from None
-        except openai.APIStatusError as exc:
-            detail = exc.message.split(" - ", 1)[1] if exc.message.startswith("Error code:") else exc.message
-            raise LLMError(f"HTTP {exc.status_code}", _short(detail), _elapsed_ms(start)) from None
-        except openai.APIConnectionError as exc:
-            raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", _elapsed_ms(start)) from None
-        except (openai.OpenAIError, ValueError, TypeError, KeyError) as exc:
-            raise LLMError("BAD_RESPONSE", _short(str(exc)), _elapsed_ms(start)) from None
+            ),
+            start,
+        )
         if not response.choices:
             raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
         message = response.choices[0].message
@@ -132,6 +130,46 @@ class LLMClient:
             if isinstance(call, ChatCompletionMessageFunctionToolCall)
         ]
         return Completion(content=(message.content or "").strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
+
+    async def complete_text(self, prompt: str, *, temperature_boost: float = 0.0) -> Completion:
+        """Continue a plain-text prompt (``/completions``) up to the end of the line; LLMError on any failure.
+
+        For ``prompt_style: transcript``: a base model continues "Speaker:" with one
+        line, so a newline ends the turn.
+        """
+        start = time.perf_counter()
+        extra = {key: value for key, value in (self._extra_body or {}).items() if key != "stop"}
+        response = await self._request(
+            self.client.completions.create(
+                model=self.config.model,
+                prompt=prompt,
+                temperature=min(self.config.temperature + temperature_boost, 2.0),
+                # llama.cpp's server samples with a fixed seed unless told otherwise,
+                # which would make a resample return the very same line.
+                seed=random.randrange(2**31),
+                max_tokens=self.config.max_tokens,
+                stop=["\n", *self.config.stop][:4],
+                extra_body=extra or None,
+            ),
+            start,
+        )
+        if not response.choices:
+            raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
+        return Completion(content=response.choices[0].text.strip(), latency_ms=_elapsed_ms(start))
+
+    async def _request(self, request: Awaitable[T], start: float) -> T:
+        """Await one API request, turning every client exception into an LLMError the audit can group by."""
+        try:
+            return await request
+        except openai.APITimeoutError as exc:
+            raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", _elapsed_ms(start)) from None
+        except openai.APIStatusError as exc:
+            detail = exc.message.split(" - ", 1)[1] if exc.message.startswith("Error code:") else exc.message
+            raise LLMError(f"HTTP {exc.status_code}", _short(detail), _elapsed_ms(start)) from None
+        except openai.APIConnectionError as exc:
+            raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", _elapsed_ms(start)) from None
+        except (openai.OpenAIError, ValueError, TypeError, KeyError) as exc:
+            raise LLMError("BAD_RESPONSE", _short(str(exc)), _elapsed_ms(start)) from None
 
     async def check_health(self, timeout_s: float) -> HealthResult:
         """Probe ``GET /models`` with a short deadline and no retries: is the endpoint there at all."""

@@ -163,6 +163,15 @@ class ToolMethod:
                 raise
             raise ToolArgumentError(f"invalid arguments for {self.function_name}: {exc}") from None
 
+    @property
+    def inline_example(self) -> str:
+        """An example argument for the inline convention, from the field's ``e.g.`` in the proto ('' if none)."""
+        string_fields = [fd for fd in self.request_class.DESCRIPTOR.fields if fd.type == FieldDescriptor.TYPE_STRING]
+        if len(string_fields) != 1:
+            return ""
+        description: str = string_fields[0].GetOptions().Extensions[tool_options.argument_description]
+        return description.split("e.g. ", 1)[1].strip() if "e.g. " in description else ""
+
     def inline_request(self, argument: str) -> Message:
         """Request for the inline convention: the argument fills the single string field."""
         string_fields = [fd for fd in self.request_class.DESCRIPTOR.fields if fd.type == FieldDescriptor.TYPE_STRING]
@@ -248,9 +257,30 @@ class ToolRegistry:
         return tuple(sorted({scope for tool in tools for scope in self.services[tool].required_scopes}))
 
 
-def render_result(response: Message, max_chars: int) -> str:
-    """Compact JSON of a tool response for the model, bounded so one document cannot flood the context."""
-    text = json.dumps(
-        json_format.MessageToDict(response, preserving_proto_field_name=True), ensure_ascii=False, separators=(",", ":")
-    )
+def render_result(response: Message, max_chars: int, *, plain: bool = False) -> str:
+    """Render a tool response for the model, bounded so one document cannot flood the context.
+
+    JSON for function calling (the model gets structured data back); ``plain``
+    text for inline markers, whose results become part of a spoken line.
+    """
+    data = json_format.MessageToDict(response, preserving_proto_field_name=True)
+    text = _plain(data) if plain else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
+def _plain(value: Any) -> str:
+    """Readable text of JSON-shaped data: ``key: value; ...``, rows by `` | ``, one-key wrappers unwrapped."""
+    value = _unwrap(value)
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {_plain(item)}" for key, item in value.items())
+    if isinstance(value, list):
+        compound = any(isinstance(_unwrap(item), dict | list) for item in value)
+        return (" | " if compound else ", ").join(_plain(item) for item in value)
+    return " ".join(str(value).split())
+
+
+def _unwrap(value: Any) -> Any:
+    """Strip one-key dicts: oneof wrappers (``{"text_value": "x"}``) and single-field messages (``{"values": []}``)."""
+    while isinstance(value, dict) and len(value) == 1:
+        value = next(iter(value.values()))
+    return value

@@ -204,6 +204,24 @@ class ScriptedLLM:
         }
 
 
+    def text_completion_body(self, reply: Reply, model: str) -> dict[str, Any]:
+        """Build a ``/v1/completions`` reply (prompt_style: transcript): the content as the continuation."""
+        return {
+            "id": f"cmpl-{next(self._ids)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": reply.content, "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+
+    @property
+    def text_requests(self) -> list[dict[str, Any]]:
+        """Bodies of the ``/v1/completions`` requests (transcript prompts), in order."""
+        with self._lock:
+            return [r.body for r in self.requests if r.body is not None and not r.path.endswith("/chat/completions")]
+
+
 def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -246,7 +264,8 @@ def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 body = {"_raw": raw.decode(errors="replace")}
             llm._record(RecordedRequest("POST", self.path, dict(self.headers), body))
-            if not self.path.rstrip("/").endswith("/chat/completions"):
+            route = self.path.rstrip("/")
+            if not route.endswith("/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
             reply = llm._next_reply(body)
@@ -256,6 +275,10 @@ def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
             if reply.status != 200:
                 self._send(reply.status, {"error": {"message": reply.error_message, "type": "server_error"}})
                 return
-            self._send(200, llm.completion_body(reply, str(body.get("model", "scripted"))))
+            model = str(body.get("model", "scripted"))
+            if route.endswith("/chat/completions"):
+                self._send(200, llm.completion_body(reply, model))
+            else:
+                self._send(200, llm.text_completion_body(reply, model))
 
     return Handler

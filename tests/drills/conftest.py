@@ -171,7 +171,8 @@ class DrillMesh:
             name: {"address": f"127.0.0.1:{port}", "deadline_s": deadlines.get(name, 1.0)}
             for name, port in ports.items()
         }
-        sections.setdefault("llm", {"base_url": endpoint.base_url, "timeout_s": 2, "max_retries": 0})
+        # Generous LLM timeout: drill actions (restart, cool-down waits) run while a turn awaits its reply.
+        sections.setdefault("llm", {"base_url": endpoint.base_url, "timeout_s": 10, "max_retries": 0})
         self.config_path = write_heist_config(tmp_path, llm_base_url=endpoint.base_url, services=services, **sections)
         self.config: HeistConfig = load_config(self.config_path)
         credentials.ensure_dev_credentials(self.config.mesh)  # once, before several processes would race for it

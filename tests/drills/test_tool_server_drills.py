@@ -87,7 +87,7 @@ async def test_sigstop_tool_server_deadline_exceeded_within_deadline(
         latency = next(ms for t, _, ms in calc if t == turn_id)
         total = result.turns[turn_id - 1].total_ms
         assert deadline_ms * 0.95 <= latency <= deadline_ms + 250, latency
-        assert total <= deadline_ms + 400, f"turn {turn_id} took {total:.0f} ms"
+        assert total <= deadline_ms + 500, f"turn {turn_id} took {total:.0f} ms"
     # Two deadline failures opened the circuit: turn 11 no longer waits for the frozen server.
     assert calc[2][2] < 20 and result.turns[10].total_ms < 300
     assert mesh.rows("SELECT turn_id, success, tool_result FROM tool_usage WHERE session_id = ? AND tool_name = "

@@ -143,6 +143,8 @@ class Supervisor:
             "--port", str(self.llm.port),
             "--n_ctx", "4096",
             "--n_threads", "2",
+            # Only for prompt_style: chat; the model file has no chat template of its own.
+            "--chat_format", "gemma",
         ]  # fmt: skip
         return ManagedProcess(LLM_NAME, f"{self.llm.host}:{self.llm.port}", command, LLM_START_TIMEOUT_S)
 

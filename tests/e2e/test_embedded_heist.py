@@ -1,0 +1,80 @@
+"""End to end on the real embedded model: `make serve` (LLM on), `orchestrator run`, then the audit.
+
+The one test that needs the llama.cpp server and Gemma 3 270M; it asserts what a
+newcomer's `make run` leaves behind, not what the model says.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from servers.settings import REPO_ROOT
+from tests.e2e.harness import Mesh, make
+from tests.ports import listening
+
+pytestmark = pytest.mark.llm
+TURNS = 4
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    mesh = Mesh(tmp_path_factory.mktemp("embedded"))
+    try:
+        result = make("serve", f"CONFIG={mesh.config}", "LLM=on")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"llm: SERVING on 127.0.0.1:{mesh.llm_port}" in result.stdout
+        yield mesh
+    finally:
+        make("stop", f"CONFIG={mesh.config}")
+    assert not listening(mesh.llm_port), "make stop left the embedded LLM running"
+
+
+def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp_path: Path) -> None:
+    run = subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "orchestrator"), "run", "--config", str(served.config),
+         "--turns", str(TURNS), "--require-healthy", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    session_id = re.search(r"Session:\s+(heist_\d{8}_\d{6}_[0-9a-f]{4}) \(completed\)", run.stdout)
+    assert session_id, run.stdout
+    session = session_id.group(1)
+
+    audit = sqlite3.connect(served.run_dir / "audit" / "heist.db")
+    assert audit.execute("SELECT status, num_turns FROM sessions WHERE session_id = ?", (session,)).fetchall() == [
+        ("completed", TURNS)
+    ]
+    messages = audit.execute(
+        "SELECT turn_id, agent_name, message FROM messages WHERE session_id = ? ORDER BY turn_id", (session,)
+    ).fetchall()
+    assert [(turn, agent) for turn, agent, _ in messages] == [
+        (1, "planner"), (2, "hacker"), (3, "safecracker"), (4, "mole")
+    ]  # fmt: skip
+    # The real model answered every turn (no "Error generating response" rows).
+    assert all(text and not text.startswith("Error generating response") for _, _, text in messages), messages
+    # prefill_tool_every: 2 makes each tool agent's first turn a real tool call over gRPC
+    # (the model may add markers of its own; those are audited too).
+    tools = audit.execute(
+        "SELECT agent_name, tool_name FROM tool_usage WHERE session_id = ? ORDER BY id", (session,)
+    ).fetchall()
+    assert [row for row in tools] == [
+        ("hacker", "file_reader"),
+        ("safecracker", "calculator"),
+        ("mole", "database_query"),
+    ]
+    llm_health = audit.execute(
+        "SELECT status_code FROM events WHERE session_id = ? AND service = 'llm' AND operation = 'health_check'",
+        (session,),
+    ).fetchall()
+    assert llm_health == [("SERVING",)]
+    # The tool servers logged this session's calls under the same ID.
+    for service in ("calculator", "file_reader", "database_query"):
+        log = (served.run_dir / "log" / f"{service}.log").read_text()
+        assert f"session={session}" in log, service
+    assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".json", ".md"]

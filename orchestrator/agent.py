@@ -198,6 +198,12 @@ def _parrots(reply: str, spoken: Sequence[str]) -> bool:
     )
 
 
+def _last_full_sentence(text: str) -> str:
+    """Cut a reply that ran out of tokens back to its last complete sentence (if it has one)."""
+    end = max(text.rfind(mark) for mark in ".!?")
+    return text[: end + 1] if end > 0 else text
+
+
 def _close_prefill(prefill: str, continuation: str) -> str:
     """Join a prefilled marker opening and the model's continuation, closing the marker if the line ended first."""
     if not prefill:
@@ -282,7 +288,12 @@ class IntegratedAgent:
                         break
                     # Tiny models often repeat an earlier line; a hotter resample usually breaks the loop.
                     completion = await self.session.llm.complete_text(prompt, temperature_boost=boost)
-                reply = _close_prefill(prefill, completion.content)
+                said = (
+                    _last_full_sentence(completion.content)
+                    if completion.truncated and not prefill
+                    else completion.content
+                )
+                reply = _close_prefill(prefill, said)
                 result.message = await self._inline_tools(turn_id, reply, token, audit)
             else:
                 inline = token is not None and llm_config.tool_calling != "native"

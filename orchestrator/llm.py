@@ -62,6 +62,8 @@ class Completion:
     content: str
     tool_calls: list[NativeToolCall] = field(default_factory=list)
     latency_ms: float = 0.0
+    truncated: bool = False
+    """The model ran out of ``max_tokens`` mid-reply."""
 
     def assistant_message(self) -> dict[str, Any]:
         """Build the assistant turn to send back before the tool results (OpenAI protocol)."""
@@ -155,7 +157,10 @@ class LLMClient:
         )
         if not response.choices:
             raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
-        return Completion(content=response.choices[0].text.strip(), latency_ms=_elapsed_ms(start))
+        choice = response.choices[0]
+        return Completion(
+            content=choice.text.strip(), latency_ms=_elapsed_ms(start), truncated=choice.finish_reason == "length"
+        )
 
     async def _request(self, request: Awaitable[T], start: float) -> T:
         """Await one API request, turning every client exception into an LLMError the audit can group by."""

@@ -47,11 +47,12 @@ class Reply:
     status: int = 200
     error_message: str = "scripted failure"
     delay_s: float = 0.0
+    finish_reason: str = "stop"
 
 
-def text(content: str, delay_s: float = 0.0) -> Reply:
-    """A plain assistant message."""
-    return Reply(content=content, delay_s=delay_s)
+def text(content: str, delay_s: float = 0.0, finish_reason: str = "stop") -> Reply:
+    """A plain assistant message (``finish_reason="length"``: it ran out of max_tokens)."""
+    return Reply(content=content, delay_s=delay_s, finish_reason=finish_reason)
 
 
 def inline_tool(tool: str, argument: str, before: str = "Let me check.", after: str = "") -> Reply:
@@ -211,7 +212,7 @@ class ScriptedLLM:
             "object": "text_completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "text": reply.content, "finish_reason": "stop", "logprobs": None}],
+            "choices": [{"index": 0, "text": reply.content, "finish_reason": reply.finish_reason, "logprobs": None}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
 

@@ -122,3 +122,16 @@ def test_inline_examples_come_from_the_proto() -> None:
         "file_reader": "bank_layout.md",
         "database_query": "SELECT name, post, shift_start FROM guards",
     }
+
+
+async def test_a_reply_cut_by_max_tokens_ends_at_its_last_full_sentence(
+    mesh: MeshHarness, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(
+        text("We go on Friday. The guards change at ten and then we", finish_reason="length"),
+        text("bank_layout.md", finish_reason="length"),  # prefilled tool turn: never cut inside the argument
+    )
+    result = await run_session(transcript_config(mesh.config, prefill_tool_every=1), RunOptions(turns=2))
+
+    assert result.turns[0].message == "We go on Friday."
+    assert result.turns[1].message.startswith("[file_reader: bank_layout.md -> filename: bank_layout.md;")

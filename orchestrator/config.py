@@ -124,7 +124,7 @@ class SessionConfig:
     turn_order: tuple[str, ...] = ("planner", "hacker", "safecracker", "mole")
     strategy: TurnStrategyName = "round_robin"
     context_messages: int = 5
-    objective: str = "Plan the First National Bank vault job. Share what you know and propose the next step."
+    objective: str = "Plan the First Meridian Bank vault job. Share what you know and propose the next step."
     tool_result_max_chars: int = 1500
     memory: MemoryContextConfig = field(default_factory=MemoryContextConfig)
 

@@ -120,7 +120,9 @@ def _print_health_verdict(results: Sequence[HealthResult]) -> None:
 
 def print_turn(turn: TurnResult) -> None:
     """One turn as it happens."""
-    print(f"[turn {turn.turn_id}] {turn.agent_name} ({turn.agent_role}): {turn.message}")
+    # Long tool results (a whole document) would bury the conversation; `show` prints them in full.
+    said = turn.message if len(turn.message) <= TURN_PRINT_CHARS else turn.message[: TURN_PRINT_CHARS - 3] + "..."
+    print(f"[turn {turn.turn_id}] {turn.agent_name} ({turn.agent_role}): {said}")
     for row in turn.tool_usage:
         outcome = "ok" if row.success else f"failed {row.status_code}"
         print(f"    tool {row.tool_name}.{row.operation} {row.tool_params} -> {outcome}")
@@ -234,6 +236,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     return 0
 
+
+TURN_PRINT_CHARS = 300
+"""How much of a turn's message `run` prints as it happens."""
 
 COMMANDS = {"run": _cmd_run, "health": _cmd_health, "sessions": _cmd_sessions, "show": _cmd_show, "export": _cmd_export}
 

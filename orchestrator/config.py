@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from servers.settings import REPO_ROOT, ConfigError, MeshSettings, load_mesh_settings
+from servers.settings import REPO_ROOT, ConfigError, ConfigSection, MeshSettings, load_mesh_settings
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -231,75 +231,7 @@ def default_config_path() -> Path:
     return Path(os.environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH)
 
 
-class _Node:
-    """One YAML mapping read with its key path, so every error names key and file."""
-
-    def __init__(self, data: Any, path: str, source: str) -> None:
-        self.path = path
-        self.source = source
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise self.error(f"expected a mapping, got {type(data).__name__}")
-        self.data: dict[Any, Any] = data
-
-    def error(self, message: str, key: str | None = None) -> ConfigError:
-        where = self.path if key is None else (f"{self.path}.{key}" if self.path else key)
-        return ConfigError(f"{self.source}: {where}: {message}")
-
-    def only(self, *allowed: str) -> None:
-        for key in self.data:
-            if key not in allowed:
-                raise self.error(f"unknown key (allowed: {', '.join(sorted(allowed))})", str(key))
-
-    def child(self, key: str) -> _Node:
-        return _Node(self.data.get(key), f"{self.path}.{key}" if self.path else key, self.source)
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.data.get(key, default)
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(f"expected a non-empty string, got {value!r}", key)
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            raise self.error(f"expected true or false, got {value!r}", key)
-        return value
-
-    def number(self, key: str, default: float, minimum: float = 0.0, allow_zero: bool = False) -> float:
-        value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(f"expected a number, got {value!r}", key)
-        if value < minimum or (value == minimum and not allow_zero):
-            raise self.error(f"must be {'at least' if allow_zero else 'greater than'} {minimum}, got {value!r}", key)
-        return float(value)
-
-    def optional_number(self, key: str) -> float | None:
-        return self.number(key, 0.0, allow_zero=True) if key in self.data else None
-
-    def integer(self, key: str, default: int, minimum: int = 1) -> int:
-        value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(f"expected an integer, got {value!r}", key)
-        if value < minimum:
-            raise self.error(f"must be at least {minimum}, got {value!r}", key)
-        return value
-
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.data.get(key, list(default))
-        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-            raise self.error(f"expected a list of non-empty strings, got {value!r}", key)
-        return tuple(value)
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.text(key, default)
-        if value not in choices:
-            raise self.error(f"expected one of {', '.join(choices)}, got {value!r}", key)
-        return value
-
-
-def _read_agents(root: _Node) -> tuple[AgentConfig, ...]:
+def _read_agents(root: ConfigSection) -> tuple[AgentConfig, ...]:
     raw = root.data.get("agents")
     if raw is None:
         return DEFAULT_AGENTS
@@ -307,9 +239,9 @@ def _read_agents(root: _Node) -> tuple[AgentConfig, ...]:
         raise root.error("expected a non-empty list of agents", "agents")
     agents: list[AgentConfig] = []
     for index, item in enumerate(raw):
-        node = _Node(item, f"agents[{index}]", root.source)
+        node = ConfigSection(item, f"agents[{index}]", root.source)
         node.only("name", "role", "system_prompt", "tools", "oauth_client", "scopes", "is_saboteur")
-        name = node.text("name")
+        name = node.string("name")
         tools = node.strings("tools", ())
         for tool in tools:
             if tool not in TOOL_NAMES:
@@ -317,10 +249,10 @@ def _read_agents(root: _Node) -> tuple[AgentConfig, ...]:
         agents.append(
             AgentConfig(
                 name=name,
-                role=node.text("role"),
-                system_prompt=node.text("system_prompt"),
+                role=node.string("role"),
+                system_prompt=node.string("system_prompt"),
                 tools=tools,
-                oauth_client=node.text("oauth_client", name),
+                oauth_client=node.string("oauth_client", name),
                 scopes=node.strings("scopes", ()),
                 is_saboteur=node.flag("is_saboteur", False),
             )
@@ -332,7 +264,7 @@ def _read_agents(root: _Node) -> tuple[AgentConfig, ...]:
     return tuple(agents)
 
 
-def _read_llm(node: _Node) -> LLMConfig:
+def _read_llm(node: ConfigSection) -> LLMConfig:
     d = LLMConfig()
     node.only(*(f.name for f in dataclasses.fields(LLMConfig)))
     mode = node.choice("tool_calling", d.tool_calling, ("native", "inline", "auto"))
@@ -342,9 +274,9 @@ def _read_llm(node: _Node) -> LLMConfig:
     top_k = node.integer("top_k", 1) if "top_k" in node.data else None
     return LLMConfig(
         embedded=node.flag("embedded", d.embedded),
-        base_url=node.text("base_url", d.base_url).rstrip("/"),
-        model=node.text("model", d.model),
-        api_key_env=node.text("api_key_env", d.api_key_env),
+        base_url=node.string("base_url", d.base_url).rstrip("/"),
+        model=node.string("model", d.model),
+        api_key_env=node.string("api_key_env", d.api_key_env),
         temperature=node.number("temperature", d.temperature, allow_zero=True),
         max_tokens=node.integer("max_tokens", d.max_tokens),
         timeout_s=node.number("timeout_s", d.timeout_s),
@@ -360,7 +292,7 @@ def _read_llm(node: _Node) -> LLMConfig:
     )
 
 
-def _read_session(node: _Node, agents: tuple[AgentConfig, ...]) -> SessionConfig:
+def _read_session(node: ConfigSection, agents: tuple[AgentConfig, ...]) -> SessionConfig:
     d = SessionConfig()
     node.only(*(f.name for f in dataclasses.fields(SessionConfig)))
     memory = node.child("memory")
@@ -380,7 +312,7 @@ def _read_session(node: _Node, agents: tuple[AgentConfig, ...]) -> SessionConfig
         turn_order=turn_order,
         strategy=node.choice("strategy", d.strategy, ("round_robin", "random")),  # type: ignore[arg-type]
         context_messages=node.integer("context_messages", d.context_messages, minimum=0),
-        objective=node.text("objective", d.objective),
+        objective=node.string("objective", d.objective),
         tool_result_max_chars=node.integer("tool_result_max_chars", d.tool_result_max_chars),
         memory=MemoryContextConfig(
             recent_count=memory.integer("recent_count", d.memory.recent_count),
@@ -399,12 +331,12 @@ def resolve_database_url(url: str | None, run_dir: Path) -> str:
     return url
 
 
-def _read_database(node: _Node, run_dir: Path) -> DatabaseConfig:
+def _read_database(node: ConfigSection, run_dir: Path) -> DatabaseConfig:
     node.only("url")
-    return DatabaseConfig(url=resolve_database_url(node.text("url") if "url" in node.data else None, run_dir))
+    return DatabaseConfig(url=resolve_database_url(node.string("url") if "url" in node.data else None, run_dir))
 
 
-def _read_resilience(node: _Node) -> ResilienceConfig:
+def _read_resilience(node: ConfigSection) -> ResilienceConfig:
     node.only("grpc_retry", "circuit_breaker", "health_timeout_s")
     retry, breaker = node.child("grpc_retry"), node.child("circuit_breaker")
     retry.only(*(f.name for f in dataclasses.fields(GrpcRetryConfig)))
@@ -443,7 +375,7 @@ def load_config(path: str | Path | None = None) -> HeistConfig:
     mesh = load_mesh_settings(config_path)  # also reports unreadable files and bad YAML
     source = str(config_path)
     raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    root = _Node(raw, "", source)
+    root = ConfigSection(raw, "", source)
     root.only(*TOP_LEVEL_KEYS)
     agents = _read_agents(root)
     _check_oauth_clients(agents, mesh.oauth.clients, source)

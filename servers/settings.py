@@ -178,8 +178,12 @@ def split_address(address: str) -> tuple[str, int]:
     return host, port
 
 
-class _Section:
-    """One mapping in the YAML, read with its key path so errors can name it."""
+class ConfigSection:
+    """One mapping in the YAML, read with its key path so every error names the key and the file.
+
+    Shared by the servers' and the orchestrator's loaders, so both halves of the
+    one config file report mistakes the same way.
+    """
 
     def __init__(self, data: Any, path: str, source: str) -> None:
         self.path = path
@@ -191,39 +195,78 @@ class _Section:
         self.data: dict[Any, Any] = data
 
     def error(self, message: str, key: str | None = None) -> ConfigError:
+        """Build the ConfigError for ``key`` (or this section): ``file: a.b.key: message``."""
         where = self.path if key is None else (f"{self.path}.{key}" if self.path else key)
         return ConfigError(f"{self.source}: {where}: {message}")
 
-    def only(self, allowed: set[str] | frozenset[str]) -> None:
+    def only(self, *allowed: str) -> None:
+        """Reject any key not in ``allowed`` (typos fail loudly instead of being ignored)."""
         for key in self.data:
             if not isinstance(key, str) or key not in allowed:
                 raise self.error(f"unknown key (allowed: {', '.join(sorted(allowed))})", str(key))
 
-    def child(self, key: str) -> _Section:
-        return _Section(self.data.get(key), f"{self.path}.{key}" if self.path else key, self.source)
+    def child(self, key: str) -> ConfigSection:
+        """Read the nested mapping under ``key`` (empty if absent)."""
+        return ConfigSection(self.data.get(key), f"{self.path}.{key}" if self.path else key, self.source)
 
     def has(self, key: str) -> bool:
+        """Whether ``key`` is present."""
         return key in self.data
 
     def string(self, key: str, default: str | None = None) -> str:
+        """Read a non-blank string; required when ``default`` is None."""
         value = self._get(key, default)
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value.strip():
             raise self.error(f"expected a non-empty string, got {value!r}", key)
         return value
 
-    def number(self, key: str, default: float | None = None) -> float:
+    def flag(self, key: str, default: bool) -> bool:
+        """Read a YAML boolean."""
         value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise self.error(f"expected a positive number, got {value!r}", key)
+        if not isinstance(value, bool):
+            raise self.error(f"expected true or false, got {value!r}", key)
+        return value
+
+    def number(
+        self, key: str, default: float | None = None, minimum: float = 0.0, allow_zero: bool = False
+    ) -> float:
+        """Read a number above ``minimum`` (or equal to it with ``allow_zero``)."""
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(f"expected a number, got {value!r}", key)
+        if value < minimum or (value == minimum and not allow_zero):
+            raise self.error(f"must be {'at least' if allow_zero else 'greater than'} {minimum}, got {value!r}", key)
         return float(value)
 
-    def integer(self, key: str, default: int | None = None) -> int:
+    def optional_number(self, key: str) -> float | None:
+        """Read a non-negative number, or None when absent."""
+        return self.number(key, 0.0, allow_zero=True) if key in self.data else None
+
+    def integer(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+        """Read an integer of at least ``minimum``."""
         value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise self.error(f"expected a positive integer, got {value!r}", key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"expected an integer, got {value!r}", key)
+        if value < minimum:
+            raise self.error(f"must be at least {minimum}, got {value!r}", key)
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """Read a list of non-empty strings."""
+        value = self._get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise self.error(f"expected a list of non-empty strings, got {value!r}", key)
+        return tuple(value)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """Read one of ``choices``."""
+        value = self.string(key, default)
+        if value not in choices:
+            raise self.error(f"expected one of {', '.join(choices)}, got {value!r}", key)
         return value
 
     def path_value(self, key: str, default: Path | None = None) -> Path:
+        """Read a path; relative ones are under the repository root."""
         value = self._get(key, default)
         if not isinstance(value, str | Path) or not str(value):
             raise self.error(f"expected a path, got {value!r}", key)
@@ -238,14 +281,16 @@ class _Section:
         return default
 
 
-def _read_services(section: _Section) -> dict[str, ServiceSettings]:
-    section.only(frozenset(SERVICE_NAMES))
+
+
+def _read_services(section: ConfigSection) -> dict[str, ServiceSettings]:
+    section.only(*SERVICE_NAMES)
     services: dict[str, ServiceSettings] = {}
     for name in SERVICE_NAMES:
         if not section.has(name):
             continue
         entry = section.child(name)
-        entry.only(frozenset({"address", "deadline_s"}))
+        entry.only("address", "deadline_s")
         address = entry.string("address")
         try:
             split_address(address)
@@ -258,8 +303,8 @@ def _read_services(section: _Section) -> dict[str, ServiceSettings]:
     return services
 
 
-def _read_oauth(section: _Section) -> OAuthSettings:
-    section.only(frozenset({"issuer", "audience", "token_ttl_s", "clients"}))
+def _read_oauth(section: ConfigSection) -> OAuthSettings:
+    section.only("issuer", "audience", "token_ttl_s", "clients")
     defaults = OAuthSettings()
     clients_section = section.child("clients")
     clients: dict[str, tuple[str, ...]] = {}
@@ -277,13 +322,13 @@ def _read_oauth(section: _Section) -> OAuthSettings:
     )
 
 
-def _read_limits(section: _Section) -> Limits:
-    section.only(frozenset({"calculator", "file_reader", "database_query", "memory"}))
+def _read_limits(section: ConfigSection) -> Limits:
+    section.only("calculator", "file_reader", "database_query", "memory")
     calc, files, db, mem = (section.child(name) for name in ("calculator", "file_reader", "database_query", "memory"))
-    calc.only(frozenset(f.name for f in dataclasses.fields(CalculatorLimits)))
-    files.only(frozenset(f.name for f in dataclasses.fields(FileReaderLimits)))
-    db.only(frozenset(f.name for f in dataclasses.fields(DatabaseQueryLimits)))
-    mem.only(frozenset(f.name for f in dataclasses.fields(MemoryLimits)))
+    calc.only(*(f.name for f in dataclasses.fields(CalculatorLimits)))
+    files.only(*(f.name for f in dataclasses.fields(FileReaderLimits)))
+    db.only(*(f.name for f in dataclasses.fields(DatabaseQueryLimits)))
+    mem.only(*(f.name for f in dataclasses.fields(MemoryLimits)))
     c, f, d, m = CalculatorLimits(), FileReaderLimits(), DatabaseQueryLimits(), MemoryLimits()
     return Limits(
         calculator=CalculatorLimits(
@@ -320,9 +365,9 @@ def load_mesh_settings(path: str | Path) -> MeshSettings:
         raise ConfigError(f"{source}: cannot read config: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    root = _Section(raw, "", source)
+    root = ConfigSection(raw, "", source)
     mesh = root.child("mesh")
-    mesh.only(frozenset({"run_dir", "shutdown_grace_s"}))
+    mesh.only("run_dir", "shutdown_grace_s")
     if not root.has("services"):
         raise root.error("missing required section", "services")
     return MeshSettings(

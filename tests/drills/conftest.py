@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from orchestrator.config import HeistConfig, load_config
 from servers import credentials
 from servers.settings import SERVICE_NAMES
 from tests.orchestrator.conftest import write_heist_config
+from tests.ports import free_port
 from tests.scripted_llm import Reply, ScriptedLLM, inline_tool, text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,13 +48,6 @@ TOOL_OF = {
 """What each tool agent asks for on its turns (an inline ``[TOOL:...]`` marker)."""
 TURN_ORDER = ("planner", "hacker", "safecracker", "mole")
 AGENT_OF_PROMPT = re.compile(r"Your turn, (\w+) \(")
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it; bound to 127.0.0.1 only)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def health_status(address: str, timeout_s: float = 0.3) -> str:

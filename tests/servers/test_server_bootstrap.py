@@ -3,7 +3,6 @@
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
 from servers.launch import start_server
 from servers.settings import REPO_ROOT
+from tests.ports import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -109,12 +109,6 @@ async def test_no_bad_input_yields_unknown_or_internal(mesh):
     assert not unexpected
     assert grpc.StatusCode.UNKNOWN not in codes and grpc.StatusCode.INTERNAL not in codes, codes
     assert {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED} <= codes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_process_entry_serves_and_exits_zero_on_sigterm(settings, tmp_path: Path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import json
 import re
 import time
@@ -177,6 +178,7 @@ _SUBSTITUTED_TOOL = re.compile(r"\[[\w-]+: .*? -> .*\]")
 """A tool marker after ``_inline_tools`` replaced it: ``[tool: argument -> outcome]``."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _one_line(text: str, limit: int = 240) -> str:
     """Flatten a message to one transcript line, without tool markers or their results.
 
@@ -184,6 +186,7 @@ def _one_line(text: str, limit: int = 240) -> str:
     bracket syntax or tool output it sees in the lines before (measured: once
     a result is in the transcript, most later turns parrot it). So the
     transcript keeps only what was said; the full results stay in the audit.
+    Cached: every turn re-renders the same recent lines.
     """
     flat = _SUBSTITUTED_TOOL.sub("", " ".join(text.split()))
     flat = " ".join(flat.replace("[", " ").replace("]", " ").split())

@@ -12,6 +12,7 @@ orchestrator processes can share one database without "database is locked".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +204,32 @@ class TurnAudit:
     events: list[EventRow] = field(default_factory=list)
 
 
+class _PreparedInsert:
+    """One model's INSERT for the fields of a row dataclass: SQL text built once, executed with fresh values.
+
+    Why: building the statement is most of a turn's write cost with Peewee's
+    query builder (measured: about 70% of ``_write_turn``), while the SQL never
+    changes. Table, columns and value conversion still come from the model.
+    """
+
+    def __init__(self, database: peewee.Database, model: type[peewee.Model], row_type: type[Any]) -> None:
+        names = ["session", *(f.name for f in dataclasses.fields(row_type))]
+        meta: Any = model._meta
+        self._fields = [meta.fields[name] for name in names]
+        self._names = names[1:]
+        quote: str = database.quote
+        open_quote, close_quote = quote[0], quote[1]
+        columns = ", ".join(f"{open_quote}{f.column_name}{close_quote}" for f in self._fields)
+        placeholders = ", ".join([database.param] * len(self._fields))
+        self.sql = f"INSERT INTO {open_quote}{meta.table_name}{close_quote} ({columns}) VALUES ({placeholders})"
+        self._database = database
+
+    def execute(self, session_id: str | None, row: Any) -> None:
+        values = [session_id, *(getattr(row, name) for name in self._names)]
+        params = [field.db_value(value) for field, value in zip(self._fields, values, strict=True)]
+        self._database.execute_sql(self.sql, params)  # type: ignore[no-untyped-call]
+
+
 def _sqlite_path(url: str) -> Path | None:
     parsed = parse(url)
     if not url.startswith("sqlite"):
@@ -261,6 +288,16 @@ class AuditStore:
         self.url = url
         self.database = database
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
+        self._insert_message = _PreparedInsert(database, MessageRecord, MessageRow)
+        self._insert_tool_usage = _PreparedInsert(database, ToolUsageRecord, ToolUsageRow)
+        self._insert_event = _PreparedInsert(database, EventRecord, EventRow)
+        marker = "\x00session"
+        count_turn = SessionRecord.update(num_turns=SessionRecord.num_turns + 1).where(
+            SessionRecord.session_id == marker
+        )
+        self._count_turn_sql, params = count_turn.sql()
+        self._count_turn_params: list[Any] = list(params)
+        self._count_turn_session = self._count_turn_params.index(marker)
 
     @classmethod
     def open(cls, url: str) -> AuditStore:
@@ -326,17 +363,15 @@ class AuditStore:
 
     def _write_turn(self, session_id: str, turn: TurnAudit) -> None:
         with self.database.atomic():
-            if turn.tool_usage:
-                ToolUsageRecord.insert_many(
-                    [{"session": session_id, **asdict(row)} | {"success": int(row.success)} for row in turn.tool_usage]
-                ).execute()
-            if turn.events:
-                EventRecord.insert_many([{"session": session_id, **asdict(row)} for row in turn.events]).execute()
+            for usage in turn.tool_usage:
+                self._insert_tool_usage.execute(session_id, usage)
+            for event in turn.events:
+                self._insert_event.execute(session_id, event)
             if turn.message is not None:
-                MessageRecord.insert(session=session_id, **asdict(turn.message)).execute()
-                SessionRecord.update(num_turns=SessionRecord.num_turns + 1).where(
-                    SessionRecord.session_id == session_id
-                ).execute()
+                self._insert_message.execute(session_id, turn.message)
+                params = list(self._count_turn_params)
+                params[self._count_turn_session] = session_id
+                self.database.execute_sql(self._count_turn_sql, params)  # type: ignore[no-untyped-call]
 
     async def add_events(self, session_id: str | None, events: Sequence[EventRow]) -> None:
         """Record events outside a turn (health checks, session-level failures) in one transaction."""

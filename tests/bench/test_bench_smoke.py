@@ -1,0 +1,55 @@
+"""The benchmark smoke run end to end: every section present with sane numbers (targets are NOT asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(600)
+def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.bench.run", "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=540,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "targets:" in completed.stdout
+    results = json.loads(out.read_text())
+
+    machine = results["machine"]
+    assert machine["cores"] >= 1 and machine["cpu_model"] and machine["python"] and machine["grpcio"]
+
+    turn = results["turn_overhead"]
+    assert turn["turns"] >= 100
+    for key in ("total_ms", "service_ms", "tool_rpc_ms"):
+        assert 0 < turn[key]["p50_ms"] <= turn[key]["p90_ms"] <= turn[key]["p99_ms"]
+    assert set(turn["by_tool_total_ms"]) == {"calculator", "file_reader", "database_query"}
+
+    throughput = results["throughput"]
+    assert {"store_memory", "evaluate", "get_compressed_memory", "read_file", "query", "issue_token"} <= set(throughput)
+    for row in throughput.values():
+        assert row["rps"] > 0 and row["requests"] > 0 and row["p99_ms"] > 0
+        assert row["concurrency"] == 64
+        assert not row["errors"], row
+    assert throughput["evaluate"]["auth"] is True
+
+    sessions = results["parallel_sessions"]
+    assert {row["sessions"] for row in sessions} == {1, 4, 16}
+    for row in sessions:
+        assert row["turns_per_s"] > 0 and row["turn_p99_ms"] > 0
+
+    llm = results["embedded_llm"]
+    assert llm["turns"] >= 1 and llm["requests"] >= 1
+    assert llm["endpoint_tokens"] > 0 and llm["end_to_end_tokens"] > 0
+    assert llm["endpoint_tokens_per_s"] > 0 and llm["end_to_end_tokens_per_s"] > 0
+    assert llm["mesh_cost_pct"] is not None
+
+    assert set(results["verdict"]) == {"turn_p50_ms", "store_memory_rps", "evaluate_rps", "llm_mesh_cost_pct"}

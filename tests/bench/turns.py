@@ -1,0 +1,120 @@
+"""Per-turn mesh overhead and parallel sessions, against server processes, with the in-process zero-latency LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+from orchestrator.agent import TurnResult
+from orchestrator.audit import AuditStore
+from orchestrator.clients import ServiceMesh
+from orchestrator.config import HeistConfig
+from orchestrator.runner import RunOptions, SessionRunner
+from tests.bench.fake_llm import InstantLLM
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/max of ``samples`` (ms), rounded to microseconds."""
+    ordered = sorted(samples)
+
+    def at(fraction: float) -> float:
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    return {
+        "n": len(ordered),
+        "p50_ms": round(at(0.50), 3),
+        "p90_ms": round(at(0.90), 3),
+        "p99_ms": round(at(0.99), 3),
+        "mean_ms": round(statistics.fmean(ordered), 3),
+        "max_ms": round(ordered[-1], 3),
+    }
+
+
+async def run_sessions(
+    config: HeistConfig, sessions: int, turns: int, *, delay_s: float = 0.0, prefix: str = "bench"
+) -> tuple[list[TurnResult], float]:
+    """Run ``sessions`` sessions of ``turns`` turns at once on one shared mesh; return the turns and the wall time."""
+    audit = AuditStore.open(config.database.url)
+    mesh = ServiceMesh(config)
+    llm = InstantLLM(config.llm, delay_s)
+    try:
+        runners = [
+            SessionRunner(
+                config, mesh, llm, audit, RunOptions(turns=turns, session_id=f"{prefix}_{i}_{time.time_ns()}")
+            )
+            for i in range(sessions)
+        ]
+        start = time.perf_counter()
+        results = await asyncio.gather(*(runner.run() for runner in runners))
+        wall_s = time.perf_counter() - start
+    finally:
+        await mesh.close()
+        await llm.close()
+        audit.close()
+    for result in results:
+        if result.status != "completed":
+            raise RuntimeError(f"benchmark session {result.session_id} {result.status}: {result.error}")
+    return [turn for result in results for turn in result.turns], wall_s
+
+
+def check_turns(turns: list[TurnResult]) -> None:
+    """Every measured turn must have made its one successful tool call (else the numbers mean nothing)."""
+    bad = [t for t in turns if t.status != "ok" or len(t.tool_usage) != 1 or not t.tool_usage[0].success or t.events]
+    if bad:
+        t = bad[0]
+        raise RuntimeError(
+            f"{len(bad)} turns were not clean, e.g. turn {t.turn_id}: {t.status} {t.tool_usage} {t.events}"
+        )
+
+
+def summarize_turns(turns: list[TurnResult]) -> dict[str, Any]:
+    """Percentiles of total_ms and service_ms, overall and per tool."""
+    by_tool: dict[str, list[TurnResult]] = {}
+    for turn in turns:
+        by_tool.setdefault(turn.tool_usage[0].tool_name, []).append(turn)
+    return {
+        "total_ms": percentiles([t.total_ms for t in turns]),
+        "service_ms": percentiles([t.service_ms for t in turns]),
+        "tool_rpc_ms": percentiles([t.tool_usage[0].latency_ms or 0.0 for t in turns]),
+        "by_tool_total_ms": {tool: percentiles([t.total_ms for t in ts]) for tool, ts in sorted(by_tool.items())},
+    }
+
+
+async def turn_overhead(config: HeistConfig, turns: int, warmup: int = 60) -> dict[str, Any]:
+    """Part 1: one session after a warm-up session; every turn one tool call, the LLM in-process and instant."""
+    await run_sessions(config, 1, warmup, prefix="warmup")
+    measured, wall_s = await run_sessions(config, 1, turns, prefix="turns")
+    check_turns(measured)
+    return {"turns": len(measured), "wall_s": round(wall_s, 3), **summarize_turns(measured)}
+
+
+async def parallel_sessions(
+    config: HeistConfig, counts: list[int], turns_per_session: int, delay_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """Part 3: N sessions at once on one mesh (one orchestrator process): aggregate turns/s and p99."""
+    rows = []
+    for count in counts:
+        measured, wall_s = await run_sessions(config, count, turns_per_session, delay_s=delay_s, prefix=f"par{count}")
+        check_turns(measured)
+        stats = percentiles([t.total_ms for t in measured])
+        rows.append(
+            {
+                "sessions": count,
+                "llm_delay_ms": delay_s * 1000,
+                "turns": len(measured),
+                "wall_s": round(wall_s, 3),
+                "turns_per_s": round(len(measured) / wall_s, 1),
+                "turn_p50_ms": stats["p50_ms"],
+                "turn_p99_ms": stats["p99_ms"],
+            }
+        )
+    return rows
+
+
+def bench_config(config: HeistConfig) -> HeistConfig:
+    """The config with the LLM section the in-process LLM expects (transcript, a tool marker every turn)."""
+    llm = dataclasses.replace(config.llm, prompt_style="transcript", prefill_tool_every=1, tool_calling="inline")
+    return config.with_overrides(llm=llm)

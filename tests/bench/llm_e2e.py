@@ -191,6 +191,9 @@ async def embedded_llm(config: HeistConfig, base_url: str, turns: int) -> dict[s
         "llm_seconds_within_turns": round(llm_seconds_in_turns, 3),
         "service_ms_per_turn_mean": round(sum(t.service_ms for t in turn_results) / len(turn_results), 3),
         "mesh_cost_pct": round(100.0 * (1.0 - e2e_tps / alone_tps), 2) if alone_tps else None,
+        # The same cost measured inside the session: turn time not spent waiting for the LLM. Unlike the
+        # tokens/s comparison it is immune to the endpoint's run-to-run variance (a loaded machine).
+        "mesh_time_share_pct": round(100.0 * (1.0 - llm_seconds_in_turns / e2e_seconds), 2) if e2e_seconds else None,
     }
 
 

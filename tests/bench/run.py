@@ -188,6 +188,7 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     store = results["throughput"]["store_memory"]["rps"]
     evaluate = results["throughput"]["evaluate"]["rps"]
     cost = results["embedded_llm"]["mesh_cost_pct"]
+    share = results["embedded_llm"]["mesh_time_share_pct"]
     return {
         "turn_p50_ms": {"value": turn, "target": f"<= {TARGETS['turn_p50_ms']}", "met": turn <= TARGETS["turn_p50_ms"]},
         "store_memory_rps": {"value": store, "target": f">= {TARGETS['store_memory_rps']:.0f}",
@@ -196,6 +197,8 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
                          "met": evaluate >= TARGETS["evaluate_rps"]},
         "llm_mesh_cost_pct": {"value": cost, "target": f"< {TARGETS['llm_mesh_cost_pct']}",
                               "met": cost is not None and cost < TARGETS["llm_mesh_cost_pct"]},
+        "llm_mesh_time_share_pct": {"value": share, "target": f"< {TARGETS['llm_mesh_cost_pct']}",
+                                    "met": share is not None and share < TARGETS["llm_mesh_cost_pct"]},
     }  # fmt: skip
 
 
@@ -246,6 +249,10 @@ def print_table(results: dict[str, Any]) -> None:
     print(
         f"   end to end:     {llm['end_to_end_tokens']} tokens in {llm['end_to_end_seconds']} s = "
         f"{llm['end_to_end_tokens_per_s']} tokens/s  -> mesh cost {llm['mesh_cost_pct']}%"
+    )
+    print(
+        f"   within the turns: {llm['llm_seconds_within_turns']} s waiting for the LLM, so the mesh's share of turn "
+        f"time is {llm['mesh_time_share_pct']}% (service_ms per turn {llm['service_ms_per_turn_mean']})"
     )
     print("\ntargets:")
     for name, row in results["verdict"].items():

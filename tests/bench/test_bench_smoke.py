@@ -50,6 +50,12 @@ def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
     assert llm["turns"] >= 1 and llm["requests"] >= 1
     assert llm["endpoint_tokens"] > 0 and llm["end_to_end_tokens"] > 0
     assert llm["endpoint_tokens_per_s"] > 0 and llm["end_to_end_tokens_per_s"] > 0
-    assert llm["mesh_cost_pct"] is not None
+    assert llm["mesh_cost_pct"] is not None and llm["mesh_time_share_pct"] is not None
 
-    assert set(results["verdict"]) == {"turn_p50_ms", "store_memory_rps", "evaluate_rps", "llm_mesh_cost_pct"}
+    assert set(results["verdict"]) == {
+        "turn_p50_ms",
+        "store_memory_rps",
+        "evaluate_rps",
+        "llm_mesh_cost_pct",
+        "llm_mesh_time_share_pct",
+    }

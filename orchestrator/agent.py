@@ -28,6 +28,7 @@ from orchestrator.clients import Metadata, ServiceCallError, ServiceMesh, sessio
 from orchestrator.config import AgentConfig, HeistConfig
 from orchestrator.llm import Completion, LLMClient, LLMError, find_inline_tool_calls
 from orchestrator.tools import ToolArgumentError, ToolMethod, render_result
+from orchestrator.tracing import start_trace
 
 __all__ = ["ConversationMessage", "IntegratedAgent", "MemorySync", "SessionContext", "TurnResult"]
 
@@ -66,6 +67,7 @@ class TurnResult:
     events: list[EventRow] = field(default_factory=list)
     llm_ms: float = 0.0
     total_ms: float = 0.0
+    trace_id: str = ""
 
     @property
     def service_ms(self) -> float:
@@ -271,8 +273,10 @@ class IntegratedAgent:
     ) -> TurnResult:
         """Play one turn and persist it; raises only AuditError (the audit database is unusable)."""
         start = time.perf_counter()
+        trace_id = start_trace()  # every RPC from here on (this task) carries it as traceparent
         audit = TurnAudit()
         result = TurnResult(turn_id, self.name, self.config.role, "", "ok", audit.tool_usage, audit.events)
+        result.trace_id = trace_id
 
         fetched = await (memory if memory is not None else self.fetch_memory())
         if fetched.error is not None:
@@ -313,7 +317,13 @@ class IntegratedAgent:
         result.llm_ms = _elapsed_ms(llm_start) - sum(row.latency_ms or 0.0 for row in audit.tool_usage)
 
         audit.message = MessageRow(
-            turn_id, self.name, self.config.role, result.message, result.status, round(_elapsed_ms(start), 3)
+            turn_id,
+            self.name,
+            self.config.role,
+            result.message,
+            result.status,
+            round(_elapsed_ms(start), 3),
+            trace_id=trace_id,
         )
         await self._persist(turn_id, result.message, audit)
         result.total_ms = _elapsed_ms(start)

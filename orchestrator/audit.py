@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 
 import peewee
 from playhouse.db_url import connect, parse  # type: ignore[import-untyped]
+from playhouse.migrate import SchemaMigrator, migrate
 
 __all__ = [
     "AuditError",
@@ -101,6 +102,7 @@ class MessageRecord(_BaseModel):
     timestamp = peewee.TextField()
     status = peewee.TextField(default="ok")
     latency_ms = peewee.FloatField(null=True)
+    trace_id = peewee.TextField(null=True)  # W3C trace of the turn: grep the server logs for trace=<id>
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "messages"
@@ -163,6 +165,7 @@ class MessageRow:
     status: str = "ok"
     latency_ms: float | None = None
     timestamp: str = field(default_factory=now_iso)
+    trace_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -228,6 +231,22 @@ class _PreparedInsert:
         values = [session_id, *(getattr(row, name) for name in self._names)]
         params = [field.db_value(value) for field, value in zip(self._fields, values, strict=True)]
         self._database.execute_sql(self.sql, params)  # type: ignore[no-untyped-call]
+
+
+def _add_missing_columns(database: peewee.Database) -> None:
+    """Add nullable columns that newer models have to tables an older version created.
+
+    ``create_tables(safe=True)`` leaves existing tables alone, so an audit file
+    from before a column existed (e.g. ``messages.trace_id``) would fail every
+    insert; old rows simply get NULL there.
+    """
+    migrator = SchemaMigrator.from_database(database)
+    for model in MODELS:
+        meta: Any = model._meta
+        existing = {column.name for column in database.get_columns(meta.table_name)}
+        missing = [f for f in meta.sorted_fields if f.column_name not in existing and f.null]
+        if missing:
+            migrate(*(migrator.add_column(meta.table_name, f.column_name, f) for f in missing))
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -307,6 +326,7 @@ class AuditStore:
             database_proxy.initialize(database)
             with database.connection_context():
                 database.create_tables(MODELS, safe=True)
+                _add_missing_columns(database)
         except _DB_ERRORS as exc:
             raise AuditError(f"cannot open audit database {url}: {exc}") from None
         return cls(url, database)

@@ -28,7 +28,8 @@ from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 from orchestrator.audit import EventRow
 from orchestrator.config import GrpcRetryConfig, HeistConfig
 from orchestrator.tools import ToolRegistry
-from servers.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
+from orchestrator.tracing import traceparent
+from servers.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
 from servers.credentials import CredentialsError, client_secret
 
 __all__ = [
@@ -151,6 +152,9 @@ class GuardedService:
             with self.breaker.calling():
                 trial = self.breaker.current_state == pybreaker.STATE_HALF_OPEN
                 self._trial_in_flight = trial
+                parent = traceparent()
+                if parent is not None:
+                    metadata = (*metadata, (TRACEPARENT_METADATA_KEY, parent))
                 try:
                     return await rpc(request, timeout=self.deadline_s, metadata=metadata, wait_for_ready=trial or None)
                 finally:

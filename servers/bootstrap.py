@@ -29,7 +29,12 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from servers import credentials
-from servers.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, scopes_by_method_path
+from servers.contract import (
+    AUTHORIZATION_METADATA_KEY,
+    SESSION_METADATA_KEY,
+    TRACEPARENT_METADATA_KEY,
+    scopes_by_method_path,
+)
 from servers.settings import ConfigError, MeshSettings, load_mesh_settings, split_address
 from servers.tokens import InvalidTokenError, TokenVerifier
 
@@ -219,7 +224,8 @@ class MeshHandlers:
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         session = _find(metadata, SESSION_METADATA_KEY) or "-"
-        line = f"method={method} code={name} ms={elapsed_ms:.2f} peer={context.peer()} session={session}"
+        trace = _find(metadata, TRACEPARENT_METADATA_KEY)[3:35] or "-"  # the trace ID of 00-<trace>-<span>-01
+        line = f"method={method} code={name} ms={elapsed_ms:.2f} peer={context.peer()} session={session} trace={trace}"
         self._access_log.add(f"{line} {auth}" if auth else line)
 
     async def _internal(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -17,6 +17,9 @@ SESSION_METADATA_KEY = "x-session-id"
 AUTHORIZATION_METADATA_KEY = "authorization"
 """Call metadata that carries ``Bearer <token>`` for tool services."""
 
+TRACEPARENT_METADATA_KEY = "traceparent"
+"""W3C Trace Context: ``00-<trace id>-<span id>-01``; one trace per agent turn."""
+
 
 def required_scope(method: MethodDescriptor) -> str | None:
     """Return the OAuth scope a method requires, or None if it needs no token."""

@@ -1,0 +1,82 @@
+"""One W3C trace per turn: every RPC of a turn carries it, the message row records it, servers log it."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+from orchestrator.audit import AuditStore, EventRow
+from orchestrator.runner import RunOptions, run_session
+from orchestrator.tracing import current_trace_id, start_trace, traceparent
+from tests.orchestrator.conftest import MeshHarness, audit_rows
+from tests.scripted_llm import ScriptedLLM, inline_tool, text
+
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-01$")
+
+
+def test_traceparent_has_the_w3c_shape_and_a_fresh_span_per_call() -> None:
+    trace_id = start_trace()
+    first, second = traceparent(), traceparent()
+    assert first is not None and second is not None
+    one, two = TRACEPARENT.match(first), TRACEPARENT.match(second)
+    assert one and two and one[1] == two[1] == trace_id == current_trace_id()
+    assert one[2] != two[2]
+    assert start_trace() != trace_id
+
+
+async def test_each_turn_is_one_trace_across_services(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.script(
+        text("Plan: Friday night."),
+        inline_tool("file_reader", "bank_layout.md"),
+        inline_tool("calculator", "6*7"),
+        inline_tool("database_query", "SELECT name FROM guards LIMIT 1"),
+    )
+    result = await run_session(mesh.config, RunOptions(turns=4))
+    await mesh.stop_all()  # flushes the servers' access logs
+
+    rows = audit_rows(
+        mesh.config,
+        "SELECT agent_name, trace_id FROM messages WHERE session_id = ? ORDER BY turn_id",
+        result.session_id,
+    )
+    traces = {agent: trace for agent, trace in rows}
+    assert all(re.fullmatch(r"[0-9a-f]{32}", trace) for trace in traces.values())
+    assert len(set(traces.values())) == 4  # a new trace per turn
+    assert [t.trace_id for t in result.turns] == [trace for _, trace in rows]
+
+    log = mesh.log.getvalue().splitlines()
+
+    def services_in(trace: str) -> set[str]:
+        return {line.split()[1] for line in log if f"trace={trace}" in line}
+
+    # The safecracker's turn: token from OAuth, its tool, its StoreMemory, all under one trace.
+    assert {"oauth", "calculator", "memory"} <= services_in(traces["safecracker"])
+    assert "calculator" not in services_in(traces["hacker"])
+    assert all(f"session={result.session_id}" in line for line in log if f"trace={traces['mole']}" in line)
+
+
+async def test_an_audit_file_from_before_trace_ids_is_upgraded_in_place(tmp_path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE sessions (session_id TEXT PRIMARY KEY, start_time TEXT NOT NULL, end_time TEXT,
+            num_turns INTEGER NOT NULL, status TEXT NOT NULL, strategy TEXT, seed INTEGER, model TEXT, error TEXT);
+        CREATE TABLE messages (id INTEGER PRIMARY KEY, session_id TEXT NOT NULL, turn_id INTEGER NOT NULL,
+            agent_name TEXT NOT NULL, agent_role TEXT NOT NULL, message TEXT NOT NULL, timestamp TEXT NOT NULL,
+            status TEXT NOT NULL, latency_ms REAL);
+        INSERT INTO sessions VALUES ('heist_old', '2026-01-01', NULL, 1, 'completed', NULL, NULL, NULL, NULL);
+        INSERT INTO messages VALUES (1, 'heist_old', 1, 'planner', 'Mastermind', 'hello', '2026-01-01', 'ok', 1.0);
+        """
+    )
+    old.close()
+
+    store = AuditStore.open(f"sqlite:///{path}")
+    try:
+        await store.add_events("heist_old", [EventRow("llm", "health_check", "SERVING", "")])
+    finally:
+        store.close()
+    upgraded = sqlite3.connect(path)
+    columns = [row[1] for row in upgraded.execute("PRAGMA table_info(messages)")]
+    assert columns[-1] == "trace_id"
+    assert upgraded.execute("SELECT message, trace_id FROM messages").fetchall() == [("hello", None)]

@@ -71,7 +71,7 @@ def generate(output_root: Path) -> None:
 
 
 def generated_fingerprint(output_root: Path) -> str | None:
-    """The fingerprint recorded in ``output_root``, or None if nothing is generated."""
+    """Return the fingerprint recorded in ``output_root``, or None if nothing is generated."""
     init = output_root / PACKAGE / "__init__.py"
     if not init.exists():
         return None
@@ -99,13 +99,15 @@ def check(output_root: Path) -> int:
         if p.is_file() and "__pycache__" not in p.parts
     }
     if fresh != current:
-        changed = sorted(str(p) for p in set(fresh) ^ set(current) | {p for p in fresh if fresh[p] != current.get(p)})
+        differing = {p for p in fresh if fresh[p] != current.get(p)}
+        changed = sorted(str(p) for p in set(fresh) ^ set(current) | differing)
         print(f"generated/ differs from a fresh generation (hand-edited?): {', '.join(changed[:5])}", file=sys.stderr)
         return 1
     return 0
 
 
 def main() -> int:
+    """Generate, or with ``--check`` verify, the Python code for every contract."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="verify generated/ matches protos/ instead of writing")
     parser.add_argument("--out", type=Path, default=OUTPUT_ROOT, help="output root (default: generated/)")

@@ -80,6 +80,8 @@ drills: install ## Run only the failure drills
 	$(PY) -m pytest -m drill $(PYTEST_ARGS)
 
 bench: install ## Benchmarks: per-turn overhead, throughput, parallel sessions, embedded LLM (README, 'Performance')
+	@command -v h2load >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y nghttp2-client >/dev/null; } \
+		|| echo "h2load unavailable (install: sudo apt-get install nghttp2-client): using the Python load generator"
 	$(PY) -m tests.bench.run --out var/bench/results.json
 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)

@@ -30,7 +30,7 @@ from servers import credentials
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.llm_e2e import run_embedded_llm
 from tests.bench.procs import REPO, ProcessMesh, free_port, machine_info
-from tests.bench.throughput import load
+from tests.bench.throughput import generator, load
 from tests.bench.turns import bench_config, parallel_sessions, percentiles, turn_overhead
 
 TARGETS = {
@@ -113,7 +113,7 @@ def loadavg() -> list[float]:
         return []
 
 
-def run(smoke: bool, out: Path) -> dict[str, Any]:
+def run(smoke: bool, out: Path, loadgen: str = "auto") -> dict[str, Any]:
     """Run all four parts and return the results (also written to ``out``)."""
     sizes = {
         "rtt_calls": 300 if smoke else 3000,
@@ -148,17 +148,19 @@ def run(smoke: bool, out: Path) -> dict[str, Any]:
             print("1/4 per-turn overhead ...", flush=True)
             results["turn_overhead"] = asyncio.run(turn_overhead(config, sizes["turns"], sizes["warmup_turns"]))
 
-            print("2/4 throughput ...", flush=True)
+            use = generator("python" if smoke and loadgen == "auto" else loadgen)
+            print(f"2/4 throughput (load generator: {use}) ...", flush=True)
             tokens = asyncio.run(tokens_for_load(mesh))
             secret = credentials.client_secret(mesh.config.mesh, "safecracker")
             throughput: dict[str, Any] = {}
             for kind, (service, spec) in KINDS.items():
                 address = echo.address if service == "echo" else mesh.address(service)
+                log = None if service == "echo" else mesh.log_dir / f"{service}.log"
                 env = {"HEIST_BENCH_TOKEN": tokens[spec[1]] if spec else "", "HEIST_BENCH_SECRET": secret}
                 throughput[kind] = {
                     "service": service,
                     "auth": spec is not None,
-                    **load(address, kind, concurrency=64, duration_s=sizes["load_s"], env=env),
+                    **load(address, kind, concurrency=64, duration_s=sizes["load_s"], env=env, use=use, log=log),
                 }
                 print(f"    {kind}: {throughput[kind]['rps']} rps", flush=True)
             results["throughput"] = throughput
@@ -223,7 +225,9 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"   {label:24s} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}")
     for tool, row in turn["by_tool_total_ms"].items():
         print(f"   {'total, ' + tool:24s} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}")
-    print("\n2. throughput, 64 concurrent callers (2 load-generator processes)")
+    generators = {row.get("generator", "python") for row in results["throughput"].values()}
+    how = {"h2load": "h2load: 4 connections x 16 streams", "python": "2 Python load-generator processes x 32"}
+    print(f"\n2. throughput, 64 concurrent callers ({'; '.join(how[g] for g in sorted(generators))})")
     print(f"   {'rpc':24s} {'service':15s} {'auth':5s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} errors")
     for kind, row in results["throughput"].items():
         print(
@@ -263,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: proves the benchmarks work (CI)")
+    parser.add_argument(
+        "--loadgen", choices=("auto", "h2load", "python"), default="auto",
+        help="throughput load generator; auto: h2load if installed (python for --smoke)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("var/bench/results.json"), help="JSON results file")
     args = parser.parse_args(argv)
     os.chdir(REPO)
-    run(args.smoke, args.out)
+    run(args.smoke, args.out, args.loadgen)
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Service throughput: 64 concurrent callers (two load-generator processes of 32) per RPC, against server processes."""
+"""Service throughput: 64 concurrent callers per RPC against server processes.
+
+The load comes from h2load when it is installed (``tests/bench/h2load.py``:
+native, so the server gets the CPU) and otherwise from two Python
+load-generator processes of 32 callers each (``tests/bench/load.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,51 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from tests.bench import h2load
 from tests.bench.procs import REPO
 from tests.bench.turns import percentiles
 
 LOAD_PROCESSES = 2
 
 
-def load(address: str, kind: str, *, concurrency: int, duration_s: float, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``LOAD_PROCESSES`` generators against ``address`` at once; aggregate requests/s and latency."""
+def generator(requested: str) -> str:
+    """The load generator to use: ``h2load`` or ``python``; ``auto`` is h2load when installed."""
+    if requested == "auto":
+        return "h2load" if h2load.available() else "python"
+    if requested == "h2load" and not h2load.available():
+        raise RuntimeError("h2load is not installed (apt-get install nghttp2-client)")
+    return requested
+
+
+def load(
+    address: str,
+    kind: str,
+    *,
+    concurrency: int,
+    duration_s: float,
+    env: dict[str, str],
+    use: str = "python",
+    log: Path | None = None,
+) -> dict[str, Any]:
+    """Load ``address`` with ``concurrency`` callers of ``kind`` for ``duration_s``; requests/s and latency.
+
+    ``log`` is the server's access log, in which h2load runs check every call's gRPC status.
+    """
+    if use == "h2load":
+        if concurrency != h2load.CONNECTIONS * h2load.STREAMS_PER_CONNECTION:
+            raise ValueError(f"h2load runs {h2load.CONNECTIONS} x {h2load.STREAMS_PER_CONNECTION} callers")
+        return h2load.load(
+            address, kind, duration_s=duration_s, token=env.get("HEIST_BENCH_TOKEN", ""),
+            secret=env.get("HEIST_BENCH_SECRET", ""), server_log=log,
+        )  # fmt: skip
+    return python_load(address, kind, concurrency=concurrency, duration_s=duration_s, env=env)
+
+
+def python_load(address: str, kind: str, *, concurrency: int, duration_s: float, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``LOAD_PROCESSES`` Python generators against ``address`` at once; aggregate requests/s and latency."""
     per_process = max(1, concurrency // LOAD_PROCESSES)
     start_at = time.time() + 2.0  # time to start Python, connect and warm up
     command = [
@@ -64,6 +104,9 @@ def load(address: str, kind: str, *, concurrency: int, duration_s: float, env: d
         "errors": errors,
         "p50_ms": stats["p50_ms"],
         "p99_ms": stats["p99_ms"],
+        "mean_ms": stats["mean_ms"],
         "concurrency": per_process * LOAD_PROCESSES,
         "duration_s": duration_s,
+        "generator": "python",
+        "grpc_status_checked_by": "client",
     }

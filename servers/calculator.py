@@ -38,6 +38,23 @@ class CalculationError(ValueError):
     """The expression is invalid or exceeds a bound; the message says which."""
 
 
+def _count_nodes(node: ast.AST) -> int:
+    """Count the nodes ``ast.walk(node)`` yields, without its generator and deque for plain arithmetic.
+
+    Numbers, unary and binary operators (each operator is a node too) are
+    counted directly; any other node falls back to ``ast.walk`` for its subtree.
+    """
+    if isinstance(node, ast.Constant):
+        return 1
+    if isinstance(node, ast.BinOp):
+        return 2 + _count_nodes(node.left) + _count_nodes(node.right)
+    if isinstance(node, ast.UnaryOp):
+        return 2 + _count_nodes(node.operand)
+    if isinstance(node, ast.Expression):
+        return 1 + _count_nodes(node.body)
+    return sum(1 for _ in ast.walk(node))
+
+
 class Evaluator:
     """Evaluates one arithmetic expression within ``CalculatorLimits``."""
 
@@ -63,10 +80,10 @@ class Evaluator:
             raise CalculationError(f"syntax error{where}: {exc.msg}") from None
         except (ValueError, MemoryError, RecursionError) as exc:
             raise CalculationError(f"cannot parse expression: {exc or type(exc).__name__}") from None
-        node_count = sum(1 for _ in ast.walk(tree))
-        if node_count > self.limits.max_nodes:
-            raise CalculationError(f"expression has {node_count} parts; the limit is {self.limits.max_nodes}")
         try:
+            node_count = _count_nodes(tree)
+            if node_count > self.limits.max_nodes:
+                raise CalculationError(f"expression has {node_count} parts; the limit is {self.limits.max_nodes}")
             return self._check(self._eval(tree.body))
         except RecursionError:
             raise CalculationError("expression is nested too deeply") from None

@@ -73,3 +73,21 @@ async def test_rejects_bad_expressions_with_invalid_argument(calc, fails_with, e
 
 async def test_expression_length_is_capped(calc, fails_with):
     await fails_with(calc("1+" * 400 + "1"), grpc.StatusCode.INVALID_ARGUMENT, "characters long")
+
+
+async def test_node_count_is_capped(calc, fails_with):
+    # 100 additions: 1 Expression + 100 BinOps + 100 Add operators + 101 numbers = 302 nodes > 200
+    await fails_with(calc("1+" * 100 + "1"), grpc.StatusCode.INVALID_ARGUMENT, "expression has 302 parts")
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["1", "(120-15)*3", "-(+4)**-2", "2 ** 10 // 3 % 7", "x + 1", "f(2) * 3", "[1][0]", "1 if 2 else 3", "-x.y", "~5"],
+)
+def test_node_count_matches_ast_walk(expression: str) -> None:
+    import ast
+
+    from servers.calculator import _count_nodes
+
+    tree = ast.parse(expression, mode="eval")
+    assert _count_nodes(tree) == sum(1 for _ in ast.walk(tree))

@@ -98,11 +98,11 @@ async def _check(address: str, kind: str, path: str, body: bytes, metadata: tupl
 def _count_log_lines(log: Path, offset: int, session: str) -> tuple[int, dict[str, int]]:
     """OK lines and other codes among the access-log lines of ``session`` after byte ``offset``."""
     ok, errors = 0, {}
-    marker = f" session={session}"
+    marker = f" session={session} "
     with log.open("rb") as stream:
         stream.seek(offset)
         for raw in stream:
-            line = raw.decode("utf-8", "replace")
+            line = raw.decode("utf-8", "replace").rstrip("\n") + " "
             if marker not in line or " code=" not in line:
                 continue
             code = line.split(" code=", 1)[1].split(" ", 1)[0]

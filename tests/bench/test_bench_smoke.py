@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,3 +62,38 @@ def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
         "llm_mesh_cost_pct",
         "llm_mesh_time_share_pct",
     }
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_h2load_throughput_checks_grpc_status(tmp_path: Path) -> None:
+    from tests.bench.procs import ProcessMesh
+    from tests.bench.run import tokens_for_load
+    from tests.bench.throughput import load
+
+    with ProcessMesh(tmp_path) as mesh:
+        token = asyncio.run(tokens_for_load(mesh))["calculator:use"]
+        log = mesh.log_dir / "calculator.log"
+        row = load(mesh.address("calculator"), "evaluate", concurrency=64, duration_s=1.0,
+                   env={"HEIST_BENCH_TOKEN": token}, use="h2load", log=log)  # fmt: skip
+        assert row["generator"] == "h2load" and row["concurrency"] == 64
+        assert row["rps"] > 0 and row["requests"] > 0 and not row["errors"], row
+        assert row["grpc_status_checked_by"] == "client check + access log"
+        # a call that fails in gRPC (HTTP 200 for h2load) must not be counted as a success
+        with pytest.raises(grpc.RpcError):
+            load(mesh.address("calculator"), "evaluate", concurrency=64, duration_s=1.0,
+                 env={"HEIST_BENCH_TOKEN": "not-a-token"}, use="h2load", log=log)  # fmt: skip
+
+
+def test_access_log_count_separates_grpc_codes(tmp_path: Path) -> None:
+    from tests.bench.h2load import _count_log_lines
+
+    log = tmp_path / "calculator.log"
+    log.write_text("old line method=/x code=INTERNAL ms=1 peer=p session=h2load_evaluate\n")
+    offset = log.stat().st_size
+    with log.open("a") as stream:
+        stream.write("t calculator method=/a/B code=OK ms=0.1 peer=p session=h2load_evaluate auth=ok client=c\n" * 3)
+        stream.write("t calculator method=/a/B code=UNAUTHENTICATED ms=0.1 peer=p session=h2load_evaluate\n")
+        stream.write("t calculator method=/a/B code=OK ms=0.1 peer=p session=other\n")
+    assert _count_log_lines(log, offset, "h2load_evaluate") == (3, {"UNAUTHENTICATED": 1})

@@ -35,6 +35,8 @@ __all__ = ["ConversationMessage", "IntegratedAgent", "MemorySync", "SessionConte
 PARROT_SIMILARITY = 0.8
 """A transcript reply this similar to an earlier line is resampled."""
 PARROT_RESAMPLE_BOOSTS = (0.3, 0.6)
+NO_REPLY = "(says nothing)"
+"""A transcript turn whose every sample was empty: recorded as such rather than as an empty message."""
 """Temperature added for each resample of a parroted reply (at most this many resamples)."""
 NOT_ALLOWED = "NOT_ALLOWED"
 NO_TOKEN = "NO_TOKEN"
@@ -300,7 +302,7 @@ class IntegratedAgent:
                     if completion.truncated and not prefill
                     else completion.content
                 )
-                reply = _close_prefill(prefill, said)
+                reply = _close_prefill(prefill, said) or NO_REPLY
                 result.message = await self._inline_tools(turn_id, reply, token, audit)
             else:
                 inline = token is not None and llm_config.tool_calling != "native"

@@ -135,3 +135,12 @@ async def test_a_reply_cut_by_max_tokens_ends_at_its_last_full_sentence(
 
     assert result.turns[0].message == "We go on Friday."
     assert result.turns[1].message.startswith("[file_reader: bank_layout.md -> filename: bank_layout.md;")
+
+
+async def test_a_turn_that_stays_silent_is_recorded_as_such(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.script(text(""), text(""), text(""))
+    result = await run_session(transcript_config(mesh.config), RunOptions(turns=1))
+
+    assert len(scripted_llm.text_requests) == 3  # the first sample and both resamples
+    assert result.turns[0].message == "(says nothing)"
+    assert audit_rows(mesh.config, "SELECT message FROM messages") == [("(says nothing)",)]

@@ -11,8 +11,9 @@ from collections.abc import Callable
 import pytest
 
 from orchestrator.runner import RunOptions, run_session
-from tests.drills.conftest import REPO, DrillMesh, DrillScript, drill_resilience, session_memories
+from tests.drills.conftest import DrillMesh, DrillScript, drill_resilience, session_memories
 from tests.scripted_llm import ScriptedLLM, hang, http_error, text
+from tests.server_processes import REPO
 
 pytestmark = pytest.mark.drill
 

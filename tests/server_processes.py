@@ -1,0 +1,143 @@
+"""Services as real OS processes for the drills and the benchmarks.
+
+Every service runs as its own ``python -m servers.<name>`` process on a given
+127.0.0.1 port, exactly as ``make serve`` starts it, with its stdout/stderr in a
+log file. ``ServerProcess`` can also ``kill -9`` it, freeze it (SIGSTOP), thaw it
+(SIGCONT) and restart it on the same port. ``stop_process`` ends any process
+(the benchmarks' llama.cpp and echo servers too): SIGTERM, SIGKILL if it does
+not go in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+STOP_GRACE_S = 5.0
+"""How long a service gets to exit after SIGTERM before it is killed."""
+
+
+def health_status(address: str, timeout_s: float = 0.3) -> str:
+    """grpc.health.v1 status of ``address`` ("DOWN" when it does not answer)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return "DOWN"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[bytes] | None], grace_s: float) -> None:
+    """SIGTERM every process still running (all first), then wait up to ``grace_s`` for each; kill any that stays."""
+    running = [process for process in processes if process is not None and process.poll() is None]
+    for process in running:
+        process.terminate()
+    for process in running:
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM ``process`` if it runs, SIGKILL after ``grace_s``; idempotent."""
+    stop_processes([process], grace_s)
+
+
+def stop_servers(servers: Iterable[ServerProcess]) -> None:
+    """Graceful stop of every server still running (thawed first), kill any that does not go; idempotent."""
+    running = [server.process for server in servers if server.process is not None and server.process.poll() is None]
+    for process in running:
+        os.kill(process.pid, signal.SIGCONT)
+    stop_processes(running, STOP_GRACE_S)
+
+
+class ServerProcess:
+    """One service as a real OS process on a fixed port; its stdout/stderr go to a log file."""
+
+    def __init__(self, name: str, config_path: Path, port: int, log_dir: Path, start_timeout_s: float) -> None:
+        self.name = name
+        self.config_path = config_path
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.log_path = log_dir / f"{name}.log"
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} is not running"
+        return self.process.pid
+
+    def spawn(self) -> None:
+        """Start the process (returns at once; ``wait_serving`` waits for health)."""
+        assert self.process is None or self.process.poll() is not None, f"{self.name} already runs"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"=== start {self.starts}\n".encode())
+            command = [sys.executable, "-m", f"servers.{self.name}", "--config", str(self.config_path)]
+            self.process = subprocess.Popen(
+                [*command, "--address", self.address],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_serving(self, deadline: float | None = None) -> None:
+        """Wait until it reports SERVING (health is asked at least once).
+
+        ``deadline`` is a ``time.monotonic()`` value; by default ``start_timeout_s`` from now.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            if health_status(self.address) == "SERVING":
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{self.name} not SERVING after {self.start_timeout_s} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and wait until it reports SERVING."""
+        self.spawn()
+        self.wait_serving()
+
+    def kill9(self) -> None:
+        """``kill -9``: no drain, no goodbye; in-flight calls and unflushed log lines are lost."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=5)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the port still accepts connections, but nothing answers (a hung service)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Graceful stop if running (thawed first), kill if it does not go; idempotent."""
+        stop_servers([self])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def calls(self, method: str) -> int:
+        """Access-log lines for RPCs whose path ends in ``/method`` (lines are flushed every 0.2 s)."""
+        return sum(1 for line in self.log().splitlines() if f"/{method} code=" in line)

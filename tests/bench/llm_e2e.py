@@ -32,7 +32,8 @@ from orchestrator.clients import ServiceMesh
 from orchestrator.config import HeistConfig
 from orchestrator.llm import LLMClient
 from orchestrator.runner import RunOptions, SessionRunner
-from tests.bench.procs import REPO, free_port
+from tests.ports import free_port
+from tests.server_processes import REPO
 
 MODEL_PATH = REPO / "var" / "models" / "gemma-3-270m-q4_k_m.gguf"
 START_TIMEOUT_S = 120.0

@@ -1,33 +1,30 @@
 """Server processes for the benchmarks: every service as its own ``python -m servers.<name>`` process.
 
 Production runs each service as a process (``make serve``), so the benchmarks
-do too: client and servers then do not share one event loop or one GIL. Ports
-are free ephemeral ones picked by the OS, the run folder is a temp folder, and
-``stop()`` terminates every process that was started (also after a failure).
+do too (``tests.server_processes.ServerProcess``): client and servers then do
+not share one event loop or one GIL. Ports are free ephemeral ones picked by the
+OS, the run folder is a temp folder, and ``stop()`` terminates every process
+that was started (also after a failure).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.config import HeistConfig, load_config
 from servers import credentials
 from servers.settings import SERVICE_NAMES
 from tests.orchestrator.conftest import write_heist_config
+from tests.ports import free_ports
+from tests.server_processes import ServerProcess, stop_servers
 
-REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 20.0
 
 TOOL_AGENTS: list[dict[str, Any]] = [
@@ -36,23 +33,6 @@ TOOL_AGENTS: list[dict[str, Any]] = [
     {"name": "mole", "role": "Inside Man", "system_prompt": "You work inside the bank.", "tools": ["database_query"]},
 ]
 """The crew of the benchmarks: tool-using agents only, so every turn makes one tool call."""
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (bound to 127.0.0.1, chosen by the OS)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def health_status(address: str, timeout_s: float = 0.3) -> str:
-    """grpc.health.v1 status of ``address`` ("DOWN" when it does not answer)."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return "DOWN"
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
 def machine_info() -> dict[str, Any]:
@@ -79,7 +59,7 @@ class ProcessMesh:
 
     def __init__(self, work_dir: Path, *, llm_base_url: str = "http://127.0.0.1:9/v1", **sections: Any) -> None:
         self.work_dir = work_dir
-        self.ports = {name: free_port() for name in SERVICE_NAMES}
+        self.ports = dict(zip(SERVICE_NAMES, free_ports(len(SERVICE_NAMES)), strict=True))
         services = {name: {"address": f"127.0.0.1:{port}", "deadline_s": 2.0} for name, port in self.ports.items()}
         sections.setdefault("agents", TOOL_AGENTS)
         sections.setdefault("session", {"max_turns": 4, "turn_order": [a["name"] for a in TOOL_AGENTS]})
@@ -88,7 +68,7 @@ class ProcessMesh:
         credentials.ensure_dev_credentials(self.config.mesh)  # once, before five processes race for it
         self.log_dir = work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.servers: dict[str, ServerProcess] = {}
 
     def address(self, name: str) -> str:
         """Where ``name`` listens."""
@@ -97,47 +77,22 @@ class ProcessMesh:
     def start(self) -> ProcessMesh:
         """Start every service and wait until each reports SERVING."""
         for name in SERVICE_NAMES:
-            with (self.log_dir / f"{name}.log").open("ab") as log:
-                self.processes[name] = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        f"servers.{name}",
-                        "--config",
-                        str(self.config_path),
-                        "--address",
-                        self.address(name),
-                    ],
-                    cwd=REPO,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            server = ServerProcess(name, self.config_path, self.ports[name], self.log_dir, START_TIMEOUT_S)
+            self.servers[name] = server
+            server.spawn()
         deadline = time.monotonic() + START_TIMEOUT_S
-        for name, process in self.processes.items():
-            while health_status(self.address(name)) != "SERVING":
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start:\n{(self.log_dir / f'{name}.log').read_text()[-2000:]}")
-                time.sleep(0.05)
+        for server in self.servers.values():
+            server.wait_serving(deadline)
         return self
 
     def pids(self) -> dict[str, int]:
         """Process id of every started service."""
-        return {name: process.pid for name, process in self.processes.items()}
+        return {name: server.pid for name, server in self.servers.items()}
 
     def stop(self) -> None:
         """Terminate every started process (SIGTERM, then SIGKILL after 5 s); idempotent."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        self.processes.clear()
+        stop_servers(self.servers.values())
+        self.servers.clear()
 
     def __enter__(self) -> ProcessMesh:
         return self.start()

@@ -29,9 +29,11 @@ from orchestrator.clients import ServiceMesh
 from servers import credentials
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.llm_e2e import run_embedded_llm
-from tests.bench.procs import REPO, ProcessMesh, free_port, machine_info
+from tests.bench.procs import ProcessMesh, machine_info
 from tests.bench.throughput import generator, load
 from tests.bench.turns import bench_config, parallel_sessions, percentiles, turn_overhead
+from tests.ports import free_port
+from tests.server_processes import REPO
 
 TARGETS = {
     "turn_p50_ms": 1.0,

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import h2load
-from tests.bench.procs import REPO
 from tests.bench.turns import percentiles
+from tests.server_processes import REPO
 
 LOAD_PROCESSES = 2
 

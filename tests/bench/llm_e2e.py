@@ -33,7 +33,7 @@ from orchestrator.config import HeistConfig
 from orchestrator.llm import LLMClient
 from orchestrator.runner import RunOptions, SessionRunner
 from tests.ports import free_port
-from tests.server_processes import REPO
+from tests.server_processes import REPO, stop_process
 
 MODEL_PATH = REPO / "var" / "models" / "gemma-3-270m-q4_k_m.gguf"
 START_TIMEOUT_S = 120.0
@@ -88,15 +88,7 @@ class LlamaServer:
 
     def stop(self) -> None:
         """Terminate (kill after 10 s); idempotent."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(self.process, grace_s=10)
 
 
 @dataclasses.dataclass

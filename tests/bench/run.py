@@ -33,7 +33,7 @@ from tests.bench.procs import ProcessMesh, machine_info
 from tests.bench.throughput import generator, load
 from tests.bench.turns import bench_config, parallel_sessions, percentiles, turn_overhead
 from tests.ports import free_port
-from tests.server_processes import REPO
+from tests.server_processes import REPO, stop_process
 
 TARGETS = {
     "turn_p50_ms": 1.0,
@@ -71,13 +71,7 @@ class EchoServer:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s=5)
 
 
 async def unary_round_trip(address: str, calls: int) -> dict[str, Any]:

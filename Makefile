@@ -39,8 +39,8 @@ $(DEPS_STAMP): pyproject.toml constraints.txt | $(PY)
 	@echo "==> installing llama-cpp-python[server] (first time: builds llama.cpp, ~5 min; progress as [step/total])"
 	@mkdir -p var/log
 	$(PIP) install --verbose -c constraints.txt 'llama-cpp-python[server]' 2>&1 | tee var/log/llama-install.log \
-	  | { grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR|already satisfied: llama' || true; } \
-	  | sed -u -E 's/^\s*(\[[0-9]+\/[0-9]+\]).*\/([^/ ]+\.(c|cpp|cxx|o))( .*)?$$/  \1 \2/' | cut -c1-100
+	  | { grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR|already satisfied: llama|Building wheel for|Created wheel for' || true; } \
+	  | sed -u -E -e 's/^\s*(\[[0-9]+\/[0-9]+\]).*\/([^/ ]+\.(c|cpp|cxx|o))( .*)?$$/  \1 \2/' -e 's/^(.{100}).+$$/\1/'
 	touch $@
 
 $(GENERATED): $(PROTOS) protos/generate.py $(DEPS_STAMP)

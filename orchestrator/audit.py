@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -281,6 +282,8 @@ def _open_database(url: str) -> peewee.Database:
 
 
 _DB_ERRORS = (peewee.PeeweeException, sqlite3.Error, OSError)
+OPEN_RETRY_DELAY_S = 0.02
+"""Pause between attempts to open a database another process is just creating."""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -320,16 +323,27 @@ class AuditStore:
 
     @classmethod
     def open(cls, url: str) -> AuditStore:
-        """Connect, create missing tables, and start the writer thread; AuditError if unreachable."""
-        try:
-            database = _open_database(url)
-            database_proxy.initialize(database)
-            with database.connection_context():
-                database.create_tables(MODELS, safe=True)
-                _add_missing_columns(database)
-        except _DB_ERRORS as exc:
-            raise AuditError(f"cannot open audit database {url}: {exc}") from None
-        return cls(url, database)
+        """Connect, create missing tables, and start the writer thread; AuditError if unreachable.
+
+        Several processes creating the same new SQLite file at once race on
+        ``PRAGMA journal_mode=wal``, which SQLite refuses with "database is
+        locked" without waiting for its busy timeout; so a locked open is retried
+        until that timeout has passed (once the file is in WAL mode the pragma
+        needs no lock and the race is over).
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                database = _open_database(url)
+                database_proxy.initialize(database)
+                with database.connection_context():
+                    database.create_tables(MODELS, safe=True)
+                    _add_missing_columns(database)
+                return cls(url, database)
+            except _DB_ERRORS as exc:
+                if "database is locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise AuditError(f"cannot open audit database {url}: {exc}") from None
+                time.sleep(OPEN_RETRY_DELAY_S)
 
     @property
     def location(self) -> str:

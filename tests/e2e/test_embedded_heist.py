@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,8 +74,11 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
         (session,),
     ).fetchall()
     assert llm_health == [("SERVING",)]
-    # The tool servers logged this session's calls under the same ID.
+    # The tool servers logged this session's calls under the same ID (access logs are flushed every 0.2 s).
     for service in ("calculator", "file_reader", "database_query"):
-        log = (served.run_dir / "log" / f"{service}.log").read_text()
-        assert f"session={session}" in log, service
+        log_file = served.run_dir / "log" / f"{service}.log"
+        deadline = time.monotonic() + 5.0
+        while f"session={session}" not in log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"session={session}" in log_file.read_text(), service
     assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".json", ".md"]

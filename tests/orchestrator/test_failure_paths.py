@@ -63,6 +63,7 @@ async def test_tool_not_allowed_is_refused_and_never_called(mesh: MeshHarness, s
     assert planner.tool_usage[0].status_code == "NOT_ALLOWED"
     assert "not allowed" in planner.message
     assert native.tool_usage[0].status_code == "NOT_ALLOWED" and native.message == "fine"
+    await mesh.stop_all()  # flushes the servers' access logs, so the absence below means no call was made
     assert "Evaluate" not in mesh.log.getvalue() and "/Query" not in mesh.log.getvalue()
     assert session.rows("SELECT COUNT(*) FROM events WHERE status_code = 'NOT_ALLOWED'") == [(2,)]
 

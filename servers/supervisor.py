@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,8 @@ DEFAULT_LLM_BASE_URL = "http://127.0.0.1:1234/v1"
 DEFAULT_LLM_ALIAS = "gemma-3-270m"
 GRPC_START_TIMEOUT_S = 30.0
 LLM_START_TIMEOUT_S = 120.0
+LLM_PROBE_TIMEOUT_S = 10.0
+"""A one-token completion on the embedded model takes milliseconds; allow for a loaded machine."""
 POLL_INTERVAL_S = 0.1
 EXIT_DOWN = 3
 
@@ -162,7 +165,7 @@ class Supervisor:
         """Return (SERVING | NOT_SERVING | DOWN, latency ms) for one process."""
         started = time.perf_counter()
         if name == LLM_NAME:
-            status = http_ok(f"{self.llm.base_url}/models", timeout_s)
+            status = llm_completes(self.llm.base_url, self.llm.alias, max(timeout_s, LLM_PROBE_TIMEOUT_S))
         else:
             status = grpc_health(address, GRPC_FULL_NAMES[name], timeout_s)
         return status, (time.perf_counter() - started) * 1000.0
@@ -249,7 +252,9 @@ class Supervisor:
 
     def wait_healthy(self, process: ManagedProcess, child: subprocess.Popen[bytes] | None) -> str | None:
         """Poll until ``process`` is SERVING; return why not if it exits or times out."""
-        deadline = time.monotonic() + process.start_timeout_s
+        # A process started earlier has had its start-up time; a short wait tells a hiccup from a hang.
+        timeout_s = process.start_timeout_s if child is not None else min(process.start_timeout_s, 15.0)
+        deadline = time.monotonic() + timeout_s
         status = "DOWN"
         while time.monotonic() < deadline:
             if child is not None and child.poll() is not None:
@@ -258,7 +263,7 @@ class Supervisor:
             if status == "SERVING":
                 return None
             time.sleep(POLL_INTERVAL_S)
-        return f"still {status} after {process.start_timeout_s:g} s"
+        return f"still {status} after {timeout_s:g} s"
 
     def abort_started(self, started: dict[str, subprocess.Popen[bytes]]) -> None:
         """Stop what this serve call started, so a failed serve leaves nothing half-running."""
@@ -277,18 +282,26 @@ class Supervisor:
         return processes
 
     def status(self) -> int:
-        """Print a health table; return 0 when everything is SERVING, else 3."""
+        """Print a health table; return 0 when everything is SERVING, else 3.
+
+        A process that serve started and that has since died is shown with the
+        last lines of its log, which is where a crash explains itself.
+        """
         rows = [("SERVICE", "ADDRESS", "PID", "STATUS", "LATENCY")]
-        all_up = True
+        crashed: list[str] = []
         for process in self.known_processes():
             pid = self.read_pid(process.name)
             status, latency = self.probe(process.name, process.address)
-            all_up &= status == "SERVING"
+            if pid is None and self.pid_file(process.name).exists():
+                status, crashed = "DOWN (exited)", [*crashed, process.name]
             rows.append((process.name, process.address, str(pid or "-"), status, f"{latency:.1f} ms"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=self.out)
-        return 0 if all_up else EXIT_DOWN
+        for name in crashed:
+            print(f"\n{name} exited; last lines of {self.log_file(name)} ('make serve' restarts it):", file=self.out)
+            print(tail(self.log_file(name), 10), file=self.out)
+        return 0 if all(row[3] == "SERVING" for row in rows[1:]) else EXIT_DOWN
 
     def stop(self) -> int:
         """SIGTERM every recorded process, SIGKILL what outlives the grace period, remove pid files."""
@@ -383,13 +396,22 @@ def grpc_health(address: str, service: str, timeout_s: float) -> str:
     return "SERVING" if response.status == health_pb2.HealthCheckResponse.SERVING else "NOT_SERVING"
 
 
-def http_ok(url: str, timeout_s: float) -> str:
-    """GET ``url``: SERVING on 200, NOT_SERVING on another answer, DOWN when unreachable."""
+def llm_completes(base_url: str, model: str, timeout_s: float) -> str:
+    """Ask the model server for one token: SERVING if it answers, DOWN otherwise.
+
+    Listing models is not enough: a llama.cpp build whose CPU backend faults on
+    the first matrix multiply lists its model and dies on the first completion.
+    """
+    body = json.dumps({"model": model, "prompt": "OK", "max_tokens": 1, "temperature": 0}).encode()
+    request = urllib.request.Request(
+        f"{base_url}/completions",
+        data=body,
+        headers={"Content-Type": "application/json", "x-heist-probe": "1"},
+        method="POST",
+    )
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return "SERVING" if response.status == 200 else "NOT_SERVING"
-    except urllib.error.HTTPError:
-        return "NOT_SERVING"
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return "SERVING" if response.status == 200 else "DOWN"
     except (urllib.error.URLError, OSError, ValueError):
         return "DOWN"
 

@@ -15,6 +15,7 @@ Replies are consumed in order; when the script is empty the ``default`` reply
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -91,6 +92,11 @@ class RecordedRequest:
     body: dict[str, Any] | None
     received_at: float = field(default_factory=time.monotonic)
 
+    @property
+    def probe(self) -> bool:
+        """Whether this is the orchestrator's health probe (``x-heist-probe`` header)."""
+        return any(name.lower() == "x-heist-probe" for name in self.headers)
+
 
 class ScriptedLLM:
     """The endpoint: ``start()``/``stop()`` or a context manager; ``base_url`` ends in ``/v1``."""
@@ -106,12 +112,15 @@ class ScriptedLLM:
         self.responder = responder
         self.models = models
         self.models_status = 200
+        self.probe_status = 200
+        """HTTP status of the health probe's one-token completion (500: up, but cannot complete)."""
         self.requests: list[RecordedRequest] = []
         self._script: list[Reply] = []
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -127,11 +136,17 @@ class ScriptedLLM:
         return self
 
     def stop(self) -> None:
+        """Stop like a process that died: stop listening and drop every open (keep-alive) connection."""
         self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -174,7 +189,7 @@ class ScriptedLLM:
     def chat_requests(self) -> list[dict[str, Any]]:
         """Bodies of every POST /v1/chat/completions, in arrival order."""
         with self._lock:
-            return [r.body or {} for r in self.requests if r.path.endswith("/chat/completions")]
+            return [r.body or {} for r in self.requests if r.path.endswith("/chat/completions") and not r.probe]
 
     def _next_reply(self, body: dict[str, Any]) -> Reply:
         with self._lock:
@@ -204,7 +219,6 @@ class ScriptedLLM:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
 
-
     def text_completion_body(self, reply: Reply, model: str) -> dict[str, Any]:
         """Build a ``/v1/completions`` reply (prompt_style: transcript): the content as the continuation."""
         return {
@@ -220,7 +234,17 @@ class ScriptedLLM:
     def text_requests(self) -> list[dict[str, Any]]:
         """Bodies of the ``/v1/completions`` requests (transcript prompts), in order."""
         with self._lock:
-            return [r.body for r in self.requests if r.body is not None and not r.path.endswith("/chat/completions")]
+            return [
+                r.body
+                for r in self.requests
+                if r.body is not None and not r.path.endswith("/chat/completions") and not r.probe
+            ]
+
+    @property
+    def probe_requests(self) -> list[dict[str, Any]]:
+        """Bodies of the orchestrator's one-token health probes (answered apart from the script)."""
+        with self._lock:
+            return [r.body or {} for r in self.requests if r.probe]
 
 
 def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
@@ -231,6 +255,14 @@ def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
             super().setup()
             # Headers and body go out in separate writes; without NODELAY, Nagle adds ~40 ms per reply.
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with llm._lock:
+                llm._connections.add(self.request)
+
+        def finish(self) -> None:
+            with llm._lock:
+                llm._connections.discard(self.request)
+            with contextlib.suppress(OSError):
+                super().finish()
 
         def log_message(self, format: str, *args: Any) -> None:
             return
@@ -264,12 +296,17 @@ def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw or b"{}")
             except ValueError:
                 body = {"_raw": raw.decode(errors="replace")}
-            llm._record(RecordedRequest("POST", self.path, dict(self.headers), body))
+            request = RecordedRequest("POST", self.path, dict(self.headers), body)
+            llm._record(request)
             route = self.path.rstrip("/")
             if not route.endswith("/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
-            reply = llm._next_reply(body)
+            if request.probe:
+                # Health probes never consume the script, so tests script turns only.
+                reply = text("OK") if llm.probe_status == 200 else http_error(llm.probe_status, "cannot complete")
+            else:
+                reply = llm._next_reply(body)
             if reply.delay_s > 0 and llm._release.wait(reply.delay_s):
                 self.close_connection = True
                 return

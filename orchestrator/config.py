@@ -78,6 +78,8 @@ class LLMConfig:
     temperature: float = 0.7
     max_tokens: int = 256
     timeout_s: float = 60.0
+    health_timeout_s: float = 10.0
+    """Deadline of the one-token health probe (a cold model's first token takes a while)."""
     max_retries: int = 1
     tool_calling: ToolCallingMode = "inline"
     prompt_style: PromptStyle = "chat"
@@ -161,6 +163,8 @@ class ResilienceConfig:
     grpc_retry: GrpcRetryConfig = field(default_factory=GrpcRetryConfig)
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     health_timeout_s: float = 1.0
+    llm_max_consecutive_failures: int = 3
+    """The LLM's circuit breaker: this many failed turns in a row end the session as failed."""
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,7 @@ def _read_llm(node: ConfigSection) -> LLMConfig:
         temperature=node.number("temperature", d.temperature, allow_zero=True),
         max_tokens=node.integer("max_tokens", d.max_tokens),
         timeout_s=node.number("timeout_s", d.timeout_s),
+        health_timeout_s=node.number("health_timeout_s", d.health_timeout_s),
         max_retries=node.integer("max_retries", d.max_retries, minimum=0),
         tool_calling=mode,  # type: ignore[arg-type]  # checked by choice()
         prompt_style=style,  # type: ignore[arg-type]  # checked by choice()
@@ -337,7 +342,7 @@ def _read_database(node: ConfigSection, run_dir: Path) -> DatabaseConfig:
 
 
 def _read_resilience(node: ConfigSection) -> ResilienceConfig:
-    node.only("grpc_retry", "circuit_breaker", "health_timeout_s")
+    node.only("grpc_retry", "circuit_breaker", "health_timeout_s", "llm_max_consecutive_failures")
     retry, breaker = node.child("grpc_retry"), node.child("circuit_breaker")
     retry.only(*(f.name for f in dataclasses.fields(GrpcRetryConfig)))
     breaker.only(*(f.name for f in dataclasses.fields(CircuitBreakerConfig)))
@@ -357,6 +362,9 @@ def _read_resilience(node: ConfigSection) -> ResilienceConfig:
             reset_timeout_s=breaker.number("reset_timeout_s", b.reset_timeout_s),
         ),
         health_timeout_s=node.number("health_timeout_s", 1.0),
+        llm_max_consecutive_failures=node.integer(
+            "llm_max_consecutive_failures", ResilienceConfig.llm_max_consecutive_failures
+        ),
     )
 
 

@@ -44,6 +44,10 @@ SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TurnObserver = Callable[[TurnResult], None]
 
 
+class LLMBroken(Exception):
+    """The LLM's circuit breaker tripped: too many consecutive turns failed to get an answer."""
+
+
 def new_session_id(now: datetime | None = None) -> str:
     """``heist_YYYYMMDD_HHMMSS_<4 hex>`` (UTC): sortable, and unique even for runs started in the same second."""
     moment = now or datetime.now(UTC)
@@ -98,7 +102,9 @@ class SessionResult:
 
 async def check_health(mesh: ServiceMesh, llm: LLMClient, timeout_s: float) -> list[HealthResult]:
     """Every gRPC service and the LLM endpoint, concurrently."""
-    services, llm_health = await asyncio.gather(mesh.check_health(timeout_s), llm.check_health(timeout_s))
+    services, llm_health = await asyncio.gather(
+        mesh.check_health(timeout_s), llm.check_health(llm.config.health_timeout_s)
+    )
     return [*services, llm_health]
 
 
@@ -145,6 +151,10 @@ class SessionRunner:
         except AuditError as exc:
             return self._failed(result, str(exc))
 
+        llm_health = next((health for health in result.health if health.service == "llm"), None)
+        if llm_health is not None and not llm_health.ok:
+            # Every turn would only wait for the same failure; say so now instead.
+            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, self._llm_down(llm_health.detail))
         if self.options.require_healthy and result.degraded_services:
             message = f"required services unhealthy: {', '.join(result.degraded_services)}"
             return await self._finish(result, SessionStatus.FAILED, EXIT_UNHEALTHY, message)
@@ -152,10 +162,22 @@ class SessionRunner:
             await self._play(result)
         except AuditError as exc:
             return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, str(exc))
+        except LLMBroken as exc:
+            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, self._llm_down(str(exc)))
         except (asyncio.CancelledError, KeyboardInterrupt):
             await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, EXIT_INTERRUPTED, "interrupted"))
             raise
+        if not any(turn.status == "ok" for turn in result.turns):
+            # A session in which the model never spoke did not happen, whatever else worked.
+            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, self._llm_down("no turn was answered"))
         return await self._finish(result, SessionStatus.COMPLETED, EXIT_OK, None)
+
+    def _llm_down(self, reason: str) -> str:
+        """Explain an LLM failure, pointing at the embedded model's log when we run it."""
+        message = f"the LLM at {self.config.llm.base_url} cannot answer: {reason}"
+        if self.config.llm.embedded:
+            message += f" (embedded model: see {self.config.mesh.log_dir / 'llm.log'}; 'make status')"
+        return message
 
     async def _play(self, result: SessionResult) -> None:
         session_config = self.config.session
@@ -163,6 +185,8 @@ class SessionRunner:
         schedule = turn_schedule(session_config.strategy, session_config.turn_order, turns, self.options.seed)
         history: list[ConversationMessage] = []
         prefetched: asyncio.Task[MemoryFetch] | None = None
+        failures_allowed = self.config.resilience.llm_max_consecutive_failures
+        failed_in_a_row = 0
         try:
             for index, name in enumerate(schedule):
                 agent = self.agents[name]
@@ -179,6 +203,9 @@ class SessionRunner:
                 result.turns.append(turn)
                 if self._on_turn is not None:
                     self._on_turn(turn)
+                failed_in_a_row = failed_in_a_row + 1 if turn.status == "llm_error" else 0
+                if failed_in_a_row >= failures_allowed:
+                    raise LLMBroken(f"{failed_in_a_row} turns in a row failed (last: {turn.message})")
         finally:
             if prefetched is not None and not prefetched.done():
                 prefetched.cancel()

@@ -6,7 +6,9 @@ newcomer's `make run` leaves behind, not what the model says.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -82,3 +84,38 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
             time.sleep(0.1)
         assert f"session={session}" in log_file.read_text(), service
     assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".json", ".md"]
+
+
+def test_killing_the_model_mid_run_fails_the_session_and_serve_restarts_it(served: Mesh) -> None:
+    run = subprocess.Popen(
+        [str(REPO_ROOT / ".venv" / "bin" / "orchestrator"), "run", "--config", str(served.config), "--turns", "12"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert run.stdout is not None
+        seen = ""
+        for line in run.stdout:
+            seen += line
+            if line.startswith("[turn 2]"):
+                break
+        assert "[turn 2]" in seen, seen
+        pid = int((served.run_dir / "run" / "llm.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 1, seen + out + err
+    assert "(failed)" in out and "turns in a row failed" in err and "llm.log" in err
+    assert out.count("Error generating response") <= 3, out
+
+    status = make("status", f"CONFIG={served.config}")
+    assert status.returncode != 0
+    assert re.search(r"^llm\s.*DOWN \(exited\)", status.stdout, re.M), status.stdout
+    assert "last lines of" in status.stdout and "llm.log" in status.stdout
+
+    again = make("serve", f"CONFIG={served.config}", "LLM=on")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"llm: SERVING on 127.0.0.1:{served.llm_port}" in again.stdout
+    assert int((served.run_dir / "run" / "llm.pid").read_text()) != pid

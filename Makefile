@@ -120,9 +120,9 @@ bench: install system-deps ## Benchmarks: per-turn overhead, throughput, paralle
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json
 
-lint: install ## ruff on everything, mypy --strict on servers/, orchestrator/ and protos/generate.py
-	$(VENV)/bin/ruff check servers orchestrator tests protos
-	$(VENV)/bin/mypy servers orchestrator protos/generate.py
+lint: install ## ruff on everything, mypy --strict on heist_common/, servers/, orchestrator/ and protos/generate.py
+	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos
+	$(VENV)/bin/mypy heist_common servers orchestrator protos/generate.py
 
 clean: stop ## Remove the run folder and generated code (keeps .venv)
 	rm -rf var generated/heist

@@ -1,8 +1,9 @@
 """``orchestrator``: run a heist session and inspect the audit trail.
 
-Exit codes: 0 ok; 1 run failed (e.g. audit database unwritable); 2 services
-unhealthy with ``--require-healthy`` (and ``health`` when any is down);
+Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
+(the session ended ``failed``, a file could not be written); 2 bad arguments;
 3 bad configuration; 4 audit database unreachable; 5 unknown session;
+6 unhealthy (``health`` when something is down, ``run --require-healthy``);
 130 interrupted.
 """
 
@@ -10,25 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from heist_common.config import ConfigError, HeistConfig, default_config_path, load_config
+from heist_common.exit_codes import ExitCode
 from orchestrator.agent import TurnResult
 from orchestrator.audit import AuditError, AuditStore, UnknownSessionError
-from orchestrator.clients import HealthResult, ServiceMesh
-from orchestrator.config import ConfigError, HeistConfig, default_config_path, load_config
+from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import render_json, render_markdown
 from orchestrator.llm import LLMClient
-from orchestrator.runner import EXIT_INTERRUPTED, RunOptions, SessionResult, check_health, run_session
+from orchestrator.runner import RunOptions, SessionResult, check_health, run_session
 
 __all__ = ["main"]
-
-EXIT_CONFIG = 3
-EXIT_DATABASE = 4
-EXIT_UNKNOWN_SESSION = 5
 
 
 class CommandError(Exception):
@@ -57,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="seed for the random turn strategy")
     run.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint (default: llm.base_url)")
     run.add_argument("--model", default=None, help="model name (default: llm.model)")
-    run.add_argument("--require-healthy", action="store_true", help="exit 2 before any turn if a service is down")
+    run.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
     run.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
 
     health = commands.add_parser("health", help="health table of every service", description="Check every service.")
@@ -86,9 +83,9 @@ def _load(args: argparse.Namespace) -> HeistConfig:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        raise CommandError(f"configuration error: {exc}", EXIT_CONFIG) from None
+        raise CommandError(f"configuration error: {exc}", ExitCode.CONFIG) from None
     if getattr(args, "db", None):
-        config = config.with_overrides(database=dataclasses.replace(config.database, url=args.db))
+        config = config.with_overrides(database=config.database.model_copy(update={"url": args.db}))
     return config
 
 
@@ -96,7 +93,7 @@ def _open_store(config: HeistConfig) -> AuditStore:
     try:
         return AuditStore.open(config.database.url)
     except AuditError as exc:
-        raise CommandError(str(exc), EXIT_DATABASE) from None
+        raise CommandError(str(exc), ExitCode.DATABASE) from None
 
 
 def print_health(results: Sequence[HealthResult]) -> None:
@@ -147,14 +144,15 @@ def _print_summary(result: SessionResult) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.llm_base_url or args.model:
-        llm = dataclasses.replace(
-            config.llm,
-            base_url=(args.llm_base_url or config.llm.base_url).rstrip("/"),
-            model=args.model or config.llm.model,
+        llm = config.llm.model_copy(
+            update={
+                "base_url": (args.llm_base_url or config.llm.base_url).rstrip("/"),
+                "model": args.model or config.llm.model,
+            }
         )
         config = config.with_overrides(llm=llm)
     if args.turns is not None and args.turns < 1:
-        raise CommandError("--turns must be at least 1", 2)
+        raise CommandError("--turns must be at least 1", ExitCode.USAGE)
     options = RunOptions(
         session_id=args.session_id,
         turns=args.turns,
@@ -165,9 +163,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
     except AuditError as exc:
-        raise CommandError(str(exc), EXIT_DATABASE) from None
+        raise CommandError(str(exc), ExitCode.DATABASE) from None
     except ValueError as exc:  # invalid --session-id
-        raise CommandError(str(exc), 2) from None
+        raise CommandError(str(exc), ExitCode.USAGE) from None
     _print_summary(result)
     return result.exit_code
 
@@ -176,16 +174,16 @@ def _cmd_health(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def probe() -> list[HealthResult]:
-        mesh, llm = ServiceMesh(config), LLMClient(config.llm)
+        clients, llm = ServiceClients(config), LLMClient(config.llm)
         try:
-            return await check_health(mesh, llm, config.resilience.health_timeout_s)
+            return await check_health(clients, llm, config.resilience.health_timeout_s)
         finally:
-            await mesh.close()
+            await clients.close()
             await llm.close()
 
     results = asyncio.run(probe())
     print_health(results)
-    return 0 if all(r.ok for r in results) else 2
+    return ExitCode.OK if all(r.ok for r in results) else ExitCode.UNHEALTHY
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:
@@ -212,7 +210,7 @@ def _read_log(args: argparse.Namespace) -> dict[str, object]:
         return store.read_session_log(args.session_id)
     except UnknownSessionError:
         message = f"unknown session {args.session_id!r} (see 'orchestrator sessions')"
-        raise CommandError(message, EXIT_UNKNOWN_SESSION) from None
+        raise CommandError(message, ExitCode.UNKNOWN_SESSION) from None
     finally:
         store.close()
 
@@ -232,7 +230,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", 1) from None
+        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", ExitCode.FAILED) from None
     print(f"wrote {args.out}")
     return 0
 
@@ -255,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("orchestrator: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:
         # `orchestrator sessions | head`: the reader left; not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

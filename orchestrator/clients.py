@@ -25,12 +25,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
+from heist_common.config import GrpcRetryConfig, HeistConfig
+from heist_common.contract import (
+    AUTHORIZATION_METADATA_KEY,
+    SESSION_METADATA_KEY,
+    TRACEPARENT_METADATA_KEY,
+    Catalogue,
+)
+from heist_common.credentials import CredentialsError, client_secret
 from orchestrator.audit import EventRow
-from orchestrator.config import GrpcRetryConfig, HeistConfig
 from orchestrator.tools import ToolRegistry
 from orchestrator.tracing import traceparent
-from servers.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
-from servers.credentials import CredentialsError, client_secret
 
 __all__ = [
     "CIRCUIT_OPEN",
@@ -38,7 +43,7 @@ __all__ = [
     "HealthResult",
     "MemoryClient",
     "ServiceCallError",
-    "ServiceMesh",
+    "ServiceClients",
     "TokenProvider",
     "retry_service_config",
 ]
@@ -52,12 +57,6 @@ OUTAGE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 """Codes that say the service (not the request) is broken; only these trip a breaker."""
-
-_SERVICE_FULL_NAMES: dict[str, str] = {
-    "oauth": oauth_pb2.DESCRIPTOR.services_by_name["OAuthService"].full_name,
-    "memory": memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
-}
-
 
 def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
@@ -217,7 +216,7 @@ class TokenProvider:
             return cached[0]
         start = time.perf_counter()
         try:
-            secret = client_secret(self._config.mesh, client_id)
+            secret = client_secret(self._config, client_id)
         except CredentialsError as exc:
             raise ServiceCallError("oauth", "IssueToken", "CREDENTIALS", str(exc), _elapsed_ms(start)) from None
         request = oauth_pb2.IssueTokenRequest(
@@ -270,8 +269,8 @@ def tool_metadata(session_id: str, token: str) -> Metadata:
     return ((SESSION_METADATA_KEY, session_id), (AUTHORIZATION_METADATA_KEY, f"Bearer {token}"))
 
 
-class ServiceMesh:
-    """Every service of the mesh behind one reusable channel each, plus the typed clients.
+class ServiceClients:
+    """One reusable channel per configured service, plus the typed clients (a channel pool, not a mesh).
 
     Open it once and share it across sessions (benchmarks run many sessions on
     one mesh); ``close()`` closes the channels.
@@ -282,11 +281,12 @@ class ServiceMesh:
 
     def __init__(self, config: HeistConfig, registry: ToolRegistry | None = None) -> None:
         self.config = config
-        self.registry = registry or ToolRegistry.default()
+        catalogue = Catalogue(config.services)
+        self.registry = registry or ToolRegistry.for_services(config.tool_names)
         breaker_config = config.resilience.circuit_breaker
         self.services: dict[str, GuardedService] = {}
-        for name, settings in config.mesh.services.items():
-            grpc_services = self._grpc_services_of(name)
+        for name, settings in config.services.items():
+            grpc_services = [catalogue[name].full_name]
             options: list[tuple[str, Any]] = [
                 ("grpc.enable_retries", 1),
                 ("grpc.service_config", retry_service_config(grpc_services, config.resilience.grpc_retry)),
@@ -310,13 +310,6 @@ class ServiceMesh:
             for tool, service in self.registry.services.items()
             if tool in self.services
         }
-
-    def _grpc_services_of(self, name: str) -> list[str]:
-        if name in _SERVICE_FULL_NAMES:
-            return [_SERVICE_FULL_NAMES[name]]
-        if name in self.registry.services:
-            return [self.registry.services[name].descriptor.full_name]
-        return []
 
     async def check_health(self, timeout_s: float | None = None) -> list[HealthResult]:
         """grpc.health.v1 Check on every service, concurrently, each with its own short deadline."""

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import openai
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
+from heist_common.config import LLMConfig
 from orchestrator.clients import HealthResult
-from orchestrator.config import LLMConfig
 
 __all__ = [
     "INLINE_TOOL_PATTERN",

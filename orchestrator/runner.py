@@ -15,17 +15,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator.agent import ConversationMessage, IntegratedAgent, MemoryFetch, SessionContext, TurnResult
+from heist_common.config import HeistConfig
+from heist_common.exit_codes import ExitCode
+from orchestrator.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext, TurnResult
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
-from orchestrator.clients import HealthResult, ServiceMesh
-from orchestrator.config import HeistConfig
+from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
 from orchestrator.llm import LLMClient
 from orchestrator.strategies import turn_schedule
 
 __all__ = [
-    "EXIT_INTERRUPTED",
-    "EXIT_UNHEALTHY",
     "RunOptions",
     "SessionResult",
     "SessionRunner",
@@ -34,10 +33,6 @@ __all__ = [
     "run_session",
 ]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_UNHEALTHY = 2
-EXIT_INTERRUPTED = 130
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """Session IDs become file names of the exports, so they stay filesystem-safe."""
 
@@ -49,9 +44,9 @@ class LLMBroken(Exception):
 
 
 def new_session_id(now: datetime | None = None) -> str:
-    """``heist_YYYYMMDD_HHMMSS_<4 hex>`` (UTC): sortable, and unique even for runs started in the same second."""
+    """``heist_YYYYMMDD_HHMMSS_<16 hex>`` (UTC): sortable, and 64 random bits so nobody guesses a live one."""
     moment = now or datetime.now(UTC)
-    return f"heist_{moment:%Y%m%d_%H%M%S}_{secrets.token_hex(2)}"
+    return f"heist_{moment:%Y%m%d_%H%M%S}_{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True)
@@ -100,10 +95,10 @@ class SessionResult:
         return [result.service for result in self.health if not result.ok]
 
 
-async def check_health(mesh: ServiceMesh, llm: LLMClient, timeout_s: float) -> list[HealthResult]:
+async def check_health(clients: ServiceClients, llm: LLMClient, timeout_s: float) -> list[HealthResult]:
     """Every gRPC service and the LLM endpoint, concurrently."""
     services, llm_health = await asyncio.gather(
-        mesh.check_health(timeout_s), llm.check_health(llm.config.health_timeout_s)
+        clients.check_health(timeout_s), llm.check_health(llm.config.health_timeout_s)
     )
     return [*services, llm_health]
 
@@ -114,7 +109,7 @@ class SessionRunner:
     def __init__(
         self,
         config: HeistConfig,
-        mesh: ServiceMesh,
+        clients: ServiceClients,
         llm: LLMClient,
         audit: AuditStore,
         options: RunOptions | None = None,
@@ -127,8 +122,8 @@ class SessionRunner:
         self.session_id = self.options.session_id or new_session_id()
         if not SESSION_ID_PATTERN.match(self.session_id):
             raise ValueError(f"invalid session ID {self.session_id!r} (letters, digits, '_', '.', '-'; max 128)")
-        self.context = SessionContext(self.session_id, config, mesh, llm, audit)
-        self.agents = {agent.name: IntegratedAgent(agent, self.context) for agent in config.agents}
+        self.context = SessionContext(self.session_id, config, clients, llm, audit)
+        self.agents = {agent.name: CrewAgent(agent, self.context) for agent in config.agents}
         self._on_health = on_health
         self._on_turn = on_turn
 
@@ -136,8 +131,8 @@ class SessionRunner:
         """Play the session; a Ctrl-C (cancellation) marks it interrupted and re-raises."""
         context = self.context
         audit = context.audit
-        result = SessionResult(self.session_id, SessionStatus.ACTIVE, EXIT_OK, database=audit.location)
-        result.health = await check_health(context.mesh, context.llm, self.config.resilience.health_timeout_s)
+        result = SessionResult(self.session_id, SessionStatus.ACTIVE, ExitCode.OK, database=audit.location)
+        result.health = await check_health(context.clients, context.llm, self.config.resilience.health_timeout_s)
         if self._on_health is not None:
             self._on_health(result.health)
         try:
@@ -154,23 +149,24 @@ class SessionRunner:
         llm_health = next((health for health in result.health if health.service == "llm"), None)
         if llm_health is not None and not llm_health.ok:
             # Every turn would only wait for the same failure; say so now instead.
-            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, self._llm_down(llm_health.detail))
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, self._llm_down(llm_health.detail))
         if self.options.require_healthy and result.degraded_services:
             message = f"required services unhealthy: {', '.join(result.degraded_services)}"
-            return await self._finish(result, SessionStatus.FAILED, EXIT_UNHEALTHY, message)
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.UNHEALTHY, message)
         try:
             await self._play(result)
         except AuditError as exc:
-            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, str(exc))
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, str(exc))
         except LLMBroken as exc:
-            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, self._llm_down(str(exc)))
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, self._llm_down(str(exc)))
         except (asyncio.CancelledError, KeyboardInterrupt):
-            await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, EXIT_INTERRUPTED, "interrupted"))
+            await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, ExitCode.INTERRUPTED, "interrupted"))
             raise
         if not any(turn.status == "ok" for turn in result.turns):
             # A session in which the model never spoke did not happen, whatever else worked.
-            return await self._finish(result, SessionStatus.FAILED, EXIT_FAILED, self._llm_down("no turn was answered"))
-        return await self._finish(result, SessionStatus.COMPLETED, EXIT_OK, None)
+            reason = self._llm_down("no turn was answered")
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, reason)
+        return await self._finish(result, SessionStatus.COMPLETED, ExitCode.OK, None)
 
     def _llm_down(self, reason: str) -> str:
         """Explain an LLM failure, pointing at the embedded model's log when we run it."""
@@ -182,7 +178,7 @@ class SessionRunner:
     async def _play(self, result: SessionResult) -> None:
         session_config = self.config.session
         turns = self.options.turns or session_config.max_turns
-        schedule = turn_schedule(session_config.strategy, session_config.turn_order, turns, self.options.seed)
+        schedule = turn_schedule(session_config.strategy, self.config.turn_order, turns, self.options.seed)
         history: list[ConversationMessage] = []
         prefetched: asyncio.Task[MemoryFetch] | None = None
         failures_allowed = self.config.resilience.llm_max_consecutive_failures
@@ -228,7 +224,7 @@ class SessionRunner:
 
     @staticmethod
     def _failed(result: SessionResult, error: str) -> SessionResult:
-        result.status, result.exit_code, result.error = SessionStatus.FAILED, EXIT_FAILED, error
+        result.status, result.exit_code, result.error = SessionStatus.FAILED, ExitCode.FAILED, error
         return result
 
 
@@ -244,17 +240,17 @@ async def run_session(
     Raises AuditError if the audit database cannot be opened at all.
     """
     audit = AuditStore.open(config.database.url)
-    mesh = ServiceMesh(config)
+    clients = ServiceClients(config)
     llm = LLMClient(config.llm)
     try:
-        runner = SessionRunner(config, mesh, llm, audit, options, on_health=on_health, on_turn=on_turn)
+        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn)
         return await runner.run()
     finally:
-        await asyncio.shield(_close(mesh, llm, audit))
+        await asyncio.shield(_close(clients, llm, audit))
 
 
-async def _close(mesh: ServiceMesh, llm: LLMClient, audit: AuditStore) -> None:
-    await mesh.close()
+async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore) -> None:
+    await clients.close()
     await llm.close()
     await asyncio.get_running_loop().run_in_executor(None, audit.close)
 

@@ -11,30 +11,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
-from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
-from heist.database_query.v1 import database_query_pb2, database_query_pb2_grpc
-from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
 from heist.tools.v1 import options_pb2 as tool_options
 
-from servers.contract import is_inline_default, required_scope, tool_description
+from heist_common.contract import ServiceContract, contract_of, is_inline_default, required_scope, tool_description
 
 JsonSchema = dict[str, Any]
-
-_PROTO_MODULES: dict[str, tuple[ModuleType, ModuleType, str]] = {
-    "calculator": (calculator_pb2, calculator_pb2_grpc, "CalculatorService"),
-    "file_reader": (file_reader_pb2, file_reader_pb2_grpc, "FileReaderService"),
-    "database_query": (database_query_pb2, database_query_pb2_grpc, "DatabaseQueryService"),
-}
-"""Which generated service implements each configured tool (names match ``services`` in the config)."""
 
 _INTEGER_TYPES = frozenset(
     {
@@ -207,28 +196,26 @@ class ToolService:
         return tuple(sorted({m.required_scope for m in self.methods if m.required_scope}))
 
 
-def _build_service(name: str) -> ToolService:
-    pb2, pb2_grpc, service_name = _PROTO_MODULES[name]
-    descriptor: ServiceDescriptor = pb2.DESCRIPTOR.services_by_name[service_name]
+def _build_service(contract: ServiceContract) -> ToolService:
+    name, descriptor = contract.name, contract.descriptor
     methods = tuple(
         ToolMethod(
             tool=name,
             function_name=f"{name}_{_snake(method.name)}",
             method=method,
             request_class=message_factory.GetMessageClass(method.input_type),
-            description=tool_description(method) or f"{service_name}.{method.name}",
+            description=tool_description(method),
             required_scope=required_scope(method),
             inline_default=is_inline_default(method),
             parameters=message_schema(method.input_type),
         )
-        for method in descriptor.methods
-        if tool_description(method)  # only methods the proto offers to models
+        for method in contract.tool_methods  # only methods the proto offers to models
     )
     inline = next((m for m in methods if m.inline_default), None)
     return ToolService(
         name=name,
         descriptor=descriptor,
-        stub_class=getattr(pb2_grpc, f"{service_name}Stub"),
+        stub_class=contract.stub_class,
         methods=methods,
         inline_method=inline,
     )
@@ -241,9 +228,10 @@ class ToolRegistry:
     services: dict[str, ToolService] = field(default_factory=dict)
 
     @classmethod
-    def default(cls) -> ToolRegistry:
-        """Registry of every tool service the mesh has."""
-        return cls({name: _build_service(name) for name in _PROTO_MODULES})
+    def for_services(cls, names: Iterable[str]) -> ToolRegistry:
+        """Registry of the tool services among ``names`` (services whose contract offers methods to models)."""
+        contracts = (contract_of(name) for name in names)
+        return cls({contract.name: _build_service(contract) for contract in contracts if contract.is_tool})
 
     def service(self, tool: str) -> ToolService:
         """Return the tool service called ``tool``; KeyError for unknown tools."""

@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from servers.settings import MeshSettings, load_mesh_settings
+from heist_common.config import HeistConfig, load_config
 
 DB_FILE = "bank.db"
 
@@ -157,9 +157,9 @@ def shift_rows() -> list[tuple[int, int, str, str, str, str]]:
     return rows
 
 
-def bank_db_path(settings: MeshSettings) -> Path:
+def bank_db_path(config: HeistConfig) -> Path:
     """Return where the bank database lives: ``<run_dir>/data/bank.db``."""
-    return settings.data_dir / DB_FILE
+    return config.mesh.data_dir / DB_FILE
 
 
 def build(path: Path) -> None:
@@ -182,9 +182,9 @@ def build(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def ensure_bank_db(settings: MeshSettings) -> Path:
+def ensure_bank_db(config: HeistConfig) -> Path:
     """Build the bank database unless it exists; return its path. Safe against concurrent first starts."""
-    path = bank_db_path(settings)
+    path = bank_db_path(config)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m servers.bank_db", description="(Re)build the bank database.")
     parser.add_argument("--config", default="config/heist.yaml")
     args = parser.parse_args(argv)
-    settings = load_mesh_settings(args.config)
-    path = bank_db_path(settings)
+    path = bank_db_path(load_config(args.config))
     build(path)
     print(f"built {path}")
     return 0

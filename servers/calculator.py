@@ -16,10 +16,11 @@ from typing import Any
 
 import grpc
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from pydantic import Field
 
-from servers import bootstrap
-from servers.bootstrap import ServiceDefinition
-from servers.settings import CalculatorLimits, MeshSettings
+from heist_common.config import HeistConfig
+from servers import lifecycle
+from servers.lifecycle import ServiceDefinition
 
 Number = int | float
 
@@ -32,6 +33,15 @@ _BINARY_OPERATORS: dict[type[ast.operator], tuple[str, Callable[[Any, Any], Any]
     ast.Mod: ("%", operator.mod),
     ast.Pow: ("**", operator.pow),
 }
+
+
+class Limits(lifecycle.Limits):
+    """``services.calculator.limits``: bounds that keep one expression from eating the CPU or memory."""
+
+    max_expression_chars: int = Field(500, ge=1, strict=True)
+    max_exponent: int = Field(1024, ge=1, strict=True)
+    max_integer_digits: int = Field(300, ge=1, strict=True)
+    max_nodes: int = Field(200, ge=1, strict=True)
 
 
 class CalculationError(ValueError):
@@ -56,9 +66,9 @@ def _count_nodes(node: ast.AST) -> int:
 
 
 class Evaluator:
-    """Evaluates one arithmetic expression within ``CalculatorLimits``."""
+    """Evaluates one arithmetic expression within ``Limits``."""
 
-    def __init__(self, limits: CalculatorLimits) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._integer_bound = 10**limits.max_integer_digits
 
@@ -146,7 +156,7 @@ def render(expression: str, value: Number) -> str:
 class CalculatorServicer(calculator_pb2_grpc.CalculatorServiceServicer):
     """Serves heist.calculator.v1.CalculatorService."""
 
-    def __init__(self, limits: CalculatorLimits) -> None:
+    def __init__(self, limits: Limits) -> None:
         self._evaluator = Evaluator(limits)
 
     async def Evaluate(
@@ -164,15 +174,10 @@ class CalculatorServicer(calculator_pb2_grpc.CalculatorServiceServicer):
         return calculator_pb2.EvaluateResponse(value=as_double, rendered=render(request.expression, value))
 
 
-def service_definition(settings: MeshSettings) -> ServiceDefinition:
-    """Bind the calculator servicer to the bootstrap."""
-    return ServiceDefinition(
-        name="calculator",
-        descriptor=calculator_pb2.DESCRIPTOR.services_by_name["CalculatorService"],
-        servicer=CalculatorServicer(settings.limits.calculator),
-        register=calculator_pb2_grpc.add_CalculatorServiceServicer_to_server,
-    )
+def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
+    """Build the calculator's servicer."""
+    return ServiceDefinition("calculator", CalculatorServicer(limits))
 
 
 if __name__ == "__main__":
-    raise SystemExit(bootstrap.main("calculator", service_definition))
+    raise SystemExit(lifecycle.main(__spec__))

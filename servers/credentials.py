@@ -26,38 +26,46 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from servers.settings import MeshSettings
+from heist_common.config import HeistConfig
+from heist_common.credentials import (
+    CLIENT_SECRET_ENV_PREFIX,
+    CLIENTS_FILE,
+    CREDENTIALS_DIR_ENV,
+    CredentialsError,
+    client_secret,
+    client_secret_env_var,
+    credentials_dir,
+)
 
-CREDENTIALS_DIR_ENV = "HEIST_CREDENTIALS_DIR"
+__all__ = [
+    "CLIENTS_FILE",
+    "CLIENT_SECRET_ENV_PREFIX",
+    "CREDENTIALS_DIR_ENV",
+    "PUBLIC_KEY_FILE_ENV",
+    "SIGNING_KEY_FILE_ENV",
+    "CredentialsError",
+    "client_secret",
+    "client_secret_env_var",
+    "client_secrets",
+    "credentials_dir",
+    "ensure_dev_credentials",
+    "key_id",
+    "public_key",
+    "public_key_overridden",
+    "public_pem",
+    "signing_key",
+]
+
 SIGNING_KEY_FILE_ENV = "HEIST_OAUTH_SIGNING_KEY_FILE"
 PUBLIC_KEY_FILE_ENV = "HEIST_OAUTH_PUBLIC_KEY_FILE"
-CLIENT_SECRET_ENV_PREFIX = "HEIST_OAUTH_CLIENT_SECRET_"
-
-CLIENTS_FILE = "clients.json"
 SIGNING_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "public_key.pem"
-
-
-class CredentialsError(RuntimeError):
-    """A secret or key is missing or unreadable."""
-
-
-def credentials_dir(settings: MeshSettings) -> Path:
-    """Return the folder holding the credentials (``HEIST_CREDENTIALS_DIR`` wins)."""
-    override = os.environ.get(CREDENTIALS_DIR_ENV)
-    return Path(override) if override else settings.credentials_dir
-
-
-def client_secret_env_var(client_id: str) -> str:
-    """Return the environment variable that overrides one client's secret."""
-    return CLIENT_SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", client_id).upper()
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -75,26 +83,26 @@ def public_key_overridden() -> bool:
     return bool(os.environ.get(PUBLIC_KEY_FILE_ENV))
 
 
-def ensure_dev_credentials(settings: MeshSettings) -> Path:
+def ensure_dev_credentials(config: HeistConfig) -> Path:
     """Create whatever local development credentials are missing; return their folder.
 
     Existing secrets and keys are kept (tokens and clients stay valid across
     restarts); a client added to the config later gets a secret added. A lock
     file serialises concurrent first starts so they never generate two keys.
     """
-    folder = credentials_dir(settings)
+    folder = credentials_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     lock_fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        _create_missing(settings, folder)
+        _create_missing(config, folder)
     finally:
         os.close(lock_fd)
     return folder
 
 
-def _create_missing(settings: MeshSettings, folder: Path) -> None:
+def _create_missing(config: HeistConfig, folder: Path) -> None:
 
     clients_path = folder / CLIENTS_FILE
     existing: dict[str, str] = {}
@@ -102,7 +110,7 @@ def _create_missing(settings: MeshSettings, folder: Path) -> None:
         loaded = json.loads(clients_path.read_text(encoding="utf-8"))
         if isinstance(loaded, dict):
             existing = {str(k): str(v) for k, v in loaded.items()}
-    wanted = {cid: existing.get(cid) or secrets.token_urlsafe(32) for cid in settings.oauth.clients}
+    wanted = {cid: existing.get(cid) or secrets.token_urlsafe(32) for cid in config.oauth.clients}
     merged = {**existing, **wanted}
     if merged != existing or not clients_path.exists():
         _write_private(clients_path, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
@@ -123,28 +131,9 @@ def _create_missing(settings: MeshSettings, folder: Path) -> None:
         _write_private(public_path, public_pem(private_key.public_key()).encode())
 
 
-def client_secret(settings: MeshSettings, client_id: str) -> str:
-    """Return one client's secret: the environment variable, else the generated file."""
-    from_env = os.environ.get(client_secret_env_var(client_id))
-    if from_env:
-        return from_env
-    path = credentials_dir(settings) / CLIENTS_FILE
-    try:
-        secrets_by_client = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CredentialsError(
-            f"no secret for client {client_id!r}: set {client_secret_env_var(client_id)} or start the oauth "
-            f"server once to generate {path} ({exc})"
-        ) from None
-    secret = secrets_by_client.get(client_id) if isinstance(secrets_by_client, dict) else None
-    if not isinstance(secret, str) or not secret:
-        raise CredentialsError(f"no secret for client {client_id!r} in {path}")
-    return secret
-
-
-def client_secrets(settings: MeshSettings) -> dict[str, str]:
+def client_secrets(config: HeistConfig) -> dict[str, str]:
     """Return the secret of every configured client (what the OAuth server checks against)."""
-    return {client_id: client_secret(settings, client_id) for client_id in settings.oauth.clients}
+    return {client_id: client_secret(config, client_id) for client_id in config.oauth.clients}
 
 
 def _load_private(path: Path) -> Ed25519PrivateKey:
@@ -167,16 +156,16 @@ def _load_public(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def signing_key(settings: MeshSettings) -> Ed25519PrivateKey:
+def signing_key(config: HeistConfig) -> Ed25519PrivateKey:
     """Return the Ed25519 key the OAuth server signs tokens with."""
     override = os.environ.get(SIGNING_KEY_FILE_ENV)
-    return _load_private(Path(override) if override else credentials_dir(settings) / SIGNING_KEY_FILE)
+    return _load_private(Path(override) if override else credentials_dir(config) / SIGNING_KEY_FILE)
 
 
-def public_key(settings: MeshSettings) -> Ed25519PublicKey:
+def public_key(config: HeistConfig) -> Ed25519PublicKey:
     """Return the Ed25519 key tool servers verify tokens with."""
     override = os.environ.get(PUBLIC_KEY_FILE_ENV)
-    return _load_public(Path(override) if override else credentials_dir(settings) / PUBLIC_KEY_FILE)
+    return _load_public(Path(override) if override else credentials_dir(config) / PUBLIC_KEY_FILE)
 
 
 def public_pem(key: Ed25519PublicKey) -> str:

@@ -19,11 +19,21 @@ import grpc
 from google.protobuf import struct_pb2
 from heist.database_query.v1 import database_query_pb2 as pb
 from heist.database_query.v1 import database_query_pb2_grpc as pb_grpc
+from pydantic import Field
 
-from servers import bootstrap
+from heist_common.config import HeistConfig
+from servers import lifecycle
 from servers.bank_db import ensure_bank_db
-from servers.bootstrap import ServiceDefinition
-from servers.settings import DatabaseQueryLimits, MeshSettings
+from servers.lifecycle import ServiceDefinition
+
+
+class Limits(lifecycle.Limits):
+    """``services.database_query.limits``: row, time and size bounds on one SQL query."""
+
+    max_rows: int = Field(200, ge=1, strict=True)
+    query_timeout_s: float = Field(2.0, gt=0, strict=True)
+    max_sql_chars: int = Field(4000, ge=1, strict=True)
+
 
 ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION})
 _AUTHORIZER_ACTIONS = (
@@ -81,7 +91,7 @@ def to_value(value: Any) -> pb.Value:
 class BankDatabase:
     """Read-only access to the bank database file, one connection per query."""
 
-    def __init__(self, path: Path, limits: DatabaseQueryLimits) -> None:
+    def __init__(self, path: Path, limits: Limits) -> None:
         self.path = path
         self.limits = limits
 
@@ -207,15 +217,10 @@ class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
         )
 
 
-def service_definition(settings: MeshSettings) -> ServiceDefinition:
-    """Bind the database servicer to the bootstrap (builds the bank database on first start)."""
-    return ServiceDefinition(
-        name="database_query",
-        descriptor=pb.DESCRIPTOR.services_by_name["DatabaseQueryService"],
-        servicer=DatabaseQueryServicer(BankDatabase(ensure_bank_db(settings), settings.limits.database_query)),
-        register=pb_grpc.add_DatabaseQueryServiceServicer_to_server,
-    )
+def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
+    """Build the database servicer (and the bank database, on first start)."""
+    return ServiceDefinition("database_query", DatabaseQueryServicer(BankDatabase(ensure_bank_db(config), limits)))
 
 
 if __name__ == "__main__":
-    raise SystemExit(bootstrap.main("database_query", service_definition))
+    raise SystemExit(lifecycle.main(__spec__))

@@ -13,12 +13,28 @@ from typing import Any
 
 import grpc
 from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
+from pydantic import Field, field_validator
 
-from servers import bootstrap
-from servers.bootstrap import ServiceDefinition
-from servers.settings import FileReaderLimits, MeshSettings
+from heist_common.config import HeistConfig
+from heist_common.layout import anchored
+from servers import lifecycle
+from servers.lifecycle import ServiceDefinition
 
 MAX_FILENAME_CHARS = 255
+DEFAULT_DOCUMENTS_DIR = Path(__file__).resolve().parent / "data" / "documents"
+
+
+class Limits(lifecycle.Limits):
+    """``services.file_reader.limits``: which folder is served and the biggest file returned."""
+
+    documents_dir: Path = DEFAULT_DOCUMENTS_DIR
+    """Relative paths are under the repository root."""
+    max_file_bytes: int = Field(256 * 1024, ge=1, strict=True)
+
+    @field_validator("documents_dir")
+    @classmethod
+    def _anchor(cls, value: Path) -> Path:
+        return anchored(value)
 
 
 class DocumentError(Exception):
@@ -33,7 +49,7 @@ class DocumentError(Exception):
 class DocumentFolder:
     """The one folder of readable documents."""
 
-    def __init__(self, limits: FileReaderLimits) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.root = limits.documents_dir.resolve()
         self.max_bytes = limits.max_file_bytes
 
@@ -99,7 +115,7 @@ class DocumentFolder:
 class FileReaderServicer(file_reader_pb2_grpc.FileReaderServiceServicer):
     """Serves heist.file_reader.v1.FileReaderService."""
 
-    def __init__(self, limits: FileReaderLimits) -> None:
+    def __init__(self, limits: Limits) -> None:
         self._folder = DocumentFolder(limits)
 
     async def ReadFile(
@@ -122,15 +138,10 @@ class FileReaderServicer(file_reader_pb2_grpc.FileReaderServiceServicer):
         )
 
 
-def service_definition(settings: MeshSettings) -> ServiceDefinition:
-    """Bind the file reader servicer to the bootstrap."""
-    return ServiceDefinition(
-        name="file_reader",
-        descriptor=file_reader_pb2.DESCRIPTOR.services_by_name["FileReaderService"],
-        servicer=FileReaderServicer(settings.limits.file_reader),
-        register=file_reader_pb2_grpc.add_FileReaderServiceServicer_to_server,
-    )
+def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
+    """Build the file reader's servicer."""
+    return ServiceDefinition("file_reader", FileReaderServicer(limits))
 
 
 if __name__ == "__main__":
-    raise SystemExit(bootstrap.main("file_reader", service_definition))
+    raise SystemExit(lifecycle.main(__spec__))

@@ -13,12 +13,23 @@ from typing import Any
 
 import grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
+from pydantic import Field
 
-from servers import bootstrap
-from servers.bootstrap import ServiceDefinition, session_id
-from servers.settings import MemoryLimits, MeshSettings
+from heist_common.config import HeistConfig
+from servers import lifecycle
+from servers.lifecycle import ServiceDefinition
+from servers.middleware import session_id
 
 TRUNCATION_MARK = "..."
+
+
+class Limits(lifecycle.Limits):
+    """``services.memory.limits``: size bounds and defaults of the memory service."""
+
+    max_message_bytes: int = Field(64 * 1024, ge=1, strict=True)
+    default_recent_count: int = Field(5, ge=1, strict=True)
+    default_max_chars: int = Field(100, ge=1, strict=True)
+    max_agent_id_chars: int = Field(128, ge=1, strict=True)
 
 
 class MemoryStore:
@@ -93,7 +104,7 @@ def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Serves heist.memory.v1.MemoryService."""
 
-    def __init__(self, limits: MemoryLimits) -> None:
+    def __init__(self, limits: Limits) -> None:
         self._limits = limits
         self._store = MemoryStore()
 
@@ -166,15 +177,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.ClearMemoriesResponse(cleared=self._store.clear_session(session))
 
 
-def service_definition(settings: MeshSettings) -> ServiceDefinition:
-    """Bind the memory servicer to the bootstrap."""
-    return ServiceDefinition(
-        name="memory",
-        descriptor=memory_pb2.DESCRIPTOR.services_by_name["MemoryService"],
-        servicer=MemoryServicer(settings.limits.memory),
-        register=memory_pb2_grpc.add_MemoryServiceServicer_to_server,
-    )
+def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
+    """Build the memory servicer."""
+    return ServiceDefinition("memory", MemoryServicer(limits))
 
 
 if __name__ == "__main__":
-    raise SystemExit(bootstrap.main("memory", service_definition))
+    raise SystemExit(lifecycle.main(__spec__))

@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
-from servers import bootstrap, credentials
-from servers.bootstrap import ServiceDefinition
-from servers.settings import MeshSettings
+from heist_common.config import HeistConfig
+from servers import credentials, lifecycle
+from servers.lifecycle import ServiceDefinition
 from servers.tokens import ALGORITHM, InvalidTokenError, TokenVerifier, issue_token
 
 GRANT_TYPE = "client_credentials"
@@ -24,11 +24,11 @@ GRANT_TYPE = "client_credentials"
 class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
     """Serves heist.oauth.v1.OAuthService."""
 
-    def __init__(self, settings: MeshSettings) -> None:
-        credentials.ensure_dev_credentials(settings)
-        self._settings = settings.oauth
-        self._secrets = credentials.client_secrets(settings)
-        self._signing_key = credentials.signing_key(settings)
+    def __init__(self, config: HeistConfig) -> None:
+        credentials.ensure_dev_credentials(config)
+        self._settings = config.oauth
+        self._secrets = credentials.client_secrets(config)
+        self._signing_key = credentials.signing_key(config)
         public = self._signing_key.public_key()
         self._verifier = TokenVerifier(public, issuer=self._settings.issuer, audience=self._settings.audience)
         self._key = oauth_pb2.SigningKey(
@@ -101,15 +101,10 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
         )
 
 
-def service_definition(settings: MeshSettings) -> ServiceDefinition:
-    """Bind the OAuth servicer to the bootstrap (creates dev credentials on first start)."""
-    return ServiceDefinition(
-        name="oauth",
-        descriptor=oauth_pb2.DESCRIPTOR.services_by_name["OAuthService"],
-        servicer=OAuthServicer(settings),
-        register=oauth_pb2_grpc.add_OAuthServiceServicer_to_server,
-    )
+def service_definition(config: HeistConfig, limits: lifecycle.Limits) -> ServiceDefinition:
+    """Build the OAuth servicer (and the dev credentials, on first start)."""
+    return ServiceDefinition("oauth", OAuthServicer(config))
 
 
 if __name__ == "__main__":
-    raise SystemExit(bootstrap.main("oauth", service_definition))
+    raise SystemExit(lifecycle.main(__spec__))

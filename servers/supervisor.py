@@ -30,55 +30,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from heist.calculator.v1 import calculator_pb2
-from heist.database_query.v1 import database_query_pb2
-from heist.file_reader.v1 import file_reader_pb2
-from heist.memory.v1 import memory_pb2
-from heist.oauth.v1 import oauth_pb2
 
+from heist_common.config import ConfigError, HeistConfig, load_config, split_address
+from heist_common.contract import Catalogue, ContractError
+from heist_common.exit_codes import ExitCode
+from heist_common.layout import REPO_ROOT
 from servers import credentials
-from servers.bank_db import ensure_bank_db
-from servers.settings import REPO_ROOT, SERVICE_NAMES, ConfigError, MeshSettings, load_mesh_settings, split_address
+from servers.lifecycle import service_limits
 
-GRPC_FULL_NAMES = {
-    "oauth": oauth_pb2.DESCRIPTOR.services_by_name["OAuthService"].full_name,
-    "memory": memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
-    "calculator": calculator_pb2.DESCRIPTOR.services_by_name["CalculatorService"].full_name,
-    "file_reader": file_reader_pb2.DESCRIPTOR.services_by_name["FileReaderService"].full_name,
-    "database_query": database_query_pb2.DESCRIPTOR.services_by_name["DatabaseQueryService"].full_name,
-}
 LLM_NAME = "llm"
 LLM_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-DEFAULT_LLM_BASE_URL = "http://127.0.0.1:1234/v1"
-DEFAULT_LLM_ALIAS = "gemma-3-270m"
 GRPC_START_TIMEOUT_S = 30.0
 LLM_START_TIMEOUT_S = 120.0
 LLM_PROBE_TIMEOUT_S = 10.0
 """A one-token completion on the embedded model takes milliseconds; allow for a loaded machine."""
 POLL_INTERVAL_S = 0.1
-EXIT_DOWN = 3
 
 
-@dataclass(frozen=True)
-class LlmSettings:
-    """The embedded model server, read tolerantly from the orchestrator-owned ``llm`` section."""
-
-    embedded: bool
-    base_url: str
-    alias: str
-
-    @property
-    def host(self) -> str:
-        """Host the model server listens on."""
-        return urlsplit(self.base_url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        """Port the model server listens on."""
-        parts = urlsplit(self.base_url)
-        return parts.port or (443 if parts.scheme == "https" else 80)
+def llm_host_port(base_url: str) -> tuple[str, int]:
+    """Where the embedded model server listens, from ``llm.base_url``."""
+    parts = urlsplit(base_url)
+    return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 @dataclass(frozen=True)
@@ -91,65 +64,49 @@ class ManagedProcess:
     start_timeout_s: float
 
 
-def read_llm_settings(config_path: Path) -> LlmSettings:
-    """Read ``llm.embedded``, ``llm.base_url`` and ``llm.model`` without validating the rest of the section."""
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        raw = None
-    section: Any = raw.get("llm") if isinstance(raw, dict) else None
-    if not isinstance(section, dict):
-        section = {}
-    base_url = section.get("base_url")
-    alias = section.get("model")
-    return LlmSettings(
-        embedded=section.get("embedded") is True,
-        base_url=(base_url if isinstance(base_url, str) and base_url else DEFAULT_LLM_BASE_URL).rstrip("/"),
-        alias=alias if isinstance(alias, str) and alias else DEFAULT_LLM_ALIAS,
-    )
-
-
 class Supervisor:
     """Process management for one config file's run folder."""
 
-    def __init__(self, settings: MeshSettings, out: Any = None) -> None:
-        self.settings = settings
-        self.llm = read_llm_settings(settings.config_path)
+    def __init__(self, config: HeistConfig, out: Any = None) -> None:
+        self.config = config
+        self.llm = config.llm
+        self.catalogue = Catalogue(config.services)
         self.out = out or sys.stdout
 
     # -- bookkeeping -------------------------------------------------------------------------
 
     def pid_file(self, name: str) -> Path:
         """Return the pid file of ``name``."""
-        return self.settings.pid_dir / f"{name}.pid"
+        return self.config.mesh.pid_dir / f"{name}.pid"
 
     def log_file(self, name: str) -> Path:
         """Return the log file of ``name``."""
-        return self.settings.log_dir / f"{name}.log"
+        return self.config.mesh.log_dir / f"{name}.log"
 
     def model_path(self) -> Path:
         """Return where the embedded model is assembled."""
-        return self.settings.models_dir / LLM_MODEL_FILE
+        return self.config.mesh.models_dir / LLM_MODEL_FILE
 
     def grpc_process(self, name: str) -> ManagedProcess:
         """Describe one gRPC service process."""
-        command = [sys.executable, "-m", f"servers.{name}", "--config", str(self.settings.config_path)]
-        return ManagedProcess(name, self.settings.address(name), command, GRPC_START_TIMEOUT_S)
+        command = [sys.executable, "-m", f"servers.{name}", "--config", str(self.config.config_path)]
+        return ManagedProcess(name, self.config.service(name).address, command, GRPC_START_TIMEOUT_S)
 
     def llm_process(self) -> ManagedProcess:
         """Describe the embedded llama.cpp server process."""
+        host, port = llm_host_port(self.llm.base_url)
         command = [
             sys.executable, "-m", "llama_cpp.server",
             "--model", str(self.model_path()),
-            "--model_alias", self.llm.alias,
-            "--host", self.llm.host,
-            "--port", str(self.llm.port),
+            "--model_alias", self.llm.model,
+            "--host", host,
+            "--port", str(port),
             "--n_ctx", "4096",
             "--n_threads", "2",
             # Only for prompt_style: chat; the model file has no chat template of its own.
             "--chat_format", "gemma",
         ]  # fmt: skip
-        return ManagedProcess(LLM_NAME, f"{self.llm.host}:{self.llm.port}", command, LLM_START_TIMEOUT_S)
+        return ManagedProcess(LLM_NAME, f"{host}:{port}", command, LLM_START_TIMEOUT_S)
 
     def read_pid(self, name: str) -> int | None:
         """Return the recorded pid of ``name`` if that process is alive and is ours, else None."""
@@ -165,28 +122,27 @@ class Supervisor:
         """Return (SERVING | NOT_SERVING | DOWN, latency ms) for one process."""
         started = time.perf_counter()
         if name == LLM_NAME:
-            status = llm_completes(self.llm.base_url, self.llm.alias, max(timeout_s, LLM_PROBE_TIMEOUT_S))
+            status = llm_completes(self.llm.base_url, self.llm.model, max(timeout_s, LLM_PROBE_TIMEOUT_S))
         else:
-            status = grpc_health(address, GRPC_FULL_NAMES[name], timeout_s)
+            status = grpc_health(address, self.catalogue[name].full_name, timeout_s)
         return status, (time.perf_counter() - started) * 1000.0
 
     # -- serve -------------------------------------------------------------------------------
 
     def serve(self, llm: bool) -> int:
         """Start whatever is not running yet and wait until everything is healthy; return the exit code."""
-        credentials.ensure_dev_credentials(self.settings)
-        ensure_bank_db(self.settings)
-        processes = [self.grpc_process(name) for name in SERVICE_NAMES]
+        credentials.ensure_dev_credentials(self.config)
+        processes = [self.grpc_process(name) for name in self.config.services]
         if llm and self.llm.embedded:
             error = self.prepare_llm()
             if error:
                 print(f"serve: {error}", file=sys.stderr)
-                return 1
+                return ExitCode.FAILED
             processes.append(self.llm_process())
         elif llm:
             print("serve: llm.embedded is not true in the config; not starting an embedded model", file=self.out)
-        self.settings.pid_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config.mesh.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.config.mesh.log_dir.mkdir(parents=True, exist_ok=True)
 
         started: dict[str, subprocess.Popen[bytes]] = {}
         for process in processes:
@@ -203,7 +159,7 @@ class Supervisor:
                     f" is already in use by another process",
                     file=sys.stderr,
                 )
-                return 1
+                return ExitCode.FAILED
             started[process.name] = self.spawn(process)
 
         for process in processes:
@@ -213,10 +169,10 @@ class Supervisor:
                 print(f"serve: {process.name} did not become SERVING: {failure}", file=sys.stderr)
                 print(f"--- last lines of {self.log_file(process.name)} ---", file=sys.stderr)
                 print(tail(self.log_file(process.name)), file=sys.stderr)
-                return 1
+                return ExitCode.FAILED
             pid = self.read_pid(process.name)
             print(f"{process.name}: SERVING on {process.address} (pid {pid})", file=self.out)
-        return 0
+        return ExitCode.OK
 
     def prepare_llm(self) -> str | None:
         """Assemble the model file once and check llama-cpp-python is importable; return an error or None."""
@@ -268,7 +224,7 @@ class Supervisor:
     def abort_started(self, started: dict[str, subprocess.Popen[bytes]]) -> None:
         """Stop what this serve call started, so a failed serve leaves nothing half-running."""
         for name, child in started.items():
-            terminate(child.pid, self.settings.shutdown_grace_s)
+            terminate(child.pid, self.config.mesh.shutdown_grace_s)
             child.poll()
             self.pid_file(name).unlink(missing_ok=True)
 
@@ -276,13 +232,13 @@ class Supervisor:
 
     def known_processes(self) -> list[ManagedProcess]:
         """Every gRPC service, plus the embedded LLM when serve started it (``--llm off`` runs stay green)."""
-        processes = [self.grpc_process(name) for name in SERVICE_NAMES]
+        processes = [self.grpc_process(name) for name in self.config.services]
         if self.pid_file(LLM_NAME).exists():
             processes.append(self.llm_process())
         return processes
 
     def status(self) -> int:
-        """Print a health table; return 0 when everything is SERVING, else 3.
+        """Print a health table; return 0 when everything is SERVING, else ExitCode.UNHEALTHY.
 
         A process that serve started and that has since died is shown with the
         last lines of its log, which is where a crash explains itself.
@@ -301,15 +257,15 @@ class Supervisor:
         for name in crashed:
             print(f"\n{name} exited; last lines of {self.log_file(name)} ('make serve' restarts it):", file=self.out)
             print(tail(self.log_file(name), 10), file=self.out)
-        return 0 if all(row[3] == "SERVING" for row in rows[1:]) else EXIT_DOWN
+        return ExitCode.OK if all(row[3] == "SERVING" for row in rows[1:]) else ExitCode.UNHEALTHY
 
     def stop(self) -> int:
         """SIGTERM every recorded process, SIGKILL what outlives the grace period, remove pid files."""
-        names = [*SERVICE_NAMES, LLM_NAME]
+        names = [*self.config.services, LLM_NAME]
         targets = {name: pid for name in names if (pid := self.read_pid(name)) is not None}
         for pid in targets.values():
             signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.shutdown_grace_s + 3.0
+        deadline = time.monotonic() + self.config.mesh.shutdown_grace_s + 3.0
         while time.monotonic() < deadline and any(pid_alive(pid) for pid in targets.values()):
             time.sleep(POLL_INTERVAL_S)
         for name, pid in targets.items():
@@ -322,7 +278,7 @@ class Supervisor:
             print(f"{name}: stopped (pid {pid})", file=self.out)
         if not targets:
             print("nothing running", file=self.out)
-        return 0
+        return ExitCode.OK
 
 
 def pid_alive(pid: int) -> bool:
@@ -432,11 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--llm", choices=["on", "off"], default="off", help="also run the embedded LLM (serve)")
     args = parser.parse_args(argv)
     try:
-        settings = load_mesh_settings(args.config)
-    except ConfigError as exc:
+        config = load_config(args.config)
+        supervisor = Supervisor(config)
+        if args.command == "serve":  # every service's own limits, before anything starts
+            for name in config.services:
+                service_limits(name, config)
+    except (ConfigError, ContractError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    supervisor = Supervisor(settings)
+        return ExitCode.CONFIG
     if args.command == "serve":
         return supervisor.serve(llm=args.llm == "on")
     if args.command == "status":

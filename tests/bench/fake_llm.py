@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from heist_common.config import LLMConfig
 from orchestrator.clients import HealthResult
-from orchestrator.config import LLMConfig
 from orchestrator.llm import Completion, LLMClient
 
 ARGUMENTS = {

@@ -35,7 +35,7 @@ from heist.file_reader.v1 import file_reader_pb2
 from heist.memory.v1 import memory_pb2
 from heist.oauth.v1 import oauth_pb2
 
-from servers.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
+from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.turns import percentiles
 

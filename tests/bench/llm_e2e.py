@@ -27,13 +27,13 @@ from typing import Any
 
 import openai
 
+from heist_common.config import HeistConfig
 from orchestrator.audit import AuditStore
-from orchestrator.clients import ServiceMesh
-from orchestrator.config import HeistConfig
+from orchestrator.clients import ServiceClients
 from orchestrator.llm import LLMClient
 from orchestrator.runner import RunOptions, SessionRunner
-from tests.ports import free_port
-from tests.server_processes import REPO, stop_process
+from tests.support.ports import free_port
+from tests.support.processes import REPO, stop_process
 
 MODEL_PATH = REPO / "var" / "models" / "gemma-3-270m-q4_k_m.gguf"
 START_TIMEOUT_S = 120.0
@@ -120,7 +120,7 @@ class RecordingLLM(LLMClient):
 
 async def _end_to_end(config: HeistConfig, turns: int) -> tuple[list[Any], list[Recorded]]:
     audit = AuditStore.open(config.database.url)
-    mesh = ServiceMesh(config)
+    mesh = ServiceClients(config)
     llm = RecordingLLM(config.llm)
     try:
         runner = SessionRunner(config, mesh, llm, audit, RunOptions(turns=turns, session_id=f"llm_{time.time_ns()}"))
@@ -158,9 +158,11 @@ async def _replay(base_url: str, recorded: list[Recorded], primer: Recorded) -> 
 
 async def embedded_llm(config: HeistConfig, base_url: str, turns: int) -> dict[str, Any]:
     """Run ``turns`` real turns through the mesh, then replay their LLM requests alone; compare tokens/s."""
-    llm = dataclasses.replace(
-        config.llm, base_url=base_url, prompt_style="transcript", tool_calling="inline", prefill_tool_every=2,
-        max_tokens=60, temperature=0.7, repeat_penalty=1.3, top_k=40, timeout_s=120, max_retries=0,
+    llm = config.llm.model_copy(
+        update=dict(
+            base_url=base_url, prompt_style="transcript", tool_calling="inline", prefill_tool_every=2,
+            max_tokens=60, temperature=0.7, repeat_penalty=1.3, top_k=40, timeout_s=120, max_retries=0,
+        )
     )  # fmt: skip
     config = config.with_overrides(llm=llm)
     _, warmup = await _end_to_end(config, 2)  # warm-up: model pages, channels; its last request primes the replay

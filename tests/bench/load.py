@@ -26,7 +26,7 @@ from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
-from servers.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
+from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
 from tests.bench.echo import METHOD as ECHO_METHOD
 
 Call = Callable[[int, int], Any]

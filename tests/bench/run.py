@@ -25,15 +25,15 @@ from typing import Any
 
 import grpc
 
-from orchestrator.clients import ServiceMesh
+from orchestrator.clients import ServiceClients
 from servers import credentials
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.llm_e2e import run_embedded_llm
-from tests.bench.procs import ProcessMesh, machine_info
+from tests.bench.procs import BenchMesh, machine_info
 from tests.bench.throughput import generator, load
 from tests.bench.turns import bench_config, parallel_sessions, percentiles, turn_overhead
-from tests.ports import free_port
-from tests.server_processes import REPO, stop_process
+from tests.support.ports import free_port
+from tests.support.processes import REPO, stop_process
 
 TARGETS = {
     "turn_p50_ms": 1.0,
@@ -89,9 +89,9 @@ async def unary_round_trip(address: str, calls: int) -> dict[str, Any]:
     return percentiles(samples)
 
 
-async def tokens_for_load(mesh: ProcessMesh) -> dict[str, str]:
+async def tokens_for_load(mesh: BenchMesh) -> dict[str, str]:
     """One bearer token per tool scope, issued by the OAuth server process."""
-    client = ServiceMesh(mesh.config)
+    client = ServiceClients(mesh.config)
     try:
         return {
             scope: await client.tokens.token(oauth_client, [scope], ())
@@ -130,7 +130,7 @@ def run(smoke: bool, out: Path, loadgen: str = "auto") -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="heist-bench-") as tmp:
         work = Path(tmp)
-        mesh = ProcessMesh(work)
+        mesh = BenchMesh(work)
         echo = EchoServer()
         try:
             mesh.start()
@@ -147,7 +147,7 @@ def run(smoke: bool, out: Path, loadgen: str = "auto") -> dict[str, Any]:
             use = generator("python" if smoke and loadgen == "auto" else loadgen)
             print(f"2/4 throughput (load generator: {use}) ...", flush=True)
             tokens = asyncio.run(tokens_for_load(mesh))
-            secret = credentials.client_secret(mesh.config.mesh, "safecracker")
+            secret = credentials.client_secret(mesh.config, "safecracker")
             throughput: dict[str, Any] = {}
             for kind, (service, spec) in KINDS.items():
                 address = echo.address if service == "echo" else mesh.address(service)

@@ -68,11 +68,11 @@ def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
 def test_h2load_throughput_checks_grpc_status(tmp_path: Path) -> None:
-    from tests.bench.procs import ProcessMesh
+    from tests.bench.procs import BenchMesh
     from tests.bench.run import tokens_for_load
     from tests.bench.throughput import load
 
-    with ProcessMesh(tmp_path) as mesh:
+    with BenchMesh(tmp_path) as mesh:
         token = asyncio.run(tokens_for_load(mesh))["calculator:use"]
         log = mesh.log_dir / "calculator.log"
         row = load(mesh.address("calculator"), "evaluate", concurrency=64, duration_s=1.0,

@@ -17,7 +17,7 @@ from typing import Any
 
 from tests.bench import h2load
 from tests.bench.turns import percentiles
-from tests.server_processes import REPO
+from tests.support.processes import REPO
 
 LOAD_PROCESSES = 2
 

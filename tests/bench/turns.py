@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import statistics
 import time
 from typing import Any
 
+from heist_common.config import HeistConfig
 from orchestrator.agent import TurnResult
 from orchestrator.audit import AuditStore
-from orchestrator.clients import ServiceMesh
-from orchestrator.config import HeistConfig
+from orchestrator.clients import ServiceClients
 from orchestrator.runner import RunOptions, SessionRunner
 from tests.bench.fake_llm import InstantLLM
 
@@ -38,7 +37,7 @@ async def run_sessions(
 ) -> tuple[list[TurnResult], float]:
     """Run ``sessions`` sessions of ``turns`` turns at once on one shared mesh; return the turns and the wall time."""
     audit = AuditStore.open(config.database.url)
-    mesh = ServiceMesh(config)
+    mesh = ServiceClients(config)
     llm = InstantLLM(config.llm, delay_s)
     try:
         runners = [
@@ -116,5 +115,5 @@ async def parallel_sessions(
 
 def bench_config(config: HeistConfig) -> HeistConfig:
     """The config with the LLM section the in-process LLM expects (transcript, a tool marker every turn)."""
-    llm = dataclasses.replace(config.llm, prompt_style="transcript", prefill_tool_every=1, tool_calling="inline")
+    llm = config.llm.model_copy(update=dict(prompt_style="transcript", prefill_tool_every=1, tool_calling="inline"))
     return config.with_overrides(llm=llm)

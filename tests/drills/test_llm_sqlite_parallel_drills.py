@@ -11,9 +11,9 @@ from collections.abc import Callable
 import pytest
 
 from orchestrator.runner import RunOptions, run_session
-from tests.drills.conftest import DrillMesh, DrillScript, drill_resilience, session_memories
-from tests.scripted_llm import ScriptedLLM, hang, http_error, text
-from tests.server_processes import REPO
+from tests.drills.script import DrillScript, drill_resilience
+from tests.support.processes import REPO, ProcessMesh, session_memories
+from tests.support.scripted_llm import ScriptedLLM, hang, http_error, text
 
 pytestmark = pytest.mark.drill
 
@@ -28,7 +28,7 @@ db.execute("COMMIT")
 """
 
 
-def cli_run(mesh: DrillMesh, session_id: str, *extra: str, **popen: object) -> subprocess.Popen[str]:
+def cli_run(mesh: ProcessMesh, session_id: str, *extra: str, **popen: object) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "orchestrator.cli", "run", "--config", str(mesh.config_path)]
     return subprocess.Popen(
         [*command, "--turns", str(TURNS), "--session-id", session_id, *extra],
@@ -41,7 +41,7 @@ def cli_run(mesh: DrillMesh, session_id: str, *extra: str, **popen: object) -> s
 
 
 async def test_llm_500_and_hang_become_the_turns_message(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     timeout_s = 0.5
     mesh = drill_mesh(
@@ -70,7 +70,7 @@ async def test_llm_500_and_hang_become_the_turns_message(
 
 
 async def test_sqlite_write_lock_held_by_another_process(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     mesh = drill_mesh(resilience=drill_resilience())
     mesh.start()
@@ -98,7 +98,7 @@ async def test_sqlite_write_lock_held_by_another_process(
 
 
 def test_disk_full_stops_the_run_cleanly_and_marks_it_failed(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     mesh = drill_mesh(resilience=drill_resilience())
     mesh.start()
@@ -131,7 +131,7 @@ def test_disk_full_stops_the_run_cleanly_and_marks_it_failed(
 
 
 def test_four_cli_sessions_at_once_share_one_mesh_and_one_database(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     mesh = drill_mesh(resilience=drill_resilience())
     mesh.start()

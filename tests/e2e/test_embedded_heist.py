@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from servers.settings import REPO_ROOT
+from heist_common.layout import REPO_ROOT
 from tests.e2e.harness import Mesh, make
-from tests.ports import listening
+from tests.support.ports import listening
 
 pytestmark = pytest.mark.llm
 TURNS = 4
@@ -45,7 +45,7 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    session_id = re.search(r"Session:\s+(heist_\d{8}_\d{6}_[0-9a-f]{4}) \(completed\)", run.stdout)
+    session_id = re.search(r"Session:\s+(heist_\d{8}_\d{6}_[0-9a-f]{16}) \(completed\)", run.stdout)
     assert session_id, run.stdout
     session = session_id.group(1)
 
@@ -66,11 +66,8 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
     tools = audit.execute(
         "SELECT agent_name, tool_name FROM tool_usage WHERE session_id = ? ORDER BY id", (session,)
     ).fetchall()
-    assert [row for row in tools] == [
-        ("hacker", "file_reader"),
-        ("safecracker", "calculator"),
-        ("mole", "database_query"),
-    ]
+    first_call_of = {agent: tool for agent, tool in reversed(tools)}
+    assert first_call_of == {"hacker": "file_reader", "safecracker": "calculator", "mole": "database_query"}, tools
     llm_health = audit.execute(
         "SELECT status_code FROM events WHERE session_id = ? AND service = 'llm' AND operation = 'health_check'",
         (session,),

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from tests.orchestrator.conftest import MeshHarness, audit_rows
-from tests.scripted_llm import ScriptedLLM, hang, inline_tool, text
+from tests.support.inprocess import InProcessMesh, audit_rows
+from tests.support.scripted_llm import ScriptedLLM, hang, inline_tool, text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,12 +25,16 @@ async def cli(*argv: str) -> int:
 
 
 @pytest.fixture
-def live_config(mesh: MeshHarness, config_path: Path, tmp_path: Path) -> Path:
+def live_config(mesh: InProcessMesh, config_path: Path, tmp_path: Path) -> Path:
     return mesh.write_config(config_path, tmp_path / "live.yaml")
 
 
 async def test_run_then_sessions_show_export(
-    live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    live_config: Path,
+    mesh: InProcessMesh,
+    scripted_llm: ScriptedLLM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     scripted_llm.script(text("We go Friday."), inline_tool("file_reader", "bank_layout.md"))
     out_dir = tmp_path / "logs"
@@ -94,20 +98,20 @@ async def test_run_flags_override_llm_and_db(
     assert db.exists() and "from the other model" in capsys.readouterr().out
 
 
-async def test_health_command(live_config: Path, mesh: MeshHarness, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_health_command(live_config: Path, mesh: InProcessMesh, capsys: pytest.CaptureFixture[str]) -> None:
     assert await cli("health", "--config", str(live_config)) == 0
     table = capsys.readouterr().out
     assert "memory" in table and "SERVING" in table and "llm" in table
     await mesh.stop("memory")
-    assert await cli("health", "--config", str(live_config)) == 2
+    assert await cli("health", "--config", str(live_config)) == 6
     assert "UNREACHABLE" in capsys.readouterr().out
 
 
 async def test_require_healthy_exit_code(
-    live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM, capsys: pytest.CaptureFixture[str]
+    live_config: Path, mesh: InProcessMesh, scripted_llm: ScriptedLLM, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await mesh.stop("calculator")
-    assert await cli("run", "--config", str(live_config), "--require-healthy") == 2
+    assert await cli("run", "--config", str(live_config), "--require-healthy") == 6
     assert "degraded services: calculator" in capsys.readouterr().out
     assert scripted_llm.chat_requests == []
 
@@ -141,7 +145,7 @@ def test_default_config_from_env(
 
 
 async def test_ctrl_c_marks_interrupted_and_exits_130(
-    live_config: Path, mesh: MeshHarness, scripted_llm: ScriptedLLM
+    live_config: Path, mesh: InProcessMesh, scripted_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script(text("first"), hang(30))
     command = [

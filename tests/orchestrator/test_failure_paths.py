@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
 import grpc
 import pytest
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
-from orchestrator.config import load_config
+from heist_common.config import load_config
 from orchestrator.runner import RunOptions, SessionRunner, run_session
-from tests.orchestrator.conftest import MeshHarness, SessionHarness, audit_rows, write_heist_config
-from tests.scripted_llm import ScriptedLLM, hang, http_error, inline_tool, text, tool_call
+from tests.support.config import write_heist_config
+from tests.support.inprocess import InProcessMesh, SessionHarness, audit_rows
+from tests.support.scripted_llm import ScriptedLLM, hang, http_error, inline_tool, text, tool_call
 
 
-async def test_oauth_down_agent_speaks_without_tools(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_oauth_down_agent_speaks_without_tools(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     await mesh.stop("oauth")
     session = await SessionHarness(mesh.config).begin()
     try:
@@ -32,7 +32,7 @@ async def test_oauth_down_agent_speaks_without_tools(mesh: MeshHarness, scripted
     assert session.rows("SELECT message FROM messages") == [(turn.message,)]
 
 
-async def test_tool_down_is_audited_and_turn_completes(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_tool_down_is_audited_and_turn_completes(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     await mesh.stop("calculator")
     session = await SessionHarness(mesh.config).begin()
     try:
@@ -48,14 +48,14 @@ async def test_tool_down_is_audited_and_turn_completes(mesh: MeshHarness, script
     ]
 
 
-async def test_tool_not_allowed_is_refused_and_never_called(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_tool_not_allowed_is_refused_and_never_called(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     session = await SessionHarness(mesh.config).begin()
     try:
         scripted_llm.script(inline_tool("calculator", "1+1"))
         planner = await session.turn("planner")  # planner has no tools
         scripted_llm.script(tool_call("database_query_query", sql="SELECT 1"), text("fine"))
         session.context.config = session.config.with_overrides(
-            llm=dataclasses.replace(session.config.llm, tool_calling="native")
+            llm=session.config.llm.model_copy(update=dict(tool_calling="native"))
         )
         native = await session.turn("hacker")
     finally:
@@ -70,7 +70,7 @@ async def test_tool_not_allowed_is_refused_and_never_called(mesh: MeshHarness, s
 
 async def test_llm_500_and_timeout_store_error_as_message(tmp_path: Path, scripted_llm: ScriptedLLM) -> None:
     path = write_heist_config(tmp_path, llm={"base_url": scripted_llm.base_url, "timeout_s": 0.3, "max_retries": 0})
-    harness = MeshHarness(load_config(path))
+    harness = InProcessMesh(load_config(path))
     await harness.start_all()
     try:
         scripted_llm.script(http_error(500, "model crashed"), hang(3), text("back"))
@@ -92,14 +92,14 @@ async def test_llm_500_and_timeout_store_error_as_message(tmp_path: Path, script
     ) == [("HTTP 500",), ("TIMEOUT",)]
 
 
-async def test_circuit_opens_skips_calls_then_recovers(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_circuit_opens_skips_calls_then_recovers(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     session = await SessionHarness(mesh.config).begin()  # threshold 2, reset 0.5 s
     try:
         await mesh.stop("calculator")
         scripted_llm.script(*[inline_tool("calculator", "2*2") for _ in range(4)])
         first, second = await session.turn("safecracker"), await session.turn("safecracker")
         assert [first.tool_usage[0].status_code, second.tool_usage[0].status_code] == ["UNAVAILABLE", "UNAVAILABLE"]
-        assert session.mesh.services["calculator"].circuit_state == "open"
+        assert session.clients.services["calculator"].circuit_state == "open"
         skipped = await session.turn("safecracker")
         assert skipped.tool_usage[0].status_code == "CIRCUIT_OPEN"
         assert skipped.tool_usage[0].tool_result == "circuit open"
@@ -107,7 +107,7 @@ async def test_circuit_opens_skips_calls_then_recovers(mesh: MeshHarness, script
         await asyncio.sleep(0.6)
         trial = await session.turn("safecracker")
         assert trial.tool_usage[0].success and "2*2 = 4" in trial.message
-        assert session.mesh.services["calculator"].circuit_state == "closed"
+        assert session.clients.services["calculator"].circuit_state == "closed"
     finally:
         await session.close()
     rows = session.rows("SELECT success, tool_result FROM tool_usage WHERE status_code = 'CIRCUIT_OPEN'")
@@ -115,15 +115,15 @@ async def test_circuit_opens_skips_calls_then_recovers(mesh: MeshHarness, script
     assert session.rows("SELECT COUNT(*) FROM events WHERE status_code = 'CIRCUIT_OPEN'") == [(1,)]
 
 
-async def _session_memories(mesh: MeshHarness, session_id: str) -> int:
-    async with grpc.aio.insecure_channel(mesh.config.mesh.address("memory")) as channel:
+async def _session_memories(mesh: InProcessMesh, session_id: str) -> int:
+    async with grpc.aio.insecure_channel(mesh.config.service("memory").address) as channel:
         stats = await memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
             memory_pb2.GetStatsRequest(), metadata=(("x-session-id", session_id),)
         )
     return stats.session_memories
 
 
-async def test_memory_down_then_rebuilt_from_audit(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_memory_down_then_rebuilt_from_audit(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     session = await SessionHarness(mesh.config).begin()
     try:
         await session.turn("planner")
@@ -139,7 +139,7 @@ async def test_memory_down_then_rebuilt_from_audit(mesh: MeshHarness, scripted_l
         await session.close()
 
 
-async def test_silent_memory_restart_is_detected_and_rebuilt(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_silent_memory_restart_is_detected_and_rebuilt(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     session = await SessionHarness(mesh.config).begin()
     try:
         await session.turn("planner")
@@ -152,10 +152,10 @@ async def test_silent_memory_restart_is_detected_and_rebuilt(mesh: MeshHarness, 
         await session.close()
 
 
-async def test_require_healthy_exits_2_before_any_turn(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_require_healthy_exits_6_before_any_turn(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     await mesh.stop("file_reader")
     result = await run_session(mesh.config, RunOptions(require_healthy=True))
-    assert result.exit_code == 2 and result.status == "failed" and result.turns == []
+    assert result.exit_code == 6 and result.status == "failed" and result.turns == []
     assert scripted_llm.chat_requests == []
     assert "file_reader" in (result.error or "")
     assert ("file_reader", "UNREACHABLE") in audit_rows(
@@ -163,13 +163,13 @@ async def test_require_healthy_exits_2_before_any_turn(mesh: MeshHarness, script
     )
 
 
-async def test_degraded_start_continues(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_degraded_start_continues(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     await mesh.stop("database_query")
     result = await run_session(mesh.config, RunOptions(turns=2))
     assert result.status == "completed" and result.degraded_services == ["database_query"]
 
 
-async def test_unwritable_database_stops_run_cleanly(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_unwritable_database_stops_run_cleanly(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     session = SessionHarness(mesh.config)
     make_read_only = []
 
@@ -182,7 +182,7 @@ async def test_unwritable_database_stops_run_cleanly(mesh: MeshHarness, scripted
 
     try:
         runner = SessionRunner(
-            mesh.config, session.mesh, session.llm, session.audit, RunOptions(turns=4), on_turn=after_turn
+            mesh.config, session.clients, session.llm, session.audit, RunOptions(turns=4), on_turn=after_turn
         )
         result = await runner.run()
     finally:
@@ -192,7 +192,7 @@ async def test_unwritable_database_stops_run_cleanly(mesh: MeshHarness, scripted
     assert len(result.turns) == 1
 
 
-async def test_cancellation_marks_session_interrupted(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_cancellation_marks_session_interrupted(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(text("one"), hang(10))
     task = asyncio.ensure_future(run_session(mesh.config, RunOptions(session_id="heist_cancel_me")))
     while len(scripted_llm.chat_requests) < 2:

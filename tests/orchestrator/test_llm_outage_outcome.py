@@ -8,31 +8,31 @@ start, ends the session ``failed`` with exit code 1, never ``completed``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from heist_common.config import load_config
 from orchestrator.agent import TurnResult
 from orchestrator.cli import main
-from orchestrator.config import load_config
 from orchestrator.runner import RunOptions, run_session
-from tests.orchestrator.conftest import MeshHarness, audit_rows, write_heist_config
-from tests.ports import free_port
-from tests.scripted_llm import ScriptedLLM, http_error, text
+from tests.support.config import write_heist_config
+from tests.support.inprocess import InProcessMesh, audit_rows
+from tests.support.ports import free_port
+from tests.support.scripted_llm import ScriptedLLM, http_error, text
 
 
-def _with_breaker(mesh: MeshHarness, base_url: str, failures: int = 3) -> MeshHarness:
+def _with_breaker(mesh: InProcessMesh, base_url: str, failures: int = 3) -> InProcessMesh:
     config = mesh.with_llm(base_url, timeout_s=2.0, max_retries=0)
     mesh.config = config.with_overrides(
-        resilience=dataclasses.replace(config.resilience, llm_max_consecutive_failures=failures)
+        resilience=config.resilience.model_copy(update=dict(llm_max_consecutive_failures=failures))
     )
     return mesh
 
 
-async def test_llm_dies_mid_run_fails_the_session(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_llm_dies_mid_run_fails_the_session(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     _with_breaker(mesh, scripted_llm.base_url)
     scripted_llm.responder = lambda body: text("We go on Friday.")
     died = threading.Event()
@@ -57,7 +57,7 @@ async def test_llm_dies_mid_run_fails_the_session(mesh: MeshHarness, scripted_ll
     assert len(audit_rows(mesh.config, "SELECT 1 FROM messages WHERE session_id = ?", "heist_llm_dies")) == 5
 
 
-async def test_one_transient_500_still_completes(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_one_transient_500_still_completes(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     _with_breaker(mesh, scripted_llm.base_url)
     scripted_llm.script(text("Friday."), http_error(500, "hiccup"), text("Back again."))
     result = await run_session(mesh.config, RunOptions(turns=4, session_id="heist_llm_hiccup"))
@@ -66,7 +66,7 @@ async def test_one_transient_500_still_completes(mesh: MeshHarness, scripted_llm
     assert result.turns[1].message == "Error generating response: HTTP 500: hiccup"
 
 
-async def test_llm_unreachable_at_start_fails_within_seconds(mesh: MeshHarness) -> None:
+async def test_llm_unreachable_at_start_fails_within_seconds(mesh: InProcessMesh) -> None:
     nobody = f"http://127.0.0.1:{free_port()}/v1"
     _with_breaker(mesh, nobody)
     started = time.monotonic()
@@ -79,7 +79,7 @@ async def test_llm_unreachable_at_start_fails_within_seconds(mesh: MeshHarness) 
     assert rows == [("failed",)]
 
 
-async def test_llm_up_but_cannot_complete_is_down(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_llm_up_but_cannot_complete_is_down(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     """The crash this guards against: the model is listed, and the first completion fails."""
     _with_breaker(mesh, scripted_llm.base_url)
     scripted_llm.probe_status = 500
@@ -91,7 +91,7 @@ async def test_llm_up_but_cannot_complete_is_down(mesh: MeshHarness, scripted_ll
     assert scripted_llm.probe_requests[0]["max_tokens"] == 1
 
 
-async def test_model_that_never_spoke_is_not_completed(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_model_that_never_spoke_is_not_completed(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     _with_breaker(mesh, scripted_llm.base_url, failures=5)
     scripted_llm.script(http_error(500, "no"), http_error(500, "still no"))
     result = await run_session(mesh.config, RunOptions(turns=2, session_id="heist_llm_silent"))
@@ -100,7 +100,7 @@ async def test_model_that_never_spoke_is_not_completed(mesh: MeshHarness, script
 
 
 async def test_cli_run_exits_1_and_names_the_embedded_log(
-    tmp_path: Path, mesh: MeshHarness, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, mesh: InProcessMesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = write_heist_config(
         tmp_path,

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 from pathlib import Path
 
-from orchestrator.config import load_config
+from heist_common.config import load_config
 from orchestrator.runner import RunOptions, SessionRunner, run_session
-from tests.orchestrator.conftest import MeshHarness, SessionHarness, audit_rows, write_heist_config
-from tests.scripted_llm import ScriptedLLM, inline_tool, text, tool_call
+from tests.support.config import write_heist_config
+from tests.support.inprocess import InProcessMesh, SessionHarness, audit_rows
+from tests.support.scripted_llm import ScriptedLLM, inline_tool, text, tool_call
 
 
-async def test_inline_session_writes_complete_audit_trail(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_inline_session_writes_complete_audit_trail(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(
         text("Plan: Friday night."),
         inline_tool("file_reader", "bank_layout.md"),
@@ -24,7 +24,7 @@ async def test_inline_session_writes_complete_audit_trail(mesh: MeshHarness, scr
     result = await run_session(mesh.config, RunOptions())
 
     assert result.status == "completed" and result.exit_code == 0
-    assert re.fullmatch(r"heist_\d{8}_\d{6}_[0-9a-f]{4}", result.session_id)
+    assert re.fullmatch(r"heist_\d{8}_\d{6}_[0-9a-f]{16}", result.session_id)
     assert [t.agent_name for t in result.turns] == ["planner", "hacker", "safecracker", "mole"]
     assert "(120-15)*3 = 315" in result.turns[2].message
     assert result.tool_calls_ok == 3 and result.tool_calls_failed == 0
@@ -54,9 +54,9 @@ async def test_inline_session_writes_complete_audit_trail(mesh: MeshHarness, scr
     assert "police" in systems[3]  # the mole is the saboteur
 
 
-async def test_memory_context_reaches_the_prompt(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_memory_context_reaches_the_prompt(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(text("First words of the planner."))
-    config = mesh.config.with_overrides(session=dataclasses.replace(mesh.config.session, context_messages=2))
+    config = mesh.config.with_overrides(session=mesh.config.session.model_copy(update=dict(context_messages=2)))
     result = await run_session(config, RunOptions(turns=5, session_id="heist_memory_check"))
     assert result.session_id == "heist_memory_check"
     fifth = scripted_llm.chat_requests[4]["messages"]
@@ -72,7 +72,7 @@ async def test_native_tool_calls_feed_results_back(tmp_path: Path, scripted_llm:
         llm_base_url=scripted_llm.base_url,
         session={"turn_order": ["safecracker", "planner", "hacker", "mole"]},
     )
-    harness = MeshHarness(load_config(path))
+    harness = InProcessMesh(load_config(path))
     await harness.start_all()
     try:
         config = harness.with_llm(scripted_llm.base_url, tool_calling="native")
@@ -99,7 +99,7 @@ async def test_auto_mode_uses_native_or_inline(tmp_path: Path, scripted_llm: Scr
         llm={"base_url": scripted_llm.base_url, "tool_calling": "auto", "timeout_s": 2, "max_retries": 0},
         session={"turn_order": ["safecracker", "planner", "hacker", "mole"]},
     )
-    harness = MeshHarness(load_config(path))
+    harness = InProcessMesh(load_config(path))
     await harness.start_all()
     try:
         session = await SessionHarness(harness.config).begin()
@@ -125,25 +125,25 @@ async def test_token_is_cached_and_refreshed_before_expiry(tmp_path: Path, scrip
         agents=agents,
         session={"turn_order": ["safecracker"]},
     )
-    harness = MeshHarness(load_config(path))
+    harness = InProcessMesh(load_config(path))
     await harness.start_all()
     try:
         session = await SessionHarness(harness.config).begin()
         scripted_llm.script(*[inline_tool("calculator", f"{n}+1") for n in range(3)])
         await session.turn("safecracker")
         await session.turn("safecracker")  # immediately: cached token
-        assert session.mesh.tokens.issued_count == 1
+        assert session.clients.tokens.issued_count == 1
         await asyncio.sleep(0.9)  # past 80% of the 1 s lifetime
         third = await session.turn("safecracker")
-        assert session.mesh.tokens.issued_count == 2
+        assert session.clients.tokens.issued_count == 2
         assert third.tool_usage[0].success
         await session.close()
     finally:
         await harness.stop_all()
 
 
-async def test_random_strategy_reproducible_through_runner(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
-    config = mesh.config.with_overrides(session=dataclasses.replace(mesh.config.session, strategy="random"))
+async def test_random_strategy_reproducible_through_runner(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
+    config = mesh.config.with_overrides(session=mesh.config.session.model_copy(update=dict(strategy="random")))
     orders = []
     for _ in range(2):
         result = await run_session(config, RunOptions(turns=6, seed=11, export=False))
@@ -152,13 +152,13 @@ async def test_random_strategy_reproducible_through_runner(mesh: MeshHarness, sc
     assert all(a != b for a, b in zip(orders[0], orders[0][1:], strict=False))
 
 
-async def test_runner_shares_one_mesh_across_sessions(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_runner_shares_one_mesh_across_sessions(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     session = SessionHarness(mesh.config)
     try:
         for n in range(2):
             runner = SessionRunner(
                 mesh.config,
-                session.mesh,
+                session.clients,
                 session.llm,
                 session.audit,
                 RunOptions(turns=2, session_id=f"heist_shared_{n}", export=False),

@@ -4,9 +4,11 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from heist.calculator.v1 import calculator_pb2
 
+from heist_common.contract import contract_of, required_scope
 from orchestrator.tools import ToolArgumentError, ToolRegistry, message_schema
+from tests.support.config import TOOLS
 
-REGISTRY = ToolRegistry.default()
+REGISTRY = ToolRegistry.for_services(TOOLS)
 
 
 def test_schema_derived_from_request_descriptor_with_argument_description() -> None:
@@ -27,13 +29,15 @@ def test_schema_derived_from_request_descriptor_with_argument_description() -> N
 
 def test_every_tool_method_offered_with_scope_from_proto() -> None:
     names = {m.function_name for s in REGISTRY.services.values() for m in s.methods}
-    assert names == {
-        "calculator_evaluate",
-        "file_reader_read_file",
-        "file_reader_list_files",
-        "database_query_query",
-        "database_query_list_tables",
+    expected = {
+        f"{tool}_{method.name[0].lower()}{''.join('_' + c.lower() if c.isupper() else c for c in method.name[1:])}"
+        for tool in TOOLS
+        for method in contract_of(tool).tool_methods
     }
+    assert names == expected and len(names) >= len(TOOLS)
+    for service in REGISTRY.services.values():
+        for method in service.methods:
+            assert method.required_scope == required_scope(method.method) is not None
     assert REGISTRY.scopes_for(("file_reader", "database_query")) == ("database_query:use", "file_reader:use")
     assert REGISTRY.service("file_reader").inline_method.function_name == "file_reader_read_file"  # type: ignore[union-attr]
 

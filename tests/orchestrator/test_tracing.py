@@ -8,8 +8,8 @@ import sqlite3
 from orchestrator.audit import AuditStore, EventRow
 from orchestrator.runner import RunOptions, run_session
 from orchestrator.tracing import current_trace_id, start_trace, traceparent
-from tests.orchestrator.conftest import MeshHarness, audit_rows
-from tests.scripted_llm import ScriptedLLM, inline_tool, text
+from tests.support.inprocess import InProcessMesh, audit_rows
+from tests.support.scripted_llm import ScriptedLLM, inline_tool, text
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-01$")
 
@@ -24,7 +24,7 @@ def test_traceparent_has_the_w3c_shape_and_a_fresh_span_per_call() -> None:
     assert start_trace() != trace_id
 
 
-async def test_each_turn_is_one_trace_across_services(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_each_turn_is_one_trace_across_services(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(
         text("Plan: Friday night."),
         inline_tool("file_reader", "bank_layout.md"),

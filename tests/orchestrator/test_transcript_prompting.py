@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 from heist.calculator.v1 import calculator_pb2
 from heist.database_query.v1 import database_query_pb2
 
-from orchestrator.config import ConfigError, HeistConfig, load_config
+from heist_common.config import ConfigError, HeistConfig, load_config
+from heist_common.layout import REPO_ROOT
 from orchestrator.runner import RunOptions, run_session
 from orchestrator.tools import ToolRegistry, render_result
-from servers.settings import REPO_ROOT
-from tests.orchestrator.conftest import MeshHarness, audit_rows
-from tests.scripted_llm import ScriptedLLM, text
+from tests.support.config import TOOLS
+from tests.support.inprocess import InProcessMesh, audit_rows
+from tests.support.scripted_llm import ScriptedLLM, text
 
 
 def transcript_config(config: HeistConfig, prefill_tool_every: int = 0) -> HeistConfig:
-    llm = dataclasses.replace(config.llm, prompt_style="transcript", prefill_tool_every=prefill_tool_every)
+    llm = config.llm.model_copy(update=dict(prompt_style="transcript", prefill_tool_every=prefill_tool_every))
     return config.with_overrides(llm=llm)
 
 
 async def test_transcript_prompt_ends_with_the_speaker_and_hides_tool_output(
-    mesh: MeshHarness, scripted_llm: ScriptedLLM
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script(
         text("We go in on Friday."),
@@ -50,7 +50,7 @@ async def test_transcript_prompt_ends_with_the_speaker_and_hides_tool_output(
     assert len({body["seed"] for body in scripted_llm.text_requests}) == 5  # fresh sampling each call
 
 
-async def test_prefill_starts_every_nth_tool_turn_with_a_marker(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_prefill_starts_every_nth_tool_turn_with_a_marker(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(
         text("Let's plan."),
         text("bank_layout.md]"),  # hacker, 1st turn: prefilled "[TOOL:file_reader:"
@@ -73,7 +73,7 @@ async def test_prefill_starts_every_nth_tool_turn_with_a_marker(mesh: MeshHarnes
     assert result.turns[5].message == "Nothing to read."
 
 
-async def test_parroted_or_empty_reply_is_resampled_hotter(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_parroted_or_empty_reply_is_resampled_hotter(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(
         text("We go in on Friday night."),
         text("We go in on Friday night!"),  # hacker parrots the planner
@@ -111,7 +111,7 @@ def test_plain_rendering_reads_like_speech() -> None:
 
 
 def test_inline_examples_come_from_the_proto() -> None:
-    registry = ToolRegistry.default()
+    registry = ToolRegistry.for_services(TOOLS)
     examples = {
         name: service.inline_method.inline_example
         for name, service in registry.services.items()
@@ -125,7 +125,7 @@ def test_inline_examples_come_from_the_proto() -> None:
 
 
 async def test_a_reply_cut_by_max_tokens_ends_at_its_last_full_sentence(
-    mesh: MeshHarness, scripted_llm: ScriptedLLM
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM
 ) -> None:
     scripted_llm.script(
         text("We go on Friday. The guards change at ten and then we", finish_reason="length"),
@@ -137,7 +137,7 @@ async def test_a_reply_cut_by_max_tokens_ends_at_its_last_full_sentence(
     assert result.turns[1].message.startswith("[file_reader: bank_layout.md -> filename: bank_layout.md;")
 
 
-async def test_a_turn_that_stays_silent_is_recorded_as_such(mesh: MeshHarness, scripted_llm: ScriptedLLM) -> None:
+async def test_a_turn_that_stays_silent_is_recorded_as_such(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(text(""), text(""), text(""))
     result = await run_session(transcript_config(mesh.config), RunOptions(turns=1))
 

@@ -48,7 +48,7 @@ async def test_trailing_semicolon_and_joins_are_fine(db):
 
 
 async def test_database_is_built_once_and_opened_read_only(mesh, db, fails_with):
-    path = bank_db_path(mesh.settings)
+    path = bank_db_path(mesh.config)
     assert path.exists()
     await fails_with(db("SELECT writefile('/tmp/x', 'y')"), grpc.StatusCode.INVALID_ARGUMENT, "no such function")
     with sqlite3.connect(path) as connection:

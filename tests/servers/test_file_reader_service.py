@@ -7,7 +7,8 @@ import yaml
 from heist.file_reader.v1 import file_reader_pb2 as pb
 from heist.file_reader.v1 import file_reader_pb2_grpc
 
-from servers.settings import DEFAULT_DOCUMENTS_DIR, load_mesh_settings
+from heist_common.config import load_config
+from servers.file_reader import DEFAULT_DOCUMENTS_DIR
 
 SHIPPED = ["bank_layout.md", "guard_rotation_notes.md", "security_system.md", "vault_time_lock.md"]
 
@@ -69,10 +70,10 @@ async def test_symlink_out_of_the_folder_is_refused(tmp_path: Path, mesh, fails_
     secret.write_text("outside")
     os.symlink(secret, documents / "leak.md")
     os.symlink(tmp_path, documents / "escape")
-    config = yaml.safe_load(mesh.settings.config_path.read_text())
-    config["limits"]["file_reader"] = {"documents_dir": str(documents), "max_file_bytes": 10}
+    config = yaml.safe_load(mesh.config.config_path.read_text())
+    config["services"]["file_reader"]["limits"] = {"documents_dir": str(documents), "max_file_bytes": 10}
     (tmp_path / "docs.yaml").write_text(yaml.safe_dump(config))
-    mesh.settings = load_mesh_settings(tmp_path / "docs.yaml")
+    mesh.config = load_config(tmp_path / "docs.yaml")
     stub = file_reader_pb2_grpc.FileReaderServiceStub(await mesh.channel("file_reader"))
     metadata = mesh.auth("file_reader:use")
     for name in ("leak.md", "escape/secret.txt"):

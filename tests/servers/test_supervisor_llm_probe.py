@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from servers.supervisor import llm_completes
-from tests.ports import free_port
-from tests.scripted_llm import ScriptedLLM
+from tests.support.ports import free_port
+from tests.support.scripted_llm import ScriptedLLM
 
 
 def test_serving_only_when_a_one_token_completion_succeeds() -> None:

@@ -1,59 +1,25 @@
-"""The one server bootstrap every heist service uses: a server module is "servicer + bootstrap call".
+"""Per-call middleware every heist server gets: access log, bearer-token auth, last-resort error mapping.
 
-It adds, for every service alike: grpc.health.v1 (NOT_SERVING until started and
-again while draining), server reflection (so grpcurl needs no .proto files),
-one access-log line per call, bearer-token auth for methods whose contract
-carries ``heist.auth.v1.required_scope``, a last-resort mapping of unexpected
-exceptions to INTERNAL, and SIGTERM/SIGINT handling with a grace period.
+Kept apart from the server's lifecycle (``servers.lifecycle``): this is what
+happens on each call, that is what happens once per process.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import inspect
 import logging
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import _async as reflection_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from servers import credentials
-from servers.contract import (
-    AUTHORIZATION_METADATA_KEY,
-    SESSION_METADATA_KEY,
-    TRACEPARENT_METADATA_KEY,
-    scopes_by_method_path,
-)
-from servers.settings import ConfigError, MeshSettings, load_mesh_settings, split_address
+from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
 from servers.tokens import InvalidTokenError, TokenVerifier
 
 log = logging.getLogger("heist.server")
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@dataclass(frozen=True)
-class ServiceDefinition:
-    """What a service module hands the bootstrap: its servicer and how to register it."""
-
-    name: str
-    descriptor: ServiceDescriptor
-    servicer: object
-    register: Callable[[Any, grpc.aio.Server], None]
-    on_stop: Callable[[], Awaitable[None]] | None = None
-
 
 class AccessLog:
     """Buffers one line per call and writes them in batches.
@@ -127,7 +93,7 @@ def session_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return metadata_value(context, SESSION_METADATA_KEY)
 
 
-class MeshHandlers:
+class CallMiddleware:
     """Access log, auth and last-resort error mapping around every handler.
 
     Why not a ``grpc.aio.ServerInterceptor``: an interceptor runs as an extra
@@ -294,9 +260,9 @@ else:  # grpc's runtime class is not generic; only its type stubs are
 
 
 class _WrappedGenericHandler(_GenericHandler):
-    """A generic handler whose method handlers come back wrapped by ``MeshHandlers``."""
+    """A generic handler whose method handlers come back wrapped by ``CallMiddleware``."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], handlers: MeshHandlers) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], handlers: CallMiddleware) -> None:
         self._inner = inner
         self._handlers = handlers
 
@@ -310,7 +276,7 @@ class _WrappedGenericHandler(_GenericHandler):
 class WrappingRegistrar:
     """Stands in for the server when servicers register: every handler is registered wrapped."""
 
-    def __init__(self, server: grpc.aio.Server, handlers: MeshHandlers) -> None:
+    def __init__(self, server: grpc.aio.Server, handlers: CallMiddleware) -> None:
         self._server = server
         self._handlers = handlers
 
@@ -331,150 +297,3 @@ class WrappingRegistrar:
                 for name, handler in method_handlers.items()
             },
         )
-
-
-@dataclass
-class RunningServer:
-    """A started server: where it listens and how to drain and stop it."""
-
-    name: str
-    address: str
-    port: int
-    server: grpc.aio.Server
-    health: HealthServicer
-    access_log: AccessLog
-    definition: ServiceDefinition
-    _stopped: bool = dataclasses.field(default=False, repr=False)
-
-    async def drain(self) -> None:
-        """Report NOT_SERVING to health checks and watchers (load balancers stop sending calls)."""
-        await self.health.enter_graceful_shutdown()
-
-    async def stop(self, grace: float = 0.5) -> None:
-        """Drain, let in-flight calls finish for up to ``grace`` seconds, then stop. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.drain()
-        await self.server.stop(grace)
-        if self.definition.on_stop is not None:
-            await self.definition.on_stop()
-        await self.access_log.stop()
-
-    async def wait_for_termination(self) -> None:
-        """Block until the server has stopped."""
-        await self.server.wait_for_termination()
-
-
-def token_verifier(settings: MeshSettings) -> TokenVerifier:
-    """Build the verifier tool servers use; creates dev credentials if none exist yet."""
-    if not credentials.public_key_overridden():
-        credentials.ensure_dev_credentials(settings)
-    return TokenVerifier(
-        credentials.public_key(settings), issuer=settings.oauth.issuer, audience=settings.oauth.audience
-    )
-
-
-async def start(
-    definition: ServiceDefinition,
-    settings: MeshSettings,
-    address: str,
-    *,
-    log_stream: Any = None,
-) -> RunningServer:
-    """Start ``definition`` on ``address`` in the running event loop; SERVING once it listens."""
-    host, _ = split_address(address)
-    scopes = scopes_by_method_path(definition.descriptor)
-    needs_auth = any(scope is not None for scope in scopes.values())
-    verifier = token_verifier(settings) if needs_auth else None
-    access_log = AccessLog(definition.name, log_stream)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    registrar: Any = WrappingRegistrar(server, MeshHandlers(access_log, scopes, verifier))
-    definition.register(definition.servicer, registrar)
-
-    health = HealthServicer()
-    for service in ("", definition.descriptor.full_name):
-        await health.set(service, NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
-    reflected = [definition.descriptor.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME]
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_aio.ReflectionServicer(reflected), registrar)
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise OSError(f"{definition.name}: cannot listen on {address} (port in use?)")
-    await server.start()
-    access_log.start()
-    for service in ("", definition.descriptor.full_name):
-        await health.set(service, SERVING)
-    bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    log.info("%s listening on %s", definition.name, bound)
-    return RunningServer(definition.name, bound, port, server, health, access_log, definition)
-
-
-def parse_args(service_name: str, settings_argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``--config PATH [--address HOST:PORT] [--host H] [--port P] [--grace S]``."""
-    parser = argparse.ArgumentParser(
-        prog=f"python -m servers.{service_name}", description=f"Run the {service_name} service."
-    )
-    parser.add_argument("--config", default="config/heist.yaml", help="mesh config file (default: %(default)s)")
-    parser.add_argument("--address", help="HOST:PORT to listen on (default: from the config)")
-    parser.add_argument("--host", help="override the host part of the address")
-    parser.add_argument("--port", type=int, help="override the port part of the address")
-    parser.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown (default: config)")
-    return parser.parse_args(settings_argv)
-
-
-def resolve_address(settings: MeshSettings, service_name: str, args: argparse.Namespace) -> str:
-    """Combine the config's address with ``--address``/``--host``/``--port`` overrides."""
-    host, port = split_address(args.address or settings.address(service_name))
-    if args.host:
-        host = args.host
-    if args.port is not None:
-        port = args.port
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def configure_logging() -> None:
-    """Log to stderr (the supervisor redirects it to ``<run_dir>/log/<name>.log``)."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
-async def serve_until_signalled(
-    service_name: str, factory: Callable[[MeshSettings], ServiceDefinition], settings: MeshSettings, address: str,
-    grace_s: float,
-) -> None:
-    """Run one service until SIGTERM/SIGINT, then drain and stop within ``grace_s``."""
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    running = await start(factory(settings), settings, address)
-    await stop_requested.wait()
-    log.info("%s: stop requested, draining for up to %.1f s", service_name, grace_s)
-    await running.stop(grace_s)
-    log.info("%s: stopped", service_name)
-
-
-def main(service_name: str, factory: Callable[[MeshSettings], ServiceDefinition],
-         argv: Sequence[str] | None = None) -> int:
-    """Process entry point shared by every ``python -m servers.<name>``; returns the exit code."""
-    args = parse_args(service_name, argv)
-    configure_logging()
-    try:
-        settings = load_mesh_settings(args.config)
-        address = resolve_address(settings, service_name, args)
-    except (ConfigError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    grace_s = args.grace if args.grace is not None else settings.shutdown_grace_s
-    try:
-        asyncio.run(serve_until_signalled(service_name, factory, settings, address, grace_s))
-    except OSError as exc:
-        log.error("%s: %s", service_name, exc)
-        return 1
-    return 0

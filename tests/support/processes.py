@@ -1,27 +1,36 @@
-"""Services as real OS processes for the drills and the benchmarks.
+"""Services as real OS processes: the one harness of the drills, the abuse tests and the benchmarks.
 
-Every service runs as its own ``python -m servers.<name>`` process on a given
+Every service runs as its own ``python -m servers.<name>`` process on a free
 127.0.0.1 port, exactly as ``make serve`` starts it, with its stdout/stderr in a
 log file. ``ServerProcess`` can also ``kill -9`` it, freeze it (SIGSTOP), thaw it
-(SIGCONT) and restart it on the same port. ``stop_process`` ends any process
-(the benchmarks' llama.cpp and echo servers too): SIGTERM, SIGKILL if it does
-not go in time.
+(SIGCONT) and restart it on the same port; ``ProcessMesh`` is every configured
+service so, with a config file pointing at them. ``stop_process`` ends any
+process (the benchmarks' llama.cpp and echo servers too): SIGTERM, SIGKILL if
+it does not go in time.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[1]
+from heist_common.config import HeistConfig, load_config
+from servers import credentials
+from tests.support.config import SERVICES, write_heist_config
+from tests.support.ports import free_ports
+
+REPO = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 5.0
 """How long a service gets to exit after SIGTERM before it is killed."""
 
@@ -141,3 +150,79 @@ class ServerProcess:
     def calls(self, method: str) -> int:
         """Access-log lines for RPCs whose path ends in ``/method`` (lines are flushed every 0.2 s)."""
         return sum(1 for line in self.log().splitlines() if f"/{method} code=" in line)
+
+
+class ProcessMesh:
+    """Every configured service as a process on a free port, and a config file pointing at them.
+
+    ``sections`` are whole config sections (``tests.support.config.heist_config``);
+    ``deadlines`` sets callers' per-service deadlines. Stop it with ``stop()`` or
+    use it as a context manager; every process started is stopped, also after a failure.
+    """
+
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        llm_base_url: str = "http://127.0.0.1:9/v1",
+        start_timeout_s: float = 20.0,
+        **sections: Any,
+    ) -> None:
+        self.work_dir = work_dir
+        self.ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
+        addresses = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.config_path = write_heist_config(work_dir, llm_base_url=llm_base_url, addresses=addresses, **sections)
+        self.config: HeistConfig = load_config(self.config_path)
+        credentials.ensure_dev_credentials(self.config)  # once, before several processes would race for it
+        self.log_dir = work_dir / "logs"
+        self.log_dir.mkdir(exist_ok=True)
+        self.servers = {
+            name: ServerProcess(name, self.config_path, port, self.log_dir, start_timeout_s)
+            for name, port in self.ports.items()
+        }
+
+    def address(self, name: str) -> str:
+        """Where ``name`` listens."""
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def start(self, *names: str) -> ProcessMesh:
+        """Start services in parallel (all of them by default) and wait until each is SERVING."""
+        chosen = [self.servers[name] for name in (names or self.servers)]
+        for server in chosen:
+            server.spawn()
+        for server in chosen:
+            server.wait_serving()
+        return self
+
+    def pids(self) -> dict[str, int]:
+        """Process id of every running service."""
+        return {name: server.pid for name, server in self.servers.items() if server.process is not None}
+
+    def stop(self) -> None:
+        """Stop every started process (graceful, then killed); idempotent."""
+        stop_servers(self.servers.values())
+
+    def __enter__(self) -> ProcessMesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite audit database of the config."""
+        return Path(self.config.database.url.removeprefix("sqlite:///"))
+
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Run SQL against the audit database."""
+        with sqlite3.connect(self.db_path) as db:
+            return list(db.execute(sql, params).fetchall())
+
+
+def session_memories(address: str, session_id: str) -> int:
+    """MemoryService GetStats for one session (``x-session-id`` metadata)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
+            memory_pb2.GetStatsRequest(), metadata=(("x-session-id", session_id),), timeout=2.0
+        )
+    return int(stats.session_memories)

@@ -1,4 +1,4 @@
-"""The auth matrix, run against the calculator (every tool server shares the same interceptor)."""
+"""The auth matrix, run against the calculator (every service with scoped methods shares the same middleware)."""
 
 import time
 
@@ -110,7 +110,7 @@ async def test_access_log_records_auth_verdict_client_and_session(mesh, stub):
     token = mesh.token(["calculator:use"], now=time.time() - 3600, ttl_s=60)
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Evaluate(REQUEST, metadata=[*bearer(token), ("x-session-id", "heist_case_43")])
-    await mesh.close()
+    await mesh.stop_all()
     lines = mesh.log.getvalue().splitlines()
     ok = [line for line in lines if "session=heist_case_42" in line]
     denied = [line for line in lines if "session=heist_case_43" in line]

@@ -16,9 +16,9 @@ from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
-from servers.launch import start_server
-from servers.settings import REPO_ROOT
-from tests.ports import free_port
+from heist_common.layout import REPO_ROOT
+from servers.lifecycle import start_service
+from tests.support.ports import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -59,12 +59,12 @@ async def test_watch_sees_serving_then_not_serving_on_drain(mesh):
     await server.stop(0.1)  # idempotent
 
 
-async def test_start_server_reports_the_real_port_and_refuses_a_taken_one(settings):
-    server = await start_server("calculator", settings)
+async def test_start_server_reports_the_real_port_and_refuses_a_taken_one(config):
+    server = await start_service("calculator", config)
     try:
         assert server.port > 0 and server.address == f"127.0.0.1:{server.port}"
         with pytest.raises(OSError, match=str(server.port)):
-            await start_server("memory", settings, server.address)
+            await start_service("memory", config, server.address)
     finally:
         await server.stop(0.1)
 
@@ -111,11 +111,11 @@ async def test_no_bad_input_yields_unknown_or_internal(mesh):
     assert {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED} <= codes
 
 
-def test_process_entry_serves_and_exits_zero_on_sigterm(settings, tmp_path: Path):
+def test_process_entry_serves_and_exits_zero_on_sigterm(config, tmp_path: Path):
     port = free_port()
     log = (tmp_path / "calculator.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "servers.calculator", "--config", str(settings.config_path), "--port", str(port)],
+        [sys.executable, "-m", "servers.calculator", "--config", str(config.config_path), "--port", str(port)],
         cwd=REPO_ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -145,5 +145,5 @@ def test_process_entry_rejects_a_bad_config(tmp_path: Path):
         text=True,
         timeout=30,
     )
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert "services.calculator.adress: unknown key" in result.stderr

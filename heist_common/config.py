@@ -1,0 +1,493 @@
+"""The one configuration file, declared once as pydantic models and read once.
+
+Both halves of the mesh read the same file through these models: the servers
+need ``mesh``, ``services`` and ``oauth``; the orchestrator reads all of it.
+Every mapping forbids unknown keys, so a typo fails loudly with the key path and
+the file instead of being ignored. A service's own ``limits`` mapping is left
+opaque here and validated by that service's ``Limits`` model when it starts
+(``make serve`` checks them all first), so each service owns its bounds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from heist_common.layout import REPO_ROOT, RunFolder, anchored
+
+__all__ = [
+    "CONFIG_PATH_ENV",
+    "DEFAULT_CONFIG_PATH",
+    "AgentConfig",
+    "CircuitBreakerConfig",
+    "ConfigError",
+    "DatabaseConfig",
+    "GrpcRetryConfig",
+    "HeistConfig",
+    "LLMConfig",
+    "MemoryContextConfig",
+    "MeshConfig",
+    "OAuthConfig",
+    "ResilienceConfig",
+    "ServiceConfig",
+    "SessionConfig",
+    "default_config_path",
+    "format_validation_error",
+    "load_config",
+    "resolve_database_url",
+    "split_address",
+]
+
+DEFAULT_CONFIG_PATH = Path("config/heist.yaml")
+CONFIG_PATH_ENV = "HEIST_CONFIG"
+PLACEHOLDER_API_KEY = "not-needed"
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file is a page of YAML; anything bigger is a mistake, not a configuration."""
+
+# Strict scalars: YAML already types its values, so "3" for a number is a mistake worth reporting.
+NonEmpty = Annotated[str, Field(strict=True, min_length=1, pattern=r"\S")]
+Positive = Annotated[float, Field(strict=True, gt=0)]
+AtLeastOne = Annotated[int, Field(strict=True, ge=1)]
+NotNegative = Annotated[int, Field(strict=True, ge=0)]
+Flag = Annotated[bool, Field(strict=True)]
+
+ToolCallingMode = Literal["native", "inline", "auto"]
+PromptStyle = Literal["chat", "transcript"]
+"""chat: system/user messages to /chat/completions (instruction-tuned models).
+transcript: the meeting as a plain-text transcript to /completions, which the
+model continues with the speaker's next line (small base models such as the
+embedded Gemma 3 270M, which have no chat template)."""
+TurnStrategyName = Literal["round_robin", "random"]
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, malformed, or has an unknown key or a wrong type."""
+
+
+class Section(BaseModel):
+    """Every mapping of the file: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) and validate the port; ValueError if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"address {address!r}: port {port} is out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+class MeshConfig(Section, RunFolder):
+    """Mesh-wide settings: the run folder (see ``RunFolder`` for its layout) and the drain grace period."""
+
+    run_dir: Path = Path("var")
+    shutdown_grace_s: Positive = 2.0
+
+    @field_validator("run_dir")
+    @classmethod
+    def _anchor(cls, value: Path) -> Path:
+        return anchored(value)
+
+
+class ServiceConfig(Section):
+    """One gRPC service: where it listens (and is dialled), the callers' deadline, its own limits."""
+
+    address: NonEmpty
+    deadline_s: Positive = 2.0
+    limits: dict[str, Any] = Field(default_factory=dict)
+    """Validated by the service's ``Limits`` model (servers side), not here."""
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        split_address(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        """Host part of ``address`` (IPv6 brackets removed)."""
+        return split_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        """Port part of ``address``."""
+        return split_address(self.address)[1]
+
+
+class OAuthConfig(Section):
+    """Token issuer identity and the registered clients with the scopes each may be granted."""
+
+    issuer: NonEmpty = "heist-oauth"
+    audience: NonEmpty = "heist-mesh"
+    token_ttl_s: AtLeastOne = 900
+    clients: dict[NonEmpty, tuple[NonEmpty, ...]] = Field(default_factory=dict)
+
+
+class AgentConfig(Section):
+    """One crew member: who it is, which tool services it may use, and which OAuth client it is."""
+
+    name: NonEmpty
+    role: NonEmpty
+    system_prompt: NonEmpty
+    tools: tuple[NonEmpty, ...] = ()
+    oauth_client: str = ""
+    """Defaults to the agent's name."""
+    scopes: tuple[NonEmpty, ...] = ()
+    is_saboteur: Flag = False
+
+    @model_validator(mode="after")
+    def _default_client(self) -> AgentConfig:
+        if not self.oauth_client:
+            object.__setattr__(self, "oauth_client", self.name)
+        return self
+
+
+class LLMConfig(Section):
+    """The OpenAI-compatible endpoint and how to talk to it."""
+
+    embedded: Flag = True
+    base_url: NonEmpty = "http://127.0.0.1:1234/v1"
+    model: NonEmpty = "gemma-3-270m"
+    api_key_env: NonEmpty = "HEIST_LLM_API_KEY"
+    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] = 0.7
+    max_tokens: AtLeastOne = 256
+    timeout_s: Positive = 60.0
+    health_timeout_s: Positive = 10.0
+    """Deadline of the one-token health probe (a cold model's first token takes a while)."""
+    max_retries: NotNegative = 1
+    prompt_style: PromptStyle = "chat"
+    tool_calling: ToolCallingMode = "inline"
+    prefill_tool_every: NotNegative = 0
+    max_tool_rounds: AtLeastOne = 2
+    repeat_penalty: Annotated[float, Field(strict=True, ge=0)] | None = None
+    top_p: Annotated[float, Field(strict=True, ge=0, le=1)] | None = None
+    top_k: AtLeastOne | None = None
+    stop: tuple[Annotated[str, Field(strict=True, min_length=1)], ...] = ()
+    """Extra stop sequences (a newline always ends a transcript turn)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("tool_calling")
+    @classmethod
+    def _mode_fits_style(cls, value: str, info: ValidationInfo) -> str:
+        if value == "native" and info.data.get("prompt_style") == "transcript":
+            raise ValueError("native function calling needs prompt_style: chat (transcript uses markers)")
+        return value
+
+    @property
+    def api_key(self) -> str:
+        """The key from ``api_key_env``; local servers ignore it, so a placeholder stands in."""
+        return os.environ.get(self.api_key_env) or PLACEHOLDER_API_KEY
+
+    @property
+    def extra_body(self) -> dict[str, object]:
+        """Sampling extras that not every server knows, sent outside the typed OpenAI parameters."""
+        extras: dict[str, object] = {}
+        if self.repeat_penalty is not None:
+            extras["repeat_penalty"] = self.repeat_penalty
+        if self.top_p is not None:
+            extras["top_p"] = self.top_p
+        if self.top_k is not None:
+            extras["top_k"] = self.top_k
+        if self.stop:
+            extras["stop"] = list(self.stop)
+        return extras
+
+
+class MemoryContextConfig(Section):
+    """How much of an agent's own memory goes back into its prompt."""
+
+    recent_count: AtLeastOne = 5
+    max_chars: AtLeastOne = 100
+
+
+class SessionConfig(Section):
+    """Shape of one heist conversation."""
+
+    max_turns: AtLeastOne = 8
+    turn_order: tuple[NonEmpty, ...] = ()
+    """Empty: the crew in the order of ``agents``."""
+    strategy: TurnStrategyName = "round_robin"
+    context_messages: NotNegative = 5
+    objective: NonEmpty = "Plan the First Meridian Bank vault job. Share what you know and propose the next step."
+    tool_result_max_chars: AtLeastOne = 1500
+    memory: MemoryContextConfig = MemoryContextConfig()
+
+
+class DatabaseConfig(Section):
+    """Where the audit trail lives (a ``playhouse.db_url`` URL; default: a SQLite file in the run folder)."""
+
+    url: NonEmpty
+
+
+class GrpcRetryConfig(Section):
+    """GRPC's built-in retryPolicy for UNAVAILABLE (applied through the channel's service config)."""
+
+    max_attempts: Annotated[int, Field(strict=True, ge=2, le=5, description="gRPC caps attempts at 5")] = 3
+    initial_backoff_s: Positive = 0.05
+    max_backoff_s: Positive = 0.5
+    backoff_multiplier: Positive = 2.0
+
+
+class CircuitBreakerConfig(Section):
+    """When a service is considered down and how long to leave it alone."""
+
+    failure_threshold: AtLeastOne = 3
+    reset_timeout_s: Positive = 10.0
+
+
+class ResilienceConfig(Section):
+    """Retry and circuit-breaker numbers, the health-check deadline and the LLM's breaker."""
+
+    grpc_retry: GrpcRetryConfig = GrpcRetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    health_timeout_s: Positive = 1.0
+    llm_max_consecutive_failures: AtLeastOne = 3
+    """This many failed turns in a row end the session as failed."""
+
+
+REQUIRED_SERVICES = ("oauth", "memory")
+"""The mesh's own services; every other entry of ``services`` is a tool service."""
+
+
+class HeistConfig(Section):
+    """The whole file."""
+
+    mesh: MeshConfig = MeshConfig()
+    services: dict[NonEmpty, ServiceConfig]
+    oauth: OAuthConfig = OAuthConfig()
+    agents: tuple[AgentConfig, ...] = Field(min_length=1)
+    llm: LLMConfig = LLMConfig()
+    session: SessionConfig = SessionConfig()
+    database: DatabaseConfig
+    resilience: ResilienceConfig = ResilienceConfig()
+    _source: Path = PrivateAttr(default=DEFAULT_CONFIG_PATH)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_database(cls, data: Any) -> Any:
+        """Put the audit database in the run folder unless ``database.url`` says otherwise."""
+        if not isinstance(data, dict):
+            return data
+        mesh = data.get("mesh")
+        run_dir = mesh.get("run_dir", "var") if isinstance(mesh, dict) else "var"
+        database = data.get("database")
+        if database is None:
+            database = {}
+        if isinstance(database, dict) and isinstance(run_dir, str) and isinstance(database.get("url"), str | None):
+            database = {**database, "url": resolve_database_url(database.get("url"), anchored(Path(run_dir)))}
+        return {**data, "database": database}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HeistConfig:
+        missing = [name for name in REQUIRED_SERVICES if name not in self.services]
+        if missing:
+            raise ValueError(f"services: missing required service(s): {', '.join(missing)}")
+        names = [agent.name for agent in self.agents]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"agents: duplicate agent names: {', '.join(duplicates)}")
+        for index, agent in enumerate(self.agents):
+            for tool in agent.tools:
+                if tool not in self.services or tool in REQUIRED_SERVICES:
+                    known = ", ".join(self.tool_names) or "none"
+                    raise ValueError(f"agents[{index}].tools: unknown tool {tool!r} (tool services: {known})")
+            if agent.tools and agent.oauth_client not in self.oauth.clients:
+                raise ValueError(
+                    f"agents[{index}].oauth_client: {agent.oauth_client!r} is not in oauth.clients "
+                    f"(known: {', '.join(sorted(self.oauth.clients))})"
+                )
+        order = self.session.turn_order
+        if order:
+            unknown = [name for name in order if name not in names]
+            if unknown:
+                raise ValueError(f"session.turn_order: names unknown agents: {', '.join(unknown)}")
+            absent = [name for name in names if name not in order]
+            if absent:
+                raise ValueError(f"session.turn_order: is missing agents: {', '.join(absent)}")
+            if len(set(order)) != len(order):
+                raise ValueError("session.turn_order: lists an agent more than once")
+        return self
+
+    # -- views -------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        """The file this was read from (absolute)."""
+        return self._source
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        """Services an agent may use as tools: every service but the mesh's own."""
+        return tuple(name for name in self.services if name not in REQUIRED_SERVICES)
+
+    @property
+    def turn_order(self) -> tuple[str, ...]:
+        """Who speaks in which order (the crew's order unless ``session.turn_order`` says otherwise)."""
+        return self.session.turn_order or tuple(agent.name for agent in self.agents)
+
+    @property
+    def agents_by_name(self) -> dict[str, AgentConfig]:
+        """Agents keyed by name, in configured order."""
+        return {agent.name: agent for agent in self.agents}
+
+    @property
+    def sessions_dir(self) -> Path:
+        """Default folder for exported session logs."""
+        return self.mesh.sessions_dir
+
+    def service(self, name: str) -> ServiceConfig:
+        """Return one service's settings; the KeyError names the known services."""
+        try:
+            return self.services[name]
+        except KeyError:
+            raise KeyError(f"unknown service {name!r} (known: {', '.join(self.services)})") from None
+
+    # -- copies (tests move services to ephemeral ports) ------------------------------------
+
+    def with_service_address(self, name: str, address: str) -> HeistConfig:
+        """Return a copy with one service moved."""
+        split_address(address)
+        services = {**self.services, name: self.service(name).model_copy(update={"address": address})}
+        return self.with_overrides(services=services)
+
+    def with_overrides(self, **sections: Any) -> HeistConfig:
+        """Return a copy with whole sections replaced, e.g. ``llm=cfg.llm.model_copy(update=...)``."""
+        copy = self.model_copy(update=sections)
+        copy._source = self._source
+        return copy
+
+
+def resolve_database_url(url: str | None, run_dir: Path) -> str:
+    """Default to ``<run_dir>/audit/heist.db``; anchor a relative SQLite path at the repository root."""
+    if url is None:
+        return f"sqlite:///{run_dir / 'audit' / 'heist.db'}"
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(REPO_ROOT / url[len(prefix) :])
+    return url
+
+
+def default_config_path() -> Path:
+    """``$HEIST_CONFIG`` if set, else ``config/heist.yaml`` relative to the working directory."""
+    return Path(os.environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def format_validation_error(error: ValidationError, source: str, prefix: tuple[str | int, ...] = ()) -> str:
+    """Each pydantic error as ``file: key.path: message``, one per line, in the words a YAML editor needs."""
+    lines = []
+    for item in error.errors():
+        where = _dotted((*prefix, *item["loc"]))
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "missing required key"
+        lines.append(f"{source}: {where}: {message}" if where else f"{source}: {message}")
+    return "\n".join(lines)
+
+
+def _dotted(location: tuple[str | int, ...]) -> str:
+    """``("agents", 1, "tools")`` -> ``agents[1].tools``."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys (the second one would silently win otherwise)."""
+
+
+def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    keys = [loader.construct_object(key_node) for key_node, _ in node.value]
+    seen = {key for key in keys if keys.count(key) > 1}
+    if seen:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"duplicate key {sorted(map(str, seen))[0]!r}", node.start_mark
+        )
+    return dict(loader.construct_mapping(node))
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def read_yaml(path: Path) -> Mapping[str, Any]:
+    """Read the file as a YAML mapping; ConfigError (never a traceback) for every way that can fail."""
+    source = str(path)
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: config is larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None) -> HeistConfig:
+    """Read and validate the whole config file; raise ``ConfigError`` naming key and file."""
+    config_path = Path(path) if path is not None else default_config_path()
+    data = read_yaml(config_path)
+    try:
+        config = HeistConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(config_path))) from None
+    except RecursionError:
+        raise ConfigError(f"{config_path}: nested too deeply") from None
+    config._source = config_path.resolve()
+    _check_contracts(config)
+    return config
+
+
+def _check_contracts(config: HeistConfig) -> None:
+    """Every configured service needs a generated contract, and an agent's tools must offer methods to models."""
+    from heist_common.contract import ContractError, contract_of  # the generated code, only once the file is valid
+
+    for name in config.services:
+        try:
+            contract = contract_of(name)
+        except ContractError as exc:
+            raise ConfigError(f"{config.config_path}: services.{name}: {exc}") from None
+        if name in config.tool_names and not contract.is_tool:
+            raise ConfigError(
+                f"{config.config_path}: services.{name}: {contract.full_name} has no method with a "
+                "tool_description, so agents cannot use it as a tool"
+            )

@@ -1,0 +1,59 @@
+"""Where an OAuth client finds its secret: an environment variable, else the generated dev file.
+
+Both sides need this and nothing more of each other's credentials: the
+orchestrator reads its agents' client secrets to ask for tokens, the OAuth
+server reads every secret to check them. Signing keys stay with the servers
+(``servers.credentials``).
+
+- ``HEIST_OAUTH_CLIENT_SECRET_<CLIENT_ID>``: a client's secret; the client id is
+  upper-cased and every non-alphanumeric character becomes ``_``
+  (``safecracker`` -> ``HEIST_OAUTH_CLIENT_SECRET_SAFECRACKER``)
+- ``HEIST_CREDENTIALS_DIR``: use this folder instead of ``<run_dir>/credentials``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from heist_common.config import HeistConfig
+
+CREDENTIALS_DIR_ENV = "HEIST_CREDENTIALS_DIR"
+CLIENT_SECRET_ENV_PREFIX = "HEIST_OAUTH_CLIENT_SECRET_"
+CLIENTS_FILE = "clients.json"
+
+
+class CredentialsError(RuntimeError):
+    """A secret or key is missing or unreadable."""
+
+
+def credentials_dir(config: HeistConfig) -> Path:
+    """Return the folder holding the credentials (``HEIST_CREDENTIALS_DIR`` wins)."""
+    override = os.environ.get(CREDENTIALS_DIR_ENV)
+    return Path(override) if override else config.mesh.credentials_dir
+
+
+def client_secret_env_var(client_id: str) -> str:
+    """Return the environment variable that overrides one client's secret."""
+    return CLIENT_SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", client_id).upper()
+
+
+def client_secret(config: HeistConfig, client_id: str) -> str:
+    """Return one client's secret: the environment variable, else the generated file."""
+    from_env = os.environ.get(client_secret_env_var(client_id))
+    if from_env:
+        return from_env
+    path = credentials_dir(config) / CLIENTS_FILE
+    try:
+        secrets_by_client = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(
+            f"no secret for client {client_id!r}: set {client_secret_env_var(client_id)} or start the oauth "
+            f"server once to generate {path} ({exc})"
+        ) from None
+    secret = secrets_by_client.get(client_id) if isinstance(secrets_by_client, dict) else None
+    if not isinstance(secret, str) or not secret:
+        raise CredentialsError(f"no secret for client {client_id!r} in {path}")
+    return secret

@@ -1,0 +1,28 @@
+"""The audit trail, the single source of truth of every session.
+
+- ``schema``: the Peewee models (the seed's tables plus ``events``)
+- ``rows``: what one turn writes, committed together
+- ``database``: opening a URL (SQLite tuned for several writers) and in-place migrations
+- ``store``: ``AuditStore``, writes on one writer thread and readers for the CLI
+"""
+
+from orchestrator.audit.database import AuditError, UnknownSessionError
+from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
+from orchestrator.audit.schema import EventRecord, MessageRecord, SessionRecord, SessionStatus, ToolUsageRecord, now_iso
+from orchestrator.audit.store import AuditStore
+
+__all__ = [
+    "AuditError",
+    "AuditStore",
+    "EventRecord",
+    "EventRow",
+    "MessageRecord",
+    "MessageRow",
+    "SessionRecord",
+    "SessionStatus",
+    "ToolUsageRecord",
+    "ToolUsageRow",
+    "TurnAudit",
+    "UnknownSessionError",
+    "now_iso",
+]

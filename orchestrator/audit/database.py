@@ -1,0 +1,87 @@
+"""Opening an audit database from a URL: SQLite tuned for several writers, and in-place migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import peewee
+from playhouse.db_url import connect, parse  # type: ignore[import-untyped]
+from playhouse.migrate import SchemaMigrator, migrate
+
+from orchestrator.audit.schema import MODELS
+
+BUSY_TIMEOUT_MS = 5000
+
+
+class AuditError(RuntimeError):
+    """The audit database cannot be opened or written (read-only, disk full, unreachable)."""
+
+
+class UnknownSessionError(LookupError):
+    """No session with that ID in the audit database."""
+
+
+def _add_missing_columns(database: peewee.Database) -> None:
+    """Add nullable columns that newer models have to tables an older version created.
+
+    ``create_tables(safe=True)`` leaves existing tables alone, so an audit file
+    from before a column existed (e.g. ``messages.trace_id``) would fail every
+    insert; old rows simply get NULL there.
+    """
+    migrator = SchemaMigrator.from_database(database)
+    for model in MODELS:
+        meta: Any = model._meta
+        existing = {column.name for column in database.get_columns(meta.table_name)}
+        missing = [f for f in meta.sorted_fields if f.column_name not in existing and f.null]
+        if missing:
+            migrate(*(migrator.add_column(meta.table_name, f.column_name, f) for f in missing))
+
+
+def _sqlite_path(url: str) -> Path | None:
+    parsed = parse(url)
+    if not url.startswith("sqlite"):
+        return None
+    database = parsed.get("database")
+    if not isinstance(database, str) or not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def _open_database(url: str) -> peewee.Database:
+    """Connect from a ``playhouse.db_url`` URL; SQLite gets WAL, foreign keys and BEGIN IMMEDIATE."""
+    options: dict[str, Any] = {}
+    sqlite_file = _sqlite_path(url)
+    if url.startswith("sqlite"):
+        options = {
+            "pragmas": (
+                ("busy_timeout", BUSY_TIMEOUT_MS),
+                ("journal_mode", "wal"),
+                ("foreign_keys", 1),
+                ("synchronous", "normal"),
+            ),
+            "timeout": BUSY_TIMEOUT_MS / 1000,
+            "lock_type": "IMMEDIATE",
+        }
+    if sqlite_file is not None:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    database: peewee.Database = connect(url, **options)
+    return database
+
+
+_DB_ERRORS = (peewee.PeeweeException, sqlite3.Error, OSError)
+OPEN_RETRY_DELAY_S = 0.02
+"""Pause between attempts to open a database another process is just creating."""
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Return the database error that started it all.
+
+    When COMMIT fails (disk full), SQLite has already rolled back, so Peewee's
+    own rollback fails with "cannot rollback - no transaction is active" and
+    would hide the real reason; report the error it was handling instead.
+    """
+    while "no transaction is active" in str(exc) and isinstance(exc.__context__, _DB_ERRORS):
+        exc = exc.__context__
+    return exc

@@ -1,0 +1,232 @@
+"""The audit store: every write on one dedicated writer thread, readers for the CLI.
+
+Writes go through ONE writer thread: Peewee is synchronous, and a single writer
+means the event loop never blocks on the database and writes never race each
+other. SQLite transactions start with ``BEGIN IMMEDIATE`` and a busy timeout, so
+several orchestrator processes can share one file without "database is locked".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any, TypeVar, cast
+
+import peewee
+
+from orchestrator.audit.database import (
+    _DB_ERRORS,
+    BUSY_TIMEOUT_MS,
+    OPEN_RETRY_DELAY_S,
+    AuditError,
+    UnknownSessionError,
+    _add_missing_columns,
+    _open_database,
+    _root_cause,
+    _sqlite_path,
+)
+from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
+from orchestrator.audit.schema import (
+    MODELS,
+    EventRecord,
+    MessageRecord,
+    SessionRecord,
+    SessionStatus,
+    ToolUsageRecord,
+    database_proxy,
+    now_iso,
+)
+
+T = TypeVar("T")
+
+
+class AuditStore:
+    """The audit database behind one writer thread.
+
+    Async methods run on the writer thread and are awaited from the event loop;
+    ``read_*`` methods are synchronous for the CLI. One open store per process
+    (Peewee models are bound through a module-level proxy).
+    """
+
+    def __init__(self, url: str, database: peewee.Database) -> None:
+        self.url = url
+        self.database = database
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
+        self._insert_message = _PreparedInsert(database, MessageRecord, MessageRow)
+        self._insert_tool_usage = _PreparedInsert(database, ToolUsageRecord, ToolUsageRow)
+        self._insert_event = _PreparedInsert(database, EventRecord, EventRow)
+        marker = "\x00session"
+        count_turn = SessionRecord.update(num_turns=SessionRecord.num_turns + 1).where(
+            SessionRecord.session_id == marker
+        )
+        self._count_turn_sql, params = count_turn.sql()
+        self._count_turn_params: list[Any] = list(params)
+        self._count_turn_session = self._count_turn_params.index(marker)
+
+    @classmethod
+    def open(cls, url: str) -> AuditStore:
+        """Connect, create missing tables, and start the writer thread; AuditError if unreachable.
+
+        Several processes creating the same new SQLite file at once race on
+        ``PRAGMA journal_mode=wal``, which SQLite refuses with "database is
+        locked" without waiting for its busy timeout; so a locked open is retried
+        until that timeout has passed (once the file is in WAL mode the pragma
+        needs no lock and the race is over).
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                database = _open_database(url)
+                database_proxy.initialize(database)
+                with database.connection_context():
+                    database.create_tables(MODELS, safe=True)
+                    _add_missing_columns(database)
+                return cls(url, database)
+            except _DB_ERRORS as exc:
+                if "database is locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise AuditError(f"cannot open audit database {url}: {exc}") from None
+                time.sleep(OPEN_RETRY_DELAY_S)
+
+    @property
+    def location(self) -> str:
+        """The database file for SQLite, else the URL (for summaries)."""
+        path = _sqlite_path(self.url)
+        return str(path) if path is not None else self.url
+
+    def close(self) -> None:
+        """Finish queued writes, then close the writer's connection."""
+        self._writer.submit(self._close_connection)
+        self._writer.shutdown(wait=True)
+        if not self.database.is_closed():
+            self.database.close()
+
+    def _close_connection(self) -> None:
+        if not self.database.is_closed():
+            self.database.close()
+
+    async def _in_writer(self, work: Callable[[], T], what: str) -> T:
+        def guarded() -> T:
+            try:
+                return work()
+            except _DB_ERRORS as exc:
+                raise AuditError(f"audit database {self.location}: cannot {what}: {_root_cause(exc)}") from None
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, guarded)
+
+    async def run_in_writer(self, work: Callable[[], T]) -> T:
+        """Run arbitrary database work on the writer thread (tests and tools use this)."""
+        return await self._in_writer(work, "run a statement")
+
+    async def create_session(self, session_id: str, *, strategy: str, seed: int | None, model: str) -> None:
+        """Insert the session as ``active`` (a reused ID is an error, not a merge)."""
+
+        def work() -> None:
+            with self.database.atomic():
+                SessionRecord.create(
+                    session_id=session_id,
+                    start_time=now_iso(),
+                    status=SessionStatus.ACTIVE,
+                    strategy=strategy,
+                    seed=seed,
+                    model=model,
+                )
+
+        await self._in_writer(work, f"create session {session_id}")
+
+    async def write_turn(self, session_id: str, turn: TurnAudit) -> None:
+        """Commit one turn's message, tool calls and events in a single transaction."""
+        await self._in_writer(lambda: self._write_turn(session_id, turn), "write a turn")
+
+    def _write_turn(self, session_id: str, turn: TurnAudit) -> None:
+        with self.database.atomic():
+            for usage in turn.tool_usage:
+                self._insert_tool_usage.execute(session_id, usage)
+            for event in turn.events:
+                self._insert_event.execute(session_id, event)
+            if turn.message is not None:
+                self._insert_message.execute(session_id, turn.message)
+                params = list(self._count_turn_params)
+                params[self._count_turn_session] = session_id
+                self.database.execute_sql(self._count_turn_sql, params)  # type: ignore[no-untyped-call]
+
+    async def add_events(self, session_id: str | None, events: Sequence[EventRow]) -> None:
+        """Record events outside a turn (health checks, session-level failures) in one transaction."""
+
+        def work() -> None:
+            with self.database.atomic():
+                EventRecord.insert_many([{"session": session_id, **asdict(row)} for row in events]).execute()
+
+        if events:
+            await self._in_writer(work, "record events")
+
+    async def finish_session(self, session_id: str, status: str, error: str | None = None) -> None:
+        """Close the session with its final status and end time."""
+
+        def update() -> None:
+            with self.database.atomic():
+                SessionRecord.update(status=status, end_time=now_iso(), error=error).where(
+                    SessionRecord.session_id == session_id
+                ).execute()
+
+        def work() -> None:
+            try:
+                update()
+            except _DB_ERRORS:
+                # Disk full: checkpointing the WAL into the database file and truncating it frees
+                # room for this one small update, so even a failed run is marked as failed.
+                if not isinstance(self.database, peewee.SqliteDatabase):
+                    raise
+                self.database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[no-untyped-call]
+                update()
+
+        await self._in_writer(work, f"finish session {session_id}")
+
+    async def agent_messages(self, session_id: str) -> list[tuple[str, int, str]]:
+        """``(agent_name, turn_id, message)`` of a session in turn order (to rebuild the memory service)."""
+
+        def work() -> list[tuple[str, int, str]]:
+            query = (
+                MessageRecord.select(MessageRecord.agent_name, MessageRecord.turn_id, MessageRecord.message)
+                .where(MessageRecord.session == session_id)
+                .order_by(MessageRecord.turn_id)
+                .tuples()
+            )
+            return [(str(a), int(t), str(m)) for a, t, m in cast("list[tuple[Any, Any, Any]]", list(query))]
+
+        return await self._in_writer(work, "read messages")
+
+    # Synchronous readers for the CLI -------------------------------------------------------------
+
+    def read_sessions(self) -> list[dict[str, Any]]:
+        """Every session, newest first."""
+        try:
+            with self.database.connection_context():
+                query = SessionRecord.select().order_by(SessionRecord.start_time.desc()).dicts()
+                return cast("list[dict[str, Any]]", list(query))
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read sessions from {self.location}: {exc}") from None
+
+    def read_session_log(self, session_id: str) -> dict[str, Any]:
+        """Session metadata, messages, tool usage and events; UnknownSessionError if absent."""
+        try:
+            with self.database.connection_context():
+                session = SessionRecord.select().where(SessionRecord.session_id == session_id).dicts().first()
+                if session is None:
+                    raise UnknownSessionError(session_id)
+
+                def rows(model: type[peewee.Model]) -> list[dict[str, Any]]:
+                    query = model.select().where(model.session == session_id).order_by(model.id).dicts()  # type: ignore[attr-defined]
+                    found = cast("list[dict[str, Any]]", list(query))
+                    return [{("session_id" if k == "session" else k): v for k, v in row.items()} for row in found]
+
+                return {
+                    "session": session,
+                    "messages": rows(MessageRecord),
+                    "tool_usage": rows(ToolUsageRecord),
+                    "events": rows(EventRecord),
+                }
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read session {session_id} from {self.location}: {exc}") from None

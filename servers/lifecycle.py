@@ -1,0 +1,247 @@
+"""A heist server's lifecycle, the same for every service: a server module is "servicer + limits".
+
+``start_service(name, config)`` finds ``servers/<name>.py`` by convention, validates
+its ``limits`` section with the module's own ``Limits`` model, and serves its
+servicer with what every service gets alike: grpc.health.v1 (NOT_SERVING until
+started and again while draining), server reflection (so grpcurl needs no
+.proto files), the per-call middleware (``servers.middleware``), and
+SIGTERM/SIGINT handling with a grace period. ``main`` is the process entry point
+behind ``python -m servers.<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from heist_common.config import ConfigError, HeistConfig, format_validation_error, load_config, split_address
+from heist_common.contract import ContractError, ServiceContract, contract_of
+from heist_common.exit_codes import ExitCode
+from servers import credentials
+from servers.middleware import AccessLog, CallMiddleware, WrappingRegistrar
+from servers.tokens import TokenVerifier
+
+log = logging.getLogger("heist.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Limits(BaseModel):
+    """Base of every service's ``Limits`` model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """What a service module hands the lifecycle: its servicer, and what to do after the server stopped."""
+
+    name: str
+    servicer: object
+    on_stop: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def contract(self) -> ServiceContract:
+        """The service's generated contract (``heist.<name>.v1``)."""
+        return contract_of(self.name)
+
+
+def service_module(name: str) -> ModuleType:
+    """Import ``servers.<name>``; ContractError (naming the file) if there is none."""
+    try:
+        return importlib.import_module(f"servers.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"servers.{name}":
+            raise
+        raise ContractError(f"service {name!r}: no servicer module servers/{name}.py") from None
+
+
+def service_limits(name: str, config: HeistConfig) -> Limits:
+    """Validate ``services.<name>.limits`` with the service's own ``Limits`` model; ConfigError naming the key."""
+    model: type[Limits] = getattr(service_module(name), "Limits", Limits)
+    try:
+        return model.model_validate(config.service(name).limits)
+    except ValidationError as exc:
+        raise ConfigError(
+            format_validation_error(exc, str(config.config_path), ("services", name, "limits"))
+        ) from None
+
+
+def service_definition(name: str, config: HeistConfig) -> ServiceDefinition:
+    """Build the servicer of the configured service ``name``."""
+    module = service_module(name)
+    definition: ServiceDefinition = module.service_definition(config, service_limits(name, config))
+    return definition
+
+
+@dataclass
+class RunningServer:
+    """A started server: where it listens and how to drain and stop it."""
+
+    name: str
+    address: str
+    port: int
+    server: grpc.aio.Server
+    health: HealthServicer
+    access_log: AccessLog
+    definition: ServiceDefinition
+    _stopped: bool = dataclasses.field(default=False, repr=False)
+
+    async def drain(self) -> None:
+        """Report NOT_SERVING to health checks and watchers (load balancers stop sending calls)."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float = 0.5) -> None:
+        """Drain, let in-flight calls finish for up to ``grace`` seconds, then stop. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.drain()
+        await self.server.stop(grace)
+        if self.definition.on_stop is not None:
+            await self.definition.on_stop()
+        await self.access_log.stop()
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server has stopped."""
+        await self.server.wait_for_termination()
+
+
+def token_verifier(config: HeistConfig) -> TokenVerifier:
+    """Build the verifier servers with scoped methods use; creates dev credentials if none exist yet."""
+    if not credentials.public_key_overridden():
+        credentials.ensure_dev_credentials(config)
+    return TokenVerifier(credentials.public_key(config), issuer=config.oauth.issuer, audience=config.oauth.audience)
+
+
+async def start(
+    definition: ServiceDefinition, config: HeistConfig, address: str, *, log_stream: Any = None
+) -> RunningServer:
+    """Start ``definition`` on ``address`` in the running event loop; SERVING once it listens."""
+    host, _ = split_address(address)
+    contract = definition.contract
+    scopes = contract.scopes_by_method_path()
+    verifier = token_verifier(config) if contract.scopes else None
+    access_log = AccessLog(definition.name, log_stream)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    registrar: Any = WrappingRegistrar(server, CallMiddleware(access_log, scopes, verifier))
+    contract.add_servicer(definition.servicer, registrar)
+
+    health = HealthServicer()
+    for service in ("", contract.full_name):
+        await health.set(service, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
+    reflected = [contract.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME]  # fmt: skip
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_aio.ReflectionServicer(reflected), registrar)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"{definition.name}: cannot listen on {address} (port in use?)")
+    await server.start()
+    access_log.start()
+    for service in ("", contract.full_name):
+        await health.set(service, SERVING)
+    bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log.info("%s listening on %s", definition.name, bound)
+    return RunningServer(definition.name, bound, port, server, health, access_log, definition)
+
+
+async def start_service(
+    name: str, config: HeistConfig, address: str = "127.0.0.1:0", *, log_stream: Any = None
+) -> RunningServer:
+    """Start the configured service ``name`` in the running event loop (tests, benchmarks, embedding).
+
+    ``address`` defaults to an ephemeral port; ``RunningServer.address`` and
+    ``.port`` tell the real one. ``log_stream`` receives the access-log lines
+    (default: stderr). Stop it with ``await server.stop(grace)``.
+    """
+    return await start(service_definition(name, config), config, address, log_stream=log_stream)
+
+
+def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``--config PATH [--address HOST:PORT] [--host H] [--port P] [--grace S]``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m servers.{service_name}", description=f"Run the {service_name} service."
+    )
+    parser.add_argument("--config", default="config/heist.yaml", help="mesh config file (default: %(default)s)")
+    parser.add_argument("--address", help="HOST:PORT to listen on (default: from the config)")
+    parser.add_argument("--host", help="override the host part of the address")
+    parser.add_argument("--port", type=int, help="override the port part of the address")
+    parser.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown (default: config)")
+    return parser.parse_args(argv)
+
+
+def resolve_address(config: HeistConfig, service_name: str, args: argparse.Namespace) -> str:
+    """Combine the config's address with ``--address``/``--host``/``--port`` overrides."""
+    host, port = split_address(args.address or config.service(service_name).address)
+    if args.host:
+        host = args.host
+    if args.port is not None:
+        port = args.port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def configure_logging() -> None:
+    """Log to stderr (the supervisor redirects it to ``<run_dir>/log/<name>.log``)."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+async def serve_until_signalled(
+    definition: ServiceDefinition, config: HeistConfig, address: str, grace_s: float
+) -> None:
+    """Run one service until SIGTERM/SIGINT, then drain and stop within ``grace_s``."""
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    running = await start(definition, config, address)
+    await stop_requested.wait()
+    log.info("%s: stop requested, draining for up to %.1f s", definition.name, grace_s)
+    await running.stop(grace_s)
+    log.info("%s: stopped", definition.name)
+
+
+def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
+    """Process entry point of every ``python -m servers.<name>`` (pass the module's ``__spec__``)."""
+    service_name = str(module_spec.name).rpartition(".")[2]
+    args = parse_args(service_name, argv)
+    configure_logging()
+    try:
+        config = load_config(args.config)
+        address = resolve_address(config, service_name, args)
+        definition = service_definition(service_name, config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return ExitCode.CONFIG
+    except (ContractError, KeyError, ValueError) as exc:
+        log.error("%s: %s", service_name, exc)
+        return ExitCode.CONFIG
+    grace_s = args.grace if args.grace is not None else config.mesh.shutdown_grace_s
+    try:
+        asyncio.run(serve_until_signalled(definition, config, address, grace_s))
+    except OSError as exc:
+        log.error("%s: %s", service_name, exc)
+        return ExitCode.FAILED
+    return ExitCode.OK

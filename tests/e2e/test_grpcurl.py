@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from servers.settings import REPO_ROOT
+from heist_common.layout import REPO_ROOT
 from tests.e2e.harness import SERVICES, Mesh, grpcurl, make, server_pids
-from tests.ports import listening
+from tests.support.ports import listening
 
 SESSION = "heist_e2e_20261121_ab12"
 

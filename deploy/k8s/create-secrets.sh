@@ -2,17 +2,19 @@
 # Create (or update) the Secrets the heist mesh pods read, in the cluster of the
 # current kubectl context. The shapes are in secrets.example.yaml.
 #
-#   HEIST_AUDIT_DB_URL=postgresql://heist:PASSWORD@postgres.heist.svc:5432/heist \
-#     deploy/k8s/create-secrets.sh [--print] [CREDENTIALS_DIR]
+#   HEIST_AUDIT_DB_URL=postgresql://heist@postgres.heist.svc:5432/heist \
+#   HEIST_AUDIT_DB_PASSWORD=... deploy/k8s/create-secrets.sh [--print] [CREDENTIALS_DIR]
 #
 # CREDENTIALS_DIR (default var/credentials) holds clients.json, signing_key.pem
 # and public_key.pem: the dev credentials `make serve` generates, or your own
 # files in the same format (servers/credentials.py). Its clients.json must
 # have a secret for every client in the ConfigMap's oauth.clients.
 #
-# Environment: HEIST_AUDIT_DB_URL (required: the audit database URL),
-# HEIST_LLM_API_KEY (optional: the LLM endpoint's key), NAMESPACE (default
-# heist), KUBECTL (default kubectl).
+# Environment: HEIST_AUDIT_DB_URL (required: the audit database URL, without a
+# password: `orchestrator run` prints the URL), HEIST_AUDIT_DB_PASSWORD
+# (optional: the PostgreSQL password, the Job's PGPASSWORD), HEIST_LLM_API_KEY
+# (optional: the LLM endpoint's key), NAMESPACE (default heist), KUBECTL
+# (default kubectl).
 # --print writes the Secret manifests to stdout instead of applying them.
 # Secret values never appear on a command line: kubectl reads them from files.
 set -euo pipefail
@@ -30,7 +32,11 @@ for file in clients.json signing_key.pem public_key.pem; do
   [[ -r "$creds/$file" ]] || { echo "create-secrets: missing $creds/$file" >&2; exit 1; }
 done
 if [[ -z "${HEIST_AUDIT_DB_URL:-}" ]]; then
-  echo "create-secrets: set HEIST_AUDIT_DB_URL to the audit database URL (e.g. postgresql://heist:PASSWORD@postgres.heist.svc:5432/heist)" >&2
+  echo "create-secrets: set HEIST_AUDIT_DB_URL to the audit database URL (e.g. postgresql://heist@postgres.heist.svc:5432/heist)" >&2
+  exit 1
+fi
+if [[ "$HEIST_AUDIT_DB_URL" =~ ^[a-z0-9+]+://[^/@]*:[^/@]*@ ]]; then
+  echo "create-secrets: HEIST_AUDIT_DB_URL has a password in it, which \`orchestrator run\` would print; pass it as HEIST_AUDIT_DB_PASSWORD" >&2
   exit 1
 fi
 
@@ -53,6 +59,11 @@ for client_id, secret in clients.items():
         handle.write(secret)
 PY
 printf '%s' "$HEIST_AUDIT_DB_URL" > "$work/url"
+audit_db=(--from-file=url="$work/url")
+if [[ -n "${HEIST_AUDIT_DB_PASSWORD:-}" ]]; then
+  printf '%s' "$HEIST_AUDIT_DB_PASSWORD" > "$work/password"
+  audit_db+=(--from-file=password="$work/password")
+fi
 
 manifests() {
   local dry=(--namespace "$namespace" --dry-run=client -o yaml)
@@ -64,7 +75,7 @@ manifests() {
   echo "---"
   "$kubectl" create secret generic heist-oauth-clients "${dry[@]}" --from-file="$work/clients"
   echo "---"
-  "$kubectl" create secret generic heist-audit-db "${dry[@]}" --from-file=url="$work/url"
+  "$kubectl" create secret generic heist-audit-db "${dry[@]}" "${audit_db[@]}"
   if [[ -n "${HEIST_LLM_API_KEY:-}" ]]; then
     printf '%s' "$HEIST_LLM_API_KEY" > "$work/api_key"
     echo "---"

@@ -302,6 +302,25 @@ def cross_reference_problems(
     return problems
 
 
+def secret_references(resources: list[Resource]) -> set[tuple[str, str]]:
+    """Every ``(Secret, key)`` a pod uses, optional ones included (``*`` for a whole-Secret volume)."""
+    references: set[tuple[str, str]] = set()
+    for _, spec in workloads(resources):
+        for volume in spec.get("volumes") or []:
+            if "secret" in volume:
+                items = volume["secret"].get("items") or [{"key": "*"}]
+                references |= {(volume["secret"]["secretName"], item["key"]) for item in items}
+        for container in spec.get("containers") or []:
+            for entry in container.get("env") or []:
+                ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    references.add((ref["name"], ref["key"]))
+            for entry in container.get("envFrom") or []:
+                if "secretRef" in entry:
+                    references.add((entry["secretRef"]["name"], "*"))
+    return references
+
+
 def _config_problems(config: Resource, services: list[str], namespace: str) -> list[str]:
     problems: list[str] = []
     cluster_services = config.get("services") or {}
@@ -341,8 +360,10 @@ def _reference_problems(resources: list[Resource], secrets: list[Resource]) -> l
     secret_keys = {s["metadata"]["name"]: set((s.get("stringData") or {}) | (s.get("data") or {})) for s in declared}
     config_keys = {name: set(cm.get("data") or {}) for name, cm in by_kind(resources, "ConfigMap").items()}
 
-    def check(where: str, kind: str, name: str, keys: list[str]) -> None:
+    def check(where: str, kind: str, name: str, keys: list[str], optional: bool = False) -> None:
         known = secret_keys if kind == "Secret" else config_keys
+        if optional and (name not in known or not set(keys) <= known[name]):
+            return  # the kubelet starts the container without it
         if name not in known:
             problems.append(f"{where}: {kind} {name!r} is not defined")
             return
@@ -369,10 +390,12 @@ def _reference_problems(resources: list[Resource], secrets: list[Resource]) -> l
                 source = entry.get("valueFrom") or {}
                 if "secretKeyRef" in source:
                     ref = source["secretKeyRef"]
-                    check(f"{where} env {entry['name']}", "Secret", ref["name"], [ref["key"]])
+                    optional = bool(ref.get("optional"))
+                    check(f"{where} env {entry['name']}", "Secret", ref["name"], [ref["key"]], optional)
                 if "configMapKeyRef" in source:
                     ref = source["configMapKeyRef"]
-                    check(f"{where} env {entry['name']}", "ConfigMap", ref["name"], [ref["key"]])
+                    optional = bool(ref.get("optional"))
+                    check(f"{where} env {entry['name']}", "ConfigMap", ref["name"], [ref["key"]], optional)
             for entry in container.get("envFrom") or []:
                 if "secretRef" in entry:
                     check(f"{where} envFrom", "Secret", entry["secretRef"]["name"], [])

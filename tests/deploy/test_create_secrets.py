@@ -24,12 +24,13 @@ from tests.deploy.manifests import (
     kubectl,
     load_resources,
     mesh_configmap,
+    mutated,
     schema_errors,
     secret_shapes,
 )
 from tests.deploy.pods import create_secrets, secrets_from_manifests
 
-DB_URL = "postgresql://heist:s3cret@postgres.heist.svc:5432/heist"
+DB_URL = "postgresql://heist@postgres.heist.svc:5432/heist"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,9 @@ def _render(credentials_dir: Path, **env: str) -> list[Resource]:
 
 
 def test_creates_every_declared_secret_with_the_right_content(credentials_dir: Path, resources: list[Resource]) -> None:
-    rendered = _render(credentials_dir, HEIST_AUDIT_DB_URL=DB_URL, HEIST_LLM_API_KEY="sk-test")
+    rendered = _render(
+        credentials_dir, HEIST_AUDIT_DB_URL=DB_URL, HEIST_AUDIT_DB_PASSWORD="s3cret", HEIST_LLM_API_KEY="sk-test"
+    )
     for secret in rendered:
         assert schema_errors(secret, OLDEST_KUBERNETES) == []
         assert secret["metadata"]["namespace"] == "heist"
@@ -72,21 +75,32 @@ def test_creates_every_declared_secret_with_the_right_content(credentials_dir: P
     assert isinstance(private, Ed25519PrivateKey)
     assert values["heist-oauth-public-key"]["public_key.pem"].decode() == credentials.public_pem(private.public_key())
     assert values["heist-audit-db"]["url"].decode() == DB_URL
+    assert values["heist-audit-db"]["password"] == b"s3cret"
     assert values["heist-llm"]["api_key"] == b"sk-test"
 
     # The real Secrets satisfy every reference of every pod (not only the example shapes).
     assert cross_reference_problems(resources, rendered) == []
 
 
-def test_llm_key_is_optional(credentials_dir: Path, resources: list[Resource]) -> None:
-    rendered = _render(credentials_dir, HEIST_AUDIT_DB_URL=DB_URL)
-    assert "heist-llm" not in secrets_from_manifests(rendered)
-    problems = cross_reference_problems(resources, rendered)
-    # The Job's HEIST_LLM_API_KEY reference is optional: the pod starts without the Secret.
-    assert problems == ["Job/heist-run env HEIST_LLM_API_KEY: Secret 'heist-llm' is not defined"]
-    job = next(r for r in resources if r["kind"] == "Job")
-    (env,) = [e for e in job["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "HEIST_LLM_API_KEY"]
-    assert env["valueFrom"]["secretKeyRef"]["optional"] is True
+def test_llm_key_and_database_password_are_optional(credentials_dir: Path, resources: list[Resource]) -> None:
+    rendered = _render(credentials_dir, HEIST_AUDIT_DB_URL="sqlite:////var/lib/heist/audit.db")
+    values = secrets_from_manifests(rendered)
+    assert "heist-llm" not in values and set(values["heist-audit-db"]) == {"url"}
+    # Both references are optional: the Job's pod starts without them.
+    assert cross_reference_problems(resources, rendered) == []
+    broken, job = mutated(resources, "Job", "heist-run")
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    next(e for e in env if e["name"] == "PGPASSWORD")["valueFrom"]["secretKeyRef"]["optional"] = False
+    assert cross_reference_problems(broken, rendered) == [
+        "Job/heist-run env PGPASSWORD: Secret 'heist-audit-db' has no key 'password'"
+    ]
+
+
+def test_refuses_a_database_url_with_a_password_in_it(credentials_dir: Path) -> None:
+    url = "postgresql://heist:s3cret@postgres.heist.svc:5432/heist"
+    result = create_secrets(credentials_dir, {"HEIST_AUDIT_DB_URL": url}, kubectl=kubectl())
+    assert result.returncode == 1 and "HEIST_AUDIT_DB_PASSWORD" in result.stderr and not result.stdout
+    assert "s3cret" not in result.stderr
 
 
 def test_refuses_without_the_database_url_or_a_key_file(credentials_dir: Path) -> None:

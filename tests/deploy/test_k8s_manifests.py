@@ -36,7 +36,9 @@ from tests.deploy.manifests import (
     newest_kubernetes,
     resource_files,
     schema_errors,
+    secret_references,
     secret_shapes,
+    workloads,
 )
 
 VERSIONS = [OLDEST_KUBERNETES, newest_kubernetes()]
@@ -231,3 +233,17 @@ def test_secret_shapes_declare_only_empty_values(secrets: list[Resource]) -> Non
     for secret in secrets:
         assert "data" not in secret
         assert secret["stringData"] and all(value == "" for value in secret["stringData"].values()), secret
+
+
+def test_secrets_example_declares_exactly_what_the_pods_use(resources: list[Resource], secrets: list[Resource]) -> None:
+    declared = {(s["metadata"]["name"], key) for s in secrets for key in s["stringData"]}
+    used = secret_references(resources)
+    assert "*" not in {key for _, key in used}, "mount or import Secrets key by key, so each key is declared"
+    assert used == declared
+    optional = {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for _, spec in workloads(resources)
+        for e in spec["containers"][0].get("env") or []
+        if (e.get("valueFrom") or {}).get("secretKeyRef", {}).get("optional")
+    }
+    assert optional == {("heist-llm", "api_key"), ("heist-audit-db", "password")}

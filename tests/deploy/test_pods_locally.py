@@ -14,7 +14,7 @@ stops every server cleanly within its grace period.
 
 from __future__ import annotations
 
-import sqlite3
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +25,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
+from playhouse.db_url import connect  # type: ignore[import-untyped]
 
 from servers import credentials
 from servers.settings import load_mesh_settings
@@ -50,6 +51,10 @@ from tests.deploy.pods import (
 from tests.ports import free_ports
 from tests.scripted_llm import Reply, ScriptedLLM, text, tool_call
 from tests.server_processes import stop_processes
+
+AUDIT_URL_ENV = "HEIST_DEPLOY_TEST_AUDIT_URL"
+"""Run the Job against this audit database (e.g. a local PostgreSQL) instead of a fresh SQLite file."""
+AUDIT_PASSWORD_ENV = "HEIST_DEPLOY_TEST_AUDIT_PASSWORD"
 
 TOOL_CALLS = {
     "calculator_evaluate": {"expression": "6*7"},
@@ -96,9 +101,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     creds_config["mesh"]["run_dir"] = str(tmp / "dev")
     (tmp / "creds.yaml").write_text(yaml.safe_dump(creds_config), encoding="utf-8")
     creds = credentials.ensure_dev_credentials(load_mesh_settings(tmp / "creds.yaml"))
-    audit_db = tmp / "audit" / "heist.db"
-    audit_db.parent.mkdir()
-    rendered = create_secrets(creds, {"HEIST_AUDIT_DB_URL": f"sqlite:///{audit_db}"}, kubectl=kubectl())
+    (tmp / "audit").mkdir()
+    audit = {"HEIST_AUDIT_DB_URL": os.environ.get(AUDIT_URL_ENV) or f"sqlite:///{tmp / 'audit' / 'heist.db'}"}
+    if os.environ.get(AUDIT_PASSWORD_ENV):
+        audit["HEIST_AUDIT_DB_PASSWORD"] = os.environ[AUDIT_PASSWORD_ENV]
+    rendered = create_secrets(creds, audit, kubectl=kubectl())
     assert rendered.returncode == 0, rendered.stderr
     secrets = secrets_from_manifests([d for d in yaml.safe_load_all(rendered.stdout) if d])
 
@@ -124,7 +131,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             processes[name] = pod.start(tmp / f"{name}.log")
         yield {
             "resources": resources, "pods": pods, "processes": processes, "port_of": port_of, "tmp": tmp,
-            "job_pod": job_pod, "audit_db": audit_db, "secrets": secrets, "started": started, "llm": llm,
+            "job_pod": job_pod, "audit_url": audit["HEIST_AUDIT_DB_URL"], "secrets": secrets, "started": started,
         }
     finally:
         stop_processes(processes.values(), 15)
@@ -176,15 +183,25 @@ def test_the_orchestrator_job_runs_a_session_with_working_tools(mesh: dict[str, 
     assert "--db" in job_pod.command and "$(" not in " ".join(job_pod.command), job_pod.command
     result = job_pod.run(timeout_s=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    session = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("Session:"))
+    if job_pod.env.get("PGPASSWORD"):
+        assert job_pod.env["PGPASSWORD"] not in result.stdout + result.stderr
 
-    with sqlite3.connect(mesh["audit_db"]) as db:
-        sessions = db.execute("SELECT status, num_turns FROM sessions").fetchall()
-        tools = db.execute("SELECT tool_name, success, status_code FROM tool_usage").fetchall()
+    # Read the audit as the Job's pod would reach it (PGPASSWORD from the Secret, for PostgreSQL).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGPASSWORD", job_pod.env.get("PGPASSWORD", ""))
+        database = connect(mesh["audit_url"])
+        where = f"WHERE session_id = {database.param}"
+        sessions = database.execute_sql(f"SELECT status, num_turns FROM sessions {where}", (session,)).fetchall()
+        tools = database.execute_sql(
+            f"SELECT tool_name, success, status_code FROM tool_usage {where}", (session,)
+        ).fetchall()
+        database.close()
     config = cluster_config(mesh["resources"])
-    assert sessions == [("completed", config["session"]["max_turns"])]
+    assert [tuple(row) for row in sessions] == [("completed", config["session"]["max_turns"])]
     tool_agents = {tool for agent in config["agents"] for tool in agent["tools"]}
     assert {name for name, _, _ in tools} == tool_agents, tools
-    assert all(success == 1 and code == "OK" for _, success, code in tools), tools
+    assert all(bool(success) and code == "OK" for _, success, code in tools), tools
     # Its session logs went to run_dir in its emptyDir.
     assert list(job_pod.local("/var/lib/heist/sessions").glob("*.json"))
 

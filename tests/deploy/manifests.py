@@ -33,12 +33,12 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
 from google.protobuf.descriptor import ServiceDescriptor
 
-from servers.contract import scopes_by_method_path
-from servers.credentials import (
+from tests.deploy.project import (
     CREDENTIALS_DIR_ENV,
     PUBLIC_KEY_FILE_ENV,
     SIGNING_KEY_FILE_ENV,
     client_secret_env_var,
+    required_scope,
 )
 
 Resource = dict[str, Any]
@@ -154,7 +154,7 @@ def full_service_name(service: str) -> str:
 
 def needs_token(service: str) -> bool:
     """Whether any method of the service requires an OAuth scope (its server verifies tokens)."""
-    return any(scope is not None for scope in scopes_by_method_path(service_descriptor(service)).values())
+    return any(required_scope(method) is not None for method in service_descriptor(service).methods)
 
 
 def k8s_name(service: str) -> str:

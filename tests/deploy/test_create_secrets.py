@@ -15,8 +15,6 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from servers import credentials
-from servers.settings import load_mesh_settings
 from tests.deploy.manifests import (
     OLDEST_KUBERNETES,
     Resource,
@@ -29,6 +27,7 @@ from tests.deploy.manifests import (
     secret_shapes,
 )
 from tests.deploy.pods import create_secrets, secrets_from_manifests
+from tests.deploy.project import CLIENTS_FILE, SIGNING_KEY_FILE, dev_credentials, public_pem
 
 DB_URL = "postgresql://heist@postgres.heist.svc:5432/heist"
 
@@ -47,7 +46,7 @@ def credentials_dir(tmp_path: Path, resources: list[Resource]) -> Path:
     config["mesh"]["run_dir"] = str(tmp_path / "run")
     path = tmp_path / "heist.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return credentials.ensure_dev_credentials(load_mesh_settings(path))
+    return dev_credentials(path)
 
 
 def _render(credentials_dir: Path, **env: str) -> list[Resource]:
@@ -67,13 +66,13 @@ def test_creates_every_declared_secret_with_the_right_content(credentials_dir: P
     values = secrets_from_manifests(rendered)
     assert {name: set(keys) for name, keys in values.items()} == shapes
 
-    clients = json.loads((credentials_dir / credentials.CLIENTS_FILE).read_text(encoding="utf-8"))
+    clients = json.loads((credentials_dir / CLIENTS_FILE).read_text(encoding="utf-8"))
     assert {k: v.decode() for k, v in values["heist-oauth-clients"].items()} == clients
     signing = values["heist-oauth-signing-key"]["signing_key.pem"]
-    assert signing == (credentials_dir / credentials.SIGNING_KEY_FILE).read_bytes()
+    assert signing == (credentials_dir / SIGNING_KEY_FILE).read_bytes()
     private = serialization.load_pem_private_key(signing, password=None)
     assert isinstance(private, Ed25519PrivateKey)
-    assert values["heist-oauth-public-key"]["public_key.pem"].decode() == credentials.public_pem(private.public_key())
+    assert values["heist-oauth-public-key"]["public_key.pem"].decode() == public_pem(private.public_key())
     assert values["heist-audit-db"]["url"].decode() == DB_URL
     assert values["heist-audit-db"]["password"] == b"s3cret"
     assert values["heist-llm"]["api_key"] == b"sk-test"
@@ -107,12 +106,12 @@ def test_refuses_without_the_database_url_or_a_key_file(credentials_dir: Path) -
     result = create_secrets(credentials_dir, {}, kubectl=kubectl())
     assert result.returncode == 1 and "HEIST_AUDIT_DB_URL" in result.stderr and not result.stdout
 
-    (credentials_dir / credentials.SIGNING_KEY_FILE).unlink()
+    (credentials_dir / SIGNING_KEY_FILE).unlink()
     result = create_secrets(credentials_dir, {"HEIST_AUDIT_DB_URL": DB_URL}, kubectl=kubectl())
-    assert result.returncode == 1 and credentials.SIGNING_KEY_FILE in result.stderr and not result.stdout
+    assert result.returncode == 1 and SIGNING_KEY_FILE in result.stderr and not result.stdout
 
 
 def test_refuses_a_clients_file_with_an_empty_secret(credentials_dir: Path) -> None:
-    (credentials_dir / credentials.CLIENTS_FILE).write_text(json.dumps({"planner": ""}), encoding="utf-8")
+    (credentials_dir / CLIENTS_FILE).write_text(json.dumps({"planner": ""}), encoding="utf-8")
     result = create_secrets(credentials_dir, {"HEIST_AUDIT_DB_URL": DB_URL}, kubectl=kubectl())
     assert result.returncode != 0 and "planner" in result.stderr and not result.stdout

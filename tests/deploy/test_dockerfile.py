@@ -23,9 +23,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from servers.credentials import CLIENTS_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE
-from servers.settings import load_mesh_settings
 from tests.deploy.manifests import REPO, REPO_CONFIG, load_resources, workloads
+from tests.deploy.project import CLIENTS_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE, credentials_dir, service_ports
 
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -229,9 +228,8 @@ def test_no_secret_in_the_image_or_its_build_context(stages: list[list[Instructi
             if instruction.keyword == "COPY":
                 assert "var" not in instruction.arguments.split()[:-1], f"line {instruction.line} copies var/"
     run_dir = yaml.safe_load(REPO_CONFIG.read_text(encoding="utf-8"))["mesh"]["run_dir"]
-    credentials_dir = load_mesh_settings(REPO_CONFIG).credentials_dir.relative_to(REPO).as_posix()
-    for path in [run_dir, credentials_dir, *(f"{credentials_dir}/{n}" for n in (CLIENTS_FILE, SIGNING_KEY_FILE,
-                                                                              PUBLIC_KEY_FILE)),
+    creds = credentials_dir(REPO_CONFIG).relative_to(REPO).as_posix()
+    for path in [run_dir, creds, *(f"{creds}/{n}" for n in (CLIENTS_FILE, SIGNING_KEY_FILE, PUBLIC_KEY_FILE)),
                  "elsewhere/my_key.pem", ".venv", "generated/heist/__init__.py", ".git", "tests/e2e/harness.py"]:
         assert _ignored(path), f".dockerignore lets {path} into the build context"
 
@@ -299,10 +297,7 @@ def test_dockerignore_matching_is_not_vacuous() -> None:
 def test_exposed_ports_are_the_mesh_ports(stages: list[list[Instruction]]) -> None:
     expose = _last(stages[-1], "EXPOSE")
     assert expose is not None
-    settings = load_mesh_settings(REPO_CONFIG)
-    assert sorted(int(p) for p in expose.arguments.split()) == sorted(
-        settings.host_port(name)[1] for name in settings.services
-    )
+    assert sorted(int(p) for p in expose.arguments.split()) == sorted(service_ports(REPO_CONFIG).values())
 
 
 def test_base_image_is_pinned_to_a_release(stages: list[list[Instruction]]) -> None:

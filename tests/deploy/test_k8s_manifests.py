@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import load_config
-from servers.settings import load_mesh_settings
 from tests.deploy.manifests import (
     K8S_DIR,
     KUSTOMIZATION,
@@ -40,6 +38,7 @@ from tests.deploy.manifests import (
     secret_shapes,
     workloads,
 )
+from tests.deploy.project import load_config, service_ports
 
 VERSIONS = [OLDEST_KUBERNETES, newest_kubernetes()]
 
@@ -205,19 +204,19 @@ def test_configmap_heist_yaml_loads_with_the_projects_own_loaders(tmp_path: Path
     path = tmp_path / "heist.yaml"
     path.write_text(configmap["data"]["heist.yaml"], encoding="utf-8")
 
-    mesh = load_mesh_settings(path)  # what every server reads (strict: unknown keys fail)
-    config = load_config(path)  # what the orchestrator reads
-    repo_services = mesh_service_names(REPO_CONFIG)
-    assert list(mesh.services) == repo_services
+    load_config(path)  # the whole file, as the orchestrator reads it (strict: unknown keys fail)
+    ports = service_ports(path)  # the servers' view: where each one listens
+    assert list(ports) == mesh_service_names(REPO_CONFIG)
+    assert ports == service_ports(REPO_CONFIG), "keep the ports of config/heist.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     namespace = next(iter(by_kind(resources, "Namespace")))
-    for service in repo_services:
-        host, port = mesh.host_port(service)
-        assert host == f"{k8s_name(service)}.{namespace}.svc"
-        assert port == load_mesh_settings(REPO_CONFIG).host_port(service)[1], "keep the ports of config/heist.yaml"
-    assert str(mesh.run_dir) == "/var/lib/heist"
-    assert config.llm.embedded is False
-    assert {agent.name for agent in config.agents} == set(config.session.turn_order)
-    assert set(mesh.oauth.clients) == {agent.oauth_client for agent in config.agents}
+    for service, port in ports.items():
+        assert raw["services"][service]["address"] == f"{k8s_name(service)}.{namespace}.svc:{port}"
+    assert raw["mesh"]["run_dir"] == "/var/lib/heist"
+    assert raw["llm"]["embedded"] is False
+    agents = raw["agents"]
+    assert {agent["name"] for agent in agents} == set(raw["session"]["turn_order"])
+    assert set(raw["oauth"]["clients"]) == {agent.get("oauth_client", agent["name"]) for agent in agents}
 
 
 def test_configmap_keeps_the_redis_store_as_a_comment_only(resources: list[Resource]) -> None:

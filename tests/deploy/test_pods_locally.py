@@ -27,8 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 from playhouse.db_url import connect  # type: ignore[import-untyped]
 
-from servers import credentials
-from servers.settings import load_mesh_settings
 from tests.deploy.manifests import (
     REPO,
     by_kind,
@@ -48,9 +46,7 @@ from tests.deploy.pods import (
     loopback_addresses,
     secrets_from_manifests,
 )
-from tests.ports import free_ports
-from tests.scripted_llm import Reply, ScriptedLLM, text, tool_call
-from tests.server_processes import stop_processes
+from tests.deploy.project import Reply, ScriptedLLM, dev_credentials, free_ports, stop_processes, text, tool_call
 
 AUDIT_URL_ENV = "HEIST_DEPLOY_TEST_AUDIT_URL"
 """Run the Job against this audit database (e.g. a local PostgreSQL) instead of a fresh SQLite file."""
@@ -100,7 +96,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     creds_config = yaml.safe_load(config_text)
     creds_config["mesh"]["run_dir"] = str(tmp / "dev")
     (tmp / "creds.yaml").write_text(yaml.safe_dump(creds_config), encoding="utf-8")
-    creds = credentials.ensure_dev_credentials(load_mesh_settings(tmp / "creds.yaml"))
+    creds = dev_credentials(tmp / "creds.yaml")
     (tmp / "audit").mkdir()
     audit = {"HEIST_AUDIT_DB_URL": os.environ.get(AUDIT_URL_ENV) or f"sqlite:///{tmp / 'audit' / 'heist.db'}"}
     if os.environ.get(AUDIT_PASSWORD_ENV):

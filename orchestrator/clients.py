@@ -243,13 +243,15 @@ class MemoryClient:
 
     async def compressed(self, agent: str, recent_count: int, max_chars: int, metadata: Metadata) -> str:
         """Return the agent's compressed memory (last ``recent_count`` messages, each cut to ``max_chars``)."""
-        request = memory_pb2.GetCompressedMemoryRequest(agent_id=agent, recent_count=recent_count, max_chars=max_chars)
+        request = memory_pb2.GetCompressedMemoryRequest(
+            agent_name=agent, recent_count=recent_count, max_chars=max_chars
+        )
         response = await self.service.call("GetCompressedMemory", self._stub.GetCompressedMemory, request, metadata)
         return response.summary
 
     async def store(self, agent: str, turn_id: int, message: str, metadata: Metadata) -> int:
         """Store one turn (idempotent per agent and turn); returns the agent's memory count."""
-        request = memory_pb2.StoreMemoryRequest(agent_id=agent, turn_id=turn_id, message=message)
+        request = memory_pb2.StoreMemoryRequest(agent_name=agent, turn_id=turn_id, message=message)
         response = await self.service.call("StoreMemory", self._stub.StoreMemory, request, metadata)
         return response.agent_memory_count
 

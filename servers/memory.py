@@ -29,7 +29,7 @@ class Limits(lifecycle.Limits):
     max_message_bytes: int = Field(64 * 1024, ge=1, strict=True)
     default_recent_count: int = Field(5, ge=1, strict=True)
     default_max_chars: int = Field(100, ge=1, strict=True)
-    max_agent_id_chars: int = Field(128, ge=1, strict=True)
+    max_agent_name_chars: int = Field(128, ge=1, strict=True)
 
 
 class MemoryStore:
@@ -114,13 +114,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing 'x-session-id' call metadata")
         return session
 
-    async def _check_agent(self, agent_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if not agent_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id is required")
-        if len(agent_id) > self._limits.max_agent_id_chars:
+    async def _check_agent(self, agent_name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if not agent_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_name is required")
+        if len(agent_name) > self._limits.max_agent_name_chars:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"agent_id is longer than {self._limits.max_agent_id_chars} characters",
+                f"agent_name is longer than {self._limits.max_agent_name_chars} characters",
             )
 
     async def StoreMemory(
@@ -128,7 +128,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     ) -> memory_pb2.StoreMemoryResponse:
         """Store one turn's message (same turn again replaces it)."""
         session = await self._require_session(context)
-        await self._check_agent(request.agent_id, context)
+        await self._check_agent(request.agent_name, context)
         if request.turn_id < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"turn_id must be >= 0, got {request.turn_id}")
         message = request.message
@@ -138,7 +138,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"message is larger than the limit of {limit} bytes"
             )
-        count = self._store.store(session, request.agent_id, request.turn_id, message)
+        count = self._store.store(session, request.agent_name, request.turn_id, message)
         return memory_pb2.StoreMemoryResponse(agent_memory_count=count)
 
     async def GetCompressedMemory(
@@ -146,12 +146,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     ) -> memory_pb2.GetCompressedMemoryResponse:
         """Return the agent's latest memories as one truncated summary."""
         session = await self._require_session(context)
-        await self._check_agent(request.agent_id, context)
+        await self._check_agent(request.agent_name, context)
         if request.recent_count < 0 or request.max_chars < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recent_count and max_chars must be >= 0")
         count = request.recent_count or self._limits.default_recent_count
         max_chars = request.max_chars or self._limits.default_max_chars
-        memories, total = self._store.recent(session, request.agent_id, count)
+        memories, total = self._store.recent(session, request.agent_name, count)
         return memory_pb2.GetCompressedMemoryResponse(
             summary=compress(memories, max_chars), included_count=len(memories), total_count=total
         )

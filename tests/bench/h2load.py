@@ -58,12 +58,12 @@ def request_for(kind: str, secret: str) -> tuple[str, bytes]:
     if kind == "store_memory":
         path = "/heist.memory.v1.MemoryService/StoreMemory"
         message = memory_pb2.StoreMemoryRequest(
-            agent_id="agent0", turn_id=1,
+            agent_name="agent0", turn_id=1,
             message="Guards change shifts at 22:00; the east door camera is down for maintenance.",
         )  # fmt: skip
     elif kind == "get_compressed_memory":
         path = "/heist.memory.v1.MemoryService/GetCompressedMemory"
-        message = memory_pb2.GetCompressedMemoryRequest(agent_id="agent0", recent_count=5, max_chars=100)
+        message = memory_pb2.GetCompressedMemoryRequest(agent_name="agent0", recent_count=5, max_chars=100)
     elif kind == "evaluate":
         path = "/heist.calculator.v1.CalculatorService/Evaluate"
         message = calculator_pb2.EvaluateRequest(expression="(120-15)*3")
@@ -89,7 +89,7 @@ async def _check(address: str, kind: str, path: str, body: bytes, metadata: tupl
         if kind == "get_compressed_memory":
             store = channel.unary_unary("/heist.memory.v1.MemoryService/StoreMemory")
             for turn in range(1, 9):
-                note = memory_pb2.StoreMemoryRequest(agent_id="agent0", turn_id=turn, message=f"note {turn} " * 20)
+                note = memory_pb2.StoreMemoryRequest(agent_name="agent0", turn_id=turn, message=f"note {turn} " * 20)
                 await store(note.SerializeToString(), metadata=metadata, timeout=5)
         call = channel.unary_unary(path)  # bytes in, bytes out: no (de)serializers
         for _ in range(CHECK_CALLS):

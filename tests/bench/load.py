@@ -47,13 +47,13 @@ def make_call(kind: str, channel: grpc.aio.Channel, token: str, secret: str) -> 
         text = "Guards change shifts at 22:00; the east door camera is down for maintenance."
 
         def store(caller: int, i: int) -> Any:
-            request = memory_pb2.StoreMemoryRequest(agent_id=f"agent{caller}", turn_id=i % 1000 + 1, message=text)
+            request = memory_pb2.StoreMemoryRequest(agent_name=f"agent{caller}", turn_id=i % 1000 + 1, message=text)
             return memory.StoreMemory(request, metadata=plain, timeout=5)
 
         return store
     if kind == "get_compressed_memory":
         memory = memory_pb2_grpc.MemoryServiceStub(channel)
-        get = memory_pb2.GetCompressedMemoryRequest(agent_id="agent0", recent_count=5, max_chars=100)
+        get = memory_pb2.GetCompressedMemoryRequest(agent_name="agent0", recent_count=5, max_chars=100)
         return lambda caller, i: memory.GetCompressedMemory(get, metadata=plain, timeout=5)
     if kind == "evaluate":
         calculator = calculator_pb2_grpc.CalculatorServiceStub(channel)
@@ -85,7 +85,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.kind == "get_compressed_memory":
         memory = memory_pb2_grpc.MemoryServiceStub(channel)
         for turn in range(1, 9):
-            request = memory_pb2.StoreMemoryRequest(agent_id="agent0", turn_id=turn, message=f"note {turn} " * 20)
+            request = memory_pb2.StoreMemoryRequest(agent_name="agent0", turn_id=turn, message=f"note {turn} " * 20)
             await memory.StoreMemory(request, metadata=((SESSION_METADATA_KEY, f"load_{os.getpid()}"),), timeout=5)
     for i in range(50):
         await call(0, i)

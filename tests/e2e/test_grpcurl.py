@@ -86,7 +86,7 @@ def test_tool_calls_with_the_right_scope(mesh):
     assert rows.returncode == 0, rows.stderr
     assert json.loads(rows.stdout) == {"columns": ["n"], "rows": [{"values": [{"int_value": "8"}]}]}
     stored = grpcurl(
-        "-H", f"x-session-id: {SESSION}", "-d", '{"agent_id": "planner", "turn_id": 1, "message": "go at 02:10"}',
+        "-H", f"x-session-id: {SESSION}", "-d", '{"agent_name": "planner", "turn_id": 1, "message": "go at 02:10"}',
         mesh.address("memory"), "heist.memory.v1.MemoryService/StoreMemory",
     )  # fmt: skip
     assert stored.returncode == 0, stored.stderr

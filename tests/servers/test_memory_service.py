@@ -15,27 +15,27 @@ async def memory(mesh):
 
 
 def store(agent="planner", turn=0, message="hello"):
-    return pb.StoreMemoryRequest(agent_id=agent, turn_id=turn, message=message)
+    return pb.StoreMemoryRequest(agent_name=agent, turn_id=turn, message=message)
 
 
 async def test_store_is_idempotent_per_turn(memory):
     assert (await memory.StoreMemory(store(turn=1, message="first"), metadata=SESSION_A)).agent_memory_count == 1
     assert (await memory.StoreMemory(store(turn=1, message="again"), metadata=SESSION_A)).agent_memory_count == 1
     assert (await memory.StoreMemory(store(turn=2), metadata=SESSION_A)).agent_memory_count == 2
-    summary = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_id="planner"), metadata=SESSION_A)
+    summary = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_name="planner"), metadata=SESSION_A)
     assert summary.summary == "Turn 1: again\nTurn 2: hello"
 
 
 async def test_compressed_memory_keeps_the_latest_in_turn_order_and_truncates(memory):
     for turn in (7, 1, 3, 2, 6, 5, 4):
         await memory.StoreMemory(store(turn=turn, message=f"turn {turn} " + "x" * 200), metadata=SESSION_A)
-    response = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_id="planner"), metadata=SESSION_A)
+    response = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_name="planner"), metadata=SESSION_A)
     lines = response.summary.splitlines()
     assert [line.split(":")[0] for line in lines] == ["Turn 3", "Turn 4", "Turn 5", "Turn 6", "Turn 7"]
     assert all(len(line.split(": ", 1)[1]) == 103 and line.endswith("...") for line in lines)
     assert (response.included_count, response.total_count) == (5, 7)
     short = await memory.GetCompressedMemory(
-        pb.GetCompressedMemoryRequest(agent_id="planner", recent_count=2, max_chars=6), metadata=SESSION_A
+        pb.GetCompressedMemoryRequest(agent_name="planner", recent_count=2, max_chars=6), metadata=SESSION_A
     )
     assert short.summary == "Turn 6: turn 6...\nTurn 7: turn 7..."
 
@@ -44,7 +44,7 @@ async def test_sessions_and_agents_are_isolated(memory):
     await memory.StoreMemory(store(agent="planner"), metadata=SESSION_A)
     await memory.StoreMemory(store(agent="hacker"), metadata=SESSION_A)
     await memory.StoreMemory(store(agent="planner", turn=1), metadata=SESSION_B)
-    other = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_id="mole"), metadata=SESSION_A)
+    other = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_name="mole"), metadata=SESSION_A)
     assert (other.summary, other.included_count, other.total_count) == ("", 0, 0)
     stats = await memory.GetStats(pb.GetStatsRequest(), metadata=SESSION_A)
     assert (stats.agents, stats.sessions, stats.memories) == (2, 2, 3)
@@ -70,13 +70,13 @@ async def test_clear_only_the_calling_session_unless_all_sessions(memory, fails_
     [
         ("StoreMemory", [], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
         ("StoreMemory", [("x-session-id", "")], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
-        ("StoreMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
-        ("StoreMemory/long-agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
+        ("StoreMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
+        ("StoreMemory/long-agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
         ("StoreMemory/turn", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "turn_id"),
         ("StoreMemory/size", SESSION_A, grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
         ("StoreMemory/multibyte", SESSION_A, grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
         ("GetCompressedMemory", [], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
-        ("GetCompressedMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_id"),
+        ("GetCompressedMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
         ("GetCompressedMemory/negative", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, ">= 0"),
     ],
 )
@@ -88,9 +88,9 @@ async def test_bad_requests(memory, fails_with, call, metadata, code, fragment):
         "StoreMemory/turn": store(turn=-1),
         "StoreMemory/size": store(message="x" * (64 * 1024 + 1)),
         "StoreMemory/multibyte": store(message="€" * 30000),
-        "GetCompressedMemory": pb.GetCompressedMemoryRequest(agent_id="planner"),
-        "GetCompressedMemory/agent": pb.GetCompressedMemoryRequest(agent_id=""),
-        "GetCompressedMemory/negative": pb.GetCompressedMemoryRequest(agent_id="planner", recent_count=-1),
+        "GetCompressedMemory": pb.GetCompressedMemoryRequest(agent_name="planner"),
+        "GetCompressedMemory/agent": pb.GetCompressedMemoryRequest(agent_name=""),
+        "GetCompressedMemory/negative": pb.GetCompressedMemoryRequest(agent_name="planner", recent_count=-1),
     }[call]
     method = getattr(memory, call.split("/")[0])
     await fails_with(method(request, metadata=metadata), code, fragment)

@@ -86,10 +86,10 @@ async def test_no_bad_input_yields_unknown_or_internal(mesh):
                 files.ReadFile(file_reader_pb2.ReadFileRequest(filename=text), metadata=metadata),
                 database.Query(database_query_pb2.QueryRequest(sql=text), metadata=metadata),
                 memory.StoreMemory(
-                    memory_pb2.StoreMemoryRequest(agent_id=text, turn_id=-5, message=text), metadata=metadata
+                    memory_pb2.StoreMemoryRequest(agent_name=text, turn_id=-5, message=text), metadata=metadata
                 ),
                 memory.GetCompressedMemory(
-                    memory_pb2.GetCompressedMemoryRequest(agent_id=text, recent_count=-1, max_chars=-1),
+                    memory_pb2.GetCompressedMemoryRequest(agent_name=text, recent_count=-1, max_chars=-1),
                     metadata=metadata,
                 ),
                 memory.ClearMemories(memory_pb2.ClearMemoriesRequest(), metadata=metadata),

@@ -224,6 +224,8 @@ class MemoryContextConfig(Section):
 
     recent_count: AtLeastOne = 5
     max_chars: AtLeastOne = 100
+    max_store_chars: AtLeastOne = 2000
+    """Longest message the orchestrator stores as memory (a huge reply is cut, never re-sent every turn)."""
 
 
 class SessionConfig(Section):
@@ -237,6 +239,8 @@ class SessionConfig(Section):
     objective: NonEmpty = "Plan the First Meridian Bank vault job. Share what you know and propose the next step."
     tool_result_max_chars: AtLeastOne = 1500
     memory: MemoryContextConfig = MemoryContextConfig()
+    oauth_client: NonEmpty = "orchestrator"
+    """The OAuth client the orchestrator itself is, for session-wide calls (the memory service)."""
 
 
 class DatabaseConfig(Section):

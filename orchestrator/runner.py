@@ -8,7 +8,6 @@ audit store, so many sessions can share one set of channels.
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from heist_common.config import HeistConfig
+from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
 from orchestrator.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext, TurnResult
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
@@ -33,8 +33,6 @@ __all__ = [
     "run_session",
 ]
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-"""Session IDs become file names of the exports, so they stay filesystem-safe."""
 
 TurnObserver = Callable[[TurnResult], None]
 

@@ -18,9 +18,11 @@ from pydantic import Field
 from heist_common.config import HeistConfig
 from servers import lifecycle
 from servers.lifecycle import ServiceDefinition
-from servers.middleware import session_id
+from servers.middleware import CALLER, session_id
 
 TRUNCATION_MARK = "..."
+ADMIN_SCOPE = "memory:admin"
+"""Reads and wipes any session; never granted to agents (the dev config gives it to the grpcurl client)."""
 
 
 class Limits(lifecycle.Limits):
@@ -109,9 +111,17 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self._store = MemoryStore()
 
     async def _require_session(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Return the call's session, which the caller's token must be bound to (or carry ``memory:admin``)."""
         session = session_id(context)
         if not session:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing 'x-session-id' call metadata")
+        caller = CALLER.get()
+        if caller is None or (caller.session_id != session and ADMIN_SCOPE not in caller.scopes):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "memory is per session: use a token issued with this call's 'x-session-id' "
+                f"(or one with the {ADMIN_SCOPE!r} scope)",
+            )
         return session
 
     async def _check_agent(self, agent_name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -160,20 +170,20 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self, request: memory_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> memory_pb2.GetStatsResponse:
         """Return global and calling-session counts."""
-        return self._store.stats(session_id(context))
+        return self._store.stats(await self._require_session(context))
 
     async def ClearMemories(
         self, request: memory_pb2.ClearMemoriesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> memory_pb2.ClearMemoriesResponse:
-        """Forget the calling session, or every session when ``all_sessions`` is set."""
+        """Forget the calling session, or every session when ``all_sessions`` is set (``memory:admin`` only)."""
         if request.all_sessions:
+            caller = CALLER.get()
+            if caller is None or ADMIN_SCOPE not in caller.scopes:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"clearing every session needs the {ADMIN_SCOPE!r} scope"
+                )
             return memory_pb2.ClearMemoriesResponse(cleared=self._store.clear_all())
-        session = session_id(context)
-        if not session:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "send 'x-session-id' metadata to clear one session, or set all_sessions to clear every session",
-            )
+        session = await self._require_session(context)
         return memory_pb2.ClearMemoriesResponse(cleared=self._store.clear_session(session))
 
 

@@ -7,6 +7,7 @@ happens on each call, that is what happens once per process.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import sys
@@ -17,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
-from servers.tokens import InvalidTokenError, TokenVerifier
+from servers.tokens import InvalidTokenError, TokenClaims, TokenVerifier
 
 log = logging.getLogger("heist.server")
+
+CALLER: contextvars.ContextVar[TokenClaims | None] = contextvars.ContextVar("heist_caller", default=None)
+"""The verified token of the call being handled (None for methods that need no token)."""
 
 class AccessLog:
     """Buffers one line per call and writes them in batches.
@@ -73,6 +77,17 @@ class AccessLog:
         while True:
             await asyncio.sleep(self._interval_s)
             self.flush()
+
+
+ECHO_LIMIT = 64
+"""Longest piece of caller input repeated in a status message (a status message is a header: keep it short)."""
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """Caller input as it may appear in a status message: quoted, printable, cut to ``limit`` characters."""
+    text = str(value)
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return repr(cut)
 
 
 def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
@@ -144,6 +159,10 @@ class CallMiddleware:
     ) -> tuple[str, grpc.StatusCode | None, str]:
         """Check the call's bearer token for ``scope``: (access-log note, status to abort with or None, message).
 
+        A token bound to a session (its ``sid`` claim) is accepted only for calls
+        of that session (``x-session-id``), so a leaked or guessed session ID is
+        worthless without that session's token.
+
         Synchronous on purpose: an allowed call (verified tokens are cached per
         token string, expiry checked on every use) costs no coroutine.
         """
@@ -174,6 +193,20 @@ class CallMiddleware:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"token of client {claims.client_id!r} lacks the required scope {scope!r}",
             )
+        call_session = _find(metadata, SESSION_METADATA_KEY)
+        if claims.session_id and not call_session:
+            return (
+                f"auth=denied reason=no_session client={claims.client_id}",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "missing 'x-session-id' call metadata (the token is bound to a session)",
+            )
+        if claims.session_id and claims.session_id != call_session:
+            return (
+                f"auth=denied reason=other_session client={claims.client_id}",
+                grpc.StatusCode.PERMISSION_DENIED,
+                "token is bound to another session than this call's 'x-session-id'",
+            )
+        CALLER.set(claims)
         return f"auth=ok client={claims.client_id}", None, ""
 
     def _log(

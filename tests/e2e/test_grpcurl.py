@@ -85,11 +85,18 @@ def test_tool_calls_with_the_right_scope(mesh):
     )  # fmt: skip
     assert rows.returncode == 0, rows.stderr
     assert json.loads(rows.stdout) == {"columns": ["n"], "rows": [{"values": [{"int_value": "8"}]}]}
+    memory = mesh.token("grpcurl", ["memory:read", "memory:write"], session=SESSION)
     stored = grpcurl(
-        "-H", f"x-session-id: {SESSION}", "-d", '{"agent_name": "planner", "turn_id": 1, "message": "go at 02:10"}',
+        "-H", f"authorization: Bearer {memory}", "-H", f"x-session-id: {SESSION}",
+        "-d", '{"agent_name": "planner", "turn_id": 1, "message": "go at 02:10"}',
         mesh.address("memory"), "heist.memory.v1.MemoryService/StoreMemory",
     )  # fmt: skip
     assert stored.returncode == 0, stored.stderr
+    elsewhere = grpcurl(
+        "-H", f"authorization: Bearer {memory}", "-H", "x-session-id: heist_someone_else", "-d", "{}",
+        mesh.address("memory"), "heist.memory.v1.MemoryService/GetStats",
+    )  # fmt: skip
+    assert elsewhere.returncode != 0 and "Code: PermissionDenied" in elsewhere.stderr
     assert json.loads(stored.stdout) == {"agent_memory_count": 1}
 
 

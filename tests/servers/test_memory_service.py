@@ -5,20 +5,32 @@ import pytest
 from heist.memory.v1 import memory_pb2 as pb
 from heist.memory.v1 import memory_pb2_grpc
 
-SESSION_A = [("x-session-id", "session-a")]
-SESSION_B = [("x-session-id", "session-b")]
-
 
 @pytest.fixture
 async def memory(mesh):
     return memory_pb2_grpc.MemoryServiceStub(await mesh.channel("memory"))
 
 
+@pytest.fixture
+def SESSION_A(mesh):
+    return mesh.session_auth("session-a")
+
+
+@pytest.fixture
+def SESSION_B(mesh):
+    return mesh.session_auth("session-b")
+
+
+@pytest.fixture
+def ADMIN(mesh):
+    return mesh.session_auth("admin-view", ("memory:read", "memory:write", "memory:admin"))
+
+
 def store(agent="planner", turn=0, message="hello"):
     return pb.StoreMemoryRequest(agent_name=agent, turn_id=turn, message=message)
 
 
-async def test_store_is_idempotent_per_turn(memory):
+async def test_store_is_idempotent_per_turn(memory, SESSION_A):
     assert (await memory.StoreMemory(store(turn=1, message="first"), metadata=SESSION_A)).agent_memory_count == 1
     assert (await memory.StoreMemory(store(turn=1, message="again"), metadata=SESSION_A)).agent_memory_count == 1
     assert (await memory.StoreMemory(store(turn=2), metadata=SESSION_A)).agent_memory_count == 2
@@ -26,7 +38,7 @@ async def test_store_is_idempotent_per_turn(memory):
     assert summary.summary == "Turn 1: again\nTurn 2: hello"
 
 
-async def test_compressed_memory_keeps_the_latest_in_turn_order_and_truncates(memory):
+async def test_compressed_memory_keeps_the_latest_in_turn_order_and_truncates(memory, SESSION_A):
     for turn in (7, 1, 3, 2, 6, 5, 4):
         await memory.StoreMemory(store(turn=turn, message=f"turn {turn} " + "x" * 200), metadata=SESSION_A)
     response = await memory.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_name="planner"), metadata=SESSION_A)
@@ -40,7 +52,7 @@ async def test_compressed_memory_keeps_the_latest_in_turn_order_and_truncates(me
     assert short.summary == "Turn 6: turn 6...\nTurn 7: turn 7..."
 
 
-async def test_sessions_and_agents_are_isolated(memory):
+async def test_sessions_and_agents_are_isolated(memory, SESSION_A, SESSION_B, ADMIN):
     await memory.StoreMemory(store(agent="planner"), metadata=SESSION_A)
     await memory.StoreMemory(store(agent="hacker"), metadata=SESSION_A)
     await memory.StoreMemory(store(agent="planner", turn=1), metadata=SESSION_B)
@@ -49,38 +61,49 @@ async def test_sessions_and_agents_are_isolated(memory):
     stats = await memory.GetStats(pb.GetStatsRequest(), metadata=SESSION_A)
     assert (stats.agents, stats.sessions, stats.memories) == (2, 2, 3)
     assert (stats.session_memories, stats.session_agents) == (2, 2)
-    anonymous = await memory.GetStats(pb.GetStatsRequest())
-    assert (anonymous.memories, anonymous.session_memories, anonymous.session_agents) == (3, 0, 0)
+    admin = await memory.GetStats(pb.GetStatsRequest(), metadata=ADMIN)
+    assert (admin.memories, admin.session_memories, admin.session_agents) == (3, 0, 0)
 
 
-async def test_clear_only_the_calling_session_unless_all_sessions(memory, fails_with):
+async def test_clear_only_the_calling_session_unless_all_sessions(memory, fails_with, SESSION_A, SESSION_B, ADMIN):
     await memory.StoreMemory(store(), metadata=SESSION_A)
     await memory.StoreMemory(store(turn=1), metadata=SESSION_A)
     await memory.StoreMemory(store(), metadata=SESSION_B)
-    await fails_with(memory.ClearMemories(pb.ClearMemoriesRequest()), grpc.StatusCode.INVALID_ARGUMENT, "all_sessions")
+    await fails_with(memory.ClearMemories(pb.ClearMemoriesRequest()), grpc.StatusCode.UNAUTHENTICATED, "memory:write")
+    await fails_with(
+        memory.ClearMemories(pb.ClearMemoriesRequest(all_sessions=True), metadata=SESSION_A),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "memory:admin",
+    )
     assert (await memory.ClearMemories(pb.ClearMemoriesRequest(), metadata=SESSION_A)).cleared == 2
     stats = await memory.GetStats(pb.GetStatsRequest(), metadata=SESSION_B)
     assert (stats.memories, stats.sessions, stats.session_memories) == (1, 1, 1)
-    assert (await memory.ClearMemories(pb.ClearMemoriesRequest(all_sessions=True))).cleared == 1
-    assert (await memory.GetStats(pb.GetStatsRequest())).memories == 0
+    assert (await memory.ClearMemories(pb.ClearMemoriesRequest(all_sessions=True), metadata=ADMIN)).cleared == 1
+    assert (await memory.GetStats(pb.GetStatsRequest(), metadata=ADMIN)).memories == 0
 
 
 @pytest.mark.parametrize(
     ("call", "metadata", "code", "fragment"),
     [
-        ("StoreMemory", [], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
-        ("StoreMemory", [("x-session-id", "")], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
-        ("StoreMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
-        ("StoreMemory/long-agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
-        ("StoreMemory/turn", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "turn_id"),
-        ("StoreMemory/size", SESSION_A, grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
-        ("StoreMemory/multibyte", SESSION_A, grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
-        ("GetCompressedMemory", [], grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
-        ("GetCompressedMemory/agent", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
-        ("GetCompressedMemory/negative", SESSION_A, grpc.StatusCode.INVALID_ARGUMENT, ">= 0"),
+        ("StoreMemory", "token-only", grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
+        ("StoreMemory", "empty-session", grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
+        ("StoreMemory/agent", "A", grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
+        ("StoreMemory/long-agent", "A", grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
+        ("StoreMemory/turn", "A", grpc.StatusCode.INVALID_ARGUMENT, "turn_id"),
+        ("StoreMemory/size", "A", grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
+        ("StoreMemory/multibyte", "A", grpc.StatusCode.RESOURCE_EXHAUSTED, "65536 bytes"),
+        ("GetCompressedMemory", "token-only", grpc.StatusCode.INVALID_ARGUMENT, "x-session-id"),
+        ("GetCompressedMemory/agent", "A", grpc.StatusCode.INVALID_ARGUMENT, "agent_name"),
+        ("GetCompressedMemory/negative", "A", grpc.StatusCode.INVALID_ARGUMENT, ">= 0"),
     ],
 )
-async def test_bad_requests(memory, fails_with, call, metadata, code, fragment):
+async def test_bad_requests(memory, mesh, fails_with, call, metadata, code, fragment):
+    bound = mesh.session_auth("session-a")
+    metadata = {
+        "A": bound,
+        "token-only": bound[:1],
+        "empty-session": [bound[0], ("x-session-id", "")],
+    }[metadata]
     request = {
         "StoreMemory": store(),
         "StoreMemory/agent": store(agent=""),
@@ -96,13 +119,13 @@ async def test_bad_requests(memory, fails_with, call, metadata, code, fragment):
     await fails_with(method(request, metadata=metadata), code, fragment)
 
 
-async def test_message_at_the_size_limit_is_accepted(memory):
+async def test_message_at_the_size_limit_is_accepted(memory, SESSION_A):
     response = await memory.StoreMemory(store(message="x" * (64 * 1024)), metadata=SESSION_A)
     assert response.agent_memory_count == 1
 
 
-async def test_concurrent_stores_keep_consistent_counts(memory):
-    sessions = [[("x-session-id", f"s{index}")] for index in range(4)]
+async def test_concurrent_stores_keep_consistent_counts(memory, mesh):
+    sessions = [mesh.session_auth(f"s{index}") for index in range(4)]
 
     async def one(index: int) -> None:
         await memory.StoreMemory(
@@ -117,3 +140,28 @@ async def test_concurrent_stores_keep_consistent_counts(memory):
     assert stats.memories == len(distinct)
     assert (stats.sessions, stats.agents) == (4, 5)
     assert stats.session_memories == len({key for key in distinct if key[0] == 0})
+
+
+@pytest.mark.parametrize(
+    ("who", "code", "fragment"),
+    [
+        ("nobody", grpc.StatusCode.UNAUTHENTICATED, "memory:read"),
+        ("unbound", grpc.StatusCode.PERMISSION_DENIED, "per session"),
+        ("other-session", grpc.StatusCode.PERMISSION_DENIED, "another session"),
+        ("tool-scope", grpc.StatusCode.PERMISSION_DENIED, "memory:read"),
+    ],
+)
+async def test_a_caller_can_only_touch_its_own_session(memory, mesh, fails_with, SESSION_A, who, code, fragment):
+    await memory.StoreMemory(store(message="the vault code is 4711"), metadata=SESSION_A)
+    session = [("x-session-id", "session-a")]
+    metadata = {
+        "nobody": session,
+        "unbound": [("authorization", f"Bearer {mesh.token(['memory:read'], client_id='orchestrator')}"), *session],
+        "other-session": [mesh.session_auth("session-b")[0], *session],
+        "tool-scope": mesh.auth("calculator:use", session="session-a"),
+    }[who]
+    request = pb.GetCompressedMemoryRequest(agent_name="planner")
+    await fails_with(memory.GetCompressedMemory(request, metadata=metadata), code, fragment)
+    await fails_with(memory.StoreMemory(store(turn=9, message="poison"), metadata=metadata), code, "")
+    summary = await memory.GetCompressedMemory(request, metadata=SESSION_A)
+    assert summary.summary == "Turn 0: the vault code is 4711"

@@ -32,8 +32,10 @@ CLIENTS: dict[str, list[str]] = {
     "safecracker": ["calculator:use"],
     "mole": ["database_query:use"],
     "crew": ["calculator:use", "file_reader:use", "database_query:use"],
+    "orchestrator": ["memory:read", "memory:write"],
+    "admin": ["memory:read", "memory:write", "memory:admin", "oauth:introspect"],
 }
-"""OAuth clients of the tests: one per agent, plus ``crew`` with every tool scope."""
+"""OAuth clients of the tests: one per agent, ``crew`` with every tool scope, the orchestrator, an admin."""
 
 CREW: list[dict[str, Any]] = [
     {"name": "planner", "role": "Mastermind", "system_prompt": "You plan the heist.", "scopes": ["simulation:read"]},

@@ -29,6 +29,7 @@ from heist_common.config import HeistConfig, load_config
 from servers import credentials
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.ports import free_ports
+from tests.support.tokens import session_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 5.0
@@ -219,10 +220,10 @@ class ProcessMesh:
             return list(db.execute(sql, params).fetchall())
 
 
-def session_memories(address: str, session_id: str) -> int:
-    """MemoryService GetStats for one session (``x-session-id`` metadata)."""
-    with grpc.insecure_channel(address) as channel:
+def session_memories(config: HeistConfig, session_id: str) -> int:
+    """MemoryService GetStats for one session, with a token bound to it."""
+    with grpc.insecure_channel(config.service("memory").address) as channel:
         stats = memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
-            memory_pb2.GetStatsRequest(), metadata=(("x-session-id", session_id),), timeout=2.0
+            memory_pb2.GetStatsRequest(), metadata=session_metadata(config, session_id), timeout=2.0
         )
     return int(stats.session_memories)

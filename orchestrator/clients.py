@@ -259,7 +259,8 @@ class MemoryClient:
         try:
             token = await self._tokens.token(self._client_id, self._scopes, metadata)
         except ServiceCallError as exc:
-            raise ServiceCallError("memory", operation, exc.status_code, f"no token: {exc.detail}", exc.latency_ms)
+            detail = f"no token: {exc.detail}"
+            raise ServiceCallError("memory", operation, exc.status_code, detail, exc.latency_ms) from None
         return (*metadata, (AUTHORIZATION_METADATA_KEY, f"Bearer {token}"))
 
     async def compressed(self, agent: str, recent_count: int, max_chars: int, metadata: Metadata) -> str:

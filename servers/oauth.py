@@ -48,6 +48,7 @@ class FailedSecrets:
         return max(0.0, record[1] - now) if record else 0.0
 
     def failed(self, client_id: str, now: float) -> None:
+        """Count a failed secret; past the free ones, lock the client for 1, 2, 4 ... 60 s."""
         failures = self._records.pop(client_id, (0, 0.0))[0] + 1
         excess = failures - FREE_FAILURES
         locked_until = now + min(MAX_LOCKOUT_S, 2.0 ** (excess - 1)) if excess > 0 else 0.0
@@ -56,6 +57,7 @@ class FailedSecrets:
             self._records.popitem(last=False)
 
     def succeeded(self, client_id: str) -> None:
+        """Forget the client's failures."""
         self._records.pop(client_id, None)
 
 

@@ -8,7 +8,9 @@ reading and updating the store, so concurrent calls need no lock.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -26,64 +28,130 @@ ADMIN_SCOPE = "memory:admin"
 
 
 class Limits(lifecycle.Limits):
-    """``services.memory.limits``: size bounds and defaults of the memory service."""
+    """``services.memory.limits``: what one request, one session and the whole service may hold."""
 
     max_message_bytes: int = Field(64 * 1024, ge=1, strict=True)
+    max_agent_name_chars: int = Field(128, ge=1, strict=True)
     default_recent_count: int = Field(5, ge=1, strict=True)
     default_max_chars: int = Field(100, ge=1, strict=True)
-    max_agent_name_chars: int = Field(128, ge=1, strict=True)
+    max_recent_count: int = Field(50, ge=1, strict=True)
+    """Most memories one GetCompressedMemory may ask for."""
+    max_chars_per_memory: int = Field(2000, ge=1, strict=True)
+    """Most characters of each memory one GetCompressedMemory may ask for."""
+    max_memories_per_session: int = Field(5000, ge=1, strict=True)
+    max_session_bytes: int = Field(4 * 1024 * 1024, ge=1, strict=True)
+    max_sessions: int = Field(1000, ge=1, strict=True)
+    max_total_bytes: int = Field(256 * 1024 * 1024, ge=1, strict=True)
+    idle_session_ttl_s: float = Field(6 * 3600, gt=0, strict=True)
+    """A session untouched this long is forgotten (the audit database can rebuild it)."""
+
+
+class QuotaError(Exception):
+    """Storing would exceed a quota; the message says which."""
+
+
+class _Session:
+    """One session's memories and what they weigh."""
+
+    __slots__ = ("agents", "bytes", "count", "used_at")
+
+    def __init__(self, now: float) -> None:
+        self.agents: dict[str, dict[int, str]] = {}
+        self.bytes = 0
+        self.count = 0
+        self.used_at = now
+
+
+SWEEP_INTERVAL_S = 1.0
 
 
 class MemoryStore:
-    """Messages keyed by session -> agent -> turn, with running totals for GetStats."""
+    """Messages keyed by session -> agent -> turn, within quotas, with running totals for GetStats."""
 
-    def __init__(self) -> None:
-        self._sessions: dict[str, dict[str, dict[int, str]]] = {}
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+        self._limits = limits
+        self._clock = clock
+        self._sessions: dict[str, _Session] = {}
         self._sessions_per_agent: Counter[str] = Counter()
         self._total = 0
+        self._total_bytes = 0
+        self._swept_at = clock()
 
-    def store(self, session: str, agent: str, turn: int, message: str) -> int:
-        """Store (or replace) one turn's message; return the agent's memory count in the session."""
-        agents = self._sessions.get(session)
-        if agents is None:
-            agents = self._sessions[session] = {}
-        turns = agents.get(agent)
-        if turns is None:
-            turns = agents[agent] = {}
+    def _session(self, session: str, create: bool) -> _Session | None:
+        now = self._clock()
+        if now - self._swept_at >= SWEEP_INTERVAL_S:
+            self._expire(now)
+        entry = self._sessions.get(session)
+        if entry is None and create:
+            if len(self._sessions) >= self._limits.max_sessions:
+                raise QuotaError(f"memory holds the maximum of {self._limits.max_sessions} sessions")
+            entry = self._sessions[session] = _Session(now)
+        if entry is not None:
+            entry.used_at = now
+        return entry
+
+    def _expire(self, now: float) -> None:
+        self._swept_at = now
+        idle = [name for name, entry in self._sessions.items() if now - entry.used_at > self._limits.idle_session_ttl_s]
+        for name in idle:
+            self.clear_session(name)
+
+    def store(self, session: str, agent: str, turn: int, message: str, size: int) -> int:
+        """Store (or replace) one turn's message of ``size`` bytes; return the agent's count in the session."""
+        entry = self._session(session, create=True)
+        assert entry is not None
+        turns = entry.agents.get(agent, {})
+        replaced = turns.get(turn)
+        delta = size - (len(replaced.encode("utf-8", "surrogatepass")) if replaced is not None else 0)
+        limits = self._limits
+        if replaced is None and entry.count >= limits.max_memories_per_session:
+            raise QuotaError(f"session holds the maximum of {limits.max_memories_per_session} memories")
+        if entry.bytes + delta > limits.max_session_bytes:
+            raise QuotaError(f"session would exceed its {limits.max_session_bytes} bytes of memory")
+        if self._total_bytes + delta > limits.max_total_bytes:
+            raise QuotaError(f"memory service would exceed its {limits.max_total_bytes} bytes in total")
+        if agent not in entry.agents:
+            entry.agents[agent] = turns
             self._sessions_per_agent[agent] += 1
-        if turn not in turns:
+        if replaced is None:
+            entry.count += 1
             self._total += 1
         turns[turn] = message
+        entry.bytes += delta
+        self._total_bytes += delta
         return len(turns)
 
     def recent(self, session: str, agent: str, count: int) -> tuple[list[tuple[int, str]], int]:
         """Return the agent's last ``count`` (turn, message) pairs in turn order, and its total."""
-        turns = self._sessions.get(session, {}).get(agent, {})
+        entry = self._session(session, create=False)
+        turns = entry.agents.get(agent, {}) if entry is not None else {}
         latest = sorted(turns)[-count:]
         return [(turn, turns[turn]) for turn in latest], len(turns)
 
     def stats(self, session: str) -> memory_pb2.GetStatsResponse:
         """Return global counts plus those of ``session``."""
-        agents = self._sessions.get(session, {})
+        entry = self._session(session, create=False)
+        agents = entry.agents if entry is not None else {}
         return memory_pb2.GetStatsResponse(
             agents=len(self._sessions_per_agent),
             sessions=len(self._sessions),
             memories=self._total,
-            session_memories=sum(len(turns) for turns in agents.values()),
+            session_memories=entry.count if entry is not None else 0,
             session_agents=len(agents),
         )
 
     def clear_session(self, session: str) -> int:
         """Forget one session; return how many memories were removed."""
-        agents = self._sessions.pop(session, {})
-        removed = 0
-        for agent, turns in agents.items():
-            removed += len(turns)
+        entry = self._sessions.pop(session, None)
+        if entry is None:
+            return 0
+        for agent in entry.agents:
             self._sessions_per_agent[agent] -= 1
             if self._sessions_per_agent[agent] <= 0:
                 del self._sessions_per_agent[agent]
-        self._total -= removed
-        return removed
+        self._total -= entry.count
+        self._total_bytes -= entry.bytes
+        return entry.count
 
     def clear_all(self) -> int:
         """Forget every session; return how many memories were removed."""
@@ -91,14 +159,19 @@ class MemoryStore:
         self._sessions.clear()
         self._sessions_per_agent.clear()
         self._total = 0
+        self._total_bytes = 0
         return removed
 
 
 def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
-    """Render memories as "Turn <n>: <text>" lines, each text cut to ``max_chars`` plus "..."."""
+    """Render memories as "Turn <n>: <text>" lines, each on one line and cut to ``max_chars`` plus "...".
+
+    A stored newline would otherwise let one message forge further "Turn 99:" lines.
+    """
     lines = []
     for turn, message in memories:
-        text = message if len(message) <= max_chars else message[:max_chars] + TRUNCATION_MARK
+        flat = " ".join(message.split())
+        text = flat if len(flat) <= max_chars else flat[:max_chars] + TRUNCATION_MARK
         lines.append(f"Turn {turn}: {text}")
     return "\n".join(lines)
 
@@ -108,7 +181,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
-        self._store = MemoryStore()
+        self._store = MemoryStore(limits)
 
     async def _require_session(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Return the call's session, which the caller's token must be bound to (or carry ``memory:admin``)."""
@@ -143,12 +216,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"turn_id must be >= 0, got {request.turn_id}")
         message = request.message
         limit = self._limits.max_message_bytes
-        # Cheap length test first: a str of n characters encodes to at most 4n bytes.
-        if len(message) * 4 > limit and len(message.encode("utf-8", "surrogatepass")) > limit:
+        size = len(message.encode("utf-8", "surrogatepass"))
+        if size > limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"message is larger than the limit of {limit} bytes"
             )
-        count = self._store.store(session, request.agent_name, request.turn_id, message)
+        try:
+            count = self._store.store(session, request.agent_name, request.turn_id, message, size)
+        except QuotaError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return memory_pb2.StoreMemoryResponse(agent_memory_count=count)
 
     async def GetCompressedMemory(
@@ -159,6 +235,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         await self._check_agent(request.agent_name, context)
         if request.recent_count < 0 or request.max_chars < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recent_count and max_chars must be >= 0")
+        limits = self._limits
+        if request.recent_count > limits.max_recent_count or request.max_chars > limits.max_chars_per_memory:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"recent_count may be at most {limits.max_recent_count} and max_chars at most "
+                f"{limits.max_chars_per_memory}",
+            )
         count = request.recent_count or self._limits.default_recent_count
         max_chars = request.max_chars or self._limits.default_max_chars
         memories, total = self._store.recent(session, request.agent_name, count)

@@ -43,6 +43,7 @@ __all__ = [
     "MeshConfig",
     "OAuthConfig",
     "ResilienceConfig",
+    "ServerConfig",
     "ServiceConfig",
     "SessionConfig",
     "default_config_path",
@@ -109,11 +110,38 @@ class MeshConfig(Section, RunFolder):
         return anchored(value)
 
 
+class ServerConfig(Section):
+    """Transport bounds of one gRPC server: what a client can hold open, and for how long.
+
+    The defaults keep a flood of idle or half-open connections from using up the
+    server's file descriptors, while a mesh client (one channel, a few calls at a
+    time) never comes near them.
+    """
+
+    max_connections: AtLeastOne = 512
+    """Accepted connections at once (gRPC's ``grpc.max_allowed_incoming_connections``)."""
+    max_concurrent_rpcs: AtLeastOne = 256
+    """Calls in progress at once; more get RESOURCE_EXHAUSTED."""
+    max_concurrent_streams: AtLeastOne = 1000
+    """Calls at once on one connection (a burst above this on a fresh connection is refused, not queued)."""
+    handshake_timeout_s: Positive = 5.0
+    """A connection that has not finished its HTTP/2 handshake by then is closed."""
+    max_connection_idle_s: Positive = 300.0
+    """A connection with no call for this long is closed (clients reconnect transparently)."""
+    max_connection_age_s: Positive = 1800.0
+    """Every connection is recycled after this long (lets clients rebalance), with a 10 s grace."""
+    min_ping_interval_s: Positive = 10.0
+    """Keepalive pings more frequent than this count as abuse (two strikes close the connection)."""
+    max_receive_bytes: AtLeastOne = 1024 * 1024
+    """Largest request message."""
+
+
 class ServiceConfig(Section):
     """One gRPC service: where it listens (and is dialled), the callers' deadline, its own limits."""
 
     address: NonEmpty
     deadline_s: Positive = 2.0
+    server: ServerConfig = ServerConfig()
     limits: dict[str, Any] = Field(default_factory=dict)
     """Validated by the service's ``Limits`` model (servers side), not here."""
 

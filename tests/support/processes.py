@@ -27,6 +27,7 @@ from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
 from heist_common.config import HeistConfig, load_config
 from servers import credentials
+from tests.support.access_log import calls
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.ports import free_ports
 from tests.support.tokens import session_metadata
@@ -150,7 +151,7 @@ class ServerProcess:
 
     def calls(self, method: str) -> int:
         """Access-log lines for RPCs whose path ends in ``/method`` (lines are flushed every 0.2 s)."""
-        return sum(1 for line in self.log().splitlines() if f"/{method} code=" in line)
+        return len(calls(self.log(), method))
 
 
 class ProcessMesh:

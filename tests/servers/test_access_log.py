@@ -12,6 +12,8 @@ from tests.support.access_log import access_entries
 
 REQUEST = calculator_pb2.EvaluateRequest(expression="1 + 1")
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+FORGED = 'evil\n{"time": "forged", "method": "/forged"}'
+"""A session ID that would add a whole forged record to a line-based log."""
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ async def stub(mesh):
     ("session", "traceparent", "logged_session", "logged_trace"),
     [
         ("heist_ok_1", f"00-{TRACE}-00f067aa0ba902b7-01", "heist_ok_1", TRACE),
-        ("evil\n{\"time\": \"forged\", \"method\": \"/forged\"}", "", "evil\n{\"time\": \"forged\", \"method\": \"/forged\"}", "-"),
+        (FORGED, "", FORGED, "-"),
         ("spaces session=heist_victim code=OK", "00-not-a-trace-01", "spaces session=heist_victim code=OK", "-"),
         ("\x1b[31mred\x1b[0m", f"00-{'0' * 32}-00f067aa0ba902b7-01", "\x1b[31mred\x1b[0m", "-"),
         ("x" * 5000, f"00-{TRACE.upper()}-00f067aa0ba902b7-01", "x" * 128 + "...", "-"),

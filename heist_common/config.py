@@ -47,6 +47,7 @@ __all__ = [
     "ServiceConfig",
     "SessionConfig",
     "default_config_path",
+    "redact_url",
     "format_validation_error",
     "load_config",
     "resolve_database_url",
@@ -260,6 +261,8 @@ class SessionConfig(Section):
     """Shape of one heist conversation."""
 
     max_turns: AtLeastOne = 8
+    max_turns_allowed: AtLeastOne = 10_000
+    """The most turns a run may ask for (``--turns``), so a typo cannot start an endless run."""
     turn_order: tuple[NonEmpty, ...] = ()
     """Empty: the crew in the order of ``agents``."""
     strategy: TurnStrategyName = "round_robin"
@@ -271,10 +274,23 @@ class SessionConfig(Section):
     """The OAuth client the orchestrator itself is, for session-wide calls (the memory service)."""
 
 
+AUDIT_URL_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
 class DatabaseConfig(Section):
     """Where the audit trail lives (a ``playhouse.db_url`` URL; default: a SQLite file in the run folder)."""
 
     url: NonEmpty
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.partition("://")[0]
+        if "://" not in value or scheme not in AUDIT_URL_SCHEMES:
+            raise ValueError(
+                f"unsupported database URL {redact_url(value)!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+            )
+        return value
 
 
 class GrpcRetryConfig(Section):
@@ -415,6 +431,15 @@ class HeistConfig(Section):
         return copy
 
 
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe to print and log)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
 def resolve_database_url(url: str | None, run_dir: Path) -> str:
     """Default to ``<run_dir>/audit/heist.db``; anchor a relative SQLite path at the repository root."""
     if url is None:
@@ -485,8 +510,11 @@ def read_yaml(path: Path) -> Mapping[str, Any]:
         raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        raise ConfigError(f"{source}: invalid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):

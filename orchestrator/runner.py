@@ -8,6 +8,7 @@ audit store, so many sessions can share one set of channels.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
 from orchestrator.llm import LLMClient
-from orchestrator.strategies import turn_schedule
+from orchestrator.strategies import iter_schedule
 
 __all__ = [
     "RunOptions",
@@ -176,16 +177,19 @@ class SessionRunner:
     async def _play(self, result: SessionResult) -> None:
         session_config = self.config.session
         turns = self.options.turns or session_config.max_turns
-        schedule = turn_schedule(session_config.strategy, self.config.turn_order, turns, self.options.seed)
+        schedule = iter_schedule(session_config.strategy, self.config.turn_order, turns, self.options.seed)
+        following = next(schedule, None)
         history: list[ConversationMessage] = []
         prefetched: asyncio.Task[MemoryFetch] | None = None
         failures_allowed = self.config.resilience.llm_max_consecutive_failures
         failed_in_a_row = 0
         try:
-            for index, name in enumerate(schedule):
+            for index in itertools.count():
+                if following is None:
+                    break
+                name, following = following, next(schedule, None)
                 agent = self.agents[name]
                 memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
-                following = schedule[index + 1] if index + 1 < len(schedule) else None
                 # The next speaker's memory cannot change during this turn unless it is the same agent.
                 prefetched = (
                     asyncio.ensure_future(self.agents[following].fetch_memory())
@@ -217,7 +221,9 @@ class SessionRunner:
                     None, write_exports, self.context.audit, self.session_id, out_dir
                 )
             except (AuditError, OSError) as exc:
+                # The session itself is recorded as it ended; the run still failed to leave its logs.
                 result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
+                result.exit_code = result.exit_code or ExitCode.FAILED
         return result
 
     @staticmethod

@@ -65,7 +65,8 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
     """Serves heist.oauth.v1.OAuthService."""
 
     def __init__(self, config: HeistConfig) -> None:
-        credentials.ensure_dev_credentials(config)
+        if not credentials.signing_key_overridden():  # production keys come mounted; never write beside them
+            credentials.ensure_dev_credentials(config)
         self._settings = config.oauth
         self._secrets = credentials.client_secrets(config)
         self._signing_key = credentials.signing_key(config)

@@ -47,9 +47,9 @@ __all__ = [
     "ServiceConfig",
     "SessionConfig",
     "default_config_path",
-    "redact_url",
     "format_validation_error",
     "load_config",
+    "redact_url",
     "resolve_database_url",
     "split_address",
 ]
@@ -432,7 +432,7 @@ class HeistConfig(Section):
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe to print and log)."""
+    """Return the URL with any password replaced by ``***`` (safe to print and log)."""
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not sep or not at or ":" not in credentials:
@@ -511,7 +511,8 @@ def read_yaml(path: Path) -> Mapping[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
-        where = f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}" if exc.problem_mark else ""
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{source}: invalid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None

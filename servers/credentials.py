@@ -58,9 +58,9 @@ __all__ = [
     "key_id",
     "public_key",
     "public_key_overridden",
-    "signing_key_overridden",
     "public_pem",
     "signing_key",
+    "signing_key_overridden",
 ]
 
 SIGNING_KEY_FILE_ENV = "HEIST_OAUTH_SIGNING_KEY_FILE"

@@ -60,13 +60,14 @@ def heist_config(
     addresses: dict[str, str] | None = None,
     deadlines: dict[str, float] | None = None,
     limits: dict[str, dict[str, Any]] | None = None,
+    server_bounds: dict[str, Any] | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """A complete config as data; ``sections`` replace whole top-level sections.
 
     ``addresses`` places services (default: an unused port, for tests that start
     them elsewhere); ``deadlines`` sets callers' deadlines (default 1 s);
-    ``limits`` sets ``services.<name>.limits``.
+    ``limits`` sets ``services.<name>.limits``; ``server_bounds`` every service's ``server`` section.
     """
     services: dict[str, Any] = {}
     for name in SERVICES:
@@ -76,6 +77,8 @@ def heist_config(
         }
         if limits and name in limits:
             services[name]["limits"] = limits[name]
+        if server_bounds:
+            services[name]["server"] = dict(server_bounds)
     config: dict[str, Any] = {
         "mesh": {"run_dir": str(tmp_path / "run"), "shutdown_grace_s": 0.2},
         "services": services,

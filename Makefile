@@ -102,7 +102,7 @@ test: install system-deps ## Run every test (unit, contract, end-to-end, drills,
 
 # Debian packages the tests and benchmarks use, installed when missing and we are root
 # (CI is); otherwise the command to run is printed and the Python fallbacks are used.
-SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils
+SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server
 system-deps:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do command -v "$${entry%%:*}" >/dev/null || missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \

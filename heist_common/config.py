@@ -143,7 +143,16 @@ class ServiceConfig(Section):
     address: NonEmpty
     deadline_s: Positive = 2.0
     server: ServerConfig = ServerConfig()
+    store: str | None = None
+    """Where a stateful service keeps its state (memory: ``redis://host:port/db``; unset: in the process)."""
     limits: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("store")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis:// (or rediss://, unix://) URL, got {redact_url(value)!r}")
+        return value
     """Validated by the service's ``Limits`` model (servers side), not here."""
 
     @field_validator("address")

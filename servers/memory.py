@@ -1,16 +1,14 @@
 """Memory service: per-session, per-agent recent messages as compact context.
 
-Why in-process dicts: this is a cache of the orchestrator's audit database (the
-source of truth) and sits on every agent turn, so each call must cost
-microseconds. All handlers run on one event loop and never await between
-reading and updating the store, so concurrent calls need no lock.
+It is a cache of the orchestrator's audit database (the source of truth) and
+sits on every agent turn. The store is in this process by default (each call
+costs microseconds) or Redis (``services.memory.store: redis://...``), which
+keeps no session state in the process, so replicas share it and a restart loses
+nothing; both enforce the same quotas (``servers.memory_store``).
 """
 
 from __future__ import annotations
 
-import time
-from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -20,6 +18,7 @@ from pydantic import Field
 from heist_common.config import HeistConfig
 from servers import lifecycle
 from servers.lifecycle import ServiceDefinition
+from servers.memory_store import MemoryStore, QuotaError, open_store
 from servers.middleware import CALLER, session_id
 
 TRUNCATION_MARK = "..."
@@ -46,123 +45,6 @@ class Limits(lifecycle.Limits):
     """A session untouched this long is forgotten (the audit database can rebuild it)."""
 
 
-class QuotaError(Exception):
-    """Storing would exceed a quota; the message says which."""
-
-
-class _Session:
-    """One session's memories and what they weigh."""
-
-    __slots__ = ("agents", "bytes", "count", "used_at")
-
-    def __init__(self, now: float) -> None:
-        self.agents: dict[str, dict[int, str]] = {}
-        self.bytes = 0
-        self.count = 0
-        self.used_at = now
-
-
-SWEEP_INTERVAL_S = 1.0
-
-
-class MemoryStore:
-    """Messages keyed by session -> agent -> turn, within quotas, with running totals for GetStats."""
-
-    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
-        self._limits = limits
-        self._clock = clock
-        self._sessions: dict[str, _Session] = {}
-        self._sessions_per_agent: Counter[str] = Counter()
-        self._total = 0
-        self._total_bytes = 0
-        self._swept_at = clock()
-
-    def _session(self, session: str, create: bool) -> _Session | None:
-        now = self._clock()
-        if now - self._swept_at >= SWEEP_INTERVAL_S:
-            self._expire(now)
-        entry = self._sessions.get(session)
-        if entry is None and create:
-            if len(self._sessions) >= self._limits.max_sessions:
-                raise QuotaError(f"memory holds the maximum of {self._limits.max_sessions} sessions")
-            entry = self._sessions[session] = _Session(now)
-        if entry is not None:
-            entry.used_at = now
-        return entry
-
-    def _expire(self, now: float) -> None:
-        self._swept_at = now
-        idle = [name for name, entry in self._sessions.items() if now - entry.used_at > self._limits.idle_session_ttl_s]
-        for name in idle:
-            self.clear_session(name)
-
-    def store(self, session: str, agent: str, turn: int, message: str, size: int) -> int:
-        """Store (or replace) one turn's message of ``size`` bytes; return the agent's count in the session."""
-        entry = self._session(session, create=True)
-        assert entry is not None
-        turns = entry.agents.get(agent, {})
-        replaced = turns.get(turn)
-        delta = size - (len(replaced.encode("utf-8", "surrogatepass")) if replaced is not None else 0)
-        limits = self._limits
-        if replaced is None and entry.count >= limits.max_memories_per_session:
-            raise QuotaError(f"session holds the maximum of {limits.max_memories_per_session} memories")
-        if entry.bytes + delta > limits.max_session_bytes:
-            raise QuotaError(f"session would exceed its {limits.max_session_bytes} bytes of memory")
-        if self._total_bytes + delta > limits.max_total_bytes:
-            raise QuotaError(f"memory service would exceed its {limits.max_total_bytes} bytes in total")
-        if agent not in entry.agents:
-            entry.agents[agent] = turns
-            self._sessions_per_agent[agent] += 1
-        if replaced is None:
-            entry.count += 1
-            self._total += 1
-        turns[turn] = message
-        entry.bytes += delta
-        self._total_bytes += delta
-        return len(turns)
-
-    def recent(self, session: str, agent: str, count: int) -> tuple[list[tuple[int, str]], int]:
-        """Return the agent's last ``count`` (turn, message) pairs in turn order, and its total."""
-        entry = self._session(session, create=False)
-        turns = entry.agents.get(agent, {}) if entry is not None else {}
-        latest = sorted(turns)[-count:]
-        return [(turn, turns[turn]) for turn in latest], len(turns)
-
-    def stats(self, session: str) -> memory_pb2.GetStatsResponse:
-        """Return global counts plus those of ``session``."""
-        entry = self._session(session, create=False)
-        agents = entry.agents if entry is not None else {}
-        return memory_pb2.GetStatsResponse(
-            agents=len(self._sessions_per_agent),
-            sessions=len(self._sessions),
-            memories=self._total,
-            session_memories=entry.count if entry is not None else 0,
-            session_agents=len(agents),
-        )
-
-    def clear_session(self, session: str) -> int:
-        """Forget one session; return how many memories were removed."""
-        entry = self._sessions.pop(session, None)
-        if entry is None:
-            return 0
-        for agent in entry.agents:
-            self._sessions_per_agent[agent] -= 1
-            if self._sessions_per_agent[agent] <= 0:
-                del self._sessions_per_agent[agent]
-        self._total -= entry.count
-        self._total_bytes -= entry.bytes
-        return entry.count
-
-    def clear_all(self) -> int:
-        """Forget every session; return how many memories were removed."""
-        removed = self._total
-        self._sessions.clear()
-        self._sessions_per_agent.clear()
-        self._total = 0
-        self._total_bytes = 0
-        return removed
-
-
 def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
     """Render memories as "Turn <n>: <text>" lines, each on one line and cut to ``max_chars`` plus "...".
 
@@ -179,9 +61,9 @@ def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Serves heist.memory.v1.MemoryService."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, store: MemoryStore) -> None:
         self._limits = limits
-        self._store = MemoryStore(limits)
+        self._store = store
 
     async def _require_session(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Return the call's session, which the caller's token must be bound to (or carry ``memory:admin``)."""
@@ -222,7 +104,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"message is larger than the limit of {limit} bytes"
             )
         try:
-            count = self._store.store(session, request.agent_name, request.turn_id, message, size)
+            count = await self._store.store(session, request.agent_name, request.turn_id, message, size)
         except QuotaError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return memory_pb2.StoreMemoryResponse(agent_memory_count=count)
@@ -244,7 +126,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             )
         count = request.recent_count or self._limits.default_recent_count
         max_chars = request.max_chars or self._limits.default_max_chars
-        memories, total = self._store.recent(session, request.agent_name, count)
+        memories, total = await self._store.recent(session, request.agent_name, count)
         return memory_pb2.GetCompressedMemoryResponse(
             summary=compress(memories, max_chars), included_count=len(memories), total_count=total
         )
@@ -253,7 +135,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self, request: memory_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> memory_pb2.GetStatsResponse:
         """Return global and calling-session counts."""
-        return self._store.stats(await self._require_session(context))
+        return await self._store.stats(await self._require_session(context))
 
     async def ClearMemories(
         self, request: memory_pb2.ClearMemoriesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -265,14 +147,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"clearing every session needs the {ADMIN_SCOPE!r} scope"
                 )
-            return memory_pb2.ClearMemoriesResponse(cleared=self._store.clear_all())
+            return memory_pb2.ClearMemoriesResponse(cleared=await self._store.clear_all())
         session = await self._require_session(context)
-        return memory_pb2.ClearMemoriesResponse(cleared=self._store.clear_session(session))
+        return memory_pb2.ClearMemoriesResponse(cleared=await self._store.clear_session(session))
 
 
 def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
-    """Build the memory servicer."""
-    return ServiceDefinition("memory", MemoryServicer(limits))
+    """Build the memory servicer on the configured store (``services.memory.store``; unset: in this process)."""
+    store = open_store(config.service("memory").store, limits)
+    return ServiceDefinition("memory", MemoryServicer(limits, store), on_stop=store.close)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,19 @@ import pytest
 from heist.memory.v1 import memory_pb2 as pb
 from heist.memory.v1 import memory_pb2_grpc
 
-from servers.memory import Limits, MemoryStore, QuotaError
+from heist_common.config import load_config
+from servers.memory import Limits
+from servers.memory_store import InProcessStore, QuotaError
+from tests.servers.conftest import CONTRACT_LIMITS
+from tests.support.config import write_heist_config
+from tests.support.inprocess import InProcessMesh
+
+
+@pytest.fixture(params=["in-process", "redis"])
+def config(request, tmp_path):
+    """Every memory test runs on both stores; the Redis one is a real redis-server."""
+    store = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return load_config(write_heist_config(tmp_path, limits=CONTRACT_LIMITS, memory_store=store))
 
 
 @pytest.fixture
@@ -187,30 +199,65 @@ def quota_limits(**overrides: object) -> Limits:
     return Limits.model_validate(overrides)
 
 
-def test_session_and_global_quotas():
-    memories = MemoryStore(quota_limits(max_memories_per_session=2, max_session_bytes=10, max_sessions=2))
-    memories.store("s1", "planner", 1, "abc", 3)
-    memories.store("s1", "planner", 1, "abcd", 4)  # replacing a turn is not a new memory
-    memories.store("s1", "hacker", 1, "x", 1)
+@pytest.fixture(params=["in-process", "redis"])
+def make_store(request):
+    def make(limits: Limits, clock=None):
+        if request.param == "redis":
+            from servers.memory_redis import RedisStore
+
+            url = request.getfixturevalue("redis_url")
+            return RedisStore(url, limits, clock=clock) if clock else RedisStore(url, limits)
+        return InProcessStore(limits, clock=clock) if clock else InProcessStore(limits)
+
+    return make
+
+
+async def test_session_and_global_quotas(make_store):
+    memories = make_store(quota_limits(max_memories_per_session=2, max_session_bytes=10, max_sessions=2))
+    await memories.store("s1", "planner", 1, "abc", 3)
+    await memories.store("s1", "planner", 1, "abcd", 4)  # replacing a turn is not a new memory
+    await memories.store("s1", "hacker", 1, "x", 1)
     with pytest.raises(QuotaError, match="maximum of 2 memories"):
-        memories.store("s1", "hacker", 2, "y", 1)
+        await memories.store("s1", "hacker", 2, "y", 1)
     with pytest.raises(QuotaError, match="10 bytes"):
-        memories.store("s1", "planner", 1, "a" * 10, 10)
-    memories.store("s2", "planner", 1, "z", 1)
+        await memories.store("s1", "planner", 1, "a" * 10, 10)
+    await memories.store("s2", "planner", 1, "z", 1)
     with pytest.raises(QuotaError, match="maximum of 2 sessions"):
-        memories.store("s3", "planner", 1, "z", 1)
-    assert memories.clear_session("s2") == 1
-    memories.store("s3", "planner", 1, "z", 1)
-    total = MemoryStore(quota_limits(max_total_bytes=5))
-    total.store("a", "p", 1, "1234", 4)
+        await memories.store("s3", "planner", 1, "z", 1)
+    assert await memories.clear_session("s2") == 1
+    await memories.store("s3", "planner", 1, "z", 1)
+    stats = await memories.stats("s1")
+    assert (stats.sessions, stats.memories, stats.session_memories, stats.session_agents) == (2, 3, 2, 2)
+    await memories.close()
+    total = make_store(quota_limits(max_total_bytes=5))
+    await total.clear_all()
+    await total.store("a", "p", 1, "1234", 4)
     with pytest.raises(QuotaError, match="5 bytes in total"):
-        total.store("b", "p", 1, "12", 2)
+        await total.store("b", "p", 1, "12", 2)
+    await total.close()
 
 
-def test_idle_sessions_expire():
+async def test_idle_sessions_expire(make_store):
     now = [1000.0]
-    memories = MemoryStore(quota_limits(idle_session_ttl_s=60.0, max_sessions=1), clock=lambda: now[0])
-    memories.store("old", "planner", 1, "x", 1)
+    memories = make_store(quota_limits(idle_session_ttl_s=60.0, max_sessions=1), clock=lambda: now[0])
+    await memories.store("old", "planner", 1, "x", 1)
     now[0] += 61
-    memories.store("new", "planner", 1, "y", 1)  # the idle one made room
-    assert memories.stats("old").session_memories == 0 and memories.stats("new").session_memories == 1
+    await memories.store("new", "planner", 1, "y", 1)  # the idle one made room
+    assert (await memories.stats("old")).session_memories == 0
+    assert (await memories.stats("new")).session_memories == 1
+    await memories.close()
+
+
+async def test_with_redis_a_restart_loses_nothing(tmp_path, redis_url):
+    config = load_config(write_heist_config(tmp_path, memory_store=redis_url))
+    mesh = InProcessMesh(config)
+    try:
+        stub = memory_pb2_grpc.MemoryServiceStub(await mesh.channel("memory"))
+        metadata = mesh.session_auth("heist_restart")
+        await stub.StoreMemory(store(turn=1, message="kept"), metadata=metadata)
+        await mesh.restart("memory")
+        stub = memory_pb2_grpc.MemoryServiceStub(await mesh.channel("memory"))
+        summary = await stub.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_name="planner"), metadata=metadata)
+        assert summary.summary == "Turn 1: kept"
+    finally:
+        await mesh.stop_all()

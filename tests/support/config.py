@@ -61,13 +61,15 @@ def heist_config(
     deadlines: dict[str, float] | None = None,
     limits: dict[str, dict[str, Any]] | None = None,
     server_bounds: dict[str, Any] | None = None,
+    memory_store: str | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """A complete config as data; ``sections`` replace whole top-level sections.
 
     ``addresses`` places services (default: an unused port, for tests that start
     them elsewhere); ``deadlines`` sets callers' deadlines (default 1 s);
-    ``limits`` sets ``services.<name>.limits``; ``server_bounds`` every service's ``server`` section.
+    ``limits`` sets ``services.<name>.limits``; ``server_bounds`` every service's ``server`` section;
+    ``memory_store`` the memory service's store URL (Redis).
     """
     services: dict[str, Any] = {}
     for name in SERVICES:
@@ -79,6 +81,8 @@ def heist_config(
             services[name]["limits"] = limits[name]
         if server_bounds:
             services[name]["server"] = dict(server_bounds)
+    if memory_store:
+        services["memory"]["store"] = memory_store
     config: dict[str, Any] = {
         "mesh": {"run_dir": str(tmp_path / "run"), "shutdown_grace_s": 0.2},
         "services": services,

@@ -84,6 +84,16 @@ class DatabaseQueryLimits:
     max_rows: int = 200
     query_timeout_s: float = 2.0
     max_sql_chars: int = 4000
+    max_value_bytes: int = 64 * 1024
+    """SQLITE_LIMIT_LENGTH: the longest string or blob any expression may build."""
+    max_response_bytes: int = 1024 * 1024
+    """The biggest result (values plus framing) one query may return."""
+    max_concurrent_queries: int = 4
+    """Query worker processes running at once."""
+    max_waiting_queries: int = 64
+    """Callers waiting for a free worker; more get RESOURCE_EXHAUSTED at once."""
+    max_worker_memory_bytes: int = 256 * 1024 * 1024
+    """RLIMIT_AS of each query worker process (SQLite's heap is capped at half of it)."""
 
 
 @dataclass(frozen=True)
@@ -345,6 +355,13 @@ def _read_limits(section: ConfigSection) -> Limits:
             max_rows=db.integer("max_rows", d.max_rows),
             query_timeout_s=db.number("query_timeout_s", d.query_timeout_s),
             max_sql_chars=db.integer("max_sql_chars", d.max_sql_chars),
+            max_value_bytes=db.integer("max_value_bytes", d.max_value_bytes, minimum=1024),
+            max_response_bytes=db.integer("max_response_bytes", d.max_response_bytes, minimum=1024),
+            max_concurrent_queries=db.integer("max_concurrent_queries", d.max_concurrent_queries),
+            max_waiting_queries=db.integer("max_waiting_queries", d.max_waiting_queries, minimum=0),
+            max_worker_memory_bytes=db.integer(
+                "max_worker_memory_bytes", d.max_worker_memory_bytes, minimum=64 * 1024 * 1024
+            ),
         ),
         memory=MemoryLimits(
             max_message_bytes=mem.integer("max_message_bytes", m.max_message_bytes),

@@ -75,6 +75,10 @@ class FileReaderLimits:
 
     documents_dir: Path = DEFAULT_DOCUMENTS_DIR
     max_file_bytes: int = 256 * 1024
+    max_listed_entries: int = 2000
+    """Entries (files and folders) ListFiles examines before it gives up with RESOURCE_EXHAUSTED."""
+    max_folder_depth: int = 8
+    """Nested folders below the documents folder that are listed and read."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,8 @@ def _read_limits(section: ConfigSection) -> Limits:
         file_reader=FileReaderLimits(
             documents_dir=files.path_value("documents_dir", f.documents_dir),
             max_file_bytes=files.integer("max_file_bytes", f.max_file_bytes),
+            max_listed_entries=files.integer("max_listed_entries", f.max_listed_entries),
+            max_folder_depth=files.integer("max_folder_depth", f.max_folder_depth, minimum=0),
         ),
         database_query=DatabaseQueryLimits(
             max_rows=db.integer("max_rows", d.max_rows),

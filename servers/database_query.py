@@ -38,6 +38,7 @@ from servers import bootstrap
 from servers.bank_db import ensure_bank_db
 from servers.bootstrap import ServiceDefinition
 from servers.query_worker import WorkerLimits, clip, worker_arguments
+from servers.request_guard import guarded_registration
 from servers.settings import DatabaseQueryLimits, MeshSettings
 
 WORKER_SCRIPT = Path(__file__).with_name("query_worker.py")
@@ -331,11 +332,12 @@ class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
 def service_definition(settings: MeshSettings) -> ServiceDefinition:
     """Bind the database servicer to the bootstrap (builds the bank database on first start)."""
     servicer = DatabaseQueryServicer(ensure_bank_db(settings), settings.limits.database_query)
+    descriptor = pb.DESCRIPTOR.services_by_name["DatabaseQueryService"]
     return ServiceDefinition(
         name="database_query",
-        descriptor=pb.DESCRIPTOR.services_by_name["DatabaseQueryService"],
+        descriptor=descriptor,
         servicer=servicer,
-        register=pb_grpc.add_DatabaseQueryServiceServicer_to_server,
+        register=guarded_registration(descriptor, pb),
         on_stop=servicer.pool.close,
     )
 

@@ -30,6 +30,7 @@ from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
 
 from servers import bootstrap
 from servers.bootstrap import ServiceDefinition
+from servers.request_guard import guarded_registration
 from servers.settings import FileReaderLimits, MeshSettings
 
 MAX_FILENAME_CHARS = 255
@@ -315,11 +316,12 @@ class FileReaderServicer(file_reader_pb2_grpc.FileReaderServiceServicer):
 
 def service_definition(settings: MeshSettings) -> ServiceDefinition:
     """Bind the file reader servicer to the bootstrap."""
+    descriptor = file_reader_pb2.DESCRIPTOR.services_by_name["FileReaderService"]
     return ServiceDefinition(
         name="file_reader",
-        descriptor=file_reader_pb2.DESCRIPTOR.services_by_name["FileReaderService"],
+        descriptor=descriptor,
         servicer=FileReaderServicer(settings.limits.file_reader),
-        register=file_reader_pb2_grpc.add_FileReaderServiceServicer_to_server,
+        register=guarded_registration(descriptor, file_reader_pb2),
     )
 
 

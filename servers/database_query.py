@@ -24,7 +24,6 @@ import math
 import sqlite3
 import struct
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from heist.database_query.v1 import database_query_pb2_grpc as pb_grpc
 from servers import bootstrap
 from servers.bank_db import ensure_bank_db
 from servers.bootstrap import ServiceDefinition
-from servers.query_worker import WorkerLimits, clip, worker_arguments
+from servers.query_worker import READY, WorkerLimits, clip, worker_arguments
 from servers.request_guard import guarded_registration
 from servers.settings import DatabaseQueryLimits, MeshSettings
 
@@ -46,6 +45,7 @@ STOP_MARGIN_S = 0.05
 """A worker stops its own query this long before the server would kill it, so it usually survives to serve again."""
 REPLY_SLACK_BYTES = 1 << 20
 """Framing allowance on top of ``2 * max_response_bytes`` before a worker's reply is treated as broken."""
+WORKER_START_TIMEOUT_S = 10.0
 
 
 class QueryError(Exception):
@@ -88,6 +88,10 @@ def worker_limits(limits: DatabaseQueryLimits) -> WorkerLimits:
     )
 
 
+class WorkerGone(QueryError):
+    """The worker was dead before it read the request (killed while idle); another worker may be tried."""
+
+
 class QueryWorker:
     """One child process that runs one query at a time (``servers/query_worker.py``)."""
 
@@ -97,7 +101,11 @@ class QueryWorker:
 
     @classmethod
     async def spawn(cls, path: Path, limits: DatabaseQueryLimits) -> QueryWorker:
-        """Start a worker for the database at ``path``; UNAVAILABLE if the OS refuses."""
+        """Start a worker for the database at ``path`` and wait until it is ready; UNAVAILABLE if it cannot start.
+
+        Why wait for "ready": Python's start-up (~30 ms idle, several hundred ms on
+        a busy machine) is the service's overhead and must not eat the query's time.
+        """
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-s", "-B", str(WORKER_SCRIPT), *worker_arguments(path, worker_limits(limits)),
@@ -106,7 +114,21 @@ class QueryWorker:
             )
         except OSError as exc:
             raise QueryError(grpc.StatusCode.UNAVAILABLE, f"cannot start a query worker: {exc.strerror}") from None
-        return cls(process, 2 * limits.max_response_bytes + REPLY_SLACK_BYTES)
+        worker = cls(process, 2 * limits.max_response_bytes + REPLY_SLACK_BYTES)
+        try:
+            async with asyncio.timeout(WORKER_START_TIMEOUT_S):
+                greeting = await worker.receive()
+            if greeting != READY:
+                raise QueryError(grpc.StatusCode.UNAVAILABLE, "a query worker did not start properly")
+        except (TimeoutError, QueryError, asyncio.CancelledError) as exc:
+            worker.kill()
+            await asyncio.shield(worker.reap())
+            if isinstance(exc, TimeoutError):
+                raise QueryError(
+                    grpc.StatusCode.UNAVAILABLE, f"a query worker did not start within {WORKER_START_TIMEOUT_S:g} s"
+                ) from None
+            raise
+        return worker
 
     @property
     def alive(self) -> bool:
@@ -115,22 +137,41 @@ class QueryWorker:
 
     async def run(self, sql: str, budget_s: float) -> tuple[Any, ...]:
         """Send one query and return the worker's reply; raises QueryError if the worker dies or misbehaves."""
-        stdin, stdout = self.process.stdin, self.process.stdout
-        assert stdin is not None and stdout is not None
+        stdin = self.process.stdin
+        assert stdin is not None
         payload = marshal.dumps((sql, budget_s))
         try:
             stdin.write(struct.pack(">I", len(payload)) + payload)
             await stdin.drain()
-            (length,) = struct.unpack(">I", await stdout.readexactly(4))
-            if length > self.max_reply_bytes:
-                raise QueryError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the query worker's reply ({length} bytes) "
-                                 f"is larger than the {self.max_reply_bytes} bytes allowed")
-            reply = marshal.loads(await stdout.readexactly(length))
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise await self._died() from exc
+        except ConnectionError as exc:
+            died = await self._died()
+            raise WorkerGone(died.code, died.message) from exc
+        reply = await self.receive()
         if not isinstance(reply, tuple) or len(reply) != 3:
             raise QueryError(grpc.StatusCode.INTERNAL, "the query worker sent a malformed reply")
         return reply
+
+    async def receive(self) -> Any:
+        """Read one length-prefixed message; WorkerGone if the worker ended before sending anything."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        try:
+            header = await stdout.readexactly(4)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            died = await self._died()
+            raise WorkerGone(died.code, died.message) from exc
+        (length,) = struct.unpack(">I", header)
+        if length > self.max_reply_bytes:
+            raise QueryError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the query worker's reply ({length} bytes) is larger than the {self.max_reply_bytes} bytes allowed",
+            )
+        try:
+            return marshal.loads(await stdout.readexactly(length))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise await self._died() from exc
+        except (ValueError, EOFError, TypeError):
+            raise QueryError(grpc.StatusCode.INTERNAL, "the query worker sent a malformed reply") from None
 
     async def _died(self) -> QueryError:
         """Say why the worker went away mid-query (a signal is almost always the memory limit)."""
@@ -167,46 +208,65 @@ class QueryWorkerPool:
         self._idle: list[QueryWorker] = []
         self._busy: set[QueryWorker] = set()
         self._waiting = 0
+        self._starting = 0
+        self._spare: asyncio.Task[None] | None = None
         self._reaping: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def query(self, sql: str, caller_remaining_s: float | None) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run one SELECT within ``query_timeout_s`` and the caller's deadline; (columns, rows) or QueryError."""
+        """Run one SELECT; (columns, rows) or QueryError.
+
+        Bounds: waiting for a slot at most ``query_timeout_s``; running at most
+        ``query_timeout_s``; everything, worker start-up included, within the
+        caller's deadline when there is one.
+        """
         if len(sql) > self.limits.max_sql_chars:  # refused here, before it is copied to a worker
             raise QueryError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"sql is {len(sql)} characters long; the limit is {self.limits.max_sql_chars}",
             )
-        started = time.monotonic()
-        limit_s = self.limits.query_timeout_s
-        if caller_remaining_s is not None:
-            limit_s = min(limit_s, caller_remaining_s)
-        over_time = QueryError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"query took longer than {limit_s:.2g} s ("
-            + ("query_timeout_s" if limit_s >= self.limits.query_timeout_s else "the call's deadline")
-            + ") and was stopped",
-        )
-        async with self._slot(limit_s):
-            remaining_s = limit_s - (time.monotonic() - started)
-            if remaining_s <= STOP_MARGIN_S:
-                raise over_time
-            worker = await self._take_worker()
-            reusable = False
-            try:
-                async with asyncio.timeout(remaining_s):
-                    reply = await worker.run(sql, remaining_s - STOP_MARGIN_S)
-                reusable = True
-            except TimeoutError:
-                raise over_time from None
-            finally:
-                self._give_back(worker, reusable)
+        loop = asyncio.get_running_loop()
+        caller_deadline = None if caller_remaining_s is None else loop.time() + caller_remaining_s
+        try:
+            async with asyncio.timeout_at(caller_deadline), self._slot(self.limits.query_timeout_s):
+                try:
+                    reply = await self._run(sql, caller_deadline, reuse_idle=True)
+                except WorkerGone:  # an idle worker had died (killed, out of memory): one retry on a fresh one
+                    reply = await self._run(sql, caller_deadline, reuse_idle=False)
+        except TimeoutError:
+            raise self._over_time(caller_remaining_s or 0.0, by_caller=True) from None
         kind, first, second = reply
         if kind == "ok":
             return list(first), list(second)
-        if first == "DEADLINE_EXCEEDED":
-            raise over_time
         raise QueryError(status_code(first), str(second))
+
+    def _over_time(self, seconds: float, *, by_caller: bool) -> QueryError:
+        bound = "the call's deadline" if by_caller else "query_timeout_s"
+        return QueryError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"query took longer than {seconds:.2g} s ({bound}) and was stopped"
+        )
+
+    async def _run(self, sql: str, caller_deadline: float | None, *, reuse_idle: bool) -> tuple[Any, ...]:
+        """Run ``sql`` on one worker, which goes back to the idle list only if it answered in time."""
+        worker = await self._take_worker(reuse_idle)
+        answered = False
+        try:
+            budget_s, by_caller = self.limits.query_timeout_s, False
+            if caller_deadline is not None and caller_deadline - asyncio.get_running_loop().time() < budget_s:
+                budget_s, by_caller = caller_deadline - asyncio.get_running_loop().time(), True
+            if budget_s <= STOP_MARGIN_S:
+                raise self._over_time(budget_s, by_caller=by_caller)
+            try:
+                async with asyncio.timeout(budget_s):
+                    reply = await worker.run(sql, budget_s - STOP_MARGIN_S)
+            except TimeoutError:
+                raise self._over_time(budget_s, by_caller=by_caller) from None
+            answered = True
+            if reply[0] == "error" and reply[1] == "DEADLINE_EXCEEDED":
+                raise self._over_time(budget_s, by_caller=by_caller)
+            return reply
+        finally:
+            self._give_back(worker, answered)
 
     @contextlib.asynccontextmanager
     async def _slot(self, wait_s: float) -> AsyncIterator[None]:
@@ -239,30 +299,67 @@ class QueryWorkerPool:
         finally:
             slots.release()
 
-    async def _take_worker(self) -> QueryWorker:
-        while self._idle:
-            worker = self._idle.pop()
-            if worker.alive:
-                self._busy.add(worker)
-                return worker
-        worker = await QueryWorker.spawn(self.path, self.limits)
+    async def _take_worker(self, reuse_idle: bool) -> QueryWorker:
+        """Take an idle worker, else the spare being started, else a new one (each caller holds a slot)."""
+        while reuse_idle:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.alive:
+                    return self._hand_out(worker)
+            if self._spare is None:
+                break
+            await asyncio.shield(self._spare)  # it lands in the idle list (unless another caller takes it first)
+        self._starting += 1
+        try:
+            worker = await QueryWorker.spawn(self.path, self.limits)
+        finally:
+            self._starting -= 1
+        return self._hand_out(worker)
+
+    def _hand_out(self, worker: QueryWorker) -> QueryWorker:
         self._busy.add(worker)
+        self._keep_a_spare()
         return worker
+
+    def _keep_a_spare(self) -> None:
+        """Start a worker ahead of need, so a caller does not wait ~0.1 s for one while others run or were killed."""
+        if self._closed or self._spare is not None or self._idle:
+            return
+        if len(self._busy) + self._starting >= self.limits.max_concurrent_queries:
+            return
+        self._spare = asyncio.get_running_loop().create_task(self._start_spare())
+
+    async def _start_spare(self) -> None:
+        try:
+            worker = await QueryWorker.spawn(self.path, self.limits)
+        except QueryError:
+            return  # the next caller spawns its own and reports the error
+        finally:
+            self._spare = None
+        if self._closed:
+            worker.kill()
+            await worker.reap()
+        else:
+            self._idle.append(worker)
 
     def _give_back(self, worker: QueryWorker, reusable: bool) -> None:
         """Keep a worker that answered; kill one that did not (it may still be inside SQLite)."""
         self._busy.discard(worker)
-        if reusable and worker.alive and not self._closed:
+        room = len(self._busy) + len(self._idle) < self.limits.max_concurrent_queries
+        if reusable and worker.alive and room and not self._closed:
             self._idle.append(worker)
             return
         worker.kill()
         task = asyncio.get_running_loop().create_task(worker.reap())
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
+        self._keep_a_spare()
 
     async def close(self) -> None:
         """Kill every worker and wait until they are gone."""
         self._closed = True
+        if self._spare is not None:
+            await asyncio.shield(self._spare)  # a spare that was starting kills itself
         workers = [*self._idle, *self._busy]
         self._idle.clear()
         for worker in workers:

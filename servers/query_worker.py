@@ -14,7 +14,8 @@ maps them to ``grpc.StatusCode``.
 
 Protocol on stdin/stdout, one request at a time, each message a 4-byte
 big-endian length and a ``marshal`` payload:
-request ``(sql, budget_s)``; reply ``("ok", columns, rows)`` or
+first ``("ready",)`` from the worker once it runs; then per request
+``(sql, budget_s)`` a reply ``("ok", columns, rows)`` or
 ``("error", status_name, message)``. End of stdin ends the worker.
 """
 
@@ -81,6 +82,8 @@ MAX_ECHO_CHARS = 200
 """Caller text (SQL fragments, names) quoted in a status message is cut to this many characters."""
 VALUE_OVERHEAD_BYTES = 3
 """Approximate protobuf framing per value, counted against ``max_response_bytes``."""
+READY = ("ready",)
+"""The first message of a worker: it has started and applied its limits."""
 WORKER_STATUS_ERROR = 3
 """Exit status of a worker whose configuration or database cannot be used."""
 
@@ -365,6 +368,7 @@ def main(argv: list[str]) -> int:
         return WORKER_STATUS_ERROR
     limits = WorkerLimits(**json.loads(argv[1]))
     confine(limits)
+    write_message(sys.stdout.buffer, READY)
     serve(BankQueries(Path(argv[0]), limits), sys.stdin.buffer, sys.stdout.buffer)
     return 0
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -103,36 +105,62 @@ def swapping(flip: Callable[[int], None], period_s: float = 0.0005) -> Iterator[
         thread.join(timeout=10)
 
 
-def file_swapper(target: Path, link_to: Path) -> Callable[[int], None]:
-    """A flip that atomically renames a regular file (even n) or a symlink out of the folder (odd n) onto ``target``."""
-    staging = target.parent / f".staging-{target.name}"
-
-    def flip(n: int) -> None:
-        staging.unlink(missing_ok=True)
+SWAPPER = """
+import os, shutil, sys, time
+kind, target, link_to, inside, stop_file, limit_s = sys.argv[1:7]
+staging = os.path.join(os.path.dirname(target), ".staging-" + os.path.basename(target))
+end = time.monotonic() + float(limit_s)
+n = 0
+while not os.path.exists(stop_file) and time.monotonic() < end:
+    if kind == "file":  # atomic: rename a fresh regular file or symlink onto the target
+        if os.path.lexists(staging):
+            os.unlink(staging)
         if n % 2:
-            staging.symlink_to(link_to)
+            os.symlink(link_to, staging)
         else:
-            staging.write_text(INSIDE)
+            with open(staging, "w") as handle:
+                handle.write(inside)
         os.replace(staging, target)
-
-    return flip
-
-
-def folder_swapper(target: Path, link_to: Path) -> Callable[[int], None]:
-    """A flip that makes ``target`` a real folder holding plan.md (even n) or a symlink to ``link_to`` (odd n)."""
-
-    def flip(n: int) -> None:
-        if target.is_symlink():
-            target.unlink()
-        elif target.exists():
+    else:  # a folder holding plan.md, or a symlink to a folder outside
+        if os.path.islink(target):
+            os.unlink(target)
+        elif os.path.exists(target):
             shutil.rmtree(target)
         if n % 2:
-            target.symlink_to(link_to)
+            os.symlink(link_to, target)
         else:
-            target.mkdir()
-            (target / "plan.md").write_text(INSIDE)
+            os.mkdir(target)
+            with open(os.path.join(target, "plan.md"), "w") as handle:
+                handle.write(inside)
+    n += 1
+print(n)
+"""
+"""The attacker: its own process (real parallelism, no GIL shared with the reading client), no sleeps."""
 
-    return flip
+
+@contextlib.contextmanager
+def swapper_process(kind: str, target: Path, link_to: Path) -> Iterator[list[int]]:
+    """Run SWAPPER on ``target`` until the block ends (or RACE_TIME_LIMIT_S); yields [swaps done] afterwards."""
+    stop_file = target.parent.parent / f"stop-{target.name}"
+    stop_file.unlink(missing_ok=True)
+    swaps = [0]
+    command = [sys.executable, "-c", SWAPPER, kind, str(target), str(link_to), INSIDE, str(stop_file)]
+    process = subprocess.Popen([*command, str(RACE_TIME_LIMIT_S)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.1)
+        yield swaps
+    finally:
+        stop_file.touch()
+        try:
+            swaps[0] = int(process.communicate(timeout=10)[0] or 0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        for leftover in (target, target.parent / f".staging-{target.name}"):
+            if leftover.is_symlink() or leftover.is_file():
+                leftover.unlink()
+            elif leftover.exists():
+                shutil.rmtree(leftover)
 
 
 def race(files: RunningService, name: str) -> Counter[str]:
@@ -155,15 +183,9 @@ def test_a_file_swapped_for_a_symlink_while_reading_never_leaks(
     files: RunningService, folders: tuple[Path, Path]
 ) -> None:
     documents, outside = folders
-    target = documents / "swap.md"
-    flip = file_swapper(target, outside / "secret.md")
-    try:
-        with swapping(flip) as flips:
-            outcomes = race(files, "swap.md")
-    finally:
-        target.unlink(missing_ok=True)
-        (documents / ".staging-swap.md").unlink(missing_ok=True)
-    print(f"\nfile <-> symlink swap, {sum(outcomes.values())} reads, {flips[0]} swaps: {dict(outcomes)}")
+    with swapper_process("file", documents / "swap.md", outside / "secret.md") as swaps:
+        outcomes = race(files, "swap.md")
+    print(f"\nfile <-> symlink swap, {sum(outcomes.values())} reads, {swaps[0]} swaps: {dict(outcomes)}")
     assert outcomes["LEAK"] == 0
     assert outcomes["OK"] > 0 and outcomes["INVALID_ARGUMENT"] > 0  # both states were really hit
     assert sum(outcomes.values()) == RACE_READS
@@ -173,18 +195,9 @@ def test_a_folder_swapped_for_a_symlink_while_reading_never_leaks(
     files: RunningService, folders: tuple[Path, Path]
 ) -> None:
     documents, outside = folders
-
-    target = documents / "room"
-    flip = folder_swapper(target, outside)
-    try:
-        with swapping(flip) as flips:
-            outcomes = race(files, "room/plan.md")
-    finally:
-        if target.is_symlink():
-            target.unlink()
-        elif target.exists():
-            shutil.rmtree(target)
-    print(f"\nfolder <-> symlink swap, {sum(outcomes.values())} reads, {flips[0]} swaps: {dict(outcomes)}")
+    with swapper_process("folder", documents / "room", outside) as swaps:
+        outcomes = race(files, "room/plan.md")
+    print(f"\nfolder <-> symlink swap, {sum(outcomes.values())} reads, {swaps[0]} swaps: {dict(outcomes)}")
     assert outcomes["LEAK"] == 0
     assert outcomes["OK"] > 0 and outcomes["INVALID_ARGUMENT"] > 0
     assert set(outcomes) <= {"OK", "INVALID_ARGUMENT", "NOT_FOUND"}

@@ -109,17 +109,18 @@ SWAPPER = """
 import os, shutil, sys, time
 kind, target, link_to, inside, stop_file, limit_s = sys.argv[1:7]
 staging = os.path.join(os.path.dirname(target), ".staging-" + os.path.basename(target))
+scratch = stop_file + ".scratch"
 end = time.monotonic() + float(limit_s)
 n = 0
 while not os.path.exists(stop_file) and time.monotonic() < end:
+    # both branches write one small file, so each state lasts about as long as the other
     if kind == "file":  # atomic: rename a fresh regular file or symlink onto the target
         if os.path.lexists(staging):
             os.unlink(staging)
+        with open(scratch if n % 2 else staging, "w") as handle:
+            handle.write(inside)
         if n % 2:
             os.symlink(link_to, staging)
-        else:
-            with open(staging, "w") as handle:
-                handle.write(inside)
         os.replace(staging, target)
     else:  # a folder holding plan.md, or a symlink to a folder outside
         if os.path.islink(target):
@@ -127,6 +128,8 @@ while not os.path.exists(stop_file) and time.monotonic() < end:
         elif os.path.exists(target):
             shutil.rmtree(target)
         if n % 2:
+            with open(scratch, "w") as handle:
+                handle.write(inside)
             os.symlink(link_to, target)
         else:
             os.mkdir(target)
@@ -135,7 +138,7 @@ while not os.path.exists(stop_file) and time.monotonic() < end:
     n += 1
 print(n)
 """
-"""The attacker: its own process (real parallelism, no GIL shared with the reading client), no sleeps."""
+"""The attacker: its own process (real parallelism, no GIL shared with the reading client)."""
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ can stop a thread there, but a process can be killed at the deadline, and its
 memory is capped by ``RLIMIT_AS``, so the server's own memory and event loop
 stay untouched whatever one query does.
 
-Only the standard library is imported, so a fresh worker starts in ~30 ms.
+Only the standard library is imported, so a fresh worker starts in ~30 ms;
+it dies with the server (PR_SET_PDEATHSIG), even when that is ``kill -9``.
 Status codes travel as gRPC status *names* (``"INVALID_ARGUMENT"``); the server
 maps them to ``grpc.StatusCode``.
 
@@ -21,8 +22,11 @@ first ``("ready",)`` from the worker once it runs; then per request
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import marshal
+import os
 import resource
 import signal
 import sqlite3
@@ -85,6 +89,7 @@ VALUE_OVERHEAD_BYTES = 3
 READY = ("ready",)
 """The first message of a worker: it has started and applied its limits."""
 WORKER_STATUS_ERROR = 3
+PR_SET_PDEATHSIG = 1
 """Exit status of a worker whose configuration or database cannot be used."""
 
 
@@ -326,6 +331,14 @@ def write_message(stream: BinaryIO, message: Any) -> None:
     stream.flush()
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this worker when the server dies (even by ``kill -9``), instead of after its query."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the server was already gone before the request took effect
+        raise SystemExit(WORKER_STATUS_ERROR)
+
+
 def confine(limits: WorkerLimits) -> None:
     """Cap this process: address space, files it may write (none) and open files; SQLite's heap below that."""
     resource.setrlimit(resource.RLIMIT_AS, (limits.max_memory_bytes, limits.max_memory_bytes))
@@ -362,11 +375,12 @@ def serve(queries: BankQueries, requests: BinaryIO, replies: BinaryIO) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``query_worker.py DATABASE_PATH LIMITS_JSON``: serve queries on stdin/stdout."""
-    if len(argv) != 2:
-        print("usage: query_worker.py DATABASE_PATH LIMITS_JSON", file=sys.stderr)
+    """``query_worker.py DATABASE_PATH LIMITS_JSON SERVER_PID``: serve queries on stdin/stdout."""
+    if len(argv) != 3:
+        print("usage: query_worker.py DATABASE_PATH LIMITS_JSON SERVER_PID", file=sys.stderr)
         return WORKER_STATUS_ERROR
     limits = WorkerLimits(**json.loads(argv[1]))
+    die_with_parent(int(argv[2]))
     confine(limits)
     write_message(sys.stdout.buffer, READY)
     serve(BankQueries(Path(argv[0]), limits), sys.stdin.buffer, sys.stdout.buffer)
@@ -375,7 +389,7 @@ def main(argv: list[str]) -> int:
 
 def worker_arguments(path: Path, limits: WorkerLimits) -> list[str]:
     """Command-line arguments (after the script) that start a worker for ``path`` with ``limits``."""
-    return [str(path), json.dumps(asdict(limits))]
+    return [str(path), json.dumps(asdict(limits)), str(os.getpid())]
 
 
 if __name__ == "__main__":

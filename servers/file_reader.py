@@ -186,6 +186,11 @@ class DocumentFolder:
             return DocumentError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{quoted(filename)}: {quoted(part)} is not a folder"
             )
+        if exc.errno in (errno.ENXIO, errno.ENODEV):  # a socket, or a device without a driver
+            return DocumentError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{quoted(filename)} is not a regular file (a FIFO, socket or device is never read)",
+            )
         if exc.errno in (errno.EACCES, errno.EPERM):
             return DocumentError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{quoted(filename)} is not readable by the file reader"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -267,11 +268,14 @@ def test_what_is_not_a_single_regular_file_is_refused_at_once(
 ) -> None:
     documents, outside = folders
     os.mkfifo(documents / "pipe.md")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(documents / "socket.md"))
     os.link(outside / "secret.md", documents / "hardlink.md")
     (documents / "folder.md").mkdir()
     try:
         expectations = {
             "pipe.md": "not a regular file",
+            "socket.md": "not a regular file",
             "hardlink.md": "hard links",
             "folder.md": "is a folder",
             "plan.md/x": "is not a folder",
@@ -283,8 +287,10 @@ def test_what_is_not_a_single_regular_file_is_refused_at_once(
             assert elapsed < 0.5
         code, names = listing(files)
         assert code == grpc.StatusCode.OK
-        assert not {"pipe.md", "hardlink.md", "folder.md"} & set(names)
+        assert not {"pipe.md", "socket.md", "hardlink.md", "folder.md"} & set(names)
     finally:
+        listener.close()
+        (documents / "socket.md").unlink()
         (documents / "pipe.md").unlink()
         (documents / "hardlink.md").unlink()
         (documents / "folder.md").rmdir()

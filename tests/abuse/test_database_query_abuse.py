@@ -90,6 +90,19 @@ def workers(db: RunningService) -> list[int]:
     return process_tree(db.pid)[1:]
 
 
+def settled(db: RunningService) -> None:
+    """Answer a query, then wait (at most 3 s) until the set of workers stops changing, for a fair RSS baseline."""
+    assert call(db, "SELECT 1")[0] == grpc.StatusCode.OK
+    deadline = time.monotonic() + 3.0
+    before = workers(db)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = workers(db)
+        if now == before:
+            return
+        before = now
+
+
 def assert_idle(db: RunningService) -> float:
     time.sleep(SETTLE_S)
     used = cpu_used_over(db.pid, IDLE_WINDOW_S)
@@ -196,7 +209,7 @@ def test_a_value_cannot_grow_past_max_value_bytes(db: RunningService) -> None:
 
 def test_a_result_cannot_grow_past_max_response_bytes_and_memory_stays_flat(db: RunningService) -> None:
     wide = f"SELECT {KB32} || a.id FROM shifts a, shifts b LIMIT 200"  # 200 rows x 32 KiB = 6.4 MB asked for
-    call(db, "SELECT 1")  # warm workers in the baseline
+    settled(db)
     with PeakRss(db.pid) as memory:
         outcomes = [call(db, wide) for _ in range(20)]
     after = rss_bytes(db.pid)
@@ -210,7 +223,7 @@ def test_a_result_cannot_grow_past_max_response_bytes_and_memory_stays_flat(db: 
 
 def test_a_query_that_needs_too_much_memory_is_refused_and_the_memory_returned(db: RunningService) -> None:
     hungry = f"SELECT count(DISTINCT {KB32} || a.id || b.id || c.id) FROM shifts a, shifts b, shifts c"
-    call(db, "SELECT 1")
+    settled(db)
     with PeakRss(db.pid) as memory:
         code, details, elapsed = call(db, hungry)
     after = rss_bytes(db.pid)

@@ -1,0 +1,183 @@
+"""Ask the embedded model for a tool argument the way a transcript turn does, and judge it like the service.
+
+Shared by the constrained-tools test and ``tests/bench/constrained_tools_eval.py``.
+
+* ``transcript_prompt`` mirrors ``IntegratedAgent._transcript_prompt`` for a
+  tool agent's turn with the ``[TOOL:<tool>:`` prefill (brief, tool brief with
+  the proto's example line, a short transcript), built from config/heist.yaml
+  and the tool registry rather than from the agent, which is being refactored.
+* ``ServiceLogic`` judges an argument with the servers' own code, minus gRPC:
+  ``Evaluator`` (calculator), ``DocumentFolder.read`` (file reader) and
+  ``BankDatabase.query`` with SQLite's authorizer on a freshly built bank
+  database (database query). What they accept, the services accept.
+* ``argument_of`` extracts the argument the way the agent does:
+  ``_close_prefill`` then ``find_inline_tool_calls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from heist.database_query.v1 import database_query_pb2
+from heist.file_reader.v1 import file_reader_pb2
+
+from orchestrator.constraints import ONE_OF_LISTING, SQL_SELECT, Listing, listing_from_response
+from orchestrator.llm import find_inline_tool_calls
+from orchestrator.tools import ToolRegistry
+from servers.bank_db import build as build_bank_db
+from servers.calculator import CalculationError, Evaluator
+from servers.database_query import BankDatabase, DatabaseQueryServicer, QueryError
+from servers.file_reader import DocumentError, DocumentFolder, FileReaderServicer
+from servers.settings import CalculatorLimits, DatabaseQueryLimits, FileReaderLimits
+from tests.server_processes import REPO
+
+TOOLS = ("calculator", "file_reader", "database_query")
+CONFIG = REPO / "config" / "heist.yaml"
+SABOTEUR_BRIEF = (
+    " Secretly you are a mole working for the police: subtly steer the crew towards mistakes without ever revealing it."
+)
+EARLIER_LINES = (
+    "Planner: Friday night is the job. Everyone, tell me what you know and what we need.",
+    "Hacker: The alarm panel is in the control room on level -1.",
+)
+"""A short meeting so far, so the prompt has the shape of a real turn (not a first line)."""
+
+
+def _speaker(name: str) -> str:
+    return name.replace("_", " ").title()
+
+
+def transcript_prompt(tool: str, registry: ToolRegistry | None = None) -> tuple[str, str]:
+    """Return (prompt ending in the marker prefill, prefill) for the agent that uses ``tool``."""
+    config = yaml.safe_load(CONFIG.read_text())
+    agent = next(a for a in config["agents"] if tool in a.get("tools", []))
+    method = (registry or ToolRegistry.default()).service(tool).inline_method
+    assert method is not None
+    speaker = _speaker(agent["name"])
+    brief = " ".join(agent["system_prompt"].split()) + (SABOTEUR_BRIEF if agent.get("is_saboteur") else "")
+    objective = " ".join(config["session"]["objective"].split())
+    tools = (
+        f"{speaker} uses tools by writing a marker, and the result appears in the transcript:\n"
+        f"{tool}: {method.description}\nFor example:\n{speaker}: [TOOL:{tool}:{method.inline_example}]"
+    )
+    parts = [
+        "The following is the transcript of a heist crew's planning meeting. "
+        f"{objective} Each crew member speaks in one or two short sentences.",
+        f"About {speaker} ({agent['role']}): {brief}",
+        tools,
+        "Transcript:\n" + "\n".join([*EARLIER_LINES, f"{speaker}:"]),
+    ]
+    prefill = f" [TOOL:{tool}:"
+    return "\n\n".join(parts) + prefill, prefill
+
+
+def argument_of(prefill: str, continuation: str) -> str | None:
+    """The argument the agent would send for this continuation (None: no marker survives)."""
+    text = continuation.strip()
+    if "]" not in text:
+        text += "]"  # the agent's _close_prefill
+    markers = find_inline_tool_calls((prefill + text).strip())
+    return markers[0].argument if markers else None
+
+
+class ServiceLogic:
+    """The three tool services' acceptance logic, in-process and without gRPC."""
+
+    def __init__(self, data_dir: Path, documents_dir: Path | None = None) -> None:
+        self.evaluator = Evaluator(CalculatorLimits())
+        files = FileReaderLimits() if documents_dir is None else FileReaderLimits(documents_dir=documents_dir)
+        self.file_limits = files
+        self.folder = DocumentFolder(files)
+        self.bank_path = data_dir / "bank.db"
+        build_bank_db(self.bank_path)
+        self.bank = BankDatabase(self.bank_path, DatabaseQueryLimits())
+
+    def refusal(self, tool: str, argument: str | None) -> str | None:
+        """Why the service would refuse ``argument`` (None: it would answer)."""
+        if argument is None:
+            return "no tool marker"
+        try:
+            if tool == "calculator":
+                float(self.evaluator.evaluate(argument))
+            elif tool == "file_reader":
+                self.folder.read(argument)
+            elif tool == "database_query":
+                self.bank.query(argument)
+            else:
+                raise ValueError(f"unknown tool {tool}")
+        except (CalculationError, OverflowError) as exc:
+            return str(exc) or type(exc).__name__
+        except (DocumentError, QueryError) as exc:
+            return exc.message
+        return None
+
+    def listing(self, tool: str) -> Listing | None:
+        """What the service's listing method reports, through its servicer (None: the tool has no listing)."""
+        if tool == "file_reader":
+            response: Any = asyncio.run(
+                FileReaderServicer(self.file_limits).ListFiles(file_reader_pb2.ListFilesRequest(), None)  # type: ignore[arg-type]
+            )
+            return listing_from_response(ONE_OF_LISTING, response)
+        if tool == "database_query":
+            servicer = DatabaseQueryServicer(self.bank)
+            response = asyncio.run(servicer.ListTables(database_query_pb2.ListTablesRequest(), None))  # type: ignore[arg-type]
+            return listing_from_response(SQL_SELECT, response)
+        return None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated argument and the service's verdict."""
+
+    tool: str
+    seed: int
+    continuation: str
+    argument: str | None
+    refusal: str | None
+    tokens: int
+    seconds: float
+    truncated: bool
+
+
+def generate(
+    llm: Any,
+    tool: str,
+    prompt: str,
+    prefill: str,
+    seed: int,
+    logic: ServiceLogic,
+    *,
+    grammar: Any = None,
+    max_tokens: int = 60,
+    temperature: float = 0.7,
+) -> Sample:
+    """One completion with the config's sampling (top_k 40, repeat_penalty 1.3, newline stops), judged."""
+    start = time.perf_counter()
+    out = llm.create_completion(
+        prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=40,
+        repeat_penalty=1.3,
+        stop=["\n"],
+        seed=seed,
+        grammar=grammar,
+    )
+    seconds = time.perf_counter() - start
+    choice = out["choices"][0]
+    argument = argument_of(prefill, choice["text"])
+    return Sample(
+        tool=tool,
+        seed=seed,
+        continuation=choice["text"],
+        argument=argument,
+        refusal=logic.refusal(tool, argument),
+        tokens=int(out["usage"]["completion_tokens"]),
+        seconds=seconds,
+        truncated=choice["finish_reason"] == "length",
+    )

@@ -23,6 +23,20 @@ Why the grammars are not recursive: a recursive rule cannot bound the length
 of what it accepts, and a bound is what lets a caller size ``max_tokens`` so
 that a constrained argument can always be finished (``max_bytes``). Nesting is
 therefore unrolled to a fixed depth (still balanced by construction).
+
+How a transcript turn uses it (one cache per session; the fetcher is the
+caller's, with its token, stubs and deadlines)::
+
+    cache = ConstraintCache(registry)                  # in SessionContext
+    async def fetch(tool: str, method: MethodDescriptor) -> Message:
+        request = message_factory.GetMessageClass(method.input_type)()
+        rpc = getattr(mesh.tool_stubs[tool], method.name)
+        return await mesh.services[tool].call(method.name, rpc, request, tool_metadata)
+    constraint = await cache.inline(tool, fetch)       # None: nothing to name, skip the prefill
+    completion = await llm.complete_text(              # llama.cpp servers take "grammar"
+        prompt + f" [TOOL:{tool}:", extra_body=constraint.completion_extra_body(),
+        max_tokens=max(config.max_tokens, constraint.max_bytes))
+    # after NOT_FOUND / "no such column" from the tool: cache.invalidate(tool)
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ __all__ = [
     "ONE_OF_LISTING",
     "SQL_SELECT",
     "ArgumentHint",
+    "Bounds",
     "ColumnInfo",
     "ConstraintCache",
     "ConstraintError",
@@ -63,6 +78,7 @@ __all__ = [
     "names_grammar",
     "sql_grammar",
     "text_grammar",
+    "usable_names",
 ]
 
 ArgumentKind: TypeAlias = tool_options.ArgumentKind.ValueType
@@ -216,9 +232,31 @@ def argument_hint(method: MethodDescriptor) -> ArgumentHint | None:
 # Grammars for the argument alone (rule ``arg``); ``_inline`` adds the marker's end.
 
 
-def _bounded(grammar: Grammar, budget: int | None) -> bool:
-    longest = grammar.max_bytes(ARGUMENT_RULE)
-    return budget is None or (longest is not None and longest <= budget)
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """How long an argument may be: ``max_length`` characters (the contract), ``max_bytes`` bytes (a token budget)."""
+
+    max_length: int | None = None
+    max_bytes: int | None = None
+
+    def fits(self, grammar: Grammar) -> bool:
+        """Whether every argument the grammar accepts is within both bounds."""
+        chars, size = grammar.max_chars(ARGUMENT_RULE), grammar.max_bytes(ARGUMENT_RULE)
+        return (self.max_length is None or (chars is not None and chars <= self.max_length)) and (
+            self.max_bytes is None or (size is not None and size <= self.max_bytes)
+        )
+
+    def admits(self, text: str) -> bool:
+        """Whether one literal argument is within both bounds."""
+        return (self.max_length is None or len(text) <= self.max_length) and (
+            self.max_bytes is None or len(text.encode()) <= self.max_bytes
+        )
+
+    def __str__(self) -> str:
+        """Say the bounds in words, for error messages."""
+        parts = [f"{self.max_length} characters" if self.max_length is not None else ""]
+        parts.append(f"{self.max_bytes} bytes" if self.max_bytes is not None else "")
+        return " and ".join(part for part in parts if part) or "no bound"
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,20 +302,21 @@ def _arithmetic(shape: ArithmeticShape) -> Grammar:
     return Grammar(rules, ARGUMENT_RULE)
 
 
-def arithmetic_grammar(max_length: int | None = None) -> Grammar:
+def arithmetic_grammar(max_length: int | None = None, *, max_bytes: int | None = None) -> Grammar:
     """Numbers, ``+ - * / // % **``, unary minus and balanced parentheses, as Python's ``ast`` parses them.
 
     Integers have no leading zeros (Python rejects ``007``), operators may
     have one space either side, and nesting depth, terms per level and digits
-    per number are bounded so that every accepted expression fits ``max_length``.
-    What a grammar cannot know stays the service's to refuse: division by zero,
-    or a power beyond its exponent bound.
+    per number are bounded so that every accepted expression fits ``max_length``
+    characters and ``max_bytes`` bytes. What a grammar cannot know stays the
+    service's to refuse: division by zero, or a power beyond its exponent bound.
     """
+    bounds = Bounds(max_length, max_bytes)
     for shape in ARITHMETIC_SHAPES:
         grammar = _arithmetic(shape)
-        if _bounded(grammar, max_length):
+        if bounds.fits(grammar):
             return grammar
-    raise ConstraintError(f"no arithmetic expression fits in {max_length} characters")
+    raise ConstraintError(f"no arithmetic expression fits in {bounds}")
 
 
 def _usable_inline(name: str) -> bool:
@@ -285,24 +324,37 @@ def _usable_inline(name: str) -> bool:
     return bool(name) and name == name.strip() and name.isprintable() and not set(name) & set(INLINE_FORBIDDEN)
 
 
-def names_grammar(names: Iterable[str], max_length: int | None = None) -> Grammar:
-    """Exactly one of ``names`` (those that fit the bound and the inline convention), longest first.
+def usable_names(names: Iterable[str], max_length: int | None = None, *, max_bytes: int | None = None) -> list[str]:
+    """Return the names an inline argument can carry within the bounds, sorted."""
+    bounds = Bounds(max_length, max_bytes)
+    return sorted({name for name in names if _usable_inline(name) and bounds.admits(name)})
+
+
+def names_grammar(names: Iterable[str], max_length: int | None = None, *, max_bytes: int | None = None) -> Grammar:
+    """Exactly one of ``names`` (those that fit the bounds and the inline convention), longest first.
 
     NoValidArgument if none is left.
     """
-    usable = sorted(
-        {name for name in names if _usable_inline(name) and (max_length is None or len(name) <= max_length)},
-        key=lambda name: (-len(name), name),
-    )
+    usable = sorted(usable_names(names, max_length, max_bytes=max_bytes), key=lambda name: (-len(name), name))
     if not usable:
         raise NoValidArgument("the listing names nothing that can be requested")
     return Grammar({ARGUMENT_RULE: alt(usable)}, ARGUMENT_RULE)
 
 
-def text_grammar(max_length: int | None = None) -> Grammar:
-    """Any one-line text without ``]``: the fallback when the contract (or a missing listing) says no more."""
-    body = Chars.of(INLINE_FORBIDDEN + "\r", negated=True)
-    return Grammar({ARGUMENT_RULE: Repeat(body, 1, max_length)}, ARGUMENT_RULE)
+def text_grammar(max_length: int | None = None, *, max_bytes: int | None = None) -> Grammar:
+    """Any one-line text without ``]``: the fallback when the contract (or a missing listing) says no more.
+
+    Under a byte budget the text is printable ASCII (one byte per character),
+    so that the budget does not cost three quarters of the length.
+    """
+    if max_bytes is None:
+        body = Chars.of(INLINE_FORBIDDEN + "\r", negated=True)
+        return Grammar({ARGUMENT_RULE: Repeat(body, 1, max_length)}, ARGUMENT_RULE)
+    ascii_printable = Chars(((" ", "\\"), ("^", "~")))  # 0x20-0x7E without "]"
+    most = max_bytes if max_length is None else min(max_length, max_bytes)
+    if most < 1:
+        raise ConstraintError(f"no text fits in {max_bytes} bytes")
+    return Grammar({ARGUMENT_RULE: Repeat(ascii_printable, 1, most)}, ARGUMENT_RULE)
 
 
 _PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -401,7 +453,7 @@ def _sql(tables: Sequence[TableInfo], shape: SqlShape) -> Grammar:
     return Grammar(rules, ARGUMENT_RULE)
 
 
-def sql_grammar(tables: Iterable[TableInfo], max_length: int | None = None) -> Grammar:
+def sql_grammar(tables: Iterable[TableInfo], max_length: int | None = None, *, max_bytes: int | None = None) -> Grammar:
     """One ``SELECT <columns> FROM <table> [WHERE ...] [ORDER BY <column> [ASC|DESC]] [LIMIT n]``.
 
     One alternative per table, so the columns named are always the chosen
@@ -415,11 +467,12 @@ def sql_grammar(tables: Iterable[TableInfo], max_length: int | None = None) -> G
     )
     if not usable:
         raise NoValidArgument("the listing names no table that can be queried")
+    bounds = Bounds(max_length, max_bytes)
     for shape in SQL_SHAPES:
         grammar = _sql(usable, shape)
-        if _bounded(grammar, max_length):
+        if bounds.fits(grammar):
             return grammar
-    raise ConstraintError(f"no SELECT over these tables fits in {max_length} characters")
+    raise ConstraintError(f"no SELECT over these tables fits in {bounds}")
 
 
 # ---------------------------------------------------------------------------
@@ -457,49 +510,50 @@ def _inline(argument: Grammar) -> Grammar:
     return Grammar(rules, "root")
 
 
-def _bound(*bounds: int | None) -> int | None:
-    given = [bound for bound in bounds if bound is not None]
-    return min(given) if given else None
+INLINE_OVERHEAD_BYTES = 2
+"""What the inline continuation adds to the argument: an optional leading space and the closing ``]``."""
 
 
-def _argument(hint: ArgumentHint, listing: Listing | None, budget: int | None) -> tuple[Grammar, JsonSchema]:
+def _argument(hint: ArgumentHint, listing: Listing | None, bounds: Bounds) -> tuple[Grammar, JsonSchema]:
     """Build the argument's grammar and the field's JSON schema (``enum``, or a ``pattern`` from the same grammar)."""
+    limits = {"max_length": bounds.max_length, "max_bytes": bounds.max_bytes}
     if hint.kind == ARITHMETIC:
-        grammar = arithmetic_grammar(budget)
+        grammar = arithmetic_grammar(**limits)
     elif hint.kind == ONE_OF_LISTING and listing is not None:
-        grammar = names_grammar(listing.names, budget)
-        names = sorted(n for n in listing.names if _usable_inline(n) and (budget is None or len(n) <= budget))
-        return grammar, {"type": "string", "enum": names}
+        grammar = names_grammar(listing.names, **limits)
+        return grammar, {"type": "string", "enum": usable_names(listing.names, **limits)}
     elif hint.kind == SQL_SELECT and listing is not None:
-        grammar = sql_grammar(listing.tables, budget)
+        grammar = sql_grammar(listing.tables, **limits)
     else:
-        grammar = text_grammar(budget)
+        grammar = text_grammar(**limits)
     schema: JsonSchema = {"type": "string", "pattern": f"^({grammar.to_regex()})$"}
-    longest = grammar.max_bytes(ARGUMENT_RULE)
+    longest = grammar.max_chars(ARGUMENT_RULE)
     if longest is not None:
         schema["maxLength"] = longest
     return grammar, schema
 
 
 def build_constraint(
-    tool: str, method: MethodDescriptor, listing: Listing | None = None, *, max_length: int | None = None
+    tool: str, method: MethodDescriptor, listing: Listing | None = None, *, max_bytes: int | None = None
 ) -> ToolConstraint:
     """Build the constraint for one tool method: pure, no network.
 
     ``listing`` is the parsed response of the method the contract names (None:
     not fetched, or the service is down; the argument then falls back to any
-    one-line text). ``max_length`` tightens the contract's bound, e.g. to the
-    caller's ``max_tokens`` minus one for the ``]``. Methods that cannot be
-    called inline get the grammar of their JSON arguments, converted from
-    the request's schema by llama.cpp's own converter (needs llama-cpp-python).
-    Raises NoValidArgument when the listing leaves nothing to name.
+    one-line text). The argument stays within the contract's ``max_length``;
+    ``max_bytes`` (e.g. the turn's ``max_tokens``) also bounds the whole inline
+    continuation, space and ``]`` included, so that sampling at most that many
+    tokens always finishes the marker. Methods that cannot be called inline get
+    the grammar of their JSON arguments, converted from the request's schema by
+    llama.cpp's own converter (needs llama-cpp-python). Raises NoValidArgument
+    when the listing leaves nothing to name, ConstraintError when nothing fits.
     """
     hint = argument_hint(method)
     schema = message_schema(method.input_type)
     if hint is None:
         return ToolConstraint(tool, method.name, "json", _json_gbnf(schema), schema, "UNSPECIFIED", None)
-    budget = _bound(hint.max_length, max_length)
-    grammar, field_schema = _argument(hint, listing if hint.kind in LISTING_KINDS else None, budget)
+    bounds = Bounds(hint.max_length, None if max_bytes is None else max_bytes - INLINE_OVERHEAD_BYTES)
+    grammar, field_schema = _argument(hint, listing if hint.kind in LISTING_KINDS else None, bounds)
     described = schema["properties"][hint.field.name]
     if "description" in described:
         field_schema["description"] = described["description"]
@@ -550,6 +604,9 @@ class CacheStats:
     fetches: int = 0
     builds: int = 0
     fetch_errors: dict[str, str] = field(default_factory=dict)
+    """Per tool: why its last listing fetch failed (cleared by the next success)."""
+    build_errors: dict[str, str] = field(default_factory=dict)
+    """Per tool: why no grammar fits ``max_bytes`` (the tool then goes unconstrained)."""
 
 
 class ConstraintCache:
@@ -564,7 +621,9 @@ class ConstraintCache:
     ``no such column`` (a sign the listing changed under us). A failed fetch
     keeps the last good constraint; with none yet, the constraint is built
     without a listing (plain one-line text) and the fetch is retried after
-    ``max_age_s``.
+    ``max_age_s``. ``max_bytes`` is passed to ``build_constraint`` (a turn's
+    ``max_tokens``); None keeps the contract's bounds, and the caller then
+    samples up to ``constraint.max_bytes`` tokens.
     """
 
     def __init__(
@@ -572,12 +631,12 @@ class ConstraintCache:
         registry: ToolRegistry,
         *,
         max_age_s: float = 30.0,
-        max_length: int | None = None,
+        max_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._max_age_s = max_age_s
-        self._max_length = max_length
+        self._max_bytes = max_bytes
         self._clock = clock
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -639,10 +698,15 @@ class ConstraintCache:
             entry.checked_at = float("inf")  # nothing at run time can change it
             return entry.constraint
         self.stats.builds += 1
+        constraint: ToolConstraint | None = None
         try:
-            constraint: ToolConstraint | None = build_constraint(tool, method, listing, max_length=self._max_length)
+            constraint = build_constraint(tool, method, listing, max_bytes=self._max_bytes)
         except NoValidArgument:
-            constraint = None
+            pass  # nothing to name now: no constraint, and no marker worth prefilling
+        except ConstraintError as exc:
+            self.stats.build_errors[tool] = str(exc)
+        else:
+            self.stats.build_errors.pop(tool, None)
         fingerprint = listing.fingerprint() if listing is not None else None
         static = hint is None or hint.listing_method is None
         self._entries[(tool, method_name)] = _Entry(constraint, fingerprint, float("inf") if static else now)

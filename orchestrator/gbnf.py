@@ -261,27 +261,35 @@ class Grammar:
         return isinstance(node, Alt)
 
     def max_bytes(self, rule: str | None = None) -> int | None:
-        """UTF-8 length of the longest string the rule accepts; None if unbounded (recursion, open repeats)."""
-        return self._max(Ref(rule or self.root), ())
+        """UTF-8 length of the longest string the rule accepts; None if unbounded (recursion, open repeats).
 
-    def _max(self, node: Node, active: tuple[str, ...]) -> int | None:
+        What bounds the tokens a sampler needs to finish it (a token is at least one byte).
+        """
+        return self._max(Ref(rule or self.root), (), in_bytes=True)
+
+    def max_chars(self, rule: str | None = None) -> int | None:
+        """Length in characters of the longest string the rule accepts (what services and JSON schemas count)."""
+        return self._max(Ref(rule or self.root), (), in_bytes=False)
+
+    def _max(self, node: Node, active: tuple[str, ...], *, in_bytes: bool) -> int | None:
         if isinstance(node, Lit):
-            return len(node.text.encode())
+            return len(node.text.encode()) if in_bytes else len(node.text)
         if isinstance(node, Chars):
-            if node.negated:
-                return 4
-            return max(len(high.encode()) for _, high in node.ranges)
+            if not in_bytes:
+                return 1
+            return 4 if node.negated else max(len(high.encode()) for _, high in node.ranges)
         if isinstance(node, Ref):
             if node.name in active:
                 return None
-            return self._max(self.rules[node.name], (*active, node.name))
+            return self._max(self.rules[node.name], (*active, node.name), in_bytes=in_bytes)
         if isinstance(node, Seq | Alt):
-            parts = [self._max(item, active) for item in (node.items if isinstance(node, Seq) else node.options)]
-            if any(part is None for part in parts):
-                return None
+            items = node.items if isinstance(node, Seq) else node.options
+            parts = [self._max(item, active, in_bytes=in_bytes) for item in items]
             known = [part for part in parts if part is not None]
+            if len(known) < len(parts):
+                return None
             return sum(known) if isinstance(node, Seq) else max(known)
-        item = self._max(node.item, active)
+        item = self._max(node.item, active, in_bytes=in_bytes)
         return None if node.high is None or item is None else item * node.high
 
 

@@ -193,21 +193,21 @@ def _longest(grammar: Grammar, node: Node) -> str:
     return _longest(grammar, node.item) * node.high
 
 
-@pytest.mark.parametrize("max_length", [None, 120, 58, 12])
-def test_arithmetic_length_bound_is_tight_and_accepted(checker: LlamaGrammarChecker, max_length: int | None) -> None:
+@pytest.mark.parametrize("max_bytes", [None, 120, 60, 14])
+def test_arithmetic_length_bound_is_tight_and_accepted(checker: LlamaGrammarChecker, max_bytes: int | None) -> None:
     method = REGISTRY.service("calculator").inline_method
     assert method is not None
-    constraint = build_constraint("calculator", method.method, max_length=max_length)
+    constraint = build_constraint("calculator", method.method, max_bytes=max_bytes)
     contract = argument_hint(method.method)
     assert contract is not None and contract.max_length == 500
-    assert constraint.max_bytes is not None
-    assert constraint.max_bytes - 2 <= min(500, max_length or 500)  # " " and "]" around the argument
-    # The bound is attained: the longest expression is accepted by llama.cpp and is exactly max_bytes long.
+    assert constraint.max_bytes is not None and constraint.max_bytes <= (max_bytes or 502)
+    assert constraint.json_schema["properties"]["expression"]["maxLength"] == constraint.max_bytes - 2 <= 500
+    # The bound is attained: the longest continuation is accepted by llama.cpp and is exactly max_bytes long.
     from orchestrator.constraints import arithmetic_grammar
 
-    grammar = arithmetic_grammar(min(500, max_length or 500))
+    grammar = arithmetic_grammar(500, max_bytes=None if max_bytes is None else max_bytes - 2)
     longest = _longest(grammar, Ref(ARGUMENT_RULE))
-    assert len(longest) + 2 == constraint.max_bytes
+    assert len(f" {longest}]") == constraint.max_bytes
     assert checker.accepts(constraint.gbnf, f" {longest}]")
     assert not checker.accepts(constraint.gbnf, f" {longest}0]")
 
@@ -272,9 +272,18 @@ def test_without_a_listing_the_argument_is_any_one_line_text(checker: LlamaGramm
     assert method is not None
     constraint = build_constraint("file_reader", method.method)
     assert constraint.listing_fingerprint is None and constraint.max_bytes == 255 * 4 + 2  # UTF-8 bytes
+    assert constraint.json_schema["properties"]["filename"]["maxLength"] == 255  # characters
     assert checker.accepts(constraint.gbnf, "passwords.txt]")
+    assert checker.accepts(constraint.gbnf, "dossier_été.md]")
     assert not checker.accepts(constraint.gbnf, "a]b]")
     assert not checker.accepts(constraint.gbnf, "a\nb]")
+    assert not checker.accepts(constraint.gbnf, "x" * 256 + "]")
+    # Under a token budget: printable ASCII, one byte each, so the whole continuation fits the budget.
+    tight = build_constraint("file_reader", method.method, max_bytes=40)
+    assert tight.max_bytes == 40
+    assert checker.accepts(tight.gbnf, " " + "x" * 38 + "]")
+    assert not checker.accepts(tight.gbnf, " " + "x" * 39 + "]")
+    assert not checker.accepts(tight.gbnf, "dossier_été.md]")
 
 
 def test_names_unusable_inline_are_left_out_and_an_empty_listing_names_nothing(checker: LlamaGrammarChecker) -> None:
@@ -492,20 +501,43 @@ def test_cache_without_a_fetcher_and_for_static_tools() -> None:
     asyncio.run(scenario())
 
 
+def test_a_token_budget_too_small_for_any_argument(logic: ServiceLogic) -> None:
+    method = REGISTRY.service("database_query").inline_method
+    assert method is not None
+    with pytest.raises(ConstraintError, match="no SELECT over these tables fits in 4000 characters and 8 bytes"):
+        build_constraint("database_query", method.method, logic.listing("database_query"), max_bytes=10)
+    cache = ConstraintCache(REGISTRY, max_bytes=3)
+
+    async def scenario() -> None:
+        assert await cache.inline("calculator", None) is None  # unconstrained, and why is on record
+        assert "no arithmetic expression fits" in cache.stats.build_errors["calculator"]
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------------------
 # The real model, sampling under each grammar.
 
 SEEDS = (1, 2, 3)
 
 
+def _acceptable(tool: str, refusal: str | None) -> bool:
+    """Accepted, or refused for what no grammar of the argument's shape can know (calculator values)."""
+    return refusal is None or (
+        tool == "calculator" and any(reason in refusal for reason in ("division by zero", "too large", "digits"))
+    )
+
+
 @pytest.mark.llm
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_the_embedded_model_under_each_grammar_writes_arguments_the_services_accept(logic: ServiceLogic) -> None:
     """Gemma 3 270M, prefilled with ``[TOOL:<tool>:``, sampled at temperature 0.7 under the grammar.
 
-    Judged by the services' own logic (tests/tool_arguments.py): every
-    argument must be accepted, except that the calculator may still divide by
-    zero or overflow, which no grammar of the expression's shape can rule out.
+    Two ways to size a turn, both of which must always finish the marker:
+    the grammar tightened to a 40-token turn (``max_bytes=40``: a space, the
+    argument and ``]`` fit in 40 tokens of at least one byte each), and the
+    contract-bound grammar with ``max_tokens = max_bytes``. Each argument is
+    judged by the services' own logic (tests/tool_arguments.py).
     """
     import llama_cpp
 
@@ -515,18 +547,15 @@ def test_the_embedded_model_under_each_grammar_writes_arguments_the_services_acc
     try:
         for tool in TOOLS:
             prompt, prefill = transcript_prompt(tool, REGISTRY)
-            constraint = inline(tool, logic, max_length=38)  # max_tokens 40 always fits " <argument>]"
-            assert constraint.max_bytes is not None and constraint.max_bytes <= 40
-            grammar = llama_cpp.LlamaGrammar.from_string(constraint.gbnf, verbose=False)
-            for seed in SEEDS:
-                sample = generate(llm, tool, prompt, prefill, seed, logic, grammar=grammar, max_tokens=40)
-                assert not sample.truncated, sample
-                assert sample.continuation.endswith("]"), sample
-                semantic = (
-                    tool == "calculator"
-                    and sample.refusal is not None
-                    and ("division by zero" in sample.refusal or "too large" in sample.refusal)
-                )
-                assert sample.refusal is None or semantic, sample
+            tight = inline(tool, logic, max_bytes=40)
+            contract = inline(tool, logic)
+            assert tight.max_bytes is not None and tight.max_bytes <= 40
+            assert contract.max_bytes is not None
+            for constraint, max_tokens in ((tight, 40), (contract, contract.max_bytes)):
+                grammar = llama_cpp.LlamaGrammar.from_string(constraint.gbnf, verbose=False)
+                for seed in SEEDS:
+                    sample = generate(llm, tool, prompt, prefill, seed, logic, grammar=grammar, max_tokens=max_tokens)
+                    assert not sample.truncated and sample.continuation.endswith("]"), sample
+                    assert _acceptable(tool, sample.refusal), sample
     finally:
         llm.close()

@@ -212,6 +212,19 @@ def test_arithmetic_length_bound_is_tight_and_accepted(checker: LlamaGrammarChec
     assert not checker.accepts(constraint.gbnf, f" {longest}0]")
 
 
+def test_grammar_algebra_refuses_what_it_cannot_render(checker: LlamaGrammarChecker) -> None:
+    from orchestrator.gbnf import GrammarError
+
+    with pytest.raises(GrammarError, match="undefined rule 'nope'"):
+        Grammar({"root": Ref("nope")})
+    recursive = Grammar({"root": Alt((Lit("x"), Seq((Lit("("), Ref("root"), Lit(")")))))})
+    checker.parses(recursive.to_gbnf())  # fine for llama.cpp ...
+    assert checker.accepts(recursive.to_gbnf(), "((x))")
+    assert recursive.max_bytes() is None  # ... but unbounded
+    with pytest.raises(GrammarError, match="recursive"):
+        recursive.to_regex()  # ... and no regular expression
+
+
 def test_arithmetic_shapes_are_ordered_richest_first() -> None:
     from orchestrator.constraints import _arithmetic
 

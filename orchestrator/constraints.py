@@ -28,10 +28,10 @@ How a transcript turn uses it (one cache per session; the fetcher is the
 caller's, with its token, stubs and deadlines)::
 
     cache = ConstraintCache(registry)                  # in SessionContext
-    async def fetch(tool: str, method: MethodDescriptor) -> Message:
+    async def fetch(tool: str, method: MethodDescriptor) -> Message:  # e.g. in ToolCaller, with its token
         request = message_factory.GetMessageClass(method.input_type)()
-        rpc = getattr(mesh.tool_stubs[tool], method.name)
-        return await mesh.services[tool].call(method.name, rpc, request, tool_metadata)
+        rpc = getattr(clients.tool_stubs[tool], method.name)
+        return await clients.services[tool].call(method.name, rpc, request, metadata)
     constraint = await cache.inline(tool, fetch)       # None: nothing to name, skip the prefill
     completion = await llm.complete_text(              # llama.cpp servers take "grammar"
         prompt + f" [TOOL:{tool}:", extra_body=constraint.completion_extra_body(),

@@ -3,7 +3,7 @@
     python -m tests.bench.constrained_tools_eval [--seeds 20] [--out var/bench/constrained_tools.json]
 
 For each inline tool, the transcript prompt of its agent ends in the
-``[TOOL:<tool>:`` prefill (tests/tool_arguments.py) and Gemma 3 270M
+``[TOOL:<tool>:`` prefill (tests/support/tool_arguments.py) and Gemma 3 270M
 (llama_cpp.Llama in-process, the config's sampling: temperature 0.7, top_k 40,
 repeat_penalty 1.3, a newline stops) continues it, once per seed, under three
 conditions:
@@ -50,9 +50,9 @@ import numpy as np
 
 from orchestrator.constraints import ToolConstraint, build_constraint
 from orchestrator.tools import ToolRegistry
-from tests.llama_grammar import LlamaGrammarChecker, ensure_model
-from tests.server_processes import REPO
-from tests.tool_arguments import TOOLS, Sample, ServiceLogic, generate, transcript_prompt
+from tests.support.llama_grammar import LlamaGrammarChecker, ensure_model
+from tests.support.processes import REPO
+from tests.support.tool_arguments import TOOLS, Sample, ServiceLogic, generate, transcript_prompt
 
 MAX_TOKENS = 60
 """The config's ``llm.max_tokens``."""
@@ -207,7 +207,7 @@ def _reason(refusal: str) -> str:
 
 def run(seeds: int, out: Path | None) -> dict[str, Any]:
     """Sample every tool under every condition; print a table; return (and write) the results."""
-    registry = ToolRegistry.default()
+    registry = ToolRegistry.for_services(TOOLS)
     model = ensure_model()
     logic = ServiceLogic(Path(tempfile.mkdtemp(prefix="constrained-eval-")))
     checker = LlamaGrammarChecker(model)

@@ -2,8 +2,8 @@
 
 Every grammar is parsed by ``llama_sampler_init_grammar`` and every example
 string is matched token by token through llama.cpp's grammar sampler over the
-embedded model's vocabulary (tests/llama_grammar.py). Known-good arguments are
-also run through the services' own acceptance logic (tests/tool_arguments.py),
+embedded model's vocabulary (tests/support/llama_grammar.py). Known-good arguments are
+also run through the services' own acceptance logic (tests/support/tool_arguments.py),
 so "the grammar accepts it" and "the service accepts it" are checked together.
 The last test samples the real model under each grammar (marker ``llm``).
 """
@@ -41,12 +41,12 @@ from orchestrator.constraints import (
 )
 from orchestrator.gbnf import Alt, Chars, Grammar, Lit, Node, Ref, Repeat, Seq
 from orchestrator.tools import ToolRegistry
-from servers.file_reader import FileReaderServicer
-from servers.settings import DEFAULT_DOCUMENTS_DIR, FileReaderLimits
-from tests.llama_grammar import GrammarSyntaxError, LlamaGrammarChecker
-from tests.tool_arguments import TOOLS, ServiceLogic, generate, transcript_prompt
+from servers import file_reader
+from servers.file_reader import DEFAULT_DOCUMENTS_DIR, FileReaderServicer
+from tests.support.llama_grammar import GrammarSyntaxError, LlamaGrammarChecker
+from tests.support.tool_arguments import TOOLS, ServiceLogic, generate, transcript_prompt
 
-REGISTRY = ToolRegistry.default()
+REGISTRY = ToolRegistry.for_services(TOOLS)
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +414,7 @@ class Fetcher:
     """Answers listing calls through the real servicers (file reader on a folder we change, bank DB)."""
 
     def __init__(self, documents: Path, logic: ServiceLogic) -> None:
-        self.servicer = FileReaderServicer(FileReaderLimits(documents_dir=documents))
+        self.servicer = FileReaderServicer(file_reader.Limits(documents_dir=documents))
         self.logic = logic
         self.calls: list[str] = []
         self.fail = False
@@ -475,14 +475,14 @@ def test_cache_rebuilds_only_when_the_listing_changes(
 def test_cache_sees_a_rebuilt_bank_database(tmp_path: Path, logic: ServiceLogic) -> None:
     import sqlite3
 
+    from servers import database_query
     from servers.bank_db import build
     from servers.database_query import BankDatabase
-    from servers.settings import DatabaseQueryLimits
 
     bank = tmp_path / "bank.db"
     build(bank)
     own = ServiceLogic.__new__(ServiceLogic)
-    own.bank = BankDatabase(bank, DatabaseQueryLimits())
+    own.bank = BankDatabase(bank, database_query.Limits())
     fetch = Fetcher(tmp_path, own)
     cache = ConstraintCache(REGISTRY, max_age_s=0.0)
 
@@ -550,11 +550,11 @@ def test_the_embedded_model_under_each_grammar_writes_arguments_the_services_acc
     the grammar tightened to a 40-token turn (``max_bytes=40``: a space, the
     argument and ``]`` fit in 40 tokens of at least one byte each), and the
     contract-bound grammar with ``max_tokens = max_bytes``. Each argument is
-    judged by the services' own logic (tests/tool_arguments.py).
+    judged by the services' own logic (tests/support/tool_arguments.py).
     """
     import llama_cpp
 
-    from tests.llama_grammar import ensure_model
+    from tests.support.llama_grammar import ensure_model
 
     llm = llama_cpp.Llama(str(ensure_model()), n_ctx=1024, n_threads=2, n_batch=256, verbose=False, seed=0)
     try:

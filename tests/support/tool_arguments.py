@@ -2,16 +2,16 @@
 
 Shared by the constrained-tools test and ``tests/bench/constrained_tools_eval.py``.
 
-* ``transcript_prompt`` mirrors ``IntegratedAgent._transcript_prompt`` for a
-  tool agent's turn with the ``[TOOL:<tool>:`` prefill (brief, tool brief with
-  the proto's example line, a short transcript), built from config/heist.yaml
-  and the tool registry rather than from the agent, which is being refactored.
+* ``transcript_prompt`` is the agent's own prompt (``orchestrator.prompts``)
+  for a tool agent's turn from config/heist.yaml, after two earlier lines,
+  ending in the ``[TOOL:<tool>:`` prefill the agent adds.
 * ``ServiceLogic`` judges an argument with the servers' own code, minus gRPC:
   ``Evaluator`` (calculator), ``DocumentFolder.read`` (file reader) and
   ``BankDatabase.query`` with SQLite's authorizer on a freshly built bank
-  database (database query). What they accept, the services accept.
+  database (database query), each with its service's default ``Limits``.
+  What they accept, the services accept.
 * ``argument_of`` extracts the argument the way the agent does:
-  ``_close_prefill`` then ``find_inline_tool_calls``.
+  ``close_prefill`` then ``find_inline_tool_calls``.
 """
 
 from __future__ import annotations
@@ -22,66 +22,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from heist.database_query.v1 import database_query_pb2
 from heist.file_reader.v1 import file_reader_pb2
 
+from heist_common.config import load_config
 from orchestrator.constraints import ONE_OF_LISTING, SQL_SELECT, Listing, listing_from_response
 from orchestrator.llm import find_inline_tool_calls
+from orchestrator.prompts import ConversationMessage, close_prefill, transcript_tool_brief
+from orchestrator.prompts import transcript_prompt as agent_transcript_prompt
 from orchestrator.tools import ToolRegistry
+from servers import calculator, database_query, file_reader
 from servers.bank_db import build as build_bank_db
 from servers.calculator import CalculationError, Evaluator
 from servers.database_query import BankDatabase, DatabaseQueryServicer, QueryError
 from servers.file_reader import DocumentError, DocumentFolder, FileReaderServicer
-from servers.settings import CalculatorLimits, DatabaseQueryLimits, FileReaderLimits
-from tests.server_processes import REPO
+from tests.support.processes import REPO
 
 TOOLS = ("calculator", "file_reader", "database_query")
 CONFIG = REPO / "config" / "heist.yaml"
-SABOTEUR_BRIEF = (
-    " Secretly you are a mole working for the police: subtly steer the crew towards mistakes without ever revealing it."
-)
 EARLIER_LINES = (
-    "Planner: Friday night is the job. Everyone, tell me what you know and what we need.",
-    "Hacker: The alarm panel is in the control room on level -1.",
+    ("planner", "Mastermind", "Friday night is the job. Everyone, tell me what you know and what we need."),
+    ("hacker", "Hacker", "The alarm panel is in the control room on level -1."),
 )
 """A short meeting so far, so the prompt has the shape of a real turn (not a first line)."""
 
 
-def _speaker(name: str) -> str:
-    return name.replace("_", " ").title()
-
-
 def transcript_prompt(tool: str, registry: ToolRegistry | None = None) -> tuple[str, str]:
     """Return (prompt ending in the marker prefill, prefill) for the agent that uses ``tool``."""
-    config = yaml.safe_load(CONFIG.read_text())
-    agent = next(a for a in config["agents"] if tool in a.get("tools", []))
-    method = (registry or ToolRegistry.default()).service(tool).inline_method
+    config = load_config(CONFIG)
+    agent = next(a for a in config.agents if tool in a.tools)
+    method = (registry or ToolRegistry.for_services(TOOLS)).service(tool).inline_method
     assert method is not None
-    speaker = _speaker(agent["name"])
-    brief = " ".join(agent["system_prompt"].split()) + (SABOTEUR_BRIEF if agent.get("is_saboteur") else "")
-    objective = " ".join(config["session"]["objective"].split())
-    tools = (
-        f"{speaker} uses tools by writing a marker, and the result appears in the transcript:\n"
-        f"{tool}: {method.description}\nFor example:\n{speaker}: [TOOL:{tool}:{method.inline_example}]"
-    )
-    parts = [
-        "The following is the transcript of a heist crew's planning meeting. "
-        f"{objective} Each crew member speaks in one or two short sentences.",
-        f"About {speaker} ({agent['role']}): {brief}",
-        tools,
-        "Transcript:\n" + "\n".join([*EARLIER_LINES, f"{speaker}:"]),
-    ]
-    prefill = f" [TOOL:{tool}:"
-    return "\n\n".join(parts) + prefill, prefill
+    history = [ConversationMessage(turn, name, role, text) for turn, (name, role, text) in enumerate(EARLIER_LINES, 1)]
+    brief = transcript_tool_brief(agent.name, [method])
+    prompt, _ = agent_transcript_prompt(agent, config.session, history, "", brief)
+    prefill = f" [TOOL:{tool}:"  # what IntegratedAgent._tool_prefill starts the line with
+    return prompt + prefill, prefill
 
 
 def argument_of(prefill: str, continuation: str) -> str | None:
     """The argument the agent would send for this continuation (None: no marker survives)."""
-    text = continuation.strip()
-    if "]" not in text:
-        text += "]"  # the agent's _close_prefill
-    markers = find_inline_tool_calls((prefill + text).strip())
+    markers = find_inline_tool_calls(close_prefill(prefill, continuation.strip()))
     return markers[0].argument if markers else None
 
 
@@ -89,13 +70,13 @@ class ServiceLogic:
     """The three tool services' acceptance logic, in-process and without gRPC."""
 
     def __init__(self, data_dir: Path, documents_dir: Path | None = None) -> None:
-        self.evaluator = Evaluator(CalculatorLimits())
-        files = FileReaderLimits() if documents_dir is None else FileReaderLimits(documents_dir=documents_dir)
+        self.evaluator = Evaluator(calculator.Limits())
+        files = file_reader.Limits() if documents_dir is None else file_reader.Limits(documents_dir=documents_dir)
         self.file_limits = files
         self.folder = DocumentFolder(files)
         self.bank_path = data_dir / "bank.db"
         build_bank_db(self.bank_path)
-        self.bank = BankDatabase(self.bank_path, DatabaseQueryLimits())
+        self.bank = BankDatabase(self.bank_path, database_query.Limits())
 
     def refusal(self, tool: str, argument: str | None) -> str | None:
         """Why the service would refuse ``argument`` (None: it would answer)."""

@@ -29,7 +29,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp._logger
 
-from tests.server_processes import REPO
+from tests.support.processes import REPO
 
 MODEL_PATH = REPO / "var" / "models" / "gemma-3-270m-q4_k_m.gguf"
 

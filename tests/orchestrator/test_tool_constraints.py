@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import Message
-from heist.database_query.v1 import database_query_pb2
 from heist.file_reader.v1 import file_reader_pb2
 from heist.tools.v1 import options_pb2 as tool_options
 
@@ -41,8 +40,7 @@ from orchestrator.constraints import (
 )
 from orchestrator.gbnf import Alt, Chars, Grammar, Lit, Node, Ref, Repeat, Seq
 from orchestrator.tools import ToolRegistry
-from servers import file_reader
-from servers.file_reader import DEFAULT_DOCUMENTS_DIR, FileReaderServicer
+from servers.file_reader import DEFAULT_DOCUMENTS_DIR
 from tests.support.llama_grammar import GrammarSyntaxError, LlamaGrammarChecker
 from tests.support.tool_arguments import TOOLS, ServiceLogic, generate, transcript_prompt
 
@@ -411,10 +409,9 @@ class Clock:
 
 
 class Fetcher:
-    """Answers listing calls through the real servicers (file reader on a folder we change, bank DB)."""
+    """Answers listing calls through the real servicers (of a folder and a bank database the test changes)."""
 
-    def __init__(self, documents: Path, logic: ServiceLogic) -> None:
-        self.servicer = FileReaderServicer(file_reader.Limits(documents_dir=documents))
+    def __init__(self, logic: ServiceLogic) -> None:
         self.logic = logic
         self.calls: list[str] = []
         self.fail = False
@@ -424,19 +421,13 @@ class Fetcher:
         self.calls.append(f"{tool}.{name}")
         if self.fail:
             raise ConnectionError("service down")
-        if tool == "file_reader":
-            return await self.servicer.ListFiles(file_reader_pb2.ListFilesRequest(), None)  # type: ignore[arg-type]
-        from servers.database_query import DatabaseQueryServicer
-
-        return await DatabaseQueryServicer(self.logic.bank).ListTables(database_query_pb2.ListTablesRequest(), None)  # type: ignore[arg-type]
+        return await (self.logic.list_files() if tool == "file_reader" else self.logic.list_tables())
 
 
-def test_cache_rebuilds_only_when_the_listing_changes(
-    tmp_path: Path, checker: LlamaGrammarChecker, logic: ServiceLogic
-) -> None:
+def test_cache_rebuilds_only_when_the_listing_changes(tmp_path: Path, checker: LlamaGrammarChecker) -> None:
     documents = tmp_path / "documents"
     shutil.copytree(DEFAULT_DOCUMENTS_DIR, documents)
-    fetch = Fetcher(documents, logic)
+    fetch = Fetcher(ServiceLogic(tmp_path / "data", documents_dir=documents))
     clock = Clock()
     cache = ConstraintCache(REGISTRY, max_age_s=30.0, clock=clock)
 
@@ -472,18 +463,14 @@ def test_cache_rebuilds_only_when_the_listing_changes(
     asyncio.run(scenario())
 
 
-def test_cache_sees_a_rebuilt_bank_database(tmp_path: Path, logic: ServiceLogic) -> None:
+def test_cache_sees_a_rebuilt_bank_database(tmp_path: Path) -> None:
     import sqlite3
 
-    from servers import database_query
     from servers.bank_db import build
-    from servers.database_query import BankDatabase
 
-    bank = tmp_path / "bank.db"
-    build(bank)
-    own = ServiceLogic.__new__(ServiceLogic)
-    own.bank = BankDatabase(bank, database_query.Limits())
-    fetch = Fetcher(tmp_path, own)
+    own = ServiceLogic(tmp_path)  # its own bank.db, rebuilt and altered below
+    bank = own.bank_path
+    fetch = Fetcher(own)
     cache = ConstraintCache(REGISTRY, max_age_s=0.0)
 
     async def scenario() -> None:

@@ -7,8 +7,9 @@ Shared by the constrained-tools test and ``tests/bench/constrained_tools_eval.py
   ending in the ``[TOOL:<tool>:`` prefill the agent adds.
 * ``ServiceLogic`` judges an argument with the servers' own code, minus gRPC:
   ``Evaluator`` (calculator), ``DocumentFolder.read`` (file reader) and
-  ``BankDatabase.query`` with SQLite's authorizer on a freshly built bank
-  database (database query), each with its service's default ``Limits``.
+  ``BankQueries.query`` (what a database query worker runs, SQLite's
+  authorizer included) on a freshly built bank database, each with its
+  service's default ``Limits``.
   What they accept, the services accept.
 * ``argument_of`` extracts the argument the way the agent does:
   ``close_prefill`` then ``find_inline_tool_calls``.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message
 from heist.database_query.v1 import database_query_pb2
 from heist.file_reader.v1 import file_reader_pb2
 
@@ -34,8 +36,9 @@ from orchestrator.tools import ToolRegistry
 from servers import calculator, database_query, file_reader
 from servers.bank_db import build as build_bank_db
 from servers.calculator import CalculationError, Evaluator
-from servers.database_query import BankDatabase, DatabaseQueryServicer, QueryError
+from servers.database_query import DatabaseQueryServicer, worker_limits
 from servers.file_reader import DocumentError, DocumentFolder, FileReaderServicer
+from servers.query_worker import BankQueries, QueryFailure
 from tests.support.processes import REPO
 
 TOOLS = ("calculator", "file_reader", "database_query")
@@ -76,7 +79,8 @@ class ServiceLogic:
         self.folder = DocumentFolder(files)
         self.bank_path = data_dir / "bank.db"
         build_bank_db(self.bank_path)
-        self.bank = BankDatabase(self.bank_path, database_query.Limits())
+        self.bank_limits = database_query.Limits()
+        self.bank = BankQueries(self.bank_path, worker_limits(self.bank_limits))  # what a query worker runs
 
     def refusal(self, tool: str, argument: str | None) -> str | None:
         """Why the service would refuse ``argument`` (None: it would answer)."""
@@ -88,26 +92,31 @@ class ServiceLogic:
             elif tool == "file_reader":
                 self.folder.read(argument)
             elif tool == "database_query":
-                self.bank.query(argument)
+                self.bank.query(argument, self.bank_limits.query_timeout_s)
             else:
                 raise ValueError(f"unknown tool {tool}")
         except (CalculationError, OverflowError) as exc:
             return str(exc) or type(exc).__name__
-        except (DocumentError, QueryError) as exc:
+        except (DocumentError, QueryFailure) as exc:
             return exc.message
         return None
+
+    async def list_files(self) -> Message:
+        """``ListFiles`` as the file reader's servicer answers it."""
+        servicer = FileReaderServicer(self.file_limits)
+        return await servicer.ListFiles(file_reader_pb2.ListFilesRequest(), None)  # type: ignore[arg-type]
+
+    async def list_tables(self) -> Message:
+        """``ListTables`` as the database service's servicer answers it (no query worker is started)."""
+        servicer = DatabaseQueryServicer(self.bank_path, self.bank_limits)
+        return await servicer.ListTables(database_query_pb2.ListTablesRequest(), None)  # type: ignore[arg-type]
 
     def listing(self, tool: str) -> Listing | None:
         """What the service's listing method reports, through its servicer (None: the tool has no listing)."""
         if tool == "file_reader":
-            response: Any = asyncio.run(
-                FileReaderServicer(self.file_limits).ListFiles(file_reader_pb2.ListFilesRequest(), None)  # type: ignore[arg-type]
-            )
-            return listing_from_response(ONE_OF_LISTING, response)
+            return listing_from_response(ONE_OF_LISTING, asyncio.run(self.list_files()))
         if tool == "database_query":
-            servicer = DatabaseQueryServicer(self.bank)
-            response = asyncio.run(servicer.ListTables(database_query_pb2.ListTablesRequest(), None))  # type: ignore[arg-type]
-            return listing_from_response(SQL_SELECT, response)
+            return listing_from_response(SQL_SELECT, asyncio.run(self.list_tables()))
         return None
 
 

@@ -49,6 +49,8 @@ from servers.tokens import TokenVerifier
 
 log = logging.getLogger("heist.server")
 
+DRAIN_NOTICE_S = 0.5
+"""How long a draining server keeps accepting calls after reporting NOT_SERVING (at most half the grace)."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -263,6 +265,10 @@ async def serve_until_signalled(
     running = await start(definition, config, address)
     await stop_requested.wait()
     log.info("%s: stop requested, draining for up to %.1f s", definition.name, grace_s)
+    # NOT_SERVING first, still accepting calls while health watchers (client-side load balancers)
+    # move away; only then refuse new calls, so a replica going away costs its callers nothing.
+    await running.drain()
+    await asyncio.sleep(min(DRAIN_NOTICE_S, grace_s / 2))
     await running.stop(grace_s)
     log.info("%s: stopped", definition.name)
 

@@ -43,6 +43,7 @@ __all__ = [
     "MeshConfig",
     "OAuthConfig",
     "ResilienceConfig",
+    "SecurityConfig",
     "ServerConfig",
     "ServiceConfig",
     "SessionConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "format_validation_error",
     "load_config",
     "redact_url",
+    "replica_address",
     "resolve_database_url",
     "split_address",
 ]
@@ -137,11 +139,28 @@ class ServerConfig(Section):
     """Largest request message."""
 
 
+REPLICA_PORT_STEP = 100
+"""Replica ``i`` of a service at ``host:port`` listens on ``host:(port + 100*i)``."""
+
+
+def replica_address(address: str, index: int) -> str:
+    """Where replica ``index`` (0-based) of a service at ``address`` listens: the port moves by 100 per replica."""
+    host, port = split_address(address)
+    if index and port == 0:
+        raise ValueError(f"address {address!r}: replicas need a fixed port, not 0")
+    shifted = port + REPLICA_PORT_STEP * index
+    if shifted > 65535:
+        raise ValueError(f"address {address!r}: replica {index} would need port {shifted}")
+    return f"[{host}]:{shifted}" if ":" in host else f"{host}:{shifted}"
+
+
 class ServiceConfig(Section):
     """One gRPC service: where it listens (and is dialled), the callers' deadline, its own limits."""
 
     address: NonEmpty
     deadline_s: Positive = 2.0
+    replicas: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
+    """Processes serving this service, replica ``i`` on ``port + 100*i`` (stateless services only)."""
     server: ServerConfig = ServerConfig()
     store: str | None = None
     """Where a stateful service keeps its state (memory: ``redis://host:port/db``; unset: in the process)."""
@@ -160,6 +179,16 @@ class ServiceConfig(Section):
     def _valid_address(cls, value: str) -> str:
         split_address(value)
         return value
+
+    @model_validator(mode="after")
+    def _replica_ports(self) -> ServiceConfig:
+        replica_address(self.address, self.replicas - 1)
+        return self
+
+    @property
+    def replica_addresses(self) -> tuple[str, ...]:
+        """Every replica's address, replica 0 (``address`` itself) first."""
+        return tuple(replica_address(self.address, index) for index in range(self.replicas))
 
     @property
     def host(self) -> str:
@@ -328,6 +357,17 @@ class ResilienceConfig(Section):
     """This many failed turns in a row end the session as failed."""
 
 
+class SecurityConfig(Section):
+    """Transport security of every gRPC hop (``heist_common.tls``)."""
+
+    transport: Literal["mtls", "plaintext"] = "mtls"
+    """mtls: servers require a client certificate from the mesh CA, clients verify the server's.
+    plaintext: explicit opt-out (e.g. behind a mesh sidecar that terminates mTLS)."""
+
+
+STATEFUL_SERVICES = ("memory",)
+"""Services whose state lives in the process unless ``store`` moves it out (then they may have replicas)."""
+
 REQUIRED_SERVICES = ("oauth", "memory")
 """The mesh's own services; every other entry of ``services`` is a tool service."""
 
@@ -343,6 +383,7 @@ class HeistConfig(Section):
     session: SessionConfig = SessionConfig()
     database: DatabaseConfig
     resilience: ResilienceConfig = ResilienceConfig()
+    security: SecurityConfig = SecurityConfig()
     _source: Path = PrivateAttr(default=DEFAULT_CONFIG_PATH)
 
     @model_validator(mode="before")
@@ -365,6 +406,13 @@ class HeistConfig(Section):
         missing = [name for name in REQUIRED_SERVICES if name not in self.services]
         if missing:
             raise ValueError(f"services: missing required service(s): {', '.join(missing)}")
+        for name in STATEFUL_SERVICES:
+            settings = self.services[name]
+            if settings.replicas > 1 and settings.store is None:
+                raise ValueError(
+                    f"services.{name}.replicas: {settings.replicas} replicas need the state outside the process "
+                    f"(services.{name}.store: redis://...)"
+                )
         names = [agent.name for agent in self.agents]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:

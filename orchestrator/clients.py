@@ -1,7 +1,10 @@
 """gRPC side of the orchestrator: one channel per service, circuit breakers, typed clients.
 
 Why this shape: channels are expensive to set up and cheap to reuse, so each
-service gets exactly one ``grpc.aio`` channel for the life of the mesh. Retries
+service gets exactly one ``grpc.aio`` channel for the life of the mesh, over all
+its replicas (``round_robin`` with client-side health checking, so a dead or
+draining replica gets no calls) and mutual TLS unless ``security.transport`` is
+``plaintext``. Retries
 on UNAVAILABLE are gRPC's own (``retryPolicy`` in the channel's service config);
 on top of that a pybreaker circuit per service stops hammering a service that
 is down and lets one trial call through after the cool-down. Every failure
@@ -12,6 +15,7 @@ message and latency, which the agent turns into an audit event.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
-from heist_common.config import GrpcRetryConfig, HeistConfig
+from heist_common import tls
+from heist_common.config import GrpcRetryConfig, HeistConfig, split_address
 from heist_common.contract import (
     AUTHORIZATION_METADATA_KEY,
     SESSION_METADATA_KEY,
@@ -46,6 +51,7 @@ __all__ = [
     "ServiceCallError",
     "ServiceClients",
     "TokenProvider",
+    "channel_target",
     "retry_service_config",
 ]
 
@@ -92,10 +98,25 @@ class ServiceCallError(Exception):
         )
 
 
-def retry_service_config(grpc_services: Sequence[str], retry: GrpcRetryConfig) -> str:
-    """Service-config JSON with gRPC's built-in retryPolicy for UNAVAILABLE on ``grpc_services``."""
+def retry_service_config(
+    grpc_services: Sequence[str], retry: GrpcRetryConfig, *, health_service: str | None = None
+) -> str:
+    """Service-config JSON with gRPC's built-in retryPolicy for UNAVAILABLE on ``grpc_services``.
+
+    With ``health_service``, also ``round_robin`` over every resolved address
+    with client-side health checking: gRPC watches grpc.health.v1 for that name
+    on each replica and only picks the ones reporting SERVING, so a replica that
+    dies or drains (NOT_SERVING on SIGTERM) stops getting calls.
+    """
+    balancing: dict[str, Any] = {}
+    if health_service is not None:
+        balancing = {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": health_service},
+        }
     return json.dumps(
         {
+            **balancing,
             "methodConfig": [
                 {
                     "name": [{"service": name} for name in grpc_services],
@@ -110,6 +131,26 @@ def retry_service_config(grpc_services: Sequence[str], retry: GrpcRetryConfig) -
             ]
         }
     )
+
+
+def channel_target(addresses: Sequence[str]) -> str:
+    """Return the gRPC target for a service's replicas: the address itself, or a static ``ipv4:``/``ipv6:`` list.
+
+    Replicas on a host name (not an IP literal) are not supported: gRPC's static
+    resolvers take IP addresses only (behind DNS, let the name resolve to several).
+    """
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = [split_address(address)[0] for address in addresses]
+    try:
+        versions = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ValueError(f"replicas need IP addresses, not host names: {', '.join(addresses)}") from None
+    if versions == {4}:
+        return "ipv4:" + ",".join(addresses)
+    if versions == {6}:
+        return "ipv6:" + ",".join(addresses)
+    raise ValueError(f"replicas mix IPv4 and IPv6: {', '.join(addresses)}")
 
 
 def _is_not_an_outage(error: BaseException) -> bool:
@@ -315,15 +356,20 @@ class ServiceClients:
         breaker_config = config.resilience.circuit_breaker
         self.services: dict[str, GuardedService] = {}
         for name, settings in config.services.items():
-            grpc_services = [catalogue[name].full_name]
+            full_name = catalogue[name].full_name
+            # One address: gRPC's default pick_first, which redials a restarted server on the next call.
+            # Several: round_robin over the replicas that report SERVING (see retry_service_config).
+            balanced = full_name if settings.replicas > 1 else None
+            service_config = retry_service_config([full_name], config.resilience.grpc_retry, health_service=balanced)
             options: list[tuple[str, Any]] = [
                 ("grpc.enable_retries", 1),
-                ("grpc.service_config", retry_service_config(grpc_services, config.resilience.grpc_retry)),
+                ("grpc.service_config", service_config),
                 ("grpc.min_reconnect_backoff_ms", self.RECONNECT_BACKOFF_MS[0]),
                 ("grpc.initial_reconnect_backoff_ms", self.RECONNECT_BACKOFF_MS[0]),
                 ("grpc.max_reconnect_backoff_ms", self.RECONNECT_BACKOFF_MS[1]),
             ]
-            channel = grpc.aio.insecure_channel(settings.address, options=options)
+            target = channel_target(settings.replica_addresses)
+            channel = tls.aio_channel(config, target, options, server_name=settings.host)
             breaker = pybreaker.CircuitBreaker(
                 fail_max=breaker_config.failure_threshold,
                 reset_timeout=breaker_config.reset_timeout_s,
@@ -331,7 +377,7 @@ class ServiceClients:
                 throw_new_error_on_trip=False,
                 name=name,
             )
-            self.services[name] = GuardedService(name, settings.address, settings.deadline_s, channel, breaker)
+            self.services[name] = GuardedService(name, target, settings.deadline_s, channel, breaker)
         self.tokens = TokenProvider(self.services["oauth"], config)
         self.memory = MemoryClient(
             self.services["memory"], self.tokens, config.session.oauth_client, config.session.memory.max_store_chars

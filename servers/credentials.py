@@ -17,6 +17,11 @@ each variable wins over the generated files:
 - ``HEIST_OAUTH_SIGNING_KEY_FILE``: path of the Ed25519 private key PEM (OAuth server only)
 - ``HEIST_OAUTH_PUBLIC_KEY_FILE``: path of the matching public key PEM (tool servers)
 - ``HEIST_CREDENTIALS_DIR``: use this folder instead of ``<run_dir>/credentials``
+
+With ``security.transport: mtls`` (the default) the same first start also
+generates the development CA and certificates into ``tls/`` there
+(``heist_common.tls``; production: ``HEIST_TLS_CA_FILE``, ``HEIST_TLS_CERT_FILE``,
+``HEIST_TLS_KEY_FILE``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from heist_common import tls
 from heist_common.config import HeistConfig
 from heist_common.credentials import (
     CLIENT_SECRET_ENV_PREFIX,
@@ -55,6 +61,7 @@ __all__ = [
     "client_secrets",
     "credentials_dir",
     "ensure_dev_credentials",
+    "ensure_dev_tls",
     "key_id",
     "public_key",
     "public_key_overridden",
@@ -96,13 +103,25 @@ def ensure_dev_credentials(config: HeistConfig) -> Path:
     restarts); a client added to the config later gets a secret added. A lock
     file serialises concurrent first starts so they never generate two keys.
     """
+    return _locked(config, with_secrets=True)
+
+
+def ensure_dev_tls(config: HeistConfig) -> None:
+    """Create the dev CA and certificates if the mesh runs mTLS and no production CA is mounted."""
+    _locked(config, with_secrets=False)
+
+
+def _locked(config: HeistConfig, *, with_secrets: bool) -> Path:
     folder = credentials_dir(config)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     lock_fd = os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        _create_missing(config, folder)
+        if with_secrets:
+            _create_missing(config, folder)
+        if tls.mtls(config) and not os.environ.get(tls.CA_FILE_ENV):
+            tls.ensure_dev_pki(config)
     finally:
         os.close(lock_fd)
     return folder

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from heist_common import tls
 from heist_common.config import (
     ConfigError,
     HeistConfig,
@@ -40,6 +41,7 @@ from heist_common.config import (
     split_address,
 )
 from heist_common.contract import ContractError, ServiceContract, contract_of
+from heist_common.credentials import CredentialsError
 from heist_common.exit_codes import ExitCode
 from servers import credentials
 from servers.middleware import AccessLog, CallMiddleware, WrappingRegistrar
@@ -48,6 +50,8 @@ from servers.tokens import TokenVerifier
 
 log = logging.getLogger("heist.server")
 
+DRAIN_NOTICE_S = 0.5
+"""How long a draining server keeps accepting calls after reporting NOT_SERVING (at most half the grace)."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -196,8 +200,15 @@ async def start(
     reflected = [contract.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]  # fmt: skip
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_aio.ReflectionServicer(reflected), registrar)
+    server_credentials = None
+    if tls.mtls(config):  # before the bind: a missing certificate is not a busy port
+        credentials.ensure_dev_tls(config)
+        server_credentials = tls.server_credentials(config, definition.name)
     try:
-        port = server.add_insecure_port(address)
+        if server_credentials is not None:
+            port = server.add_secure_port(address, server_credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -207,7 +218,7 @@ async def start(
     for service in ("", contract.full_name):
         await health.set(service, SERVING)
     bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    log.info("%s listening on %s", definition.name, bound)
+    log.info("%s listening on %s (%s)", definition.name, bound, config.security.transport)
     return RunningServer(definition.name, bound, port, server, health, access_log, definition)
 
 
@@ -264,6 +275,10 @@ async def serve_until_signalled(
     running = await start(definition, config, address)
     await stop_requested.wait()
     log.info("%s: stop requested, draining for up to %.1f s", definition.name, grace_s)
+    # NOT_SERVING first, still accepting calls while health watchers (client-side load balancers)
+    # move away; only then refuse new calls, so a replica going away costs its callers nothing.
+    await running.drain()
+    await asyncio.sleep(min(DRAIN_NOTICE_S, grace_s / 2))
     await running.stop(grace_s)
     log.info("%s: stopped", definition.name)
 
@@ -287,7 +302,7 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     raise_open_file_limit()
     try:
         asyncio.run(serve_until_signalled(definition, config, address, grace_s))
-    except OSError as exc:
+    except (OSError, CredentialsError) as exc:
         log.error("%s: %s", service_name, exc)
         return ExitCode.FAILED
     return ExitCode.OK

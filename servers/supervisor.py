@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from heist_common import tls
 from heist_common.config import ConfigError, HeistConfig, load_config, split_address
 from heist_common.contract import Catalogue, ContractError
 from heist_common.exit_codes import ExitCode
@@ -46,6 +47,8 @@ LLM_START_TIMEOUT_S = 120.0
 LLM_PROBE_TIMEOUT_S = 10.0
 """A one-token completion on the embedded model takes milliseconds; allow for a loaded machine."""
 POLL_INTERVAL_S = 0.1
+MAX_REPLICAS = 16
+"""The most replicas ``services.<name>.replicas`` allows (``stop`` looks for that many pid files)."""
 
 
 def llm_host_port(base_url: str) -> tuple[str, int]:
@@ -87,10 +90,23 @@ class Supervisor:
         """Return where the embedded model is assembled."""
         return self.config.mesh.models_dir / LLM_MODEL_FILE
 
-    def grpc_process(self, name: str) -> ManagedProcess:
-        """Describe one gRPC service process."""
-        command = [sys.executable, "-m", f"servers.{name}", "--config", str(self.config.config_path)]
-        return ManagedProcess(name, self.config.service(name).address, command, GRPC_START_TIMEOUT_S)
+    def grpc_processes(self, name: str) -> list[ManagedProcess]:
+        """Describe a gRPC service's processes: one per replica, ``name`` then ``name.1``, ``name.2``...
+
+        Replica ``i`` listens on the service's port plus ``100 * i`` (``ServiceConfig.replica_addresses``).
+        """
+        processes = []
+        for index, address in enumerate(self.config.service(name).replica_addresses):
+            command = [sys.executable, "-m", f"servers.{name}", "--config", str(self.config.config_path)]
+            if index:
+                command += ["--address", address]
+            process_name = replica_name(name, index)
+            processes.append(ManagedProcess(process_name, address, command, GRPC_START_TIMEOUT_S))
+        return processes
+
+    def all_grpc_processes(self) -> list[ManagedProcess]:
+        """Every replica of every configured service, in config order."""
+        return [process for name in self.config.services for process in self.grpc_processes(name)]
 
     def llm_process(self) -> ManagedProcess:
         """Describe the embedded llama.cpp server process."""
@@ -114,7 +130,7 @@ class Supervisor:
             pid = int(self.pid_file(name).read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if process_matches(pid, name) else None
+        return pid if process_matches(pid, service_of(name)) else None
 
     # -- health ------------------------------------------------------------------------------
 
@@ -124,7 +140,7 @@ class Supervisor:
         if name == LLM_NAME:
             status = llm_completes(self.llm.base_url, self.llm.model, max(timeout_s, LLM_PROBE_TIMEOUT_S))
         else:
-            status = grpc_health(address, self.catalogue[name].full_name, timeout_s)
+            status = grpc_health(self.config, address, self.catalogue[service_of(name)].full_name, timeout_s)
         return status, (time.perf_counter() - started) * 1000.0
 
     # -- serve -------------------------------------------------------------------------------
@@ -132,7 +148,7 @@ class Supervisor:
     def serve(self, llm: bool) -> int:
         """Start whatever is not running yet and wait until everything is healthy; return the exit code."""
         credentials.ensure_dev_credentials(self.config)
-        processes = [self.grpc_process(name) for name in self.config.services]
+        processes = self.all_grpc_processes()
         if llm and self.llm.embedded:
             error = self.prepare_llm()
             if error:
@@ -232,7 +248,7 @@ class Supervisor:
 
     def known_processes(self) -> list[ManagedProcess]:
         """Every gRPC service, plus the embedded LLM when serve started it (``--llm off`` runs stay green)."""
-        processes = [self.grpc_process(name) for name in self.config.services]
+        processes = self.all_grpc_processes()
         if self.pid_file(LLM_NAME).exists():
             processes.append(self.llm_process())
         return processes
@@ -261,7 +277,9 @@ class Supervisor:
 
     def stop(self) -> int:
         """SIGTERM every recorded process, SIGKILL what outlives the grace period, remove pid files."""
-        names = [*self.config.services, LLM_NAME]
+        # Every replica a pid file may exist for, also ones a smaller ``replicas`` no longer names.
+        names = [replica_name(name, index) for name in self.config.services for index in range(MAX_REPLICAS)]
+        names.append(LLM_NAME)
         targets = {name: pid for name in names if (pid := self.read_pid(name)) is not None}
         for pid in targets.values():
             signal_group(pid, signal.SIGTERM)
@@ -279,6 +297,16 @@ class Supervisor:
         if not targets:
             print("nothing running", file=self.out)
         return ExitCode.OK
+
+
+def replica_name(service: str, index: int) -> str:
+    """Process name of replica ``index``: the service name for replica 0, ``<service>.<index>`` after it."""
+    return service if index == 0 else f"{service}.{index}"
+
+
+def service_of(process_name: str) -> str:
+    """Return the service (or ``llm``) a process name belongs to (``calculator.1`` -> ``calculator``)."""
+    return process_name.partition(".")[0]
 
 
 def pid_alive(pid: int) -> bool:
@@ -340,9 +368,9 @@ def address_in_use(address: str) -> bool:
     return False
 
 
-def grpc_health(address: str, service: str, timeout_s: float) -> str:
-    """Ask grpc.health.v1 about ``service``; DOWN if nothing (or something else) answers."""
-    with grpc.insecure_channel(address) as channel:
+def grpc_health(config: HeistConfig, address: str, service: str, timeout_s: float) -> str:
+    """Ask grpc.health.v1 about ``service`` as the ``supervisor`` client; DOWN if nothing (or else) answers."""
+    with tls.sync_channel(config, address, identity="supervisor") as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s

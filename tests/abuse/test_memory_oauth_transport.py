@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
+from tests.support import channels
 from tests.support.processes import ProcessMesh
 from tests.support.raw_grpc import PREFACE
 from tests.support.tokens import session_metadata
@@ -51,7 +52,7 @@ def open_fds(pid: int) -> int:
 
 
 def memory_stub(mesh: ProcessMesh) -> memory_pb2_grpc.MemoryServiceStub:
-    return memory_pb2_grpc.MemoryServiceStub(grpc.insecure_channel(mesh.address("memory")))
+    return memory_pb2_grpc.MemoryServiceStub(channels.channel(mesh.config, mesh.address("memory")))
 
 
 def code_of(call: object) -> grpc.StatusCode:
@@ -122,7 +123,7 @@ def test_memory_quotas_hold_and_the_server_stays_small(mesh: ProcessMesh) -> Non
 
 
 def test_oauth_echoes_are_bounded_and_introspection_needs_a_client(mesh: ProcessMesh) -> None:
-    oauth = oauth_pb2_grpc.OAuthServiceStub(grpc.insecure_channel(mesh.address("oauth")))
+    oauth = oauth_pb2_grpc.OAuthServiceStub(channels.channel(mesh.config, mesh.address("oauth")))
     request = oauth_pb2.IssueTokenRequest(grant_type="g" * 1_000_000, client_id="planner", client_secret="x")
     with pytest.raises(grpc.RpcError) as caught:
         oauth.IssueToken(request)
@@ -133,7 +134,7 @@ def test_oauth_echoes_are_bounded_and_introspection_needs_a_client(mesh: Process
 
 
 def test_repeated_bad_secrets_are_slowed_down(mesh: ProcessMesh) -> None:
-    oauth = oauth_pb2_grpc.OAuthServiceStub(grpc.insecure_channel(mesh.address("oauth")))
+    oauth = oauth_pb2_grpc.OAuthServiceStub(channels.channel(mesh.config, mesh.address("oauth")))
     secret = json.loads((mesh.config.mesh.credentials_dir / "clients.json").read_text())["mole"]
     codes = []
     for _ in range(20):
@@ -149,7 +150,7 @@ def test_a_connection_flood_neither_exhausts_the_server_nor_stops_its_callers(me
     address = mesh.address("calculator")
     host, port = address.rsplit(":", 1)
     pid = mesh.servers["calculator"].pid
-    channel = grpc.insecure_channel(address)
+    channel = channels.channel(mesh.config, address)
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
     fds_before = open_fds(pid)
@@ -166,7 +167,7 @@ def test_a_connection_flood_neither_exhausts_the_server_nor_stops_its_callers(me
         assert time.monotonic() - started < 1.0, "a caller already connected is served at once"
         time.sleep(1.5)  # past the 1 s handshake timeout, the half-open connections are gone
         assert open_fds(pid) - fds_before <= 10
-        fresh = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+        fresh = health_pb2_grpc.HealthStub(channels.channel(mesh.config, address))
         assert fresh.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1
     finally:
         for sock in flood:

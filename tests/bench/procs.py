@@ -54,6 +54,9 @@ class BenchMesh(ProcessMesh):
         sections.setdefault("agents", TOOL_AGENTS)
         sections.setdefault("session", {"max_turns": 4, "turn_order": [a["name"] for a in TOOL_AGENTS]})
         sections.setdefault("deadlines", dict.fromkeys(SERVICES, 2.0))
+        # Plaintext: h2load cannot present a client certificate, and these numbers compare with earlier runs.
+        # mTLS versus plaintext, and replicas, are measured by tests/bench/mesh_transport.py.
+        sections.setdefault("transport", "plaintext")
         super().__init__(work_dir, **sections)
 
 

@@ -31,8 +31,18 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=30)
+def tls_flags(run_dir: Path | None) -> list[str]:
+    """Return grpcurl's mTLS flags for the ``grpcurl`` client certificate (the README's ``$TLS``); None: plaintext."""
+    if run_dir is None:
+        return ["-plaintext"]
+    folder = run_dir / "credentials" / "tls"
+    files = {"-cacert": "ca.crt", "-cert": "grpcurl.crt", "-key": "grpcurl.key"}
+    return [part for flag, name in files.items() for part in (flag, str(folder / name))]
+
+
+def grpcurl(*args: str, run_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run grpcurl over mTLS as the ``grpcurl`` client of ``run_dir``'s dev PKI (plaintext without one)."""
+    return subprocess.run([str(GRPCURL), *tls_flags(run_dir), *args], capture_output=True, text=True, timeout=30)
 
 
 def server_pids(config: Path) -> list[int]:
@@ -69,6 +79,10 @@ class Mesh:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
+    def grpcurl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """grpcurl over mTLS with this mesh's generated grpcurl client certificate."""
+        return grpcurl(*args, run_dir=self.run_dir)
+
     def secret(self, client_id: str) -> str:
         return str(json.loads((self.run_dir / "credentials" / "clients.json").read_text())[client_id])
 
@@ -80,7 +94,7 @@ class Mesh:
             "scopes": scopes,
         }
         bound = ["-H", f"x-session-id: {session}"] if session else []
-        result = grpcurl(
+        result = self.grpcurl(
             *bound, "-d", json.dumps(request), self.address("oauth"), "heist.oauth.v1.OAuthService/IssueToken"
         )
         assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from heist_common.layout import REPO_ROOT
-from tests.e2e.harness import SERVICES, Mesh, grpcurl, make, server_pids
+from tests.e2e.harness import GRPCURL, SERVICES, Mesh, grpcurl, make, server_pids
 from tests.support.access_log import access_entries
 from tests.support.ports import listening
 
@@ -47,53 +47,54 @@ def test_serve_starts_every_service_and_status_is_green(mesh):
 
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_list_and_health_without_proto_files(mesh, name):
-    listed = grpcurl(mesh.address(name), "list")
+    listed = mesh.grpcurl(mesh.address(name), "list")
     assert listed.returncode == 0, listed.stderr
     assert {SERVICES[name], "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(
         listed.stdout.split()
     )
-    health = grpcurl("-d", json.dumps({"service": SERVICES[name]}), mesh.address(name), "grpc.health.v1.Health/Check")
+    request = json.dumps({"service": SERVICES[name]})
+    health = mesh.grpcurl("-d", request, mesh.address(name), "grpc.health.v1.Health/Check")
     assert health.returncode == 0, health.stderr
     assert json.loads(health.stdout) == {"status": "SERVING"}
 
 
 def test_describe_shows_the_scope_policy(mesh):
-    described = grpcurl(mesh.address("calculator"), "describe", SERVICES["calculator"])
+    described = mesh.grpcurl(mesh.address("calculator"), "describe", SERVICES["calculator"])
     assert described.returncode == 0, described.stderr
     assert 'option (.heist.auth.v1.required_scope) = "calculator:use";' in described.stdout
-    request = grpcurl(mesh.address("calculator"), "describe", "heist.calculator.v1.EvaluateRequest")
+    request = mesh.grpcurl(mesh.address("calculator"), "describe", "heist.calculator.v1.EvaluateRequest")
     assert "string expression = 1" in request.stdout
 
 
 def test_tool_calls_with_the_right_scope(mesh):
     token = mesh.token("grpcurl", ["calculator:use", "file_reader:use", "database_query:use"])
     headers = ["-H", f"authorization: Bearer {token}", "-H", f"x-session-id: {SESSION}"]
-    calculated = grpcurl(
+    calculated = mesh.grpcurl(
         *headers, "-d", '{"expression": "(120 - 15) * 3 / 7"}', mesh.address("calculator"),
         "heist.calculator.v1.CalculatorService/Evaluate",
     )  # fmt: skip
     assert calculated.returncode == 0, calculated.stderr
     assert json.loads(calculated.stdout) == {"value": 45, "rendered": "(120 - 15) * 3 / 7 = 45"}
-    document = grpcurl(
+    document = mesh.grpcurl(
         *headers, "-d", '{"filename": "vault_time_lock.md"}', mesh.address("file_reader"),
         "heist.file_reader.v1.FileReaderService/ReadFile",
     )  # fmt: skip
     assert document.returncode == 0, document.stderr
     assert "time lock" in json.loads(document.stdout)["content"].lower()
-    rows = grpcurl(
+    rows = mesh.grpcurl(
         *headers, "-d", '{"sql": "SELECT count(*) AS n FROM guards"}', mesh.address("database_query"),
         "heist.database_query.v1.DatabaseQueryService/Query",
     )  # fmt: skip
     assert rows.returncode == 0, rows.stderr
     assert json.loads(rows.stdout) == {"columns": ["n"], "rows": [{"values": [{"int_value": "8"}]}]}
     memory = mesh.token("grpcurl", ["memory:read", "memory:write"], session=SESSION)
-    stored = grpcurl(
+    stored = mesh.grpcurl(
         "-H", f"authorization: Bearer {memory}", "-H", f"x-session-id: {SESSION}",
         "-d", '{"agent_name": "planner", "turn_id": 1, "message": "go at 02:10"}',
         mesh.address("memory"), "heist.memory.v1.MemoryService/StoreMemory",
     )  # fmt: skip
     assert stored.returncode == 0, stored.stderr
-    elsewhere = grpcurl(
+    elsewhere = mesh.grpcurl(
         "-H", f"authorization: Bearer {memory}", "-H", "x-session-id: heist_someone_else", "-d", "{}",
         mesh.address("memory"), "heist.memory.v1.MemoryService/GetStats",
     )  # fmt: skip
@@ -103,13 +104,13 @@ def test_tool_calls_with_the_right_scope(mesh):
 
 def test_wrong_scope_is_permission_denied_and_no_token_is_unauthenticated(mesh):
     token = mesh.token("safecracker", ["calculator:use"])
-    denied = grpcurl(
+    denied = mesh.grpcurl(
         "-H", f"authorization: Bearer {token}", "-d", '{"filename": "bank_layout.md"}', mesh.address("file_reader"),
         "heist.file_reader.v1.FileReaderService/ReadFile",
     )  # fmt: skip
     assert denied.returncode != 0
     assert "Code: PermissionDenied" in denied.stderr and "file_reader:use" in denied.stderr
-    anonymous = grpcurl(
+    anonymous = mesh.grpcurl(
         "-d", '{"expression": "1 + 1"}', mesh.address("calculator"), "heist.calculator.v1.CalculatorService/Evaluate"
     )
     assert anonymous.returncode != 0
@@ -174,3 +175,13 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (ProcessLookupError, FileNotFoundError):
         return False
+
+
+def test_plaintext_and_certificate_less_clients_are_refused_at_the_handshake(mesh):
+    address = mesh.address("calculator")
+    health = ["-d", json.dumps({"service": SERVICES["calculator"]}), address, "grpc.health.v1.Health/Check"]
+    plaintext = grpcurl(*health)  # run_dir=None: -plaintext
+    assert plaintext.returncode != 0 and "SERVING" not in plaintext.stdout
+    ca = str(mesh.run_dir / "credentials" / "tls" / "ca.crt")
+    no_cert = subprocess.run([str(GRPCURL), "-cacert", ca, *health], capture_output=True, text=True, timeout=30)
+    assert no_cert.returncode != 0 and "SERVING" not in no_cert.stdout, no_cert.stdout

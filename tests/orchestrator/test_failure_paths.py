@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import grpc
 import pytest
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
 from heist_common.config import load_config
 from orchestrator.runner import RunOptions, SessionRunner, run_session
+from tests.support import channels
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, SessionHarness, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, hang, http_error, inline_tool, text, tool_call
@@ -117,7 +117,7 @@ async def test_circuit_opens_skips_calls_then_recovers(mesh: InProcessMesh, scri
 
 
 async def _session_memories(mesh: InProcessMesh, session_id: str) -> int:
-    async with grpc.aio.insecure_channel(mesh.config.service("memory").address) as channel:
+    async with channels.aio_channel(mesh.config, mesh.config.service("memory").address) as channel:
         stats = await memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
             memory_pb2.GetStatsRequest(), metadata=session_metadata(mesh.config, session_id)
         )

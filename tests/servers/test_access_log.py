@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 
+from heist_common import tls
 from tests.support import raw_grpc
 from tests.support.access_log import access_entries
 
@@ -40,8 +41,9 @@ async def test_each_call_is_one_json_line_whatever_the_caller_sends(
     if traceparent:
         metadata.append((b"traceparent", traceparent.encode()))
     address = mesh.servers["calculator"].address
+    tls_context = tls.ssl_client_context(mesh.config) if tls.mtls(mesh.config) else None
     status, _ = await asyncio.to_thread(
-        raw_grpc.call, address, "/heist.calculator.v1.CalculatorService/Evaluate", REQUEST, metadata
+        raw_grpc.call, address, "/heist.calculator.v1.CalculatorService/Evaluate", REQUEST, metadata, 5.0, tls_context
     )
     assert status in ("0", "3"), status  # served, or refused cleanly; never INTERNAL or UNKNOWN
     await mesh.stop_all()

@@ -17,7 +17,9 @@ from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
 from heist_common.layout import REPO_ROOT
+from servers import credentials
 from servers.lifecycle import start_service
+from tests.support import channels
 from tests.support.ports import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -45,7 +47,7 @@ async def test_every_service_reports_serving_for_itself_and_overall(mesh, name, 
 
 async def test_watch_sees_serving_then_not_serving_on_drain(mesh):
     server = await mesh.start("calculator")
-    async with grpc.aio.insecure_channel(server.address) as channel:
+    async with channels.aio_channel(mesh.config, server.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="heist.calculator.v1.CalculatorService")
         )
@@ -113,6 +115,7 @@ async def test_no_bad_input_yields_unknown_or_internal(mesh):
 
 def test_process_entry_serves_and_exits_zero_on_sigterm(config, tmp_path: Path):
     port = free_port()
+    credentials.ensure_dev_credentials(config)  # as `make serve` does, so the client has its certificate now
     log = (tmp_path / "calculator.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "servers.calculator", "--config", str(config.config_path), "--port", str(port)],
@@ -121,7 +124,7 @@ def test_process_entry_serves_and_exits_zero_on_sigterm(config, tmp_path: Path):
         stderr=subprocess.STDOUT,
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with channels.channel(config, f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=20)
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
             assert status == SERVING

@@ -62,6 +62,8 @@ def heist_config(
     limits: dict[str, dict[str, Any]] | None = None,
     server_bounds: dict[str, Any] | None = None,
     memory_store: str | None = None,
+    transport: str = "mtls",
+    replicas: dict[str, int] | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """A complete config as data; ``sections`` replace whole top-level sections.
@@ -69,7 +71,9 @@ def heist_config(
     ``addresses`` places services (default: an unused port, for tests that start
     them elsewhere); ``deadlines`` sets callers' deadlines (default 1 s);
     ``limits`` sets ``services.<name>.limits``; ``server_bounds`` every service's ``server`` section;
-    ``memory_store`` the memory service's store URL (Redis).
+    ``memory_store`` the memory service's store URL (Redis); ``transport`` is
+    ``security.transport`` (mTLS by default, as shipped); ``replicas`` sets
+    ``services.<name>.replicas``.
     """
     services: dict[str, Any] = {}
     for name in SERVICES:
@@ -81,6 +85,8 @@ def heist_config(
             services[name]["limits"] = limits[name]
         if server_bounds:
             services[name]["server"] = dict(server_bounds)
+        if replicas and name in replicas:
+            services[name]["replicas"] = replicas[name]
     if memory_store:
         services["memory"]["store"] = memory_store
     config: dict[str, Any] = {
@@ -96,6 +102,7 @@ def heist_config(
             "grpc_retry": {"max_attempts": 2, "initial_backoff_s": 0.01, "max_backoff_s": 0.05},
             "circuit_breaker": {"failure_threshold": 2, "reset_timeout_s": 0.5},
         },
+        "security": {"transport": transport},
     }
     config.update(sections)
     return config

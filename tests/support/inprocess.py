@@ -26,6 +26,7 @@ from orchestrator.llm import LLMClient
 from servers import credentials
 from servers.lifecycle import RunningServer, start_service
 from servers.tokens import issue_token
+from tests.support import channels
 
 
 class InProcessMesh:
@@ -56,7 +57,7 @@ class InProcessMesh:
     async def channel(self, name: str) -> grpc.aio.Channel:
         """A channel to ``name`` (started if it is not running); closed by ``stop_all``."""
         server = self.servers.get(name) or await self.start(name)
-        channel = grpc.aio.insecure_channel(server.address)
+        channel = channels.aio_channel(self.config, server.address)
         self.channels.append(channel)
         return channel
 

@@ -25,8 +25,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
-from heist_common.config import HeistConfig, load_config
+from heist_common.config import HeistConfig, load_config, split_address
 from servers import credentials
+from tests.support import channels
 from tests.support.access_log import calls
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.ports import free_ports
@@ -37,11 +38,13 @@ STOP_GRACE_S = 5.0
 """How long a service gets to exit after SIGTERM before it is killed."""
 
 
-def health_status(address: str, timeout_s: float = 0.3) -> str:
-    """grpc.health.v1 status of ``address`` ("DOWN" when it does not answer)."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(config: HeistConfig, address: str, timeout_s: float = 0.3, service: str = "") -> str:
+    """grpc.health.v1 status of ``address`` for ``service`` ("DOWN" when it does not answer)."""
+    with channels.channel(config, address) as channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
         except grpc.RpcError:
             return "DOWN"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -76,12 +79,16 @@ def stop_servers(servers: Iterable[ServerProcess]) -> None:
 class ServerProcess:
     """One service as a real OS process on a fixed port; its stdout/stderr go to a log file."""
 
-    def __init__(self, name: str, config_path: Path, port: int, log_dir: Path, start_timeout_s: float) -> None:
+    def __init__(
+        self, name: str, config: HeistConfig, port: int, log_dir: Path, start_timeout_s: float, replica: int = 0
+    ) -> None:
         self.name = name
-        self.config_path = config_path
+        self.config = config
+        self.config_path = config.config_path
         self.port = port
         self.address = f"127.0.0.1:{port}"
-        self.log_path = log_dir / f"{name}.log"
+        self.replica = replica
+        self.log_path = log_dir / (f"{name}.log" if replica == 0 else f"{name}.{replica}.log")
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -118,7 +125,7 @@ class ServerProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
-            if health_status(self.address) == "SERVING":
+            if health_status(self.config, self.address) == "SERVING":
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"{self.name} not SERVING after {self.start_timeout_s} s:\n{self.log()}")
@@ -168,20 +175,28 @@ class ProcessMesh:
         *,
         llm_base_url: str = "http://127.0.0.1:9/v1",
         start_timeout_s: float = 20.0,
+        replicas: dict[str, int] | None = None,
         **sections: Any,
     ) -> None:
         self.work_dir = work_dir
         self.ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
         addresses = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
-        self.config_path = write_heist_config(work_dir, llm_base_url=llm_base_url, addresses=addresses, **sections)
+        self.config_path = write_heist_config(
+            work_dir, llm_base_url=llm_base_url, addresses=addresses, replicas=replicas, **sections
+        )
         self.config: HeistConfig = load_config(self.config_path)
         credentials.ensure_dev_credentials(self.config)  # once, before several processes would race for it
         self.log_dir = work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
-        self.servers = {
-            name: ServerProcess(name, self.config_path, port, self.log_dir, start_timeout_s)
-            for name, port in self.ports.items()
+        self.replicas: dict[str, list[ServerProcess]] = {
+            name: [
+                ServerProcess(name, self.config, split_address(address)[1], self.log_dir, start_timeout_s, index)
+                for index, address in enumerate(self.config.service(name).replica_addresses)
+            ]
+            for name in self.ports
         }
+        """Every replica of every service (``replica_addresses``: port + 100 per replica); index 0 is ``servers``."""
+        self.servers = {name: replicas[0] for name, replicas in self.replicas.items()}
 
     def address(self, name: str) -> str:
         """Where ``name`` listens."""
@@ -189,7 +204,7 @@ class ProcessMesh:
 
     def start(self, *names: str) -> ProcessMesh:
         """Start services in parallel (all of them by default) and wait until each is SERVING."""
-        chosen = [self.servers[name] for name in (names or self.servers)]
+        chosen = [server for name in (names or self.servers) for server in self.replicas[name]]
         for server in chosen:
             server.spawn()
         for server in chosen:
@@ -200,9 +215,13 @@ class ProcessMesh:
         """Process id of every running service."""
         return {name: server.pid for name, server in self.servers.items() if server.process is not None}
 
+    def all_servers(self) -> list[ServerProcess]:
+        """Every replica process of every service."""
+        return [server for replicas in self.replicas.values() for server in replicas]
+
     def stop(self) -> None:
         """Stop every started process (graceful, then killed); idempotent."""
-        stop_servers(self.servers.values())
+        stop_servers(self.all_servers())
 
     def __enter__(self) -> ProcessMesh:
         return self.start()
@@ -223,7 +242,7 @@ class ProcessMesh:
 
 def session_memories(config: HeistConfig, session_id: str) -> int:
     """MemoryService GetStats for one session, with a token bound to it."""
-    with grpc.insecure_channel(config.service("memory").address) as channel:
+    with channels.channel(config, config.service("memory").address) as channel:
         stats = memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
             memory_pb2.GetStatsRequest(), metadata=session_metadata(config, session_id), timeout=2.0
         )

@@ -2,11 +2,15 @@
 
 The ``grpcio`` client refuses metadata with newlines or control characters, and
 never leaves a connection half-open on purpose; an attacker's client does both.
+Over mTLS (``tls``: an ``ssl`` context with a client certificate, from
+``heist_common.tls.ssl_client_context``) it is an insider with a valid
+certificate, which is exactly who the server's own checks must still stop.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 
 import h2.config
@@ -19,16 +23,23 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def call(
-    address: str, path: str, request: Message, metadata: list[tuple[bytes, bytes]], timeout_s: float = 5.0
+    address: str,
+    path: str,
+    request: Message,
+    metadata: list[tuple[bytes, bytes]],
+    timeout_s: float = 5.0,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[str, str]:
     """Send one unary call with raw metadata bytes; return (grpc-status, grpc-message) as the server sent them."""
     host, _, port = address.rpartition(":")
     connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+    raw = socket.create_connection((host, int(port)), timeout=timeout_s)
+    sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+    with sock:
         connection.initiate_connection()
         headers = [
             (b":method", b"POST"),
-            (b":scheme", b"http"),
+            (b":scheme", b"https" if tls is not None else b"http"),
             (b":path", path.encode()),
             (b":authority", address.encode()),
             (b"content-type", b"application/grpc"),

@@ -22,6 +22,7 @@ import grpc
 from heist_common.config import HeistConfig, load_config
 from servers import credentials
 from servers.tokens import issue_token
+from tests.support.channels import channel
 from tests.support.config import write_heist_config
 from tests.support.ports import free_port
 from tests.support.processes import ServerProcess
@@ -69,13 +70,13 @@ def start_service(folder: Path, name: str, scope: str, limits: dict[str, Any]) -
     config_path = write_config(folder, limits)
     settings = load_config(config_path)
     credentials.ensure_dev_credentials(settings)
-    process = ServerProcess(name, config_path, free_port(), folder, START_TIMEOUT_S)
+    process = ServerProcess(name, load_config(config_path), free_port(), folder, START_TIMEOUT_S)
     try:
         process.start()
     except BaseException:
         process.stop()
         raise
-    return RunningService(process, grpc.insecure_channel(process.address), bearer(settings, scope), settings)
+    return RunningService(process, channel(settings, process.address), bearer(settings, scope), settings)
 
 
 def stop_service(service: RunningService) -> None:

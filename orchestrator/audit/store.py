@@ -3,7 +3,8 @@
 Writes go through ONE writer thread: Peewee is synchronous, and a single writer
 means the event loop never blocks on the database and writes never race each
 other. SQLite transactions start with ``BEGIN IMMEDIATE`` and a busy timeout, so
-several orchestrator processes can share one file without "database is locked".
+several orchestrator processes can share one file without "database is locked";
+on PostgreSQL the same transactions only lock the rows they touch.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from orchestrator.audit.database import (
     OPEN_RETRY_DELAY_S,
     AuditError,
     UnknownSessionError,
-    _add_missing_columns,
     _open_database,
     _root_cause,
     _sqlite_path,
+    create_schema,
+    one_line,
+    redact_url,
 )
 from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
 from orchestrator.audit.schema import (
-    MODELS,
     EventRecord,
     MessageRecord,
     SessionRecord,
@@ -82,19 +84,18 @@ class AuditStore:
                 database = _open_database(url)
                 database_proxy.initialize(database)
                 with database.connection_context():
-                    database.create_tables(MODELS, safe=True)
-                    _add_missing_columns(database)
+                    create_schema(database)
                 return cls(url, database)
             except _DB_ERRORS as exc:
                 if "database is locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise AuditError(f"cannot open audit database {url}: {exc}") from None
+                    raise AuditError(f"cannot open audit database {redact_url(url)}: {one_line(exc)}") from None
                 time.sleep(OPEN_RETRY_DELAY_S)
 
     @property
     def location(self) -> str:
-        """The database file for SQLite, else the URL (for summaries)."""
+        """The database file for SQLite, else the URL without its password (for summaries and errors)."""
         path = _sqlite_path(self.url)
-        return str(path) if path is not None else self.url
+        return str(path) if path is not None else redact_url(self.url)
 
     def close(self) -> None:
         """Finish queued writes, then close the writer's connection."""
@@ -112,7 +113,8 @@ class AuditStore:
             try:
                 return work()
             except _DB_ERRORS as exc:
-                raise AuditError(f"audit database {self.location}: cannot {what}: {_root_cause(exc)}") from None
+                reason = one_line(_root_cause(exc))
+                raise AuditError(f"audit database {self.location}: cannot {what}: {reason}") from None
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, guarded)
 
@@ -207,7 +209,7 @@ class AuditStore:
                 query = SessionRecord.select().order_by(SessionRecord.start_time.desc()).dicts()
                 return cast("list[dict[str, Any]]", list(query))
         except _DB_ERRORS as exc:
-            raise AuditError(f"cannot read sessions from {self.location}: {exc}") from None
+            raise AuditError(f"cannot read sessions from {self.location}: {one_line(exc)}") from None
 
     def read_session_log(self, session_id: str) -> dict[str, Any]:
         """Session metadata, messages, tool usage and events; UnknownSessionError if absent."""
@@ -229,4 +231,4 @@ class AuditStore:
                     "events": rows(EventRecord),
                 }
         except _DB_ERRORS as exc:
-            raise AuditError(f"cannot read session {session_id} from {self.location}: {exc}") from None
+            raise AuditError(f"cannot read session {session_id} from {self.location}: {one_line(exc)}") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
 from heist_common.config import HeistConfig, load_config
 from servers import credentials
+from tests.support.audit_db import query
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.ports import free_ports
 
@@ -214,9 +214,8 @@ class ProcessMesh:
         return Path(self.config.database.url.removeprefix("sqlite:///"))
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Run SQL against the audit database."""
-        with sqlite3.connect(self.db_path) as db:
-            return list(db.execute(sql, params).fetchall())
+        """Run SQL (``?`` placeholders) against the audit database of the config, SQLite or PostgreSQL."""
+        return query(self.config.database.url, sql, *params)
 
 
 def session_memories(address: str, session_id: str) -> int:

@@ -237,6 +237,12 @@ class SessionConfig(Section):
     objective: NonEmpty = "Plan the First Meridian Bank vault job. Share what you know and propose the next step."
     tool_result_max_chars: AtLeastOne = 1500
     memory: MemoryContextConfig = MemoryContextConfig()
+    stale_after_s: Positive = 600.0
+    """``orchestrator resume``: an ``active`` session with no committed turn for this long counts as dead.
+
+    Must exceed the slowest possible turn (LLM timeout and retries, tool
+    deadlines); a session whose process is gone on this machine is stale at once.
+    """
 
 
 class DatabaseConfig(Section):

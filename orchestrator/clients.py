@@ -260,6 +260,12 @@ class MemoryClient:
         response = await self.service.call("GetStats", self._stub.GetStats, memory_pb2.GetStatsRequest(), metadata)
         return response.session_memories
 
+    async def clear_session(self, metadata: Metadata) -> int:
+        """Forget the calling session's memories; returns how many there were."""
+        request = memory_pb2.ClearMemoriesRequest()
+        response = await self.service.call("ClearMemories", self._stub.ClearMemories, request, metadata)
+        return response.cleared
+
 
 def session_metadata(session_id: str) -> Metadata:
     """Metadata every call of a session carries."""

@@ -29,6 +29,15 @@ class UnknownSessionError(LookupError):
     """No session with that ID in the audit database."""
 
 
+class SessionTakenOverError(AuditError):
+    """Another orchestrator process resumed this session, so this one must stop writing to it.
+
+    Every turn's write and the final status update only apply while the
+    session's ``pid``/``host`` are still this process's: a session judged stale
+    by mistake can be resumed without its old process duplicating a turn.
+    """
+
+
 def _add_missing_columns(database: peewee.Database) -> None:
     """Add nullable columns that newer models have to tables an older version created.
 

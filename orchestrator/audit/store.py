@@ -10,6 +10,7 @@ on PostgreSQL the same transactions only lock the rows they touch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -126,9 +127,23 @@ class AuditStore:
                 return work()
             except _DB_ERRORS as exc:
                 reason = one_line(_root_cause(exc))
+                self._drop_broken_connection()
                 raise AuditError(f"audit database {self.location}: cannot {what}: {reason}") from None
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, guarded)
+
+    def _drop_broken_connection(self) -> None:
+        """Forget a server connection that died (PostgreSQL restarted), so the next call connects afresh.
+
+        The failed write still fails the run, but the final status update can
+        then reach the server, and the session ends ``failed`` instead of
+        staying ``active``. A SQLite file has no connection to lose.
+        """
+        database = self.database
+        if isinstance(database, peewee.SqliteDatabase) or database.is_closed() or database.is_connection_usable():
+            return
+        with contextlib.suppress(*_DB_ERRORS):
+            database.close()  # forgets the connection even when the driver fails to close it
 
     async def run_in_writer(self, work: Callable[[], T]) -> T:
         """Run arbitrary database work on the writer thread (tests and tools use this)."""

@@ -121,8 +121,26 @@ def test_unreachable_postgresql_server_is_an_audit_error_without_the_password() 
     assert "s3cret-pw" not in message and "heist:***@127.0.0.1" in message and "\n" not in message
 
 
+async def test_a_postgresql_restart_fails_one_write_and_the_session_still_ends_failed(postgres_cluster) -> None:
+    # The writer's connection dies with the server; that write fails (the run stops there), and the
+    # store reconnects so the final status still lands instead of leaving the session `active`.
+    url = postgres_cluster.database()
+    store = AuditStore.open(url)
+    try:
+        await store.create_session("heist_pg_restart", strategy="round_robin", seed=1, model="m")
+        await store.write_turn("heist_pg_restart", TurnAudit(message=MessageRow(1, "a", "b", "before")))
+        postgres_cluster.restart()
+        with pytest.raises(AuditError, match="cannot write a turn: server closed the connection"):
+            await store.write_turn("heist_pg_restart", TurnAudit(message=MessageRow(2, "a", "b", "lost")))
+        await store.finish_session("heist_pg_restart", SessionStatus.FAILED, "cannot write a turn")
+    finally:
+        store.close()
+    assert query(url, "SELECT status, num_turns FROM sessions") == [("failed", 1)]
+    assert query(url, "SELECT message FROM messages") == [("before",)]
+
+
 async def test_old_schema_is_migrated_in_place(audit_url: str) -> None:
-    # A database written by an earlier version: no messages.trace_id.
+    # A database written by an earlier version: no sessions.turns_planned/pid/host/heartbeat_at, no messages.trace_id.
     old_schema = [
         "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, start_time TEXT NOT NULL, end_time TEXT,"
         " num_turns INTEGER NOT NULL, status TEXT NOT NULL, strategy TEXT, seed INTEGER, model TEXT, error TEXT)",
@@ -142,11 +160,12 @@ async def test_old_schema_is_migrated_in_place(audit_url: str) -> None:
     store = AuditStore.open(audit_url)
     try:
         old = store.read_session_log("heist_old")
-        assert old["session"]["status"] == "interrupted"
+        assert old["session"]["status"] == "interrupted" and old["session"]["pid"] is None
         assert old["messages"][0]["message"] == "old line" and old["messages"][0]["trace_id"] is None
-        await store.create_session("heist_new", strategy="round_robin", seed=None, model="m")
+        await store.create_session("heist_new", strategy="round_robin", seed=None, model="m", turns_planned=4)
         await store.write_turn("heist_new", TurnAudit(message=MessageRow(1, "a", "b", "c", trace_id="t1")))
         new = store.read_session_log("heist_new")
+        assert new["session"]["turns_planned"] == 4 and new["session"]["pid"] is not None
         assert new["messages"][0]["trace_id"] == "t1"
     finally:
         store.close()

@@ -110,12 +110,7 @@ class PostgresCluster:
             raise RuntimeError(f"initdb failed:\n{initdb.stdout}{initdb.stderr}")
         for attempt in range(START_ATTEMPTS):
             self.port = free_port()
-            # fsync off: a test cluster needs no crash safety, and it makes every commit cheap on a busy machine.
-            options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200"
-            started = self._run(
-                str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
-                "-o", options, "-w", "-t", "30", "start",
-            )  # fmt: skip
+            started = self._pg_ctl("start")
             if started.returncode == 0:
                 return self
             log = self.log()
@@ -123,6 +118,21 @@ class PostgresCluster:
                 self.stop()
                 raise RuntimeError(f"pg_ctl start failed:\n{started.stdout}{started.stderr}\n{log}")
         raise AssertionError("unreachable")
+
+    def _pg_ctl(self, action: str) -> subprocess.CompletedProcess[str]:
+        assert self.root is not None
+        # fsync off: a test cluster needs no crash safety, and it makes every commit cheap on a busy machine.
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200"
+        return self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
+            "-o", options, "-m", "fast", "-w", "-t", "30", action,
+        )  # fmt: skip
+
+    def restart(self) -> None:
+        """Restart the server on the same port: every open connection is cut, as in a real server restart."""
+        restarted = self._pg_ctl("restart")
+        if restarted.returncode != 0:
+            raise RuntimeError(f"pg_ctl restart failed:\n{restarted.stdout}{restarted.stderr}\n{self.log()}")
 
     def log(self) -> str:
         """The server's log (empty before the first start)."""

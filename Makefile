@@ -104,7 +104,8 @@ test: install system-deps ## Run every test (unit, contract, end-to-end, drills,
 # (CI is); otherwise the command to run is printed (the benchmarks fall back to Python,
 # the PostgreSQL audit tests skip saying the same). An entry is command-or-path-glob:package;
 # PostgreSQL's server programs are not on the PATH on Debian, hence the glob.
-SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils /usr/lib/postgresql/*/bin/initdb:postgresql
+SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server \
+  /usr/lib/postgresql/*/bin/initdb:postgresql
 system-deps:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do cmd="$${entry%%:*}"; \
 	  command -v "$$cmd" >/dev/null || compgen -G "$$cmd" >/dev/null || missing="$$missing $${entry#*:}"; done; \

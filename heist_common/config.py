@@ -43,11 +43,13 @@ __all__ = [
     "MeshConfig",
     "OAuthConfig",
     "ResilienceConfig",
+    "ServerConfig",
     "ServiceConfig",
     "SessionConfig",
     "default_config_path",
     "format_validation_error",
     "load_config",
+    "redact_url",
     "resolve_database_url",
     "split_address",
 ]
@@ -109,12 +111,48 @@ class MeshConfig(Section, RunFolder):
         return anchored(value)
 
 
+class ServerConfig(Section):
+    """Transport bounds of one gRPC server: what a client can hold open, and for how long.
+
+    The defaults keep a flood of idle or half-open connections from using up the
+    server's file descriptors, while a mesh client (one channel, a few calls at a
+    time) never comes near them.
+    """
+
+    max_connections: AtLeastOne = 512
+    """Accepted connections at once (gRPC's ``grpc.max_allowed_incoming_connections``)."""
+    max_concurrent_rpcs: AtLeastOne = 256
+    """Calls in progress at once; more get RESOURCE_EXHAUSTED."""
+    max_concurrent_streams: AtLeastOne = 1000
+    """Calls at once on one connection (a burst above this on a fresh connection is refused, not queued)."""
+    handshake_timeout_s: Positive = 5.0
+    """A connection that has not finished its HTTP/2 handshake by then is closed."""
+    max_connection_idle_s: Positive = 300.0
+    """A connection with no call for this long is closed (clients reconnect transparently)."""
+    max_connection_age_s: Positive = 1800.0
+    """Every connection is recycled after this long (lets clients rebalance), with a 10 s grace."""
+    min_ping_interval_s: Positive = 10.0
+    """Keepalive pings more frequent than this count as abuse (two strikes close the connection)."""
+    max_receive_bytes: AtLeastOne = 1024 * 1024
+    """Largest request message."""
+
+
 class ServiceConfig(Section):
     """One gRPC service: where it listens (and is dialled), the callers' deadline, its own limits."""
 
     address: NonEmpty
     deadline_s: Positive = 2.0
+    server: ServerConfig = ServerConfig()
+    store: str | None = None
+    """Where a stateful service keeps its state (memory: ``redis://host:port/db``; unset: in the process)."""
     limits: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("store")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis:// (or rediss://, unix://) URL, got {redact_url(value)!r}")
+        return value
     """Validated by the service's ``Limits`` model (servers side), not here."""
 
     @field_validator("address")
@@ -224,12 +262,16 @@ class MemoryContextConfig(Section):
 
     recent_count: AtLeastOne = 5
     max_chars: AtLeastOne = 100
+    max_store_chars: AtLeastOne = 2000
+    """Longest message the orchestrator stores as memory (a huge reply is cut, never re-sent every turn)."""
 
 
 class SessionConfig(Section):
     """Shape of one heist conversation."""
 
     max_turns: AtLeastOne = 8
+    max_turns_allowed: AtLeastOne = 10_000
+    """The most turns a run may ask for (``--turns``), so a typo cannot start an endless run."""
     turn_order: tuple[NonEmpty, ...] = ()
     """Empty: the crew in the order of ``agents``."""
     strategy: TurnStrategyName = "round_robin"
@@ -237,6 +279,8 @@ class SessionConfig(Section):
     objective: NonEmpty = "Plan the First Meridian Bank vault job. Share what you know and propose the next step."
     tool_result_max_chars: AtLeastOne = 1500
     memory: MemoryContextConfig = MemoryContextConfig()
+    oauth_client: NonEmpty = "orchestrator"
+    """The OAuth client the orchestrator itself is, for session-wide calls (the memory service)."""
     stale_after_s: Positive = 600.0
     """``orchestrator resume``: an ``active`` session with no committed turn for this long counts as dead.
 
@@ -245,10 +289,23 @@ class SessionConfig(Section):
     """
 
 
+AUDIT_URL_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
 class DatabaseConfig(Section):
     """Where the audit trail lives (a ``playhouse.db_url`` URL; default: a SQLite file in the run folder)."""
 
     url: NonEmpty
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.partition("://")[0]
+        if "://" not in value or scheme not in AUDIT_URL_SCHEMES:
+            raise ValueError(
+                f"unsupported database URL {redact_url(value)!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+            )
+        return value
 
 
 class GrpcRetryConfig(Section):
@@ -389,6 +446,15 @@ class HeistConfig(Section):
         return copy
 
 
+def redact_url(url: str) -> str:
+    """Return the URL with any password replaced by ``***`` (safe to print and log)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
 def resolve_database_url(url: str | None, run_dir: Path) -> str:
     """Default to ``<run_dir>/audit/heist.db``; anchor a relative SQLite path at the repository root."""
     if url is None:
@@ -459,8 +525,12 @@ def read_yaml(path: Path) -> Mapping[str, Any]:
         raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: invalid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):

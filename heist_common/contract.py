@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -24,6 +25,7 @@ from heist.tools.v1 import options_pb2 as tool_options
 
 __all__ = [
     "AUTHORIZATION_METADATA_KEY",
+    "SESSION_ID_PATTERN",
     "SESSION_METADATA_KEY",
     "TRACEPARENT_METADATA_KEY",
     "Catalogue",
@@ -40,6 +42,9 @@ SESSION_METADATA_KEY = "x-session-id"
 
 AUTHORIZATION_METADATA_KEY = "authorization"
 """Call metadata that carries ``Bearer <token>``."""
+
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""What a session ID may look like: it becomes file names, log fields and a token claim."""
 
 TRACEPARENT_METADATA_KEY = "traceparent"
 """W3C Trace Context: ``00-<trace id>-<span id>-01``; one trace per agent turn."""

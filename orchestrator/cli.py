@@ -12,11 +12,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from heist_common.config import ConfigError, HeistConfig, default_config_path, load_config
+from pydantic import ValidationError
+
+from heist_common.config import (
+    ConfigError,
+    DatabaseConfig,
+    HeistConfig,
+    default_config_path,
+    format_validation_error,
+    load_config,
+    redact_url,
+    resolve_database_url,
+)
 from heist_common.exit_codes import ExitCode
 from orchestrator.agent import TurnResult
 from orchestrator.audit import AuditError, AuditStore, UnknownSessionError
@@ -52,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
     run.add_argument("--turns", type=int, default=None, help="number of agent turns (default: session.max_turns)")
     run.add_argument("--session-id", default=None, help="use this session ID instead of a generated one")
-    run.add_argument("--seed", type=int, default=None, help="seed for the random turn strategy")
+    run.add_argument("--seed", type=_seed, default=None, help="seed for the random turn strategy (0 to 2**63-1)")
     run.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint (default: llm.base_url)")
     run.add_argument("--model", default=None, help="model name (default: llm.model)")
     run.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
@@ -109,6 +123,17 @@ def _add_resume_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     resume.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
 
 
+def _seed(text: str) -> int:
+    """Parse a ``--seed`` value: it is stored in the audit as a 64-bit integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError("must be from 0 to 2**63-1")
+    return value
+
+
 def _load(args: argparse.Namespace) -> HeistConfig:
     path = args.config if args.config is not None else default_config_path()
     try:
@@ -116,15 +141,40 @@ def _load(args: argparse.Namespace) -> HeistConfig:
     except ConfigError as exc:
         raise CommandError(f"configuration error: {exc}", ExitCode.CONFIG) from None
     if getattr(args, "db", None):
-        config = config.with_overrides(database=config.database.model_copy(update={"url": args.db}))
+        try:
+            database = DatabaseConfig(url=resolve_database_url(args.db, config.mesh.run_dir))
+        except ValidationError as exc:
+            raise CommandError(format_validation_error(exc, "--db"), ExitCode.USAGE) from None
+        config = config.with_overrides(database=database)
     return config
 
 
-def _open_store(config: HeistConfig) -> AuditStore:
+def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
+    """Open the audit database; only ``run`` may create one, and only in a folder that exists.
+
+    The default folder in the run folder is created; a path the user named must
+    already have its folder, so a typo in ``--db`` fails instead of silently
+    starting a new, empty audit trail somewhere else.
+    """
+    url = config.database.url
+    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
+    default = f"sqlite:///{config.mesh.run_dir / 'audit' / 'heist.db'}"
+    if path is not None and not create and not path.exists():
+        raise CommandError(f"no audit database at {path} (nothing has run yet?)", ExitCode.DATABASE)
+    if path is not None and create and url != default and not path.parent.is_dir():
+        raise CommandError(f"cannot create the audit database: folder {path.parent} does not exist", ExitCode.DATABASE)
     try:
-        return AuditStore.open(config.database.url)
+        return AuditStore.open(url)
     except AuditError as exc:
-        raise CommandError(str(exc), ExitCode.DATABASE) from None
+        raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text from the model or a caller, safe for a terminal: control characters shown escaped, never obeyed."""
+    return CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 def print_health(results: Sequence[HealthResult]) -> None:
@@ -150,13 +200,13 @@ def print_turn(turn: TurnResult) -> None:
     """One turn as it happens."""
     # Long tool results (a whole document) would bury the conversation; `show` prints them in full.
     said = turn.message if len(turn.message) <= TURN_PRINT_CHARS else turn.message[: TURN_PRINT_CHARS - 3] + "..."
-    print(f"[turn {turn.turn_id}] {turn.agent_name} ({turn.agent_role}): {said}")
+    print(printable(f"[turn {turn.turn_id}] {turn.agent_name} ({turn.agent_role}): {said}"))
     for row in turn.tool_usage:
         outcome = "ok" if row.success else f"failed {row.status_code}"
-        print(f"    tool {row.tool_name}.{row.operation} {row.tool_params} -> {outcome}")
+        print(printable(f"    tool {row.tool_name}.{row.operation} {row.tool_params} -> {outcome}"))
     for event in turn.events:
         if event.status_code != "OK":
-            print(f"    ! {event.service}.{event.operation} {event.status_code}: {event.detail}")
+            print(printable(f"    ! {event.service}.{event.operation} {event.status_code}: {event.detail}"))
 
 
 def _print_summary(result: SessionResult) -> None:
@@ -165,11 +215,11 @@ def _print_summary(result: SessionResult) -> None:
     print(f"Turns:      {len(result.turns)}")
     print(f"Tool calls: {result.tool_calls_ok} ok, {result.tool_calls_failed} failed")
     print(f"Errors:     {result.errors}")
-    print(f"Audit DB:   {result.database}")
+    print(f"Audit DB:   {redact_url(result.database)}")
     if result.exports:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
     if result.error:
-        print(f"Error:      {result.error}", file=sys.stderr)
+        print(printable(f"Error:      {redact_url(result.error)}"), file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -182,8 +232,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             }
         )
         config = config.with_overrides(llm=llm)
-    if args.turns is not None and args.turns < 1:
-        raise CommandError("--turns must be at least 1", ExitCode.USAGE)
+    allowed = config.session.max_turns_allowed
+    if args.turns is not None and not 1 <= args.turns <= allowed:
+        raise CommandError(f"--turns must be 1 to {allowed} (session.max_turns_allowed)", ExitCode.USAGE)
+    if args.out is not None:
+        _check_writable(args.out)
     options = RunOptions(
         session_id=args.session_id,
         turns=args.turns,
@@ -191,12 +244,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         require_healthy=args.require_healthy,
         export_dir=args.out,
     )
+    _open_store(config, create=True).close()  # a bad --db fails here, before any service is called
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM (a container stop, kill) ends a run like Ctrl-C: the session is marked interrupted.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
     except AuditError as exc:
-        raise CommandError(str(exc), ExitCode.DATABASE) from None
+        raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
     except ValueError as exc:  # invalid --session-id
         raise CommandError(str(exc), ExitCode.USAGE) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     _print_summary(result)
     return result.exit_code
 
@@ -216,7 +276,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
             }
         )
         config = config.with_overrides(llm=llm)
+    if args.out is not None:
+        _check_writable(args.out)
     options = RunOptions(require_healthy=args.require_healthy, export_dir=args.out)
+    _open_store(config, create=False).close()  # resume never creates an audit database
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM ends a resumed run like Ctrl-C, as for `run`: the session is marked interrupted (and resumable).
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         result = asyncio.run(
             resume_session(
@@ -236,11 +302,25 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     except ResumeConflictError as exc:
         raise CommandError(f"cannot resume: {exc}", ExitCode.CONFIG) from None
     except AuditError as exc:
-        raise CommandError(str(exc), ExitCode.DATABASE) from None
+        raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     _print_summary(result)
     if result.turns_before:
         print(f"Resumed:    after turn {result.turns_before}; {result.turns_before + len(result.turns)} turns in all")
     return result.exit_code
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before the run, not after it, when the session logs could not be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".heist-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CommandError(f"cannot write session logs to {folder}: {exc.strerror or exc}", ExitCode.FAILED) from None
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -260,7 +340,13 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:
-    store = _open_store(_load(args))
+    config = _load(args)
+    url = config.database.url
+    configured = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    if not getattr(args, "db", None) and configured is not None and not Path(configured).exists():
+        print("No sessions yet.")  # nothing has run with this config; a --db that does not exist is an error
+        return 0
+    store = _open_store(config, create=False)
     try:
         rows = store.read_sessions()
     finally:
@@ -278,7 +364,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _read_log(args: argparse.Namespace) -> dict[str, object]:
-    store = _open_store(_load(args))
+    store = _open_store(_load(args), create=False)
     try:
         return store.read_session_log(args.session_id)
     except UnknownSessionError:
@@ -289,7 +375,7 @@ def _read_log(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    print(render_markdown(_read_log(args)), end="")
+    print(printable(render_markdown(_read_log(args))), end="")
     return 0
 
 
@@ -297,7 +383,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     log = _read_log(args)
     text = render_json(log) if args.format == "json" else render_markdown(log)
     if args.out is None:
-        print(text, end="")
+        print(printable(text), end="")
         return 0
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)

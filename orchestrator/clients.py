@@ -31,6 +31,7 @@ from heist_common.contract import (
     SESSION_METADATA_KEY,
     TRACEPARENT_METADATA_KEY,
     Catalogue,
+    contract_of,
 )
 from heist_common.credentials import CredentialsError, client_secret
 from orchestrator.audit import EventRow
@@ -209,8 +210,13 @@ class TokenProvider:
         self.issued_count = 0
 
     async def token(self, client_id: str, scopes: Sequence[str], metadata: Metadata) -> str:
-        """Return a valid bearer token for ``client_id`` with ``scopes``; ServiceCallError if OAuth fails."""
-        key = client_id + "|" + " ".join(scopes)
+        """Return a valid bearer token for ``client_id`` with ``scopes``; ServiceCallError if OAuth fails.
+
+        The token is bound to the session in ``metadata`` (the OAuth server puts
+        it in the token), so tokens are cached per session too.
+        """
+        session = next((value for key, value in metadata if key == SESSION_METADATA_KEY), "")
+        key = f"{session}|{client_id}|{' '.join(scopes)}"
         cached = self._cache.get(key)
         if cached is not None and time.monotonic() < cached[1]:
             return cached[0]
@@ -230,40 +236,62 @@ class TokenProvider:
 
     def invalidate(self, client_id: str) -> None:
         """Forget a client's tokens (after UNAUTHENTICATED, e.g. the OAuth key was rotated)."""
-        for key in [k for k in self._cache if k.startswith(client_id + "|")]:
+        for key in [k for k in self._cache if k.split("|")[1] == client_id]:
             del self._cache[key]
 
 
 class MemoryClient:
-    """Typed calls to MemoryService; the session comes from ``x-session-id`` metadata."""
+    """Typed calls to MemoryService, as the orchestrator's own OAuth client, with a token bound to the session.
 
-    def __init__(self, memory: GuardedService) -> None:
+    The session comes from ``x-session-id`` metadata; the memory service only
+    answers a token issued for that same session.
+    """
+
+    def __init__(self, memory: GuardedService, tokens: TokenProvider, client_id: str, max_store_chars: int) -> None:
         self.service = memory
+        self._max_store_chars = max_store_chars
         self._stub = memory_pb2_grpc.MemoryServiceStub(memory.channel)
+        self._tokens = tokens
+        self._client_id = client_id
+        self._scopes = contract_of("memory").scopes
+
+    async def _authorized(self, operation: str, metadata: Metadata) -> Metadata:
+        try:
+            token = await self._tokens.token(self._client_id, self._scopes, metadata)
+        except ServiceCallError as exc:
+            detail = f"no token: {exc.detail}"
+            raise ServiceCallError("memory", operation, exc.status_code, detail, exc.latency_ms) from None
+        return (*metadata, (AUTHORIZATION_METADATA_KEY, f"Bearer {token}"))
 
     async def compressed(self, agent: str, recent_count: int, max_chars: int, metadata: Metadata) -> str:
         """Return the agent's compressed memory (last ``recent_count`` messages, each cut to ``max_chars``)."""
         request = memory_pb2.GetCompressedMemoryRequest(
             agent_name=agent, recent_count=recent_count, max_chars=max_chars
         )
-        response = await self.service.call("GetCompressedMemory", self._stub.GetCompressedMemory, request, metadata)
+        authorized = await self._authorized("GetCompressedMemory", metadata)
+        response = await self.service.call("GetCompressedMemory", self._stub.GetCompressedMemory, request, authorized)
         return response.summary
 
     async def store(self, agent: str, turn_id: int, message: str, metadata: Metadata) -> int:
-        """Store one turn (idempotent per agent and turn); returns the agent's memory count."""
+        """Store one turn, cut to ``max_store_chars`` (idempotent per agent and turn); returns the agent's count."""
+        if len(message) > self._max_store_chars:
+            message = message[: self._max_store_chars - 3] + "..."
         request = memory_pb2.StoreMemoryRequest(agent_name=agent, turn_id=turn_id, message=message)
-        response = await self.service.call("StoreMemory", self._stub.StoreMemory, request, metadata)
+        authorized = await self._authorized("StoreMemory", metadata)
+        response = await self.service.call("StoreMemory", self._stub.StoreMemory, request, authorized)
         return response.agent_memory_count
 
     async def session_memories(self, metadata: Metadata) -> int:
         """How many memories the service holds for the calling session."""
-        response = await self.service.call("GetStats", self._stub.GetStats, memory_pb2.GetStatsRequest(), metadata)
+        authorized = await self._authorized("GetStats", metadata)
+        response = await self.service.call("GetStats", self._stub.GetStats, memory_pb2.GetStatsRequest(), authorized)
         return response.session_memories
 
     async def clear_session(self, metadata: Metadata) -> int:
         """Forget the calling session's memories; returns how many there were."""
         request = memory_pb2.ClearMemoriesRequest()
-        response = await self.service.call("ClearMemories", self._stub.ClearMemories, request, metadata)
+        authorized = await self._authorized("ClearMemories", metadata)
+        response = await self.service.call("ClearMemories", self._stub.ClearMemories, request, authorized)
         return response.cleared
 
 
@@ -312,7 +340,9 @@ class ServiceClients:
             )
             self.services[name] = GuardedService(name, settings.address, settings.deadline_s, channel, breaker)
         self.tokens = TokenProvider(self.services["oauth"], config)
-        self.memory = MemoryClient(self.services["memory"])
+        self.memory = MemoryClient(
+            self.services["memory"], self.tokens, config.session.oauth_client, config.session.memory.max_store_chars
+        )
         self.tool_stubs: dict[str, Any] = {
             tool: service.stub_class(self.services[tool].channel)
             for tool, service in self.registry.services.items()

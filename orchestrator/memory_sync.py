@@ -44,6 +44,8 @@ class MemorySync:
         self.messages_written = 0
         self.per_agent: dict[str, int] = {}
         self.rebuilds = 0
+        self._failed_rebuilds = 0
+        self._next_rebuild_turn = 0
 
     def record_written(self, agent_name: str) -> None:
         """Count a message that reached the audit database."""
@@ -53,7 +55,7 @@ class MemorySync:
     async def after_store(self, agent_name: str, agent_memory_count: int, turn_id: int) -> list[EventRow]:
         """Rebuild after a successful StoreMemory if the service lost anything."""
         lost = agent_memory_count < self.per_agent.get(agent_name, 0)
-        if not (lost or self.degraded):
+        if not (lost or self.degraded) or turn_id < self._next_rebuild_turn:
             return []
         try:
             held = await self._clients.memory.session_memories(self._metadata)
@@ -90,9 +92,13 @@ class MemorySync:
             raise unexpected[0]
         latency = (time.perf_counter() - start) * 1000.0
         if failures:
+            # Back off (2, 4, 8, 16 turns) so a service that keeps refusing is not sent the whole session every turn.
             self.degraded = True
+            self._failed_rebuilds += 1
+            self._next_rebuild_turn = (turn_id or 0) + min(2**self._failed_rebuilds, 16)
             return [failures[0].to_event(turn_id)]
         self.degraded = False
+        self._failed_rebuilds = 0
         self.rebuilds += 1
         return [
             EventRow(

@@ -8,7 +8,7 @@ audit store, so many sessions can share one set of channels.
 from __future__ import annotations
 
 import asyncio
-import re
+import itertools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from heist_common.config import HeistConfig
+from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
 from orchestrator.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext, TurnResult
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
@@ -23,7 +24,7 @@ from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
 from orchestrator.llm import LLMClient
 from orchestrator.resume import ResumePoint, prepare_resume
-from orchestrator.strategies import turn_schedule
+from orchestrator.strategies import iter_schedule
 
 __all__ = [
     "RunOptions",
@@ -35,8 +36,6 @@ __all__ = [
     "run_session",
 ]
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-"""Session IDs become file names of the exports, so they stay filesystem-safe."""
 
 TurnObserver = Callable[[TurnResult], None]
 
@@ -193,19 +192,21 @@ class SessionRunner:
 
     async def _play(self, result: SessionResult) -> None:
         session_config = self.config.session
-        schedule = turn_schedule(session_config.strategy, self.config.turn_order, self.turns, self.seed)
+        schedule = iter_schedule(session_config.strategy, self.config.turn_order, self.turns, self.seed)
         history = await self._pick_up(result) if self.resume_point is not None else []
-        first = len(history)
+        for _ in history:  # the turns played before the session was resumed
+            next(schedule, None)
+        following = next(schedule, None)
         prefetched: asyncio.Task[MemoryFetch] | None = None
         failures_allowed = self.config.resilience.llm_max_consecutive_failures
         failed_in_a_row = 0
         try:
-            for index, name in enumerate(schedule):
-                if index < first:  # played before the session was resumed
-                    continue
+            for index in itertools.count(len(history)):
+                if following is None:
+                    break
+                name, following = following, next(schedule, None)
                 agent = self.agents[name]
                 memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
-                following = schedule[index + 1] if index + 1 < len(schedule) else None
                 # The next speaker's memory cannot change during this turn unless it is the same agent.
                 prefetched = (
                     asyncio.ensure_future(self.agents[following].fetch_memory())
@@ -253,7 +254,9 @@ class SessionRunner:
                     None, write_exports, self.context.audit, self.session_id, out_dir
                 )
             except (AuditError, OSError) as exc:
+                # The session itself is recorded as it ended; the run still failed to leave its logs.
                 result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
+                result.exit_code = result.exit_code or ExitCode.FAILED
         return result
 
     @staticmethod

@@ -60,6 +60,7 @@ __all__ = [
     "public_key_overridden",
     "public_pem",
     "signing_key",
+    "signing_key_overridden",
 ]
 
 SIGNING_KEY_FILE_ENV = "HEIST_OAUTH_SIGNING_KEY_FILE"
@@ -76,6 +77,11 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+
+
+def signing_key_overridden() -> bool:
+    """Whether the signing key comes from ``HEIST_OAUTH_SIGNING_KEY_FILE`` (production) rather than dev files."""
+    return bool(os.environ.get(SIGNING_KEY_FILE_ENV))
 
 
 def public_key_overridden() -> bool:

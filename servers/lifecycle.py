@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +31,14 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from heist_common.config import ConfigError, HeistConfig, format_validation_error, load_config, split_address
+from heist_common.config import (
+    ConfigError,
+    HeistConfig,
+    ServerConfig,
+    format_validation_error,
+    load_config,
+    split_address,
+)
 from heist_common.contract import ContractError, ServiceContract, contract_of
 from heist_common.exit_codes import ExitCode
 from servers import credentials
@@ -131,6 +139,32 @@ def token_verifier(config: HeistConfig) -> TokenVerifier:
     return TokenVerifier(credentials.public_key(config), issuer=config.oauth.issuer, audience=config.oauth.audience)
 
 
+def server_options(bounds: ServerConfig) -> list[tuple[str, int]]:
+    """GRPC's own channel arguments for ``services.<name>.server`` (see ``ServerConfig``)."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", bounds.max_connections),
+        ("grpc.max_concurrent_streams", bounds.max_concurrent_streams),
+        ("grpc.server_handshake_timeout_ms", int(bounds.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(bounds.max_connection_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(bounds.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(bounds.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_receive_message_length", bounds.max_receive_bytes),
+    ]
+
+
+def raise_open_file_limit(wanted: int = 65_536) -> int:
+    """Raise this process's soft descriptor limit towards the hard one, so connection caps bind first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
 async def start(
     definition: ServiceDefinition, config: HeistConfig, address: str, *, log_stream: Any = None
 ) -> RunningServer:
@@ -140,7 +174,8 @@ async def start(
     scopes = contract.scopes_by_method_path()
     verifier = token_verifier(config) if contract.scopes else None
     access_log = AccessLog(definition.name, log_stream)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    bounds = config.service(definition.name).server
+    server = grpc.aio.server(options=server_options(bounds), maximum_concurrent_rpcs=bounds.max_concurrent_rpcs)
     registrar: Any = WrappingRegistrar(server, CallMiddleware(access_log, scopes, verifier))
     contract.add_servicer(definition.servicer, registrar)
 
@@ -239,6 +274,7 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
         log.error("%s: %s", service_name, exc)
         return ExitCode.CONFIG
     grace_s = args.grace if args.grace is not None else config.mesh.shutdown_grace_s
+    raise_open_file_limit()
     try:
         asyncio.run(serve_until_signalled(definition, config, address, grace_s))
     except OSError as exc:

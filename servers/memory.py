@@ -1,14 +1,14 @@
 """Memory service: per-session, per-agent recent messages as compact context.
 
-Why in-process dicts: this is a cache of the orchestrator's audit database (the
-source of truth) and sits on every agent turn, so each call must cost
-microseconds. All handlers run on one event loop and never await between
-reading and updating the store, so concurrent calls need no lock.
+It is a cache of the orchestrator's audit database (the source of truth) and
+sits on every agent turn. The store is in this process by default (each call
+costs microseconds) or Redis (``services.memory.store: redis://...``), which
+keeps no session state in the process, so replicas share it and a restart loses
+nothing; both enforce the same quotas (``servers.memory_store``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import grpc
@@ -18,85 +18,42 @@ from pydantic import Field
 from heist_common.config import HeistConfig
 from servers import lifecycle
 from servers.lifecycle import ServiceDefinition
-from servers.middleware import session_id
+from servers.memory_store import MemoryStore, QuotaError, open_store
+from servers.middleware import CALLER, session_id
 
 TRUNCATION_MARK = "..."
+ADMIN_SCOPE = "memory:admin"
+"""Reads and wipes any session; never granted to agents (the dev config gives it to the grpcurl client)."""
 
 
 class Limits(lifecycle.Limits):
-    """``services.memory.limits``: size bounds and defaults of the memory service."""
+    """``services.memory.limits``: what one request, one session and the whole service may hold."""
 
     max_message_bytes: int = Field(64 * 1024, ge=1, strict=True)
+    max_agent_name_chars: int = Field(128, ge=1, strict=True)
     default_recent_count: int = Field(5, ge=1, strict=True)
     default_max_chars: int = Field(100, ge=1, strict=True)
-    max_agent_name_chars: int = Field(128, ge=1, strict=True)
-
-
-class MemoryStore:
-    """Messages keyed by session -> agent -> turn, with running totals for GetStats."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, dict[str, dict[int, str]]] = {}
-        self._sessions_per_agent: Counter[str] = Counter()
-        self._total = 0
-
-    def store(self, session: str, agent: str, turn: int, message: str) -> int:
-        """Store (or replace) one turn's message; return the agent's memory count in the session."""
-        agents = self._sessions.get(session)
-        if agents is None:
-            agents = self._sessions[session] = {}
-        turns = agents.get(agent)
-        if turns is None:
-            turns = agents[agent] = {}
-            self._sessions_per_agent[agent] += 1
-        if turn not in turns:
-            self._total += 1
-        turns[turn] = message
-        return len(turns)
-
-    def recent(self, session: str, agent: str, count: int) -> tuple[list[tuple[int, str]], int]:
-        """Return the agent's last ``count`` (turn, message) pairs in turn order, and its total."""
-        turns = self._sessions.get(session, {}).get(agent, {})
-        latest = sorted(turns)[-count:]
-        return [(turn, turns[turn]) for turn in latest], len(turns)
-
-    def stats(self, session: str) -> memory_pb2.GetStatsResponse:
-        """Return global counts plus those of ``session``."""
-        agents = self._sessions.get(session, {})
-        return memory_pb2.GetStatsResponse(
-            agents=len(self._sessions_per_agent),
-            sessions=len(self._sessions),
-            memories=self._total,
-            session_memories=sum(len(turns) for turns in agents.values()),
-            session_agents=len(agents),
-        )
-
-    def clear_session(self, session: str) -> int:
-        """Forget one session; return how many memories were removed."""
-        agents = self._sessions.pop(session, {})
-        removed = 0
-        for agent, turns in agents.items():
-            removed += len(turns)
-            self._sessions_per_agent[agent] -= 1
-            if self._sessions_per_agent[agent] <= 0:
-                del self._sessions_per_agent[agent]
-        self._total -= removed
-        return removed
-
-    def clear_all(self) -> int:
-        """Forget every session; return how many memories were removed."""
-        removed = self._total
-        self._sessions.clear()
-        self._sessions_per_agent.clear()
-        self._total = 0
-        return removed
+    max_recent_count: int = Field(50, ge=1, strict=True)
+    """Most memories one GetCompressedMemory may ask for."""
+    max_chars_per_memory: int = Field(2000, ge=1, strict=True)
+    """Most characters of each memory one GetCompressedMemory may ask for."""
+    max_memories_per_session: int = Field(5000, ge=1, strict=True)
+    max_session_bytes: int = Field(4 * 1024 * 1024, ge=1, strict=True)
+    max_sessions: int = Field(1000, ge=1, strict=True)
+    max_total_bytes: int = Field(256 * 1024 * 1024, ge=1, strict=True)
+    idle_session_ttl_s: float = Field(6 * 3600, gt=0, strict=True)
+    """A session untouched this long is forgotten (the audit database can rebuild it)."""
 
 
 def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
-    """Render memories as "Turn <n>: <text>" lines, each text cut to ``max_chars`` plus "..."."""
+    """Render memories as "Turn <n>: <text>" lines, each on one line and cut to ``max_chars`` plus "...".
+
+    A stored newline would otherwise let one message forge further "Turn 99:" lines.
+    """
     lines = []
     for turn, message in memories:
-        text = message if len(message) <= max_chars else message[:max_chars] + TRUNCATION_MARK
+        flat = " ".join(message.split())
+        text = flat if len(flat) <= max_chars else flat[:max_chars] + TRUNCATION_MARK
         lines.append(f"Turn {turn}: {text}")
     return "\n".join(lines)
 
@@ -104,14 +61,22 @@ def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Serves heist.memory.v1.MemoryService."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, store: MemoryStore) -> None:
         self._limits = limits
-        self._store = MemoryStore()
+        self._store = store
 
     async def _require_session(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Return the call's session, which the caller's token must be bound to (or carry ``memory:admin``)."""
         session = session_id(context)
         if not session:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing 'x-session-id' call metadata")
+        caller = CALLER.get()
+        if caller is None or (caller.session_id != session and ADMIN_SCOPE not in caller.scopes):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "memory is per session: use a token issued with this call's 'x-session-id' "
+                f"(or one with the {ADMIN_SCOPE!r} scope)",
+            )
         return session
 
     async def _check_agent(self, agent_name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -133,12 +98,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"turn_id must be >= 0, got {request.turn_id}")
         message = request.message
         limit = self._limits.max_message_bytes
-        # Cheap length test first: a str of n characters encodes to at most 4n bytes.
-        if len(message) * 4 > limit and len(message.encode("utf-8", "surrogatepass")) > limit:
+        size = len(message.encode("utf-8", "surrogatepass"))
+        if size > limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"message is larger than the limit of {limit} bytes"
             )
-        count = self._store.store(session, request.agent_name, request.turn_id, message)
+        try:
+            count = await self._store.store(session, request.agent_name, request.turn_id, message, size)
+        except QuotaError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return memory_pb2.StoreMemoryResponse(agent_memory_count=count)
 
     async def GetCompressedMemory(
@@ -149,9 +117,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         await self._check_agent(request.agent_name, context)
         if request.recent_count < 0 or request.max_chars < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recent_count and max_chars must be >= 0")
+        limits = self._limits
+        if request.recent_count > limits.max_recent_count or request.max_chars > limits.max_chars_per_memory:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"recent_count may be at most {limits.max_recent_count} and max_chars at most "
+                f"{limits.max_chars_per_memory}",
+            )
         count = request.recent_count or self._limits.default_recent_count
         max_chars = request.max_chars or self._limits.default_max_chars
-        memories, total = self._store.recent(session, request.agent_name, count)
+        memories, total = await self._store.recent(session, request.agent_name, count)
         return memory_pb2.GetCompressedMemoryResponse(
             summary=compress(memories, max_chars), included_count=len(memories), total_count=total
         )
@@ -160,26 +135,27 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self, request: memory_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> memory_pb2.GetStatsResponse:
         """Return global and calling-session counts."""
-        return self._store.stats(session_id(context))
+        return await self._store.stats(await self._require_session(context))
 
     async def ClearMemories(
         self, request: memory_pb2.ClearMemoriesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> memory_pb2.ClearMemoriesResponse:
-        """Forget the calling session, or every session when ``all_sessions`` is set."""
+        """Forget the calling session, or every session when ``all_sessions`` is set (``memory:admin`` only)."""
         if request.all_sessions:
-            return memory_pb2.ClearMemoriesResponse(cleared=self._store.clear_all())
-        session = session_id(context)
-        if not session:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "send 'x-session-id' metadata to clear one session, or set all_sessions to clear every session",
-            )
-        return memory_pb2.ClearMemoriesResponse(cleared=self._store.clear_session(session))
+            caller = CALLER.get()
+            if caller is None or ADMIN_SCOPE not in caller.scopes:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"clearing every session needs the {ADMIN_SCOPE!r} scope"
+                )
+            return memory_pb2.ClearMemoriesResponse(cleared=await self._store.clear_all())
+        session = await self._require_session(context)
+        return memory_pb2.ClearMemoriesResponse(cleared=await self._store.clear_session(session))
 
 
 def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
-    """Build the memory servicer."""
-    return ServiceDefinition("memory", MemoryServicer(limits))
+    """Build the memory servicer on the configured store (``services.memory.store``; unset: in this process)."""
+    store = open_store(config.service("memory").store, limits)
+    return ServiceDefinition("memory", MemoryServicer(limits, store), on_stop=store.close)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ happens on each call, that is what happens once per process.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
+import json
 import logging
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -17,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
-from servers.tokens import InvalidTokenError, TokenVerifier
+from servers.tokens import InvalidTokenError, TokenClaims, TokenVerifier
 
 log = logging.getLogger("heist.server")
+
+CALLER: contextvars.ContextVar[TokenClaims | None] = contextvars.ContextVar("heist_caller", default=None)
+"""The verified token of the call being handled (None for methods that need no token)."""
 
 class AccessLog:
     """Buffers one line per call and writes them in batches.
@@ -38,13 +44,19 @@ class AccessLog:
         self._second = -1
         self._prefix = ""
 
-    def add(self, line: str) -> None:
-        """Queue one line (the timestamp is taken now; formatted once per second)."""
+    def add(self, record: dict[str, object]) -> None:
+        """Queue one call as a JSON object on one line (the timestamp is taken now; formatted once per second).
+
+        JSON, not ``key=value`` text: every caller-supplied value is escaped, so a
+        session ID with a newline or a space cannot forge a line or a field.
+        """
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._prefix = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(now))} {self._service} "
-        self._lines.append(f"{self._prefix}{line}\n")
+            self._prefix = f'{{"time": "{time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))}", ' + (
+                f'"service": {json.dumps(self._service)}, '
+            )
+        self._lines.append(self._prefix + json.dumps(record, ensure_ascii=True)[1:] + "\n")
 
     def flush(self) -> None:
         """Write every queued line."""
@@ -75,17 +87,62 @@ class AccessLog:
             self.flush()
 
 
+ECHO_LIMIT = 64
+"""Longest piece of caller input repeated in a status message (a status message is a header: keep it short)."""
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """Caller input as it may appear in a status message: quoted, printable, cut to ``limit`` characters."""
+    text = str(value)
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return repr(cut)
+
+
 def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
     """Return one call metadata value ('' if absent)."""
-    return _find(context.invocation_metadata() or (), key)
+    return _find(call_metadata(context), key)
+
+
+def call_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Any, ...]:
+    """Return the call's metadata; empty (never a traceback) if a value could not be decoded."""
+    try:
+        return tuple(context.invocation_metadata() or ())
+    except (UnicodeDecodeError, ValueError):
+        return ()
 
 
 def _find(metadata: Iterable[Any], key: str) -> str:
     for item in metadata:
         if item[0] == key:
             value = item[1]
-            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return ""
+
+
+FIELD_LIMIT = 128
+"""Longest caller-supplied value written to the access log."""
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+"""W3C Trace Context, version 00 (lower-case hex only)."""
+
+
+def _field(value: str) -> str:
+    """Return a caller-supplied value as logged: '-' when absent, cut to ``FIELD_LIMIT`` characters."""
+    return (value if len(value) <= FIELD_LIMIT else value[:FIELD_LIMIT] + "...") if value else "-"
+
+
+def trace_id(traceparent: str) -> str:
+    """Return the trace ID of a valid ``traceparent`` ('-' when absent or invalid: an invalid one is dropped)."""
+    match = TRACEPARENT.match(traceparent)
+    if match is None or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
+        return "-"
+    return match.group(1)
+
+
+def _denied(reason: str, client: str | None = None) -> dict[str, str]:
+    fields = {"auth": "denied", "reason": reason}
+    if client is not None:
+        fields["client"] = client
+    return fields
 
 
 def session_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -141,18 +198,22 @@ class CallMiddleware:
 
     def _check(
         self, scope: str, metadata: Iterable[Any]
-    ) -> tuple[str, grpc.StatusCode | None, str]:
-        """Check the call's bearer token for ``scope``: (access-log note, status to abort with or None, message).
+    ) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
+        """Check the call's bearer token for ``scope``: (access-log fields, status to abort with or None, message).
+
+        A token bound to a session (its ``sid`` claim) is accepted only for calls
+        of that session (``x-session-id``), so a leaked or guessed session ID is
+        worthless without that session's token.
 
         Synchronous on purpose: an allowed call (verified tokens are cached per
         token string, expiry checked on every use) costs no coroutine.
         """
         if self._verifier is None:
-            return "auth=denied reason=no_verifier", grpc.StatusCode.UNAUTHENTICATED, "this server cannot verify tokens"
+            return _denied("no_verifier"), grpc.StatusCode.UNAUTHENTICATED, "this server cannot verify tokens"
         header = _find(metadata, AUTHORIZATION_METADATA_KEY)
         if not header:
             return (
-                "auth=denied reason=missing",
+                _denied("missing"),
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"missing '{AUTHORIZATION_METADATA_KEY}: Bearer <token>' metadata (scope {scope!r} required)",
             )
@@ -160,21 +221,35 @@ class CallMiddleware:
         token = token.strip()
         if kind.lower() != "bearer" or not token:
             return (
-                "auth=denied reason=malformed",
+                _denied("malformed"),
                 grpc.StatusCode.UNAUTHENTICATED,
                 "authorization metadata must be 'Bearer <token>'",
             )
         try:
             claims = self._verifier.verify(token)
         except InvalidTokenError as exc:
-            return f"auth=denied reason={exc.reason}", grpc.StatusCode.UNAUTHENTICATED, exc.message
+            return _denied(exc.reason), grpc.StatusCode.UNAUTHENTICATED, exc.message
         if scope not in claims.scopes:
             return (
-                f"auth=denied reason=missing_scope client={claims.client_id}",
+                _denied("missing_scope", claims.client_id),
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"token of client {claims.client_id!r} lacks the required scope {scope!r}",
             )
-        return f"auth=ok client={claims.client_id}", None, ""
+        call_session = _find(metadata, SESSION_METADATA_KEY)
+        if claims.session_id and not call_session:
+            return (
+                _denied("no_session", claims.client_id),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "missing 'x-session-id' call metadata (the token is bound to a session)",
+            )
+        if claims.session_id and claims.session_id != call_session:
+            return (
+                _denied("other_session", claims.client_id),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "token is bound to another session than this call's 'x-session-id'",
+            )
+        CALLER.set(claims)
+        return {"auth": "ok", "client": claims.client_id}, None, ""
 
     def _log(
         self,
@@ -182,17 +257,21 @@ class CallMiddleware:
         context: grpc.aio.ServicerContext[Any, Any],
         metadata: Iterable[Any],
         started: float,
-        auth: str,
+        auth: dict[str, str],
         code: grpc.StatusCode | None,
     ) -> None:
         if code is None:
             code = context.code() or grpc.StatusCode.OK
-        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        session = _find(metadata, SESSION_METADATA_KEY) or "-"
-        trace = _find(metadata, TRACEPARENT_METADATA_KEY)[3:35] or "-"  # the trace ID of 00-<trace>-<span>-01
-        line = f"method={method} code={name} ms={elapsed_ms:.2f} peer={context.peer()} session={session} trace={trace}"
-        self._access_log.add(f"{line} {auth}" if auth else line)
+        record: dict[str, object] = {
+            "method": method,
+            "code": code.name if isinstance(code, grpc.StatusCode) else str(code),
+            "ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "peer": context.peer(),
+            "session": _field(_find(metadata, SESSION_METADATA_KEY)),
+            "trace": trace_id(_find(metadata, TRACEPARENT_METADATA_KEY)),
+        }
+        record.update(auth)
+        self._access_log.add(record)
 
     async def _internal(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         log.exception("unexpected error in %s", method)
@@ -201,8 +280,8 @@ class CallMiddleware:
     def _wrap_unary(self, method: str, scope: str | None, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            metadata = context.invocation_metadata() or ()
-            auth = ""
+            metadata = call_metadata(context)
+            auth: dict[str, str] = {}
             code: grpc.StatusCode | None = None
             try:
                 if scope is not None:
@@ -228,8 +307,8 @@ class CallMiddleware:
 
             async def wrapped_gen(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 started = time.perf_counter()
-                metadata = context.invocation_metadata() or ()
-                auth = ""
+                metadata = call_metadata(context)
+                auth: dict[str, str] = {}
                 code: grpc.StatusCode | None = None
                 try:
                     if scope is not None:

@@ -8,29 +8,71 @@ this service publishes through GetSigningKeys.
 from __future__ import annotations
 
 import hmac
+import time
+from collections import OrderedDict
 from typing import Any
 
 import grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
 from heist_common.config import HeistConfig
+from heist_common.contract import SESSION_ID_PATTERN
 from servers import credentials, lifecycle
 from servers.lifecycle import ServiceDefinition
+from servers.middleware import session_id, shown
 from servers.tokens import ALGORITHM, InvalidTokenError, TokenVerifier, issue_token
 
 GRANT_TYPE = "client_credentials"
+INTROSPECT_SCOPE = "oauth:introspect"
+"""A client needs this scope to introspect tokens (RFC 7662 section 2.1: the caller is authenticated)."""
+FREE_FAILURES = 3
+"""Failed secrets a client may send before it has to wait."""
+MAX_LOCKOUT_S = 60.0
+TRACKED_CLIENTS = 10_000
+"""Failure records kept (the oldest are forgotten), so unknown client ids cannot grow memory without bound."""
+
+
+class FailedSecrets:
+    """Slows down guessing: after a few failed secrets a client id must wait, doubling up to a minute.
+
+    Keyed by client id (also unknown ones), so guessing one client's secret from
+    many connections is slowed as much as from one.
+    """
+
+    def __init__(self) -> None:
+        self._records: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def wait_s(self, client_id: str, now: float) -> float:
+        """Seconds the client must still wait before its secret is checked again (0: go ahead)."""
+        record = self._records.get(client_id)
+        return max(0.0, record[1] - now) if record else 0.0
+
+    def failed(self, client_id: str, now: float) -> None:
+        """Count a failed secret; past the free ones, lock the client for 1, 2, 4 ... 60 s."""
+        failures = self._records.pop(client_id, (0, 0.0))[0] + 1
+        excess = failures - FREE_FAILURES
+        locked_until = now + min(MAX_LOCKOUT_S, 2.0 ** (excess - 1)) if excess > 0 else 0.0
+        self._records[client_id] = (failures, locked_until)
+        while len(self._records) > TRACKED_CLIENTS:
+            self._records.popitem(last=False)
+
+    def succeeded(self, client_id: str) -> None:
+        """Forget the client's failures."""
+        self._records.pop(client_id, None)
 
 
 class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
     """Serves heist.oauth.v1.OAuthService."""
 
     def __init__(self, config: HeistConfig) -> None:
-        credentials.ensure_dev_credentials(config)
+        if not credentials.signing_key_overridden():  # production keys come mounted; never write beside them
+            credentials.ensure_dev_credentials(config)
         self._settings = config.oauth
         self._secrets = credentials.client_secrets(config)
         self._signing_key = credentials.signing_key(config)
         public = self._signing_key.public_key()
         self._verifier = TokenVerifier(public, issuer=self._settings.issuer, audience=self._settings.audience)
+        self._failures = FailedSecrets()
         self._key = oauth_pb2.SigningKey(
             key_id=credentials.key_id(public), algorithm=ALGORITHM, public_key_pem=credentials.public_pem(public)
         )
@@ -42,24 +84,23 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
         if request.grant_type != GRANT_TYPE:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"unsupported grant_type {request.grant_type!r} (only {GRANT_TYPE!r} is supported)",
+                f"unsupported grant_type {shown(request.grant_type)} (only {GRANT_TYPE!r} is supported)",
             )
-        if not request.client_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is required")
-        expected = self._secrets.get(request.client_id)
-        # Compare against a dummy for unknown clients too, so timing does not reveal which ids exist.
-        matches = hmac.compare_digest(
-            (expected or "\x00unknown-client").encode(), request.client_secret.encode("utf-8", "replace")
-        )
-        if expected is None or not matches:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
+        await self._authenticate(request.client_id, request.client_secret, context)
+        session = session_id(context)
+        if session and not SESSION_ID_PATTERN.match(session):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "x-session-id must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            )
         allowed = self._settings.clients.get(request.client_id, ())
         requested = list(dict.fromkeys(request.scopes)) or list(allowed)
         refused = [scope for scope in requested if scope not in allowed]
         if refused:
+            listed = ", ".join(shown(scope) for scope in refused[:5]) + (" ..." if len(refused) > 5 else "")
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"client {request.client_id!r} may not be granted scope(s) {', '.join(refused)} "
+                f"client {request.client_id!r} may not be granted scope(s) {listed} "
                 f"(allowed: {', '.join(allowed) or 'none'})",
             )
         ttl = self._settings.token_ttl_s
@@ -70,13 +111,48 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
             client_id=request.client_id,
             scopes=requested,
             ttl_s=ttl,
+            session_id=session,
         )
-        return oauth_pb2.IssueTokenResponse(access_token=token, token_type="Bearer", expires_in=ttl, scopes=requested)
+        return oauth_pb2.IssueTokenResponse(
+            access_token=token, token_type="Bearer", expires_in=ttl, scopes=requested, session_id=session
+        )
+
+    async def _authenticate(
+        self, client_id: str, secret: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Check a client's secret; abort UNAUTHENTICATED (or RESOURCE_EXHAUSTED while it must wait)."""
+        if not client_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is required")
+        now = time.monotonic()
+        wait_s = self._failures.wait_s(client_id, now)
+        if wait_s > 0:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many failed secrets for this client; retry in {wait_s:.0f} s",
+            )
+        expected = self._secrets.get(client_id)
+        # Compare against a dummy for unknown clients too, so timing does not reveal which ids exist.
+        matches = hmac.compare_digest(
+            (expected or "\x00unknown-client").encode(), secret.encode("utf-8", "replace")
+        )
+        if expected is None or not matches:
+            self._failures.failed(client_id, now)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
+        self._failures.succeeded(client_id)
 
     async def IntrospectToken(
         self, request: oauth_pb2.IntrospectTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oauth_pb2.IntrospectTokenResponse:
-        """Report whether a token is active; an invalid token is ``active: false``, never an error."""
+        """Report whether a token is active to an authenticated client with ``oauth:introspect``.
+
+        An invalid token is ``active: false``, never an error.
+        """
+        await self._authenticate(request.client_id, request.client_secret, context)
+        if INTROSPECT_SCOPE not in self._settings.clients.get(request.client_id, ()):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client {request.client_id!r} may not introspect tokens (needs the {INTROSPECT_SCOPE!r} scope)",
+            )
         try:
             claims = self._verifier.verify(request.token)
         except InvalidTokenError:
@@ -90,6 +166,7 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
             issuer=claims.issuer,
             audience=claims.audience,
             token_type="Bearer",
+            session_id=claims.session_id,
         )
 
     async def GetSigningKeys(

@@ -33,6 +33,8 @@ class TokenClaims:
     issued_at: int
     expires_at: int
     token_id: str
+    session_id: str = ""
+    """The ``sid`` claim: the session the token is bound to ('' when not bound)."""
 
 
 class InvalidTokenError(Exception):
@@ -53,8 +55,9 @@ def issue_token(
     scopes: list[str],
     ttl_s: int,
     now: float | None = None,
+    session_id: str = "",
 ) -> str:
-    """Sign a token for ``client_id`` carrying ``scopes`` (space-separated ``scope`` claim)."""
+    """Sign a token for ``client_id`` carrying ``scopes`` (space-separated ``scope`` claim), bound to a session."""
     issued_at = int(time.time() if now is None else now)
     claims = {
         "iss": issuer,
@@ -65,6 +68,8 @@ def issue_token(
         "exp": issued_at + ttl_s,
         "jti": uuid.uuid4().hex,
     }
+    if session_id:
+        claims["sid"] = session_id
     return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": key_id(key.public_key())})
 
 
@@ -133,8 +138,9 @@ class TokenVerifier:
             raise InvalidTokenError("malformed", f"token is invalid: {exc}") from None
         scope = payload.get("scope", "")
         sub = payload.get("sub")
-        if not isinstance(scope, str) or not isinstance(sub, str) or not sub:
-            raise InvalidTokenError("malformed", "token has a malformed 'sub' or 'scope' claim")
+        sid = payload.get("sid", "")
+        if not isinstance(scope, str) or not isinstance(sub, str) or not sub or not isinstance(sid, str):
+            raise InvalidTokenError("malformed", "token has a malformed 'sub', 'scope' or 'sid' claim")
         return TokenClaims(
             client_id=sub,
             scopes=frozenset(scope.split()),
@@ -143,4 +149,5 @@ class TokenVerifier:
             issued_at=int(payload["iat"]),
             expires_at=int(payload["exp"]),
             token_id=str(payload.get("jti", "")),
+            session_id=sid,
         )

@@ -1,9 +1,9 @@
-"""Fixtures every test folder may use: the audit database engines (SQLite and a real PostgreSQL server).
+"""Fixtures every test folder may use (helpers live in tests/support, never imported from here).
 
-``audit_url`` is parametrised over both engines, so a test that takes it runs
-twice: against a fresh SQLite file and against a fresh database on a throwaway
-PostgreSQL cluster (``tests.support.postgres``), started once per test session
-and only when a test asks for it.
+``audit_url`` is parametrised over both audit engines, so a test that takes it
+runs twice: against a fresh SQLite file and against a fresh database on a
+throwaway PostgreSQL cluster (``tests.support.postgres``), started once per test
+session and only when a test asks for it. ``redis_url`` is a real redis-server.
 """
 
 from __future__ import annotations
@@ -13,10 +13,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.support.postgres import INSTALL_HINT, PostgresCluster, find_bindir
+from tests.support.redis_server import RedisServer
 
 ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole run."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The server's URL, emptied for this test."""
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import peewee
 from playhouse.db_url import connect, parse  # type: ignore[import-untyped]
@@ -72,19 +71,6 @@ def create_schema(database: peewee.Database) -> None:
             database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))  # type: ignore[no-untyped-call]
         database.create_tables(MODELS, safe=True)
         _add_missing_columns(database)
-
-
-def redact_url(url: str) -> str:
-    """Replace a URL's password with ``***``: URLs end up in summaries, errors and logs."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def one_line(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 
 import peewee
 
+from heist_common.config import redact_url
 from orchestrator.audit.database import (
     _DB_ERRORS,
     BUSY_TIMEOUT_MS,
@@ -33,7 +34,6 @@ from orchestrator.audit.database import (
     _sqlite_path,
     create_schema,
     one_line,
-    redact_url,
 )
 from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
 from orchestrator.audit.schema import (

@@ -38,6 +38,7 @@ from heist.oauth.v1 import oauth_pb2
 from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.turns import percentiles
+from tests.support.access_log import access_entries
 
 CONNECTIONS = 4
 STREAMS_PER_CONNECTION = 16
@@ -99,14 +100,12 @@ async def _check(address: str, kind: str, path: str, body: bytes, metadata: tupl
 def _count_log_lines(log: Path, offset: int, session: str) -> tuple[int, dict[str, int]]:
     """OK lines and other codes among the access-log lines of ``session`` after byte ``offset``."""
     ok, errors = 0, {}
-    marker = f" session={session} "
     with log.open("rb") as stream:
         stream.seek(offset)
-        for raw in stream:
-            line = raw.decode("utf-8", "replace").rstrip("\n") + " "
-            if marker not in line or " code=" not in line:
-                continue
-            code = line.split(" code=", 1)[1].split(" ", 1)[0]
+        text = stream.read().decode("utf-8", "replace")
+    for entry in access_entries(text):
+        if entry["session"] == session:
+            code = entry["code"]
             if code == "OK":
                 ok += 1
             else:

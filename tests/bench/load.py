@@ -38,6 +38,7 @@ def make_call(kind: str, channel: grpc.aio.Channel, token: str, secret: str) -> 
     session = f"load_{os.getpid()}"
     plain = ((SESSION_METADATA_KEY, session),)
     authorized = ((SESSION_METADATA_KEY, session), (AUTHORIZATION_METADATA_KEY, f"Bearer {token}"))
+    memory_metadata = authorized
     if kind == "echo":
         echo = channel.unary_unary(ECHO_METHOD)
         payload = b"x" * 64
@@ -48,13 +49,13 @@ def make_call(kind: str, channel: grpc.aio.Channel, token: str, secret: str) -> 
 
         def store(caller: int, i: int) -> Any:
             request = memory_pb2.StoreMemoryRequest(agent_name=f"agent{caller}", turn_id=i % 1000 + 1, message=text)
-            return memory.StoreMemory(request, metadata=plain, timeout=5)
+            return memory.StoreMemory(request, metadata=memory_metadata, timeout=5)
 
         return store
     if kind == "get_compressed_memory":
         memory = memory_pb2_grpc.MemoryServiceStub(channel)
         get = memory_pb2.GetCompressedMemoryRequest(agent_name="agent0", recent_count=5, max_chars=100)
-        return lambda caller, i: memory.GetCompressedMemory(get, metadata=plain, timeout=5)
+        return lambda caller, i: memory.GetCompressedMemory(get, metadata=memory_metadata, timeout=5)
     if kind == "evaluate":
         calculator = calculator_pb2_grpc.CalculatorServiceStub(channel)
         evaluate = calculator_pb2.EvaluateRequest(expression="(120-15)*3")
@@ -86,7 +87,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         memory = memory_pb2_grpc.MemoryServiceStub(channel)
         for turn in range(1, 9):
             request = memory_pb2.StoreMemoryRequest(agent_name="agent0", turn_id=turn, message=f"note {turn} " * 20)
-            await memory.StoreMemory(request, metadata=((SESSION_METADATA_KEY, f"load_{os.getpid()}"),), timeout=5)
+            metadata = (
+                (SESSION_METADATA_KEY, f"load_{os.getpid()}"),
+                (AUTHORIZATION_METADATA_KEY, f"Bearer {os.environ.get('HEIST_BENCH_TOKEN', '')}"),
+            )
+            await memory.StoreMemory(request, metadata=metadata, timeout=5)
     for i in range(50):
         await call(0, i)
     await asyncio.sleep(max(0.0, args.start_at - time.time()))

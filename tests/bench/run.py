@@ -41,11 +41,13 @@ TARGETS = {
     "evaluate_rps": 3000.0,
     "llm_mesh_cost_pct": 5.0,
 }
+MEMORY_SCOPES = "memory:read memory:write memory:admin"
+"""The load generators use many sessions with one token: the admin scope may touch any session."""
 KINDS = {
-    # kind: (service, OAuth client and scope for auth-required tools)
+    # kind: (service, OAuth client and space-separated scopes for methods that need a token)
     "echo": ("echo", None),
-    "store_memory": ("memory", None),
-    "get_compressed_memory": ("memory", None),
+    "store_memory": ("memory", ("admin", MEMORY_SCOPES)),
+    "get_compressed_memory": ("memory", ("admin", MEMORY_SCOPES)),
     "evaluate": ("calculator", ("safecracker", "calculator:use")),
     "read_file": ("file_reader", ("hacker", "file_reader:use")),
     "query": ("database_query", ("mole", "database_query:use")),
@@ -94,8 +96,8 @@ async def tokens_for_load(mesh: BenchMesh) -> dict[str, str]:
     client = ServiceClients(mesh.config)
     try:
         return {
-            scope: await client.tokens.token(oauth_client, [scope], ())
-            for oauth_client, scope in (spec for _, spec in KINDS.values() if spec is not None)
+            scopes: await client.tokens.token(oauth_client, scopes.split(), ())
+            for oauth_client, scopes in (spec for _, spec in KINDS.values() if spec is not None)
         }
     finally:
         await client.close()

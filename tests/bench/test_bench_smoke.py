@@ -89,11 +89,16 @@ def test_h2load_throughput_checks_grpc_status(tmp_path: Path) -> None:
 def test_access_log_count_separates_grpc_codes(tmp_path: Path) -> None:
     from tests.bench.h2load import _count_log_lines
 
+    def entry(code: str, session: str) -> str:
+        record = {"time": "t", "service": "calculator", "method": "/a/B", "code": code, "session": session}
+        return json.dumps(record) + "\n"
+
     log = tmp_path / "calculator.log"
-    log.write_text("old line method=/x code=INTERNAL ms=1 peer=p session=h2load_evaluate\n")
+    log.write_text(entry("INTERNAL", "h2load_evaluate"))
     offset = log.stat().st_size
     with log.open("a") as stream:
-        stream.write("t calculator method=/a/B code=OK ms=0.1 peer=p session=h2load_evaluate auth=ok client=c\n" * 3)
-        stream.write("t calculator method=/a/B code=UNAUTHENTICATED ms=0.1 peer=p session=h2load_evaluate\n")
-        stream.write("t calculator method=/a/B code=OK ms=0.1 peer=p session=other\n")
+        stream.write(entry("OK", "h2load_evaluate") * 3)
+        stream.write(entry("UNAUTHENTICATED", "h2load_evaluate"))
+        stream.write(entry("OK", "other"))
+        stream.write("2026-11-21 12:00:00 INFO heist.server: not an access record\n")
     assert _count_log_lines(log, offset, "h2load_evaluate") == (3, {"UNAUTHENTICATED": 1})

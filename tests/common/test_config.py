@@ -32,7 +32,7 @@ def test_repository_config_loads() -> None:
     assert config.llm.tool_calling == "inline" and config.llm.prompt_style == "transcript"
     assert config.database.url.endswith("var/audit/heist.db")
     assert config.mesh.run_dir == REPO_ROOT / "var"
-    assert config.service("calculator").host == "127.0.0.1" and config.service("calculator").port == 50053
+    assert config.service("calculator").host == "127.0.0.1" and config.service("calculator").port == 18053
     assert config.service("database_query").deadline_s == 3.0
     assert config.oauth.clients["grpcurl"][:3] == ("calculator:use", "file_reader:use", "database_query:use")
     assert config.tool_names == ("calculator", "file_reader", "database_query")

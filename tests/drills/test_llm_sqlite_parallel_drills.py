@@ -155,5 +155,5 @@ def test_four_cli_sessions_at_once_share_one_mesh_and_one_database(
         messages = mesh.rows("SELECT DISTINCT message FROM messages WHERE session_id = ?", sid)
         assert messages == [(f"session {i} speaking",)], "every message landed in its own session"
         (count,), = mesh.rows("SELECT COUNT(*) FROM messages WHERE session_id = ?", sid)
-        assert count == TURNS == session_memories(mesh.servers["memory"].address, sid)
+        assert count == TURNS == session_memories(mesh.config, sid)
     assert mesh.rows("SELECT COUNT(*) FROM events WHERE detail LIKE '%locked%'") == [(0,)]

@@ -10,7 +10,6 @@ Runs once per audit engine (SQLite file, PostgreSQL server).
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 
 from orchestrator.strategies import turn_schedule
 from tests.drills.script import TURN_ORDER, DrillScript, drill_resilience
+from tests.support.access_log import access_entries
 from tests.support.processes import REPO, ProcessMesh, session_memories, stop_process
 from tests.support.scripted_llm import ScriptedLLM
 
@@ -31,7 +31,6 @@ pytestmark = pytest.mark.drill
 TURNS = 12
 KILL_AFTER = 5
 POLL_S = 0.02
-SESSION_LINE = re.compile(r"session=(\S+)")
 
 
 def orchestrator(mesh: ProcessMesh, log: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -113,7 +112,7 @@ def test_kill_9_at_turn_5_then_resume_completes_the_same_session(
     # The random schedule continued as if never interrupted: the recorded seed's schedule, turn for turn.
     assert [row[2] for row in rows] == turn_schedule("random", TURN_ORDER, TURNS, int(seed))
     assert script.agents[KILL_AFTER] == script.agents[KILL_AFTER + 1] == rows[KILL_AFTER][2], "turn 6 asked again"
-    assert session_memories(mesh.servers["memory"].address, sid) == len(rows), "memory counts equal message rows"
+    assert session_memories(mesh.config, sid) == len(rows), "memory counts equal message rows"
     assert mesh.rows(
         "SELECT COUNT(*) FROM events WHERE session_id = ? AND service = 'orchestrator' AND operation = 'resume'", sid
     ) == [(1,)]
@@ -121,8 +120,8 @@ def test_kill_9_at_turn_5_then_resume_completes_the_same_session(
 
     # One session ID everywhere: every call any service logged carried it, before and after the kill.
     time.sleep(0.3)  # access logs are flushed every 0.2 s
-    logged = {m for server in mesh.servers.values() for m in SESSION_LINE.findall(server.log())} - {"-", "none"}
-    assert logged == {sid}
+    entries = [entry for server in mesh.servers.values() for entry in access_entries(server.log())]
+    assert {entry.get("session") for entry in entries} - {None, "-", ""} == {sid}
     exported = json.loads((mesh.config.sessions_dir / f"{sid}.json").read_text())
     assert [m["turn_id"] for m in exported["messages"]] == list(range(1, TURNS + 1))
     assert exported["session"]["status"] == "completed"

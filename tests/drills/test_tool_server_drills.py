@@ -10,6 +10,7 @@ import pytest
 from orchestrator.clients import ServiceClients
 from orchestrator.runner import RunOptions, SessionResult, run_session
 from tests.drills.script import DrillScript, drill_resilience
+from tests.support.access_log import calls
 from tests.support.processes import ProcessMesh
 from tests.support.scripted_llm import Reply, ScriptedLLM, inline_tool
 
@@ -67,7 +68,8 @@ async def test_kill9_tool_server_then_restart_on_same_port(
     ]
     calculator.stop()  # a graceful stop flushes the access log (otherwise written every 0.2 s)
     restarted_log = calculator.log().split("=== start 2")[1]
-    assert restarted_log.count("/Evaluate code=OK") == 2 and f"session={sid}" in restarted_log
+    restarted = calls(restarted_log, "Evaluate", "OK")
+    assert len(restarted) == 2 and all(entry["session"] == sid for entry in restarted)
 
 
 async def test_sigstop_tool_server_deadline_exceeded_within_deadline(
@@ -141,4 +143,4 @@ async def test_circuit_breaker_skips_a_dead_service_then_one_trial_closes_it(
     # The restarted server saw no call while the circuit was open: only the trial (turn 8) and turns 9-12.
     calculator.stop()  # a graceful stop flushes the access log (otherwise written every 0.2 s)
     restarted_log = calculator.log().split("=== start 2")[1]
-    assert restarted_log.count("/Evaluate code=OK") == 4, restarted_log
+    assert len(calls(restarted_log, "Evaluate", "OK")) == 4, restarted_log

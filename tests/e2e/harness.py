@@ -72,14 +72,17 @@ class Mesh:
     def secret(self, client_id: str) -> str:
         return str(json.loads((self.run_dir / "credentials" / "clients.json").read_text())[client_id])
 
-    def token(self, client_id: str, scopes: list[str]) -> str:
+    def token(self, client_id: str, scopes: list[str], session: str = "") -> str:
         request = {
             "grant_type": "client_credentials",
             "client_id": client_id,
             "client_secret": self.secret(client_id),
             "scopes": scopes,
         }
-        result = grpcurl("-d", json.dumps(request), self.address("oauth"), "heist.oauth.v1.OAuthService/IssueToken")
+        bound = ["-H", f"x-session-id: {session}"] if session else []
+        result = grpcurl(
+            *bound, "-d", json.dumps(request), self.address("oauth"), "heist.oauth.v1.OAuthService/IssueToken"
+        )
         assert result.returncode == 0, result.stderr
         response = json.loads(result.stdout)
         assert response["token_type"] == "Bearer" and response["scopes"] == scopes

@@ -19,6 +19,7 @@ import pytest
 
 from heist_common.layout import REPO_ROOT
 from tests.e2e.harness import Mesh, make
+from tests.support.access_log import access_entries
 from tests.support.ports import listening
 
 pytestmark = pytest.mark.llm
@@ -77,10 +78,14 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
     for service in ("calculator", "file_reader", "database_query"):
         log_file = served.run_dir / "log" / f"{service}.log"
         deadline = time.monotonic() + 5.0
-        while f"session={session}" not in log_file.read_text() and time.monotonic() < deadline:
+        while not logged(log_file, session) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert f"session={session}" in log_file.read_text(), service
+        assert logged(log_file, session), service
     assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".json", ".md"]
+
+
+def logged(log_file: Path, session: str) -> bool:
+    return any(entry["session"] == session for entry in access_entries(log_file.read_text()))
 
 
 def test_killing_the_model_mid_run_fails_the_session_and_serve_restarts_it(served: Mesh) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from heist_common.layout import REPO_ROOT
 from tests.e2e.harness import SERVICES, Mesh, grpcurl, make, server_pids
+from tests.support.access_log import access_entries
 from tests.support.ports import listening
 
 SESSION = "heist_e2e_20261121_ab12"
@@ -85,11 +86,18 @@ def test_tool_calls_with_the_right_scope(mesh):
     )  # fmt: skip
     assert rows.returncode == 0, rows.stderr
     assert json.loads(rows.stdout) == {"columns": ["n"], "rows": [{"values": [{"int_value": "8"}]}]}
+    memory = mesh.token("grpcurl", ["memory:read", "memory:write"], session=SESSION)
     stored = grpcurl(
-        "-H", f"x-session-id: {SESSION}", "-d", '{"agent_name": "planner", "turn_id": 1, "message": "go at 02:10"}',
+        "-H", f"authorization: Bearer {memory}", "-H", f"x-session-id: {SESSION}",
+        "-d", '{"agent_name": "planner", "turn_id": 1, "message": "go at 02:10"}',
         mesh.address("memory"), "heist.memory.v1.MemoryService/StoreMemory",
     )  # fmt: skip
     assert stored.returncode == 0, stored.stderr
+    elsewhere = grpcurl(
+        "-H", f"authorization: Bearer {memory}", "-H", "x-session-id: heist_someone_else", "-d", "{}",
+        mesh.address("memory"), "heist.memory.v1.MemoryService/GetStats",
+    )  # fmt: skip
+    assert elsewhere.returncode != 0 and "Code: PermissionDenied" in elsewhere.stderr
     assert json.loads(stored.stdout) == {"agent_memory_count": 1}
 
 
@@ -110,16 +118,16 @@ def test_wrong_scope_is_permission_denied_and_no_token_is_unauthenticated(mesh):
 
 def test_server_log_has_the_session_id(mesh):
     deadline = time.monotonic() + 5
-    wanted = f"session={SESSION}"
     while time.monotonic() < deadline:
-        lines = (mesh.run_dir / "log" / "calculator.log").read_text().splitlines()
-        matching = [line for line in lines if wanted in line]
+        matching = [
+            e for e in access_entries((mesh.run_dir / "log" / "calculator.log").read_text()) if e["session"] == SESSION
+        ]
         if matching:
             break
         time.sleep(0.2)
     assert matching, "no access-log line with the session id"
-    assert "method=/heist.calculator.v1.CalculatorService/Evaluate code=OK" in matching[0]
-    assert "auth=ok client=grpcurl" in matching[0]
+    assert (matching[0]["method"], matching[0]["code"]) == ("/heist.calculator.v1.CalculatorService/Evaluate", "OK")
+    assert (matching[0]["auth"], matching[0]["client"]) == ("ok", "grpcurl")
 
 
 def test_serve_twice_starts_no_duplicates(mesh):

@@ -117,14 +117,15 @@ async def test_require_healthy_exit_code(
 
 
 async def test_error_exit_codes(config_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert await cli("show", "heist_nope", "--config", str(config_path)) == 5
-    assert "unknown session 'heist_nope'" in capsys.readouterr().err
+    assert await cli("show", "heist_nope", "--config", str(config_path)) == 4
+    assert "no audit database at" in capsys.readouterr().err
+    assert not (tmp_path / "audit.db").exists(), "show never creates a database"
     assert await cli("sessions", "--config", str(tmp_path / "missing.yaml")) == 3
     assert "configuration error" in capsys.readouterr().err
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     assert await cli("sessions", "--config", str(config_path), "--db", f"sqlite:///{blocker}/x/heist.db") == 4
-    assert "cannot open audit database" in capsys.readouterr().err
+    assert "no audit database at" in capsys.readouterr().err
 
 
 def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:

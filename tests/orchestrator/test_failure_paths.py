@@ -14,6 +14,7 @@ from orchestrator.runner import RunOptions, SessionRunner, run_session
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, SessionHarness, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, hang, http_error, inline_tool, text, tool_call
+from tests.support.tokens import session_metadata
 
 
 async def test_oauth_down_agent_speaks_without_tools(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
@@ -118,7 +119,7 @@ async def test_circuit_opens_skips_calls_then_recovers(mesh: InProcessMesh, scri
 async def _session_memories(mesh: InProcessMesh, session_id: str) -> int:
     async with grpc.aio.insecure_channel(mesh.config.service("memory").address) as channel:
         stats = await memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
-            memory_pb2.GetStatsRequest(), metadata=(("x-session-id", session_id),)
+            memory_pb2.GetStatsRequest(), metadata=session_metadata(mesh.config, session_id)
         )
     return stats.session_memories
 

@@ -244,7 +244,7 @@ async def test_an_interrupted_random_session_resumes_where_it_stopped(
     events = query(audit_url, "SELECT operation, detail FROM events WHERE service IN ('orchestrator', 'memory')")
     assert ("resume", resumed[0]) in events
     assert ("rebuild", "re-stored 3 messages from the audit database") in events
-    assert await asyncio.to_thread(session_memories, mesh.config.services["memory"].address, sid) == 8
+    assert await asyncio.to_thread(session_memories, mesh.config, sid) == 8
 
     with pytest.raises(NotResumableError, match="is completed"):
         await resume_session(config, sid)
@@ -257,10 +257,10 @@ async def test_resume_rebuilds_a_memory_service_that_lost_everything(
     sid = "heist_resume_memory"
     await interrupted_after(config, 2, sid)
     await mesh.restart("memory")  # empty now
-    assert await asyncio.to_thread(session_memories, mesh.config.services["memory"].address, sid) == 0
+    assert await asyncio.to_thread(session_memories, mesh.config, sid) == 0
     result = await resume_session(config, sid)
     assert result.status == "completed"
-    assert await asyncio.to_thread(session_memories, mesh.config.services["memory"].address, sid) == 6
+    assert await asyncio.to_thread(session_memories, mesh.config, sid) == 6
 
 
 # The CLI ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sqlite3
 from orchestrator.audit import AuditStore, EventRow
 from orchestrator.runner import RunOptions, run_session
 from orchestrator.tracing import current_trace_id, start_trace, traceparent
+from tests.support.access_log import access_entries
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, inline_tool, text
 
@@ -44,15 +45,15 @@ async def test_each_turn_is_one_trace_across_services(mesh: InProcessMesh, scrip
     assert len(set(traces.values())) == 4  # a new trace per turn
     assert [t.trace_id for t in result.turns] == [trace for _, trace in rows]
 
-    log = mesh.log.getvalue().splitlines()
+    log = access_entries(mesh.log.getvalue())
 
     def services_in(trace: str) -> set[str]:
-        return {line.split()[1] for line in log if f"trace={trace}" in line}
+        return {entry["service"] for entry in log if entry["trace"] == trace}
 
     # The safecracker's turn: token from OAuth, its tool, its StoreMemory, all under one trace.
     assert {"oauth", "calculator", "memory"} <= services_in(traces["safecracker"])
     assert "calculator" not in services_in(traces["hacker"])
-    assert all(f"session={result.session_id}" in line for line in log if f"trace={traces['mole']}" in line)
+    assert all(entry["session"] == result.session_id for entry in log if entry["trace"] == traces["mole"])
 
 
 async def test_an_audit_file_from_before_trace_ids_is_upgraded_in_place(tmp_path) -> None:

@@ -66,24 +66,72 @@ async def test_bad_grants_are_refused(config, oauth, fails_with, overrides, code
     await fails_with(oauth.IssueToken(grant(config, **overrides)), code, fragment)
 
 
+def introspect(config, token, client_id="admin"):
+    secret = credentials.client_secret(config, client_id)
+    return oauth_pb2.IntrospectTokenRequest(token=token, client_id=client_id, client_secret=secret)
+
+
 async def test_introspection_reports_active_tokens(config, mesh, oauth):
     token = (await oauth.IssueToken(grant(config))).access_token
-    info = await oauth.IntrospectToken(oauth_pb2.IntrospectTokenRequest(token=token))
+    info = await oauth.IntrospectToken(introspect(config, token))
     assert info.active and info.client_id == "safecracker" and list(info.scopes) == ["calculator:use"]
     assert info.issuer == "heist-oauth" and info.audience == "heist-mesh" and info.token_type == "Bearer"
     assert info.expires_at - info.issued_at == 900
 
 
 @pytest.mark.parametrize("kind", ["empty", "garbage", "expired", "wrong_audience"])
-async def test_introspection_of_invalid_tokens_is_inactive_not_an_error(mesh, oauth, kind):
+async def test_introspection_of_invalid_tokens_is_inactive_not_an_error(config, mesh, oauth, kind):
     token = {
         "empty": "",
         "garbage": "abc.def.ghi",
         "expired": mesh.token(["calculator:use"], now=1_000_000, ttl_s=60),
         "wrong_audience": mesh.token(["calculator:use"], audience="elsewhere"),
     }[kind]
-    info = await oauth.IntrospectToken(oauth_pb2.IntrospectTokenRequest(token=token))
+    info = await oauth.IntrospectToken(introspect(config, token))
     assert info == oauth_pb2.IntrospectTokenResponse(active=False)
+
+
+async def test_introspection_needs_an_authenticated_client_with_the_scope(config, oauth, fails_with):
+    token = (await oauth.IssueToken(grant(config))).access_token
+    anonymous = oauth_pb2.IntrospectTokenRequest(token=token)
+    await fails_with(oauth.IntrospectToken(anonymous), grpc.StatusCode.INVALID_ARGUMENT, "client_id is required")
+    wrong = oauth_pb2.IntrospectTokenRequest(token=token, client_id="admin", client_secret="guess")
+    await fails_with(oauth.IntrospectToken(wrong), grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
+    await fails_with(
+        oauth.IntrospectToken(introspect(config, token, client_id="mole")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "oauth:introspect",
+    )
+
+
+async def test_a_token_issued_for_a_session_is_bound_to_it(config, oauth):
+    response = await oauth.IssueToken(grant(config), metadata=[("x-session-id", "heist_bound_1")])
+    assert response.session_id == "heist_bound_1"
+    info = await oauth.IntrospectToken(introspect(config, response.access_token))
+    assert info.active and info.session_id == "heist_bound_1"
+    assert jwt.decode(response.access_token, options={"verify_signature": False})["sid"] == "heist_bound_1"
+
+
+async def test_repeated_failed_secrets_make_the_client_wait(config, oauth, fails_with):
+    for _ in range(3):  # the free attempts
+        await fails_with(oauth.IssueToken(grant(config, secret="guess")), grpc.StatusCode.UNAUTHENTICATED, "invalid")
+    await fails_with(oauth.IssueToken(grant(config, secret="guess")), grpc.StatusCode.UNAUTHENTICATED, "invalid")
+    # Now locked out for a while, even with the right secret: guessing costs time, not just a round trip.
+    await fails_with(oauth.IssueToken(grant(config)), grpc.StatusCode.RESOURCE_EXHAUSTED, "retry in")
+    other = await oauth.IssueToken(grant(config, client_id="hacker"))
+    assert other.access_token, "another client is not affected"
+
+
+async def test_attacker_input_is_not_echoed_at_length(config, oauth, fails_with):
+    huge = "x" * 1_000_000
+    message = await fails_with(
+        oauth.IssueToken(grant(config, grant_type=huge)), grpc.StatusCode.INVALID_ARGUMENT, "unsupported grant_type"
+    )
+    assert len(message) < 200
+    message = await fails_with(
+        oauth.IssueToken(grant(config, scopes=["y" * 10_000] * 50)), grpc.StatusCode.PERMISSION_DENIED, "may not"
+    )
+    assert len(message) < 600
 
 
 async def test_signing_keys_publish_the_verification_key(config, oauth):

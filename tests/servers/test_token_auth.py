@@ -11,6 +11,8 @@ from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from heist.database_query.v1 import database_query_pb2, database_query_pb2_grpc
 from heist.file_reader.v1 import file_reader_pb2, file_reader_pb2_grpc
 
+from tests.support.access_log import access_entries
+
 REQUEST = calculator_pb2.EvaluateRequest(expression="1 + 1")
 
 
@@ -111,10 +113,11 @@ async def test_access_log_records_auth_verdict_client_and_session(mesh, stub):
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Evaluate(REQUEST, metadata=[*bearer(token), ("x-session-id", "heist_case_43")])
     await mesh.stop_all()
-    lines = mesh.log.getvalue().splitlines()
-    ok = [line for line in lines if "session=heist_case_42" in line]
-    denied = [line for line in lines if "session=heist_case_43" in line]
+    entries = access_entries(mesh.log.getvalue())
+    ok = [entry for entry in entries if entry["session"] == "heist_case_42"]
+    denied = [entry for entry in entries if entry["session"] == "heist_case_43"]
     assert len(ok) == 1 and len(denied) == 1
-    assert "method=/heist.calculator.v1.CalculatorService/Evaluate code=OK" in ok[0]
-    assert "auth=ok client=crew" in ok[0] and "peer=ipv4:127.0.0.1:" in ok[0] and " ms=" in ok[0]
-    assert "code=UNAUTHENTICATED" in denied[0] and "auth=denied reason=expired" in denied[0]
+    assert ok[0]["method"] == "/heist.calculator.v1.CalculatorService/Evaluate" and ok[0]["code"] == "OK"
+    assert (ok[0]["auth"], ok[0]["client"]) == ("ok", "crew") and ok[0]["peer"].startswith("ipv4:127.0.0.1:")
+    assert ok[0]["service"] == "calculator" and isinstance(ok[0]["ms"], float)
+    assert (denied[0]["code"], denied[0]["auth"], denied[0]["reason"]) == ("UNAUTHENTICATED", "denied", "expired")

@@ -32,8 +32,10 @@ CLIENTS: dict[str, list[str]] = {
     "safecracker": ["calculator:use"],
     "mole": ["database_query:use"],
     "crew": ["calculator:use", "file_reader:use", "database_query:use"],
+    "orchestrator": ["memory:read", "memory:write"],
+    "admin": ["memory:read", "memory:write", "memory:admin", "oauth:introspect"],
 }
-"""OAuth clients of the tests: one per agent, plus ``crew`` with every tool scope."""
+"""OAuth clients of the tests: one per agent, ``crew`` with every tool scope, the orchestrator, an admin."""
 
 CREW: list[dict[str, Any]] = [
     {"name": "planner", "role": "Mastermind", "system_prompt": "You plan the heist.", "scopes": ["simulation:read"]},
@@ -58,13 +60,16 @@ def heist_config(
     addresses: dict[str, str] | None = None,
     deadlines: dict[str, float] | None = None,
     limits: dict[str, dict[str, Any]] | None = None,
+    server_bounds: dict[str, Any] | None = None,
+    memory_store: str | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """A complete config as data; ``sections`` replace whole top-level sections.
 
     ``addresses`` places services (default: an unused port, for tests that start
     them elsewhere); ``deadlines`` sets callers' deadlines (default 1 s);
-    ``limits`` sets ``services.<name>.limits``.
+    ``limits`` sets ``services.<name>.limits``; ``server_bounds`` every service's ``server`` section;
+    ``memory_store`` the memory service's store URL (Redis).
     """
     services: dict[str, Any] = {}
     for name in SERVICES:
@@ -74,6 +79,10 @@ def heist_config(
         }
         if limits and name in limits:
             services[name]["limits"] = limits[name]
+        if server_bounds:
+            services[name]["server"] = dict(server_bounds)
+    if memory_store:
+        services["memory"]["store"] = memory_store
     config: dict[str, Any] = {
         "mesh": {"run_dir": str(tmp_path / "run"), "shutdown_grace_s": 0.2},
         "services": services,

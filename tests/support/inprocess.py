@@ -88,11 +88,19 @@ class InProcessMesh:
             scopes=scopes,
             ttl_s=overrides.pop("ttl_s", 300),
             now=overrides.pop("now", time.time()),
+            session_id=overrides.pop("session_id", ""),
         )
 
     def auth(self, scope: str, session: str = "test-session") -> list[tuple[str, str]]:
         """Call metadata with a bearer token for ``scope`` and a session ID."""
         return [("authorization", f"Bearer {self.token([scope])}"), ("x-session-id", session)]
+
+    def session_auth(
+        self, session: str, scopes: tuple[str, ...] = ("memory:read", "memory:write")
+    ) -> list[tuple[str, str]]:
+        """Call metadata of a session, with a token bound to it (what the memory service requires)."""
+        token = self.token(list(scopes), client_id="orchestrator", session_id=session)
+        return [("authorization", f"Bearer {token}"), ("x-session-id", session)]
 
     def write_config(self, source: Path, target: Path) -> Path:
         """Copy the YAML at ``source`` with ``services`` pointing at the running servers (for CLI subprocesses)."""

@@ -1,4 +1,4 @@
-"""Free loopback ports for tests, so nothing collides with a running `make serve` (50051-50055, 1234)."""
+"""Free loopback ports for tests, so nothing collides with a running `make serve` (18051-18055, 1234)."""
 
 from __future__ import annotations
 

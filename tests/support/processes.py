@@ -26,9 +26,11 @@ from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
 from heist_common.config import HeistConfig, load_config
 from servers import credentials
+from tests.support.access_log import calls
 from tests.support.audit_db import query
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.ports import free_ports
+from tests.support.tokens import session_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 5.0
@@ -149,7 +151,7 @@ class ServerProcess:
 
     def calls(self, method: str) -> int:
         """Access-log lines for RPCs whose path ends in ``/method`` (lines are flushed every 0.2 s)."""
-        return sum(1 for line in self.log().splitlines() if f"/{method} code=" in line)
+        return len(calls(self.log(), method))
 
 
 class ProcessMesh:
@@ -218,10 +220,10 @@ class ProcessMesh:
         return query(self.config.database.url, sql, *params)
 
 
-def session_memories(address: str, session_id: str) -> int:
-    """MemoryService GetStats for one session (``x-session-id`` metadata)."""
-    with grpc.insecure_channel(address) as channel:
+def session_memories(config: HeistConfig, session_id: str) -> int:
+    """MemoryService GetStats for one session, with a token bound to it."""
+    with grpc.insecure_channel(config.service("memory").address) as channel:
         stats = memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
-            memory_pb2.GetStatsRequest(), metadata=(("x-session-id", session_id),), timeout=2.0
+            memory_pb2.GetStatsRequest(), metadata=session_metadata(config, session_id), timeout=2.0
         )
     return int(stats.session_memories)

@@ -1,17 +1,30 @@
 """Database query service: one read-only SELECT per call against the bank database.
 
 Why the authorizer and not keyword filters: SQLite itself reports every action a
-statement would take while compiling it, so anything other than reading
-(writes, PRAGMA, ATTACH, recursive CTEs, ...) is refused by the engine rather
-than guessed at from the text. The database is also opened read-only, rows and
-time are bounded, and the work runs on a thread so the event loop stays free.
+statement would take while compiling it, so anything other than reading the
+bank's tables with an allowed function (writes, PRAGMA, ATTACH, recursive CTEs,
+printf, zeroblob, json_each, ...) is refused by the engine rather than guessed at
+from the text. The database is opened read-only, and each value, the result's
+rows and bytes, the time and the memory are bounded.
+
+Why child processes (``servers/query_worker.py``): one step of SQLite's virtual
+machine can run far past any interrupt, so a query that outlives its time is
+killed, not asked to stop; that also keeps its memory out of this process and
+the event loop free for every other caller. At most
+``max_concurrent_queries`` run at once and ``max_waiting_queries`` wait; a
+caller beyond that gets RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import marshal
+import math
 import sqlite3
-import time
+import struct
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +38,32 @@ from heist_common.config import HeistConfig
 from servers import lifecycle
 from servers.bank_db import ensure_bank_db
 from servers.lifecycle import ServiceDefinition
+from servers.query_worker import READY, WorkerLimits, clip, worker_arguments
 
 
 class Limits(lifecycle.Limits):
-    """``services.database_query.limits``: row, time and size bounds on one SQL query."""
+    """``services.database_query.limits``: row, time, size, memory and concurrency bounds on queries."""
 
     max_rows: int = Field(200, ge=1, strict=True)
     query_timeout_s: float = Field(2.0, gt=0, strict=True)
     max_sql_chars: int = Field(4000, ge=1, strict=True)
+    max_value_bytes: int = Field(64 * 1024, ge=1024, strict=True)
+    """SQLITE_LIMIT_LENGTH: the longest string or blob any expression may build."""
+    max_response_bytes: int = Field(1024 * 1024, ge=1024, strict=True)
+    """The biggest result (values plus framing) one query may return."""
+    max_concurrent_queries: int = Field(4, ge=1, strict=True)
+    """Query worker processes running at once."""
+    max_waiting_queries: int = Field(64, ge=0, strict=True)
+    """Callers waiting for a free worker; more get RESOURCE_EXHAUSTED at once."""
+    max_worker_memory_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024 * 1024, strict=True)
+    """RLIMIT_AS of each query worker process (SQLite's heap is capped at half of it)."""
 
-
-ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION})
-_AUTHORIZER_ACTIONS = (
-    "CREATE_INDEX", "CREATE_TABLE", "CREATE_TEMP_INDEX", "CREATE_TEMP_TABLE", "CREATE_TEMP_TRIGGER",
-    "CREATE_TEMP_VIEW", "CREATE_TRIGGER", "CREATE_VIEW", "DELETE", "DROP_INDEX", "DROP_TABLE",
-    "DROP_TEMP_INDEX", "DROP_TEMP_TABLE", "DROP_TEMP_TRIGGER", "DROP_TEMP_VIEW", "DROP_TRIGGER", "DROP_VIEW",
-    "INSERT", "PRAGMA", "READ", "SELECT", "TRANSACTION", "UPDATE", "ATTACH", "DETACH", "ALTER_TABLE",
-    "REINDEX", "ANALYZE", "CREATE_VTABLE", "DROP_VTABLE", "FUNCTION", "SAVEPOINT", "RECURSIVE",
-)
-ACTION_NAMES = {
-    getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ")
-    for name in _AUTHORIZER_ACTIONS
-    if hasattr(sqlite3, f"SQLITE_{name}")
-}
-PROGRESS_EVERY_INSTRUCTIONS = 10_000
-MAX_VALUE_BYTES = 1_000_000
-SINGLE_SELECT = "only a single SELECT statement is allowed"
+WORKER_SCRIPT = Path(__file__).with_name("query_worker.py")
+STOP_MARGIN_S = 0.05
+"""A worker stops its own query this long before the server would kill it, so it usually survives to serve again."""
+REPLY_SLACK_BYTES = 1 << 20
+"""Framing allowance on top of ``2 * max_response_bytes`` before a worker's reply is treated as broken."""
+WORKER_START_TIMEOUT_S = 10.0
 
 
 class QueryError(Exception):
@@ -60,19 +73,6 @@ class QueryError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def first_statement(sql: str) -> str:
-    """Return the only statement in ``sql``; QueryError if anything but whitespace follows it."""
-    for index, char in enumerate(sql):
-        if char == ";" and sqlite3.complete_statement(sql[: index + 1]):
-            rest = sql[index + 1 :].strip()
-            if rest:
-                raise QueryError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"{SINGLE_SELECT}: found more text after the first ';'"
-                )
-            return sql[:index]
-    return sql
 
 
 def to_value(value: Any) -> pb.Value:
@@ -88,115 +88,342 @@ def to_value(value: Any) -> pb.Value:
     return pb.Value(text_value=str(value))
 
 
-class BankDatabase:
-    """Read-only access to the bank database file, one connection per query."""
+def status_code(name: object) -> grpc.StatusCode:
+    """Map a status name from a worker to grpc.StatusCode (INTERNAL for anything else: a worker bug)."""
+    if isinstance(name, str) and name in grpc.StatusCode.__members__:
+        return grpc.StatusCode[name]
+    return grpc.StatusCode.INTERNAL
+
+
+def worker_limits(limits: Limits) -> WorkerLimits:
+    """Pick the part of the service limits a worker enforces itself."""
+    return WorkerLimits(
+        max_rows=limits.max_rows,
+        max_sql_chars=limits.max_sql_chars,
+        max_value_bytes=limits.max_value_bytes,
+        max_response_bytes=limits.max_response_bytes,
+        max_memory_bytes=limits.max_worker_memory_bytes,
+    )
+
+
+class WorkerGone(QueryError):
+    """The worker was dead before it read the request (killed while idle); another worker may be tried."""
+
+
+class QueryWorker:
+    """One child process that runs one query at a time (``servers/query_worker.py``)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, max_reply_bytes: int) -> None:
+        self.process = process
+        self.max_reply_bytes = max_reply_bytes
+
+    @classmethod
+    async def spawn(cls, path: Path, limits: Limits) -> QueryWorker:
+        """Start a worker for the database at ``path`` and wait until it is ready; UNAVAILABLE if it cannot start.
+
+        Why wait for "ready": Python's start-up (~30 ms idle, several hundred ms on
+        a busy machine) is the service's overhead and must not eat the query's time.
+        """
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-s", "-B", str(WORKER_SCRIPT), *worker_arguments(path, worker_limits(limits)),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise QueryError(grpc.StatusCode.UNAVAILABLE, f"cannot start a query worker: {exc.strerror}") from None
+        worker = cls(process, 2 * limits.max_response_bytes + REPLY_SLACK_BYTES)
+        try:
+            async with asyncio.timeout(WORKER_START_TIMEOUT_S):
+                greeting = await worker.receive()
+            if greeting != READY:
+                raise QueryError(grpc.StatusCode.UNAVAILABLE, "a query worker did not start properly")
+        except (TimeoutError, QueryError, asyncio.CancelledError) as exc:
+            worker.kill()
+            await asyncio.shield(worker.reap())
+            if isinstance(exc, TimeoutError):
+                raise QueryError(
+                    grpc.StatusCode.UNAVAILABLE, f"a query worker did not start within {WORKER_START_TIMEOUT_S:g} s"
+                ) from None
+            raise
+        return worker
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.process.returncode is None
+
+    async def run(self, sql: str, budget_s: float) -> tuple[Any, ...]:
+        """Send one query and return the worker's reply; raises QueryError if the worker dies or misbehaves."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        payload = marshal.dumps((sql, budget_s))
+        try:
+            stdin.write(struct.pack(">I", len(payload)) + payload)
+            await stdin.drain()
+        except ConnectionError as exc:
+            died = await self._died()
+            raise WorkerGone(died.code, died.message) from exc
+        reply = await self.receive()
+        if not isinstance(reply, tuple) or len(reply) != 3:
+            raise QueryError(grpc.StatusCode.INTERNAL, "the query worker sent a malformed reply")
+        return reply
+
+    async def receive(self) -> Any:
+        """Read one length-prefixed message; WorkerGone if the worker ended before sending anything."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        try:
+            header = await stdout.readexactly(4)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            died = await self._died()
+            raise WorkerGone(died.code, died.message) from exc
+        (length,) = struct.unpack(">I", header)
+        if length > self.max_reply_bytes:
+            raise QueryError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the query worker's reply ({length} bytes) is larger than the {self.max_reply_bytes} bytes allowed",
+            )
+        try:
+            return marshal.loads(await stdout.readexactly(length))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise await self._died() from exc
+        except (ValueError, EOFError, TypeError):
+            raise QueryError(grpc.StatusCode.INTERNAL, "the query worker sent a malformed reply") from None
+
+    async def _died(self) -> QueryError:
+        """Say why the worker went away mid-query (a signal is almost always the memory limit)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.process.wait()
+        code = self.process.returncode
+        if code is not None and code < 0:
+            return QueryError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"the query worker was ended by signal {-code} (memory limit?)"
+            )
+        return QueryError(grpc.StatusCode.UNAVAILABLE, f"the query worker exited unexpectedly (status {code})")
+
+    def kill(self) -> None:
+        """SIGKILL: the only way to stop SQLite in the middle of one long step."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
+    async def reap(self) -> None:
+        """Wait for a killed worker to be gone (no zombies, pipes closed)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await self.process.wait()
+
+
+class QueryWorkerPool:
+    """At most ``max_concurrent_queries`` workers, started on demand and reused; waiting callers are bounded."""
 
     def __init__(self, path: Path, limits: Limits) -> None:
         self.path = path
         self.limits = limits
+        self._slots: asyncio.Semaphore | None = None
+        self._idle: list[QueryWorker] = []
+        self._busy: set[QueryWorker] = set()
+        self._waiting = 0
+        self._starting = 0
+        self._spare: asyncio.Task[None] | None = None
+        self._reaping: set[asyncio.Task[None]] = set()
+        self._closed = False
 
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-        connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
-        connection.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, max(self.limits.max_sql_chars * 2, 1000))
-        return connection
+    async def query(self, sql: str, caller_remaining_s: float | None) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one SELECT; (columns, rows) or QueryError.
 
-    def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run one SELECT; return (columns, rows) or raise QueryError."""
-        if not sql.strip():
-            raise QueryError(grpc.StatusCode.INVALID_ARGUMENT, "sql is required")
-        if len(sql) > self.limits.max_sql_chars:
+        Bounds: waiting for a slot at most ``query_timeout_s``; running at most
+        ``query_timeout_s``; everything, worker start-up included, within the
+        caller's deadline when there is one.
+        """
+        if len(sql) > self.limits.max_sql_chars:  # refused here, before it is copied to a worker
             raise QueryError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"sql is {len(sql)} characters long; the limit is {self.limits.max_sql_chars}",
             )
-        if "\x00" in sql:
-            raise QueryError(grpc.StatusCode.INVALID_ARGUMENT, "sql contains a NUL character")
-        statement = first_statement(sql)
-        denied: list[str] = []
-
-        def authorize(action: int, *_: Any) -> int:
-            if action in ALLOWED_ACTIONS:
-                return sqlite3.SQLITE_OK
-            denied.append(ACTION_NAMES.get(action, str(action)))
-            return sqlite3.SQLITE_DENY
-
-        deadline = time.monotonic() + self.limits.query_timeout_s
-        timed_out = False
-
-        def progress() -> int:
-            nonlocal timed_out
-            if time.monotonic() > deadline:
-                timed_out = True
-                return 1
-            return 0
-
+        loop = asyncio.get_running_loop()
+        caller_deadline = None if caller_remaining_s is None else loop.time() + caller_remaining_s
         try:
-            connection = self._connect()
-        except sqlite3.Error as exc:
-            raise QueryError(grpc.StatusCode.UNAVAILABLE, f"bank database unavailable: {exc}") from None
+            async with asyncio.timeout_at(caller_deadline), self._slot(self.limits.query_timeout_s):
+                try:
+                    reply = await self._run(sql, caller_deadline, reuse_idle=True)
+                except WorkerGone:  # an idle worker had died (killed, out of memory): one retry on a fresh one
+                    reply = await self._run(sql, caller_deadline, reuse_idle=False)
+        except TimeoutError:
+            raise self._over_time(caller_remaining_s or 0.0, by_caller=True) from None
+        kind, first, second = reply
+        if kind == "ok":
+            return list(first), list(second)
+        raise QueryError(status_code(first), str(second))
+
+    def _over_time(self, seconds: float, *, by_caller: bool) -> QueryError:
+        bound = "the call's deadline" if by_caller else "query_timeout_s"
+        return QueryError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"query took longer than {seconds:.2g} s ({bound}) and was stopped"
+        )
+
+    async def _run(self, sql: str, caller_deadline: float | None, *, reuse_idle: bool) -> tuple[Any, ...]:
+        """Run ``sql`` on one worker, which goes back to the idle list only if it answered in time."""
+        worker = await self._take_worker(reuse_idle)
+        answered = False
         try:
-            connection.set_authorizer(authorize)
-            connection.set_progress_handler(progress, PROGRESS_EVERY_INSTRUCTIONS)
-            cursor = connection.execute(statement)
-            rows = cursor.fetchmany(self.limits.max_rows + 1)
-            columns = [column[0] for column in cursor.description or ()]
-        except (sqlite3.Error, ValueError) as exc:
-            if timed_out:
-                raise QueryError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"query took longer than {self.limits.query_timeout_s:g} s",
-                ) from None
-            if denied:
-                raise QueryError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"{SINGLE_SELECT}: {', '.join(denied)} is not permitted"
-                ) from None
-            if isinstance(exc, sqlite3.ProgrammingError) and "one statement" in str(exc):
-                raise QueryError(grpc.StatusCode.INVALID_ARGUMENT, f"{SINGLE_SELECT}: {exc}") from None
-            raise QueryError(grpc.StatusCode.INVALID_ARGUMENT, f"SQL error: {exc}") from None
+            budget_s, by_caller = self.limits.query_timeout_s, False
+            if caller_deadline is not None and caller_deadline - asyncio.get_running_loop().time() < budget_s:
+                budget_s, by_caller = caller_deadline - asyncio.get_running_loop().time(), True
+            if budget_s <= STOP_MARGIN_S:
+                raise self._over_time(budget_s, by_caller=by_caller)
+            try:
+                async with asyncio.timeout(budget_s):
+                    reply = await worker.run(sql, budget_s - STOP_MARGIN_S)
+            except TimeoutError:
+                raise self._over_time(budget_s, by_caller=by_caller) from None
+            answered = True
+            if reply[0] == "error" and reply[1] == "DEADLINE_EXCEEDED":
+                raise self._over_time(budget_s, by_caller=by_caller)
+            return reply
         finally:
-            connection.close()
-        if denied:
-            raise QueryError(grpc.StatusCode.INVALID_ARGUMENT, f"{SINGLE_SELECT}: {', '.join(denied)} is not permitted")
-        if not columns:
-            raise QueryError(grpc.StatusCode.INVALID_ARGUMENT, f"{SINGLE_SELECT}: the statement returns no columns")
-        if len(rows) > self.limits.max_rows:
+            self._give_back(worker, answered)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, wait_s: float) -> AsyncIterator[None]:
+        """Hold one of the ``max_concurrent_queries`` slots; RESOURCE_EXHAUSTED if none frees up in time."""
+        if self._closed:
+            raise QueryError(grpc.StatusCode.UNAVAILABLE, "the database query service is stopping")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_concurrent_queries)
+        slots = self._slots
+        running, capacity = self.limits.max_concurrent_queries, self.limits.max_waiting_queries
+        if slots.locked() and self._waiting >= capacity:
             raise QueryError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"query returned more than {self.limits.max_rows} rows; add a LIMIT",
+                f"too many queries: {running} running and {self._waiting} waiting "
+                "(max_concurrent_queries, max_waiting_queries); try again shortly",
             )
-        return columns, rows
-
-    def tables(self) -> list[tuple[str, list[tuple[str, str]]]]:
-        """Return every table with its (column, declared type) pairs, sorted by table name."""
-        connection = self._connect()
+        self._waiting += 1
         try:
-            names = [
-                row[0]
-                for row in connection.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
-                )
-            ]
-            return [
-                (name, [(row[1], row[2]) for row in connection.execute("SELECT * FROM pragma_table_info(?)", (name,))])
-                for name in names
-            ]
+            async with asyncio.timeout(wait_s):
+                await slots.acquire()
+        except TimeoutError:
+            raise QueryError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all {running} query slots (max_concurrent_queries) stayed busy for {wait_s:.2g} s; try again",
+            ) from None
         finally:
-            connection.close()
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            slots.release()
+
+    async def _take_worker(self, reuse_idle: bool) -> QueryWorker:
+        """Take an idle worker, else the spare being started, else a new one (each caller holds a slot)."""
+        while reuse_idle:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.alive:
+                    return self._hand_out(worker)
+            if self._spare is None:
+                break
+            await asyncio.shield(self._spare)  # it lands in the idle list (unless another caller takes it first)
+        self._starting += 1
+        try:
+            worker = await QueryWorker.spawn(self.path, self.limits)
+        finally:
+            self._starting -= 1
+        return self._hand_out(worker)
+
+    def _hand_out(self, worker: QueryWorker) -> QueryWorker:
+        self._busy.add(worker)
+        self._keep_a_spare()
+        return worker
+
+    def _keep_a_spare(self) -> None:
+        """Start a worker ahead of need, so a caller does not wait ~0.1 s for one while others run or were killed."""
+        if self._closed or self._spare is not None or self._idle:
+            return
+        if len(self._busy) + self._starting >= self.limits.max_concurrent_queries:
+            return
+        self._spare = asyncio.get_running_loop().create_task(self._start_spare())
+
+    async def _start_spare(self) -> None:
+        try:
+            worker = await QueryWorker.spawn(self.path, self.limits)
+        except QueryError:
+            return  # the next caller spawns its own and reports the error
+        finally:
+            self._spare = None
+        if self._closed:
+            worker.kill()
+            await worker.reap()
+        else:
+            self._idle.append(worker)
+
+    def _give_back(self, worker: QueryWorker, reusable: bool) -> None:
+        """Keep a worker that answered; kill one that did not (it may still be inside SQLite)."""
+        self._busy.discard(worker)
+        room = len(self._busy) + len(self._idle) < self.limits.max_concurrent_queries
+        if reusable and worker.alive and room and not self._closed:
+            self._idle.append(worker)
+            return
+        worker.kill()
+        task = asyncio.get_running_loop().create_task(worker.reap())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+        self._keep_a_spare()
+
+    async def close(self) -> None:
+        """Kill every worker and wait until they are gone."""
+        self._closed = True
+        if self._spare is not None:
+            await asyncio.shield(self._spare)  # a spare that was starting kills itself
+        workers = [*self._idle, *self._busy]
+        self._idle.clear()
+        for worker in workers:
+            worker.kill()
+        await asyncio.gather(*(worker.reap() for worker in workers), *self._reaping)
+
+
+def list_tables(path: Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Return every table with its (column, declared type) pairs, sorted by table name."""
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        names = [
+            row[0]
+            for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        ]
+        return [
+            (name, [(row[1], row[2]) for row in connection.execute("SELECT * FROM pragma_table_info(?)", (name,))])
+            for name in names
+        ]
+    finally:
+        connection.close()
+
+
+def caller_time_remaining(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """Seconds until the caller's deadline, or None when the call has none."""
+    remaining = context.time_remaining()
+    if remaining is None or not math.isfinite(remaining) or remaining > 1e9:
+        return None
+    return max(float(remaining), 0.0)
 
 
 class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
     """Serves heist.database_query.v1.DatabaseQueryService."""
 
-    def __init__(self, database: BankDatabase) -> None:
-        self._database = database
+    def __init__(self, path: Path, limits: Limits) -> None:
+        self._path = path
+        self.pool = QueryWorkerPool(path, limits)
 
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.QueryResponse:
         """Run the caller's single SELECT."""
         try:
-            columns, rows = await asyncio.to_thread(self._database.query, request.sql)
+            columns, rows = await self.pool.query(request.sql, caller_time_remaining(context))
         except QueryError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, clip(exc.message, 600))
         return pb.QueryResponse(
             columns=columns, rows=[pb.Row(values=[to_value(value) for value in row]) for row in rows]
         )
@@ -206,7 +433,7 @@ class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
     ) -> pb.ListTablesResponse:
         """List tables and columns."""
         try:
-            tables = await asyncio.to_thread(self._database.tables)
+            tables = await asyncio.to_thread(list_tables, self._path)
         except sqlite3.Error as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"bank database unavailable: {exc}")
         return pb.ListTablesResponse(
@@ -218,8 +445,9 @@ class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
 
 
 def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
-    """Build the database servicer (and the bank database, on first start)."""
-    return ServiceDefinition("database_query", DatabaseQueryServicer(BankDatabase(ensure_bank_db(config), limits)))
+    """Build the database servicer (and the bank database, on first start); stopping it stops the workers."""
+    servicer = DatabaseQueryServicer(ensure_bank_db(config), limits)
+    return ServiceDefinition("database_query", servicer, on_stop=servicer.pool.close)
 
 
 if __name__ == "__main__":

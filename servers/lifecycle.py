@@ -43,6 +43,7 @@ from heist_common.contract import ContractError, ServiceContract, contract_of
 from heist_common.exit_codes import ExitCode
 from servers import credentials
 from servers.middleware import AccessLog, CallMiddleware, WrappingRegistrar
+from servers.request_guard import guarded_registration
 from servers.tokens import TokenVerifier
 
 log = logging.getLogger("heist.server")
@@ -139,6 +140,15 @@ def token_verifier(config: HeistConfig) -> TokenVerifier:
     return TokenVerifier(credentials.public_key(config), issuer=config.oauth.issuer, audience=config.oauth.audience)
 
 
+def register_servicer(contract: ServiceContract, servicer: object, server: Any) -> None:
+    """Register a servicer so an unparseable request is INVALID_ARGUMENT, not UNKNOWN (unary services)."""
+    methods = contract.descriptor.methods
+    if any(method.client_streaming or method.server_streaming for method in methods):
+        contract.add_servicer(servicer, server)
+    else:
+        guarded_registration(contract.descriptor)(servicer, server)
+
+
 def server_options(bounds: ServerConfig) -> list[tuple[str, int]]:
     """GRPC's own channel arguments for ``services.<name>.server`` (see ``ServerConfig``)."""
     return [
@@ -177,7 +187,7 @@ async def start(
     bounds = config.service(definition.name).server
     server = grpc.aio.server(options=server_options(bounds), maximum_concurrent_rpcs=bounds.max_concurrent_rpcs)
     registrar: Any = WrappingRegistrar(server, CallMiddleware(access_log, scopes, verifier))
-    contract.add_servicer(definition.servicer, registrar)
+    register_servicer(contract, definition.servicer, registrar)
 
     health = HealthServicer()
     for service in ("", contract.full_name):

@@ -633,10 +633,13 @@ def _job_problems(resources: list[Resource], config: Resource, configmap: Resour
     if match is None or _secret_env(container, match.group(1)) is None:
         problems.append(f"{where}: --db must be $(VAR) with VAR from a Secret (the audit database URL), got {db!r}")
     agents = config.get("agents") or []
-    wanted = {client_secret_env_var(str(agent.get("oauth_client", agent["name"]))) for agent in agents}
+    # The agents' clients, plus the orchestrator's own (session.oauth_client) for the memory service.
+    own = str((config.get("session") or {}).get("oauth_client", "orchestrator"))
+    clients = {str(agent.get("oauth_client", agent["name"])) for agent in agents} | {own}
+    wanted = {client_secret_env_var(client) for client in clients}
     present = {name for name in env if name.startswith("HEIST_OAUTH_CLIENT_SECRET_")}
     if present != wanted:
-        problems.append(f"{where}: client secret env {sorted(present)} != the agents' oauth clients {sorted(wanted)}")
+        problems.append(f"{where}: client secret env {sorted(present)} != the run's oauth clients {sorted(wanted)}")
     api_key_env = str((config.get("llm") or {}).get("api_key_env", "HEIST_LLM_API_KEY"))
     if _secret_env(container, api_key_env) is None:
         problems.append(f"{where}: llm.api_key_env {api_key_env} does not come from a Secret")

@@ -10,7 +10,7 @@ image's ``python -m`` with ``/app`` (the repository) on PYTHONPATH.
 
 Three deliberate differences, because this runs on a shared machine: servers
 listen on 127.0.0.1 instead of 0.0.0.0, every service gets a free port in the
-pods' config instead of 50051-50055, and the LLM endpoint is a scripted local
+pods' config instead of 18051-18055, and the LLM endpoint is a scripted local
 one. Everything else is as the manifests say.
 """
 

@@ -107,7 +107,7 @@ def test_schema_check_rejects_a_broken_manifest_in_a_temp_dir(tmp_path: Path, re
     assert len(errors) == 1 and "Deployment/calculator" in errors[0], errors
     # Strict mode is what catches the typo: fix the type error and only the unknown field is left.
     container = reloaded["spec"]["template"]["spec"]["containers"][0]
-    container["ports"][0]["containerPort"] = 50053
+    container["ports"][0]["containerPort"] = 18053
     (error,) = schema_errors(reloaded, OLDEST_KUBERNETES)
     assert "servce" in error and "readinessProbe" in error
     import kubernetes_validate  # type: ignore[import-untyped]
@@ -216,7 +216,8 @@ def test_configmap_heist_yaml_loads_with_the_projects_own_loaders(tmp_path: Path
     assert raw["llm"]["embedded"] is False
     agents = raw["agents"]
     assert {agent["name"] for agent in agents} == set(raw["session"]["turn_order"])
-    assert set(raw["oauth"]["clients"]) == {agent.get("oauth_client", agent["name"]) for agent in agents}
+    own = raw.get("session", {}).get("oauth_client", "orchestrator")
+    assert set(raw["oauth"]["clients"]) == {agent.get("oauth_client", agent["name"]) for agent in agents} | {own}
 
 
 def test_configmap_keeps_the_redis_store_as_a_comment_only(resources: list[Resource]) -> None:

@@ -166,10 +166,8 @@ def test_oauth_signs_with_the_mounted_key_not_a_generated_one(mesh: dict[str, An
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         keys = oauth_pb2_grpc.OAuthServiceStub(channel).GetSigningKeys(oauth_pb2.GetSigningKeysRequest(), timeout=2)
     mounted = mesh["secrets"]["heist-oauth-public-key"]["public_key.pem"].decode()
-    # The server also generated dev keys in its run_dir (OAuthServicer always calls
-    # ensure_dev_credentials); the key it serves must be the Secret's, not that one.
-    generated = mesh["pods"]["oauth"].local("/var/lib/heist/credentials/public_key.pem").read_text(encoding="utf-8")
-    assert generated != mounted
+    # With a mounted signing key the server generates no dev keys beside it, and serves the Secret's.
+    assert not mesh["pods"]["oauth"].local("/var/lib/heist/credentials/public_key.pem").exists()
     assert [k.public_key_pem for k in keys.keys] == [mounted]
 
 

@@ -16,10 +16,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /app
 RUN python -m venv /opt/venv
 # The project's runtime dependencies only (not `dev`, not `llm`) at the exact
-# versions of constraints.txt, plus the PostgreSQL driver for a postgresql://
-# database.url (psycopg2-binary, pinned there too).
+# versions of constraints.txt; they include the PostgreSQL driver for a
+# postgresql:// database.url (psycopg2-binary).
 COPY pyproject.toml constraints.txt ./
-RUN python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join([*deps, "psycopg2-binary"]))' > requirements.txt \
+RUN python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(deps))' > requirements.txt \
  && pip install --no-cache-dir -c constraints.txt -r requirements.txt
 # Source (.dockerignore keeps out var/ with its dev credentials, .venv/, tests/,
 # deploy/ and a local generated/heist/), then the gRPC code generated from protos/.

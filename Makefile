@@ -101,10 +101,14 @@ test: install system-deps ## Run every test (unit, contract, end-to-end, drills,
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Debian packages the tests and benchmarks use, installed when missing and we are root
-# (CI is); otherwise the command to run is printed and the Python fallbacks are used.
-SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server
+# (CI is); otherwise the command to run is printed (the benchmarks fall back to Python,
+# the PostgreSQL audit tests skip saying the same). An entry is command-or-path-glob:package;
+# PostgreSQL's server programs are not on the PATH on Debian, hence the glob.
+SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server \
+  /usr/lib/postgresql/*/bin/initdb:postgresql
 system-deps:
-	@missing=""; for entry in $(SYSTEM_PACKAGES); do command -v "$${entry%%:*}" >/dev/null || missing="$$missing $${entry#*:}"; done; \
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do cmd="$${entry%%:*}"; \
+	  command -v "$$cmd" >/dev/null || compgen -G "$$cmd" >/dev/null || missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "==> apt-get install$$missing"; \
 	    { apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; }; \

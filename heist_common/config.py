@@ -310,6 +310,12 @@ class SessionConfig(Section):
     memory: MemoryContextConfig = MemoryContextConfig()
     oauth_client: NonEmpty = "orchestrator"
     """The OAuth client the orchestrator itself is, for session-wide calls (the memory service)."""
+    stale_after_s: Positive = 600.0
+    """``orchestrator resume``: an ``active`` session with no committed turn for this long counts as dead.
+
+    Must exceed the slowest possible turn (LLM timeout and retries, tool
+    deadlines); a session whose process is gone on this machine is stale at once.
+    """
 
 
 AUDIT_URL_SCHEMES = ("sqlite", "postgresql", "postgres")

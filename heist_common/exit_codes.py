@@ -21,5 +21,7 @@ class ExitCode(IntEnum):
     """No such session in the audit database."""
     UNHEALTHY = 6
     """A service (or the LLM) is down: ``health``, ``status``, ``run --require-healthy``."""
+    NOT_RESUMABLE = 7
+    """``resume`` refused: the session is completed, still running, or was just taken over by another resume."""
     INTERRUPTED = 130
     """Ctrl-C or SIGTERM; the session is marked ``interrupted``."""

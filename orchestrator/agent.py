@@ -118,6 +118,10 @@ class CrewAgent:
             return MemoryFetch(error=exc)
         return MemoryFetch(summary=summary)
 
+    def continue_after(self, turns_taken: int) -> None:
+        """Pick up a resumed session's tool-prefill cadence where the agent's earlier turns left it."""
+        self._turns_taken = turns_taken
+
     async def take_turn(
         self, turn_id: int, history: Sequence[ConversationMessage], memory: Awaitable[MemoryFetch] | None = None
     ) -> TurnResult:

@@ -4,7 +4,7 @@ Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
 (the session ended ``failed``, a file could not be written); 2 bad arguments;
 3 bad configuration; 4 audit database unreachable; 5 unknown session;
 6 unhealthy (``health`` when something is down, ``run --require-healthy``);
-130 interrupted.
+7 not resumable (``resume`` of a completed or still running session); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from orchestrator.audit import AuditError, AuditStore, UnknownSessionError
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import render_json, render_markdown
 from orchestrator.llm import LLMClient
-from orchestrator.runner import RunOptions, SessionResult, check_health, run_session
+from orchestrator.resume import NotResumableError, ResumeConflictError, ResumePoint
+from orchestrator.runner import RunOptions, SessionResult, check_health, resume_session, run_session
 
 __all__ = ["main"]
 
@@ -89,7 +90,37 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=None, help="output file (default: stdout)")
     export.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     export.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    _add_resume_parser(commands)
     return parser
+
+
+RESUME_EPILOG = """\
+An 'active' session is still running unless its process on this machine is
+gone (kill -9, a crash) or it committed no turn for session.stale_after_s
+seconds (default 600). The session keeps its ID, strategy, seed and planned
+turns; the conversation and the memory service are rebuilt from the audit.
+
+exit codes: 0 completed; 1 failed; 3 the config no longer gives the session's
+schedule; 4 audit database unreachable; 5 unknown session; 6 unhealthy with
+--require-healthy; 7 not resumable (completed, or still running); 130 interrupted.
+"""
+
+
+def _add_resume_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    resume = commands.add_parser(
+        "resume",
+        help="continue an interrupted, failed or dead session",
+        description="Continue an interrupted, failed or stale session from the audit alone.",
+        epilog=RESUME_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    resume.add_argument("session_id", metavar="SESSION")
+    resume.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    resume.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    resume.add_argument("--llm-base-url", default=None, help="OpenAI-compatible endpoint (default: llm.base_url)")
+    resume.add_argument("--model", default=None, help="model name (default: llm.model)")
+    resume.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
+    resume.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
 
 
 def _seed(text: str) -> int:
@@ -230,6 +261,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _print_resume(point: ResumePoint) -> None:
+    print(f"Resuming {point.session_id}: {point.describe()}")
+    print()
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if args.llm_base_url or args.model:
+        llm = config.llm.model_copy(
+            update={
+                "base_url": (args.llm_base_url or config.llm.base_url).rstrip("/"),
+                "model": args.model or config.llm.model,
+            }
+        )
+        config = config.with_overrides(llm=llm)
+    if args.out is not None:
+        _check_writable(args.out)
+    options = RunOptions(require_healthy=args.require_healthy, export_dir=args.out)
+    _open_store(config, create=False).close()  # resume never creates an audit database
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM ends a resumed run like Ctrl-C, as for `run`: the session is marked interrupted (and resumable).
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    try:
+        result = asyncio.run(
+            resume_session(
+                config,
+                args.session_id,
+                options,
+                on_resume=_print_resume,
+                on_health=_print_health_verdict,
+                on_turn=print_turn,
+            )
+        )
+    except UnknownSessionError:
+        message = f"unknown session {args.session_id!r} (see 'orchestrator sessions')"
+        raise CommandError(message, ExitCode.UNKNOWN_SESSION) from None
+    except NotResumableError as exc:
+        raise CommandError(f"cannot resume: {exc}", ExitCode.NOT_RESUMABLE) from None
+    except ResumeConflictError as exc:
+        raise CommandError(f"cannot resume: {exc}", ExitCode.CONFIG) from None
+    except AuditError as exc:
+        raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    _print_summary(result)
+    if result.turns_before:
+        print(f"Resumed:    after turn {result.turns_before}; {result.turns_before + len(result.turns)} turns in all")
+    return result.exit_code
+
+
 def _check_writable(folder: Path) -> None:
     """Fail before the run, not after it, when the session logs could not be written."""
     try:
@@ -315,7 +397,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 TURN_PRINT_CHARS = 300
 """How much of a turn's message `run` prints as it happens."""
 
-COMMANDS = {"run": _cmd_run, "health": _cmd_health, "sessions": _cmd_sessions, "show": _cmd_show, "export": _cmd_export}
+COMMANDS = {
+    "run": _cmd_run,
+    "health": _cmd_health,
+    "sessions": _cmd_sessions,
+    "show": _cmd_show,
+    "export": _cmd_export,
+    "resume": _cmd_resume,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -328,6 +328,13 @@ class MemoryClient:
         response = await self.service.call("GetStats", self._stub.GetStats, memory_pb2.GetStatsRequest(), authorized)
         return response.session_memories
 
+    async def clear_session(self, metadata: Metadata) -> int:
+        """Forget the calling session's memories; returns how many there were."""
+        request = memory_pb2.ClearMemoriesRequest()
+        authorized = await self._authorized("ClearMemories", metadata)
+        response = await self.service.call("ClearMemories", self._stub.ClearMemories, request, authorized)
+        return response.cleared
+
 
 def session_metadata(session_id: str) -> Metadata:
     """Metadata every call of a session carries."""

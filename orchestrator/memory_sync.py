@@ -67,11 +67,22 @@ class MemorySync:
             return []
         return await self.rebuild(turn_id)
 
-    async def rebuild(self, turn_id: int | None = None) -> list[EventRow]:
-        """Re-store every message of the session from the audit database."""
+    async def rebuild(self, turn_id: int | None = None, *, fresh: bool = False) -> list[EventRow]:
+        """Re-store every message of the session from the audit database.
+
+        ``fresh`` forgets the session's memories first, so the service holds
+        exactly the audit afterwards: a resumed session's killed process may have
+        stored a turn whose audit write never committed.
+        """
         start = time.perf_counter()
         rows = await self._audit.agent_messages(self._session_id)
         memory = self._clients.memory
+        if fresh:
+            try:
+                await memory.clear_session(self._metadata)
+            except ServiceCallError as exc:
+                self.degraded = True
+                return [exc.to_event(turn_id)]
         outcomes = await asyncio.gather(
             *(memory.store(agent, turn, text, self._metadata) for agent, turn, text in rows), return_exceptions=True
         )

@@ -23,6 +23,7 @@ from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
 from orchestrator.llm import LLMClient
+from orchestrator.resume import ResumePoint, prepare_resume
 from orchestrator.strategies import iter_schedule
 
 __all__ = [
@@ -31,11 +32,15 @@ __all__ = [
     "SessionRunner",
     "check_health",
     "new_session_id",
+    "resume_session",
     "run_session",
 ]
 
 
 TurnObserver = Callable[[TurnResult], None]
+
+SEED_LIMIT = 2**31
+"""Generated seeds stay below this: they fit the INTEGER ``seed`` column of audit tables made before BIGINT."""
 
 
 class LLMBroken(Exception):
@@ -72,6 +77,8 @@ class SessionResult:
     database: str = ""
     exports: list[Path] = field(default_factory=list)
     error: str | None = None
+    turns_before: int = 0
+    """A resumed session's turns from earlier runs (``turns`` holds this run's only)."""
 
     @property
     def tool_calls_ok(self) -> int:
@@ -115,9 +122,15 @@ class SessionRunner:
         *,
         on_health: Callable[[list[HealthResult]], None] | None = None,
         on_turn: TurnObserver | None = None,
+        resume: ResumePoint | None = None,
     ) -> None:
         self.config = config
         self.options = options or RunOptions()
+        self.resume_point = resume
+        """Set when continuing a session from the audit (``resume_session``); it is already claimed."""
+        self.turns = self.options.turns or config.session.max_turns
+        # A seed is always recorded, so a resumed random schedule continues exactly as it would have.
+        self.seed = self.options.seed if self.options.seed is not None else secrets.randbelow(SEED_LIMIT)
         self.session_id = self.options.session_id or new_session_id()
         if not SESSION_ID_PATTERN.match(self.session_id):
             raise ValueError(f"invalid session ID {self.session_id!r} (letters, digits, '_', '.', '-'; max 128)")
@@ -135,12 +148,14 @@ class SessionRunner:
         if self._on_health is not None:
             self._on_health(result.health)
         try:
-            await audit.create_session(
-                self.session_id,
-                strategy=self.config.session.strategy,
-                seed=self.options.seed,
-                model=self.config.llm.model,
-            )
+            if self.resume_point is None:
+                await audit.create_session(
+                    self.session_id,
+                    strategy=self.config.session.strategy,
+                    seed=self.seed,
+                    model=self.config.llm.model,
+                    turns_planned=self.turns,
+                )
             await audit.add_events(self.session_id, [health.to_event() for health in result.health])
         except AuditError as exc:
             return self._failed(result, str(exc))
@@ -161,7 +176,8 @@ class SessionRunner:
         except (asyncio.CancelledError, KeyboardInterrupt):
             await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, ExitCode.INTERRUPTED, "interrupted"))
             raise
-        if not any(turn.status == "ok" for turn in result.turns):
+        answered_before = self.resume_point.answered_before if self.resume_point is not None else 0
+        if not answered_before and not any(turn.status == "ok" for turn in result.turns):
             # A session in which the model never spoke did not happen, whatever else worked.
             reason = self._llm_down("no turn was answered")
             return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, reason)
@@ -176,15 +192,16 @@ class SessionRunner:
 
     async def _play(self, result: SessionResult) -> None:
         session_config = self.config.session
-        turns = self.options.turns or session_config.max_turns
-        schedule = iter_schedule(session_config.strategy, self.config.turn_order, turns, self.options.seed)
+        schedule = iter_schedule(session_config.strategy, self.config.turn_order, self.turns, self.seed)
+        history = await self._pick_up(result) if self.resume_point is not None else []
+        for _ in history:  # the turns played before the session was resumed
+            next(schedule, None)
         following = next(schedule, None)
-        history: list[ConversationMessage] = []
         prefetched: asyncio.Task[MemoryFetch] | None = None
         failures_allowed = self.config.resilience.llm_max_consecutive_failures
         failed_in_a_row = 0
         try:
-            for index in itertools.count():
+            for index in itertools.count(len(history)):
                 if following is None:
                     break
                 name, following = following, next(schedule, None)
@@ -207,6 +224,22 @@ class SessionRunner:
         finally:
             if prefetched is not None and not prefetched.done():
                 prefetched.cancel()
+
+    async def _pick_up(self, result: SessionResult) -> list[ConversationMessage]:
+        """Continue a resumed session: its conversation from the audit, memory rebuilt from it, a ``resume`` event."""
+        assert self.resume_point is not None
+        point = self.resume_point
+        sync = self.context.memory_sync
+        for message in point.history:
+            sync.record_written(message.agent_name)
+        for name, agent in self.agents.items():
+            agent.continue_after(sync.per_agent.get(name, 0))
+        events = [EventRow("orchestrator", "resume", "OK", point.describe())]
+        # The memory service may have lost the session (restarted), or hold a turn the audit never got.
+        events += await sync.rebuild(fresh=True)
+        await self.context.audit.add_events(self.session_id, events)
+        result.turns_before = point.turns_done
+        return list(point.history)
 
     async def _finish(self, result: SessionResult, status: str, exit_code: int, error: str | None) -> SessionResult:
         result.status, result.exit_code, result.error = status, exit_code, error
@@ -248,6 +281,50 @@ async def run_session(
     llm = LLMClient(config.llm)
     try:
         runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn)
+        return await runner.run()
+    finally:
+        await asyncio.shield(_close(clients, llm, audit))
+
+
+async def resume_session(
+    config: HeistConfig,
+    session_id: str,
+    options: RunOptions | None = None,
+    *,
+    on_resume: Callable[[ResumePoint], None] | None = None,
+    on_health: Callable[[list[HealthResult]], None] | None = None,
+    on_turn: TurnObserver | None = None,
+) -> SessionResult:
+    """Continue an interrupted, failed or stale session from the audit alone (``orchestrator.resume``).
+
+    The session keeps its ID, strategy, seed and planned turns; the turns in
+    the audit are not played again. Raises AuditError if the database cannot be
+    opened or read, UnknownSessionError, and NotResumableError or
+    ResumeConflictError (nothing was changed then).
+    """
+    audit = AuditStore.open(config.database.url)
+    try:
+        point = await prepare_resume(audit, config, session_id)
+    except BaseException:
+        await asyncio.get_running_loop().run_in_executor(None, audit.close)
+        raise
+    if on_resume is not None:
+        on_resume(point)
+    # The session's own strategy, seed and length, whatever the config or flags say today.
+    config = config.with_overrides(session=config.session.model_copy(update={"strategy": point.strategy}))
+    given = options or RunOptions()
+    options = RunOptions(
+        session_id=session_id,
+        turns=point.turns_planned,
+        seed=point.seed,
+        require_healthy=given.require_healthy,
+        export_dir=given.export_dir,
+        export=given.export,
+    )
+    clients = ServiceClients(config)
+    llm = LLMClient(config.llm)
+    try:
+        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
         return await runner.run()
     finally:
         await asyncio.shield(_close(clients, llm, audit))

@@ -6,7 +6,7 @@
 - ``store``: ``AuditStore``, writes on one writer thread and readers for the CLI
 """
 
-from orchestrator.audit.database import AuditError, UnknownSessionError
+from orchestrator.audit.database import AuditError, SessionTakenOverError, UnknownSessionError
 from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
 from orchestrator.audit.schema import EventRecord, MessageRecord, SessionRecord, SessionStatus, ToolUsageRecord, now_iso
 from orchestrator.audit.store import AuditStore
@@ -20,6 +20,7 @@ __all__ = [
     "MessageRow",
     "SessionRecord",
     "SessionStatus",
+    "SessionTakenOverError",
     "ToolUsageRecord",
     "ToolUsageRow",
     "TurnAudit",

@@ -1,4 +1,9 @@
-"""Opening an audit database from a URL: SQLite tuned for several writers, and in-place migrations."""
+"""Opening an audit database from a URL: SQLite tuned for several writers, PostgreSQL, and in-place migrations.
+
+Both engines get the same schema and the same per-turn transactions; only
+SQLite gets pragmas and ``BEGIN IMMEDIATE`` (PostgreSQL locks rows, not the
+file, so concurrent writers need nothing special there).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ class UnknownSessionError(LookupError):
     """No session with that ID in the audit database."""
 
 
+class SessionTakenOverError(AuditError):
+    """Another orchestrator process resumed this session, so this one must stop writing to it.
+
+    Every turn's write and the final status update only apply while the
+    session's ``pid``/``host`` are still this process's: a session judged stale
+    by mistake can be resumed without its old process duplicating a turn.
+    """
+
+
 def _add_missing_columns(database: peewee.Database) -> None:
     """Add nullable columns that newer models have to tables an older version created.
 
@@ -39,6 +53,31 @@ def _add_missing_columns(database: peewee.Database) -> None:
             migrate(*(migrator.add_column(meta.table_name, f.column_name, f) for f in missing))
 
 
+SCHEMA_LOCK_KEY = 0x4E15_7A0D
+"""PostgreSQL advisory lock held while creating and migrating the schema (any constant; ours only)."""
+
+
+def create_schema(database: peewee.Database) -> None:
+    """Create missing tables and columns in one transaction, one process at a time.
+
+    Why the lock: several orchestrators starting at once against a new
+    PostgreSQL database race in ``CREATE TABLE IF NOT EXISTS`` (the loser fails
+    on a duplicate type name), and two of them adding the same new column fail
+    the same way. An advisory lock held for the transaction serialises them, and
+    DDL is transactional there. SQLite's ``BEGIN IMMEDIATE`` does the same.
+    """
+    with database.atomic():
+        if isinstance(database, peewee.PostgresqlDatabase):
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))  # type: ignore[no-untyped-call]
+        database.create_tables(MODELS, safe=True)
+        _add_missing_columns(database)
+
+
+def one_line(exc: BaseException) -> str:
+    """Flatten a database error to one line (PostgreSQL adds DETAIL and HINT lines; users get one-line errors)."""
+    return " ".join(str(exc).split())
+
+
 def _sqlite_path(url: str) -> Path | None:
     parsed = parse(url)
     if not url.startswith("sqlite"):
@@ -50,7 +89,11 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 def _open_database(url: str) -> peewee.Database:
-    """Connect from a ``playhouse.db_url`` URL; SQLite gets WAL, foreign keys and BEGIN IMMEDIATE."""
+    """Connect from a ``playhouse.db_url`` URL; SQLite gets WAL, foreign keys and BEGIN IMMEDIATE.
+
+    ``postgresql://`` URLs use psycopg2 (the libpq environment applies, e.g.
+    ``PGPASSWORD``); no SQLite option may reach them.
+    """
     options: dict[str, Any] = {}
     sqlite_file = _sqlite_path(url)
     if url.startswith("sqlite"):

@@ -42,9 +42,14 @@ class SessionRecord(_BaseModel):
     num_turns = peewee.IntegerField(default=0)
     status = peewee.TextField(default=SessionStatus.ACTIVE)
     strategy = peewee.TextField(null=True)
-    seed = peewee.IntegerField(null=True)
+    seed = peewee.BigIntegerField(null=True)  # generated when not given, so a resumed random schedule continues
     model = peewee.TextField(null=True)
     error = peewee.TextField(null=True)
+    # For `orchestrator resume` (NULL in sessions written before it existed):
+    turns_planned = peewee.IntegerField(null=True)
+    pid = peewee.IntegerField(null=True)  # the orchestrator process that owns the session; its writes are fenced on it
+    host = peewee.TextField(null=True)  # ... and the machine it runs on
+    heartbeat_at = peewee.TextField(null=True)  # last sign of life: start, each committed turn, a resume
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "sessions"

@@ -3,34 +3,40 @@
 Writes go through ONE writer thread: Peewee is synchronous, and a single writer
 means the event loop never blocks on the database and writes never race each
 other. SQLite transactions start with ``BEGIN IMMEDIATE`` and a busy timeout, so
-several orchestrator processes can share one file without "database is locked".
+several orchestrator processes can share one file without "database is locked";
+on PostgreSQL the same transactions only lock the rows they touch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, TypeVar, cast
 
 import peewee
 
+from heist_common.config import redact_url
 from orchestrator.audit.database import (
     _DB_ERRORS,
     BUSY_TIMEOUT_MS,
     OPEN_RETRY_DELAY_S,
     AuditError,
+    SessionTakenOverError,
     UnknownSessionError,
-    _add_missing_columns,
     _open_database,
     _root_cause,
     _sqlite_path,
+    create_schema,
+    one_line,
 )
 from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
 from orchestrator.audit.schema import (
-    MODELS,
     EventRecord,
     MessageRecord,
     SessionRecord,
@@ -58,13 +64,22 @@ class AuditStore:
         self._insert_message = _PreparedInsert(database, MessageRecord, MessageRow)
         self._insert_tool_usage = _PreparedInsert(database, ToolUsageRecord, ToolUsageRow)
         self._insert_event = _PreparedInsert(database, EventRecord, EventRow)
-        marker = "\x00session"
-        count_turn = SessionRecord.update(num_turns=SessionRecord.num_turns + 1).where(
-            SessionRecord.session_id == marker
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        """Who owns the sessions this store creates or resumes (``sessions.pid``/``host``)."""
+        marker, beat = "\x00session", "\x00heartbeat"
+        count_turn = SessionRecord.update(num_turns=SessionRecord.num_turns + 1, heartbeat_at=beat).where(
+            (SessionRecord.session_id == marker) & self._owned()
         )
         self._count_turn_sql, params = count_turn.sql()
         self._count_turn_params: list[Any] = list(params)
         self._count_turn_session = self._count_turn_params.index(marker)
+        self._count_turn_beat = self._count_turn_params.index(beat)
+
+    def _owned(self) -> peewee.Expression:
+        """``sessions`` rows this process owns: the fence that stops writes after another process resumed one."""
+        expression: peewee.Expression = (SessionRecord.pid == self.pid) & (SessionRecord.host == self.host)
+        return expression
 
     @classmethod
     def open(cls, url: str) -> AuditStore:
@@ -82,19 +97,18 @@ class AuditStore:
                 database = _open_database(url)
                 database_proxy.initialize(database)
                 with database.connection_context():
-                    database.create_tables(MODELS, safe=True)
-                    _add_missing_columns(database)
+                    create_schema(database)
                 return cls(url, database)
             except _DB_ERRORS as exc:
                 if "database is locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise AuditError(f"cannot open audit database {url}: {exc}") from None
+                    raise AuditError(f"cannot open audit database {redact_url(url)}: {one_line(exc)}") from None
                 time.sleep(OPEN_RETRY_DELAY_S)
 
     @property
     def location(self) -> str:
-        """The database file for SQLite, else the URL (for summaries)."""
+        """The database file for SQLite, else the URL without its password (for summaries and errors)."""
         path = _sqlite_path(self.url)
-        return str(path) if path is not None else self.url
+        return str(path) if path is not None else redact_url(self.url)
 
     def close(self) -> None:
         """Finish queued writes, then close the writer's connection."""
@@ -112,26 +126,48 @@ class AuditStore:
             try:
                 return work()
             except _DB_ERRORS as exc:
-                raise AuditError(f"audit database {self.location}: cannot {what}: {_root_cause(exc)}") from None
+                reason = one_line(_root_cause(exc))
+                self._drop_broken_connection()
+                raise AuditError(f"audit database {self.location}: cannot {what}: {reason}") from None
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, guarded)
+
+    def _drop_broken_connection(self) -> None:
+        """Forget a server connection that died (PostgreSQL restarted), so the next call connects afresh.
+
+        The failed write still fails the run, but the final status update can
+        then reach the server, and the session ends ``failed`` instead of
+        staying ``active``. A SQLite file has no connection to lose.
+        """
+        database = self.database
+        if isinstance(database, peewee.SqliteDatabase) or database.is_closed() or database.is_connection_usable():
+            return
+        with contextlib.suppress(*_DB_ERRORS):
+            database.close()  # forgets the connection even when the driver fails to close it
 
     async def run_in_writer(self, work: Callable[[], T]) -> T:
         """Run arbitrary database work on the writer thread (tests and tools use this)."""
         return await self._in_writer(work, "run a statement")
 
-    async def create_session(self, session_id: str, *, strategy: str, seed: int | None, model: str) -> None:
-        """Insert the session as ``active`` (a reused ID is an error, not a merge)."""
+    async def create_session(
+        self, session_id: str, *, strategy: str, seed: int | None, model: str, turns_planned: int | None = None
+    ) -> None:
+        """Insert the session as ``active``, owned by this process (a reused ID is an error, not a merge)."""
 
         def work() -> None:
             with self.database.atomic():
+                started = now_iso()
                 SessionRecord.create(
                     session_id=session_id,
-                    start_time=now_iso(),
+                    start_time=started,
                     status=SessionStatus.ACTIVE,
                     strategy=strategy,
                     seed=seed,
                     model=model,
+                    turns_planned=turns_planned,
+                    pid=self.pid,
+                    host=self.host,
+                    heartbeat_at=started,
                 )
 
         await self._in_writer(work, f"create session {session_id}")
@@ -150,7 +186,19 @@ class AuditStore:
                 self._insert_message.execute(session_id, turn.message)
                 params = list(self._count_turn_params)
                 params[self._count_turn_session] = session_id
-                self.database.execute_sql(self._count_turn_sql, params)  # type: ignore[no-untyped-call]
+                params[self._count_turn_beat] = turn.message.timestamp
+                cursor = self.database.execute_sql(self._count_turn_sql, params)  # type: ignore[no-untyped-call]
+                if cursor.rowcount != 1:  # raising inside atomic() rolls the whole turn back
+                    raise self._taken_over(session_id)
+
+    def _taken_over(self, session_id: str) -> SessionTakenOverError:
+        owner = (
+            SessionRecord.select(SessionRecord.pid, SessionRecord.host)
+            .where(SessionRecord.session_id == session_id)
+            .first()
+        )
+        by = f" by pid {owner.pid} on {owner.host}" if owner is not None else ""
+        return SessionTakenOverError(f"session {session_id} was resumed{by}: this process no longer writes to it")
 
     async def add_events(self, session_id: str | None, events: Sequence[EventRow]) -> None:
         """Record events outside a turn (health checks, session-level failures) in one transaction."""
@@ -167,9 +215,13 @@ class AuditStore:
 
         def update() -> None:
             with self.database.atomic():
-                SessionRecord.update(status=status, end_time=now_iso(), error=error).where(
-                    SessionRecord.session_id == session_id
-                ).execute()
+                updated = (
+                    SessionRecord.update(status=status, end_time=now_iso(), error=error)
+                    .where((SessionRecord.session_id == session_id) & self._owned())
+                    .execute()
+                )
+                if updated != 1:
+                    raise self._taken_over(session_id)
 
         def work() -> None:
             try:
@@ -183,6 +235,66 @@ class AuditStore:
                 update()
 
         await self._in_writer(work, f"finish session {session_id}")
+
+    async def session_state(self, session_id: str) -> tuple[dict[str, Any], list[tuple[int, str, str, str, str]]]:
+        """Read the ``sessions`` row and ``(turn_id, agent_name, agent_role, message, status)`` in turn order.
+
+        What a resume starts from; raises UnknownSessionError if there is no such session.
+        """
+
+        def work() -> tuple[dict[str, Any], list[tuple[int, str, str, str, str]]]:
+            row = SessionRecord.select().where(SessionRecord.session_id == session_id).dicts().first()
+            if row is None:
+                raise UnknownSessionError(session_id)
+            query = (
+                MessageRecord.select(
+                    MessageRecord.turn_id,
+                    MessageRecord.agent_name,
+                    MessageRecord.agent_role,
+                    MessageRecord.message,
+                    MessageRecord.status,
+                )
+                .where(MessageRecord.session == session_id)
+                .order_by(MessageRecord.turn_id)
+                .tuples()
+            )
+            rows = cast("list[tuple[Any, Any, Any, Any, Any]]", list(query))
+            return cast("dict[str, Any]", row), [(int(t), str(a), str(r), str(m), str(s)) for t, a, r, m, s in rows]
+
+        return await self._in_writer(work, f"read session {session_id}")
+
+    async def claim_session(self, session_id: str, expected: Mapping[str, Any]) -> bool:
+        """Take a session over for resuming, only if its row still is exactly as ``expected`` (compare and set).
+
+        Why compare and set: two ``resume`` commands, or a resume racing the
+        session's own process, must not both continue it. The row's status,
+        owner, heartbeat and turn count must be unchanged since they were read;
+        then it becomes ``active`` again and owned by this process. Returns
+        whether this process won.
+        """
+
+        def work() -> bool:
+            condition = SessionRecord.session_id == session_id
+            for name in ("status", "pid", "host", "heartbeat_at", "num_turns"):
+                column = getattr(SessionRecord, name)
+                value = expected[name]
+                condition &= column.is_null() if value is None else column == value
+            with self.database.atomic():
+                claimed = (
+                    SessionRecord.update(
+                        status=SessionStatus.ACTIVE,
+                        pid=self.pid,
+                        host=self.host,
+                        heartbeat_at=now_iso(),
+                        end_time=None,
+                        error=None,
+                    )
+                    .where(condition)
+                    .execute()
+                )
+            return int(claimed) == 1
+
+        return await self._in_writer(work, f"claim session {session_id}")
 
     async def agent_messages(self, session_id: str) -> list[tuple[str, int, str]]:
         """``(agent_name, turn_id, message)`` of a session in turn order (to rebuild the memory service)."""
@@ -207,7 +319,7 @@ class AuditStore:
                 query = SessionRecord.select().order_by(SessionRecord.start_time.desc()).dicts()
                 return cast("list[dict[str, Any]]", list(query))
         except _DB_ERRORS as exc:
-            raise AuditError(f"cannot read sessions from {self.location}: {exc}") from None
+            raise AuditError(f"cannot read sessions from {self.location}: {one_line(exc)}") from None
 
     def read_session_log(self, session_id: str) -> dict[str, Any]:
         """Session metadata, messages, tool usage and events; UnknownSessionError if absent."""
@@ -229,4 +341,4 @@ class AuditStore:
                     "events": rows(EventRecord),
                 }
         except _DB_ERRORS as exc:
-            raise AuditError(f"cannot read session {session_id} from {self.location}: {exc}") from None
+            raise AuditError(f"cannot read session {session_id} from {self.location}: {one_line(exc)}") from None

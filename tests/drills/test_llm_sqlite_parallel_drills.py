@@ -1,4 +1,4 @@
-"""Drills on the LLM endpoint, the SQLite audit database, and four orchestrator processes at once."""
+"""Drills on the LLM endpoint, the SQLite audit database, and four orchestrator processes at once (both engines)."""
 
 from __future__ import annotations
 
@@ -131,9 +131,10 @@ def test_disk_full_stops_the_run_cleanly_and_marks_it_failed(
 
 
 def test_four_cli_sessions_at_once_share_one_mesh_and_one_database(
-    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM
+    drill_mesh: Callable[..., ProcessMesh], scripted_llm: ScriptedLLM, audit_url: str
 ) -> None:
-    mesh = drill_mesh(resilience=drill_resilience())
+    # Once on a SQLite file, once on a PostgreSQL database: the same processes, the same outcome.
+    mesh = drill_mesh(resilience=drill_resilience(), database={"url": audit_url})
     mesh.start()
     endpoints = [ScriptedLLM(responder=lambda body, i=i: text(f"session {i} speaking")).start() for i in range(4)]
     try:

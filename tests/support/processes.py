@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from heist_common.config import HeistConfig, load_config, split_address
 from servers import credentials
 from tests.support import channels
 from tests.support.access_log import calls
+from tests.support.audit_db import query
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.ports import free_ports
 from tests.support.tokens import session_metadata
@@ -235,9 +235,8 @@ class ProcessMesh:
         return Path(self.config.database.url.removeprefix("sqlite:///"))
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Run SQL against the audit database."""
-        with sqlite3.connect(self.db_path) as db:
-            return list(db.execute(sql, params).fetchall())
+        """Run SQL (``?`` placeholders) against the audit database of the config, SQLite or PostgreSQL."""
+        return query(self.config.database.url, sql, *params)
 
 
 def session_memories(config: HeistConfig, session_id: str) -> int:

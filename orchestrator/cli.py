@@ -222,16 +222,21 @@ def _print_summary(result: SessionResult) -> None:
         print(printable(f"Error:      {redact_url(result.error)}"), file=sys.stderr)
 
 
+def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfig:
+    """Apply ``--llm-base-url`` and ``--model`` (run and resume take both)."""
+    if not (args.llm_base_url or args.model):
+        return config
+    llm = config.llm.model_copy(
+        update={
+            "base_url": (args.llm_base_url or config.llm.base_url).rstrip("/"),
+            "model": args.model or config.llm.model,
+        }
+    )
+    return config.with_overrides(llm=llm)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
-    if args.llm_base_url or args.model:
-        llm = config.llm.model_copy(
-            update={
-                "base_url": (args.llm_base_url or config.llm.base_url).rstrip("/"),
-                "model": args.model or config.llm.model,
-            }
-        )
-        config = config.with_overrides(llm=llm)
+    config = _with_llm_flags(_load(args), args)
     allowed = config.session.max_turns_allowed
     if args.turns is not None and not 1 <= args.turns <= allowed:
         raise CommandError(f"--turns must be 1 to {allowed} (session.max_turns_allowed)", ExitCode.USAGE)
@@ -267,15 +272,7 @@ def _print_resume(point: ResumePoint) -> None:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    config = _load(args)
-    if args.llm_base_url or args.model:
-        llm = config.llm.model_copy(
-            update={
-                "base_url": (args.llm_base_url or config.llm.base_url).rstrip("/"),
-                "model": args.model or config.llm.model,
-            }
-        )
-        config = config.with_overrides(llm=llm)
+    config = _with_llm_flags(_load(args), args)
     if args.out is not None:
         _check_writable(args.out)
     options = RunOptions(require_healthy=args.require_healthy, export_dir=args.out)

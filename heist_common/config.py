@@ -142,6 +142,8 @@ class ServiceConfig(Section):
 
     address: NonEmpty
     deadline_s: Positive = 2.0
+    metrics_address: str | None = None
+    """Where the server serves Prometheus metrics over HTTP (``GET /metrics``); unset: no metrics endpoint."""
     server: ServerConfig = ServerConfig()
     store: str | None = None
     """Where a stateful service keeps its state (memory: ``redis://host:port/db``; unset: in the process)."""
@@ -161,6 +163,13 @@ class ServiceConfig(Section):
         split_address(value)
         return value
 
+    @field_validator("metrics_address")
+    @classmethod
+    def _valid_metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value)
+        return value
+
     @property
     def host(self) -> str:
         """Host part of ``address`` (IPv6 brackets removed)."""
@@ -170,6 +179,14 @@ class ServiceConfig(Section):
     def port(self) -> int:
         """Port part of ``address``."""
         return split_address(self.address)[1]
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics`` of ``metrics_address`` (None when metrics are off)."""
+        if self.metrics_address is None:
+            return None
+        host, port = split_address(self.metrics_address)
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
 class OAuthConfig(Section):

@@ -36,6 +36,7 @@ from heist_common.config import ConfigError, HeistConfig, load_config, split_add
 from heist_common.contract import Catalogue, ContractError
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import REPO_ROOT
+from heist_common.telemetry import export_requested
 from servers import credentials
 from servers.lifecycle import service_limits
 
@@ -62,6 +63,7 @@ class ManagedProcess:
     address: str
     command: list[str]
     start_timeout_s: float
+    metrics_address: str | None = None
 
 
 class Supervisor:
@@ -90,7 +92,8 @@ class Supervisor:
     def grpc_process(self, name: str) -> ManagedProcess:
         """Describe one gRPC service process."""
         command = [sys.executable, "-m", f"servers.{name}", "--config", str(self.config.config_path)]
-        return ManagedProcess(name, self.config.service(name).address, command, GRPC_START_TIMEOUT_S)
+        settings = self.config.service(name)
+        return ManagedProcess(name, settings.address, command, GRPC_START_TIMEOUT_S, settings.metrics_address)
 
     def llm_process(self) -> ManagedProcess:
         """Describe the embedded llama.cpp server process."""
@@ -133,6 +136,8 @@ class Supervisor:
         """Start whatever is not running yet and wait until everything is healthy; return the exit code."""
         credentials.ensure_dev_credentials(self.config)
         processes = [self.grpc_process(name) for name in self.config.services]
+        if export_requested():
+            print("tracing: every service exports spans over OTLP (OTEL_EXPORTER_OTLP_* is set)", file=self.out)
         if llm and self.llm.embedded:
             error = self.prepare_llm()
             if error:
@@ -151,11 +156,12 @@ class Supervisor:
                 print(f"{process.name}: already running (pid {pid}) on {process.address}", file=self.out)
                 continue
             self.pid_file(process.name).unlink(missing_ok=True)
-            busy = address_in_use(process.address)
+            addresses = (process.address, process.metrics_address)
+            busy = next((address for address in addresses if address and address_in_use(address)), None)
             if busy:
                 self.abort_started(started)
                 print(
-                    f"serve: cannot start {process.name}: {process.address} (port {split_address(process.address)[1]})"
+                    f"serve: cannot start {process.name}: {busy} (port {split_address(busy)[1]})"
                     f" is already in use by another process",
                     file=sys.stderr,
                 )
@@ -171,8 +177,14 @@ class Supervisor:
                 print(tail(self.log_file(process.name)), file=sys.stderr)
                 return ExitCode.FAILED
             pid = self.read_pid(process.name)
-            print(f"{process.name}: SERVING on {process.address} (pid {pid})", file=self.out)
+            metrics = self.metrics_url(process.name)
+            extra = f", metrics {metrics}" if metrics else ""
+            print(f"{process.name}: SERVING on {process.address} (pid {pid}){extra}", file=self.out)
         return ExitCode.OK
+
+    def metrics_url(self, name: str) -> str | None:
+        """Return the Prometheus URL of a gRPC service (None for the LLM and for services without a metrics address)."""
+        return None if name == LLM_NAME else self.config.service(name).metrics_url
 
     def prepare_llm(self) -> str | None:
         """Assemble the model file once and check llama-cpp-python is importable; return an error or None."""
@@ -243,14 +255,15 @@ class Supervisor:
         A process that serve started and that has since died is shown with the
         last lines of its log, which is where a crash explains itself.
         """
-        rows = [("SERVICE", "ADDRESS", "PID", "STATUS", "LATENCY")]
+        rows = [("SERVICE", "ADDRESS", "PID", "STATUS", "LATENCY", "METRICS")]
         crashed: list[str] = []
         for process in self.known_processes():
             pid = self.read_pid(process.name)
             status, latency = self.probe(process.name, process.address)
             if pid is None and self.pid_file(process.name).exists():
                 status, crashed = "DOWN (exited)", [*crashed, process.name]
-            rows.append((process.name, process.address, str(pid or "-"), status, f"{latency:.1f} ms"))
+            metrics = self.metrics_url(process.name) or "-"
+            rows.append((process.name, process.address, str(pid or "-"), status, f"{latency:.1f} ms", metrics))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=self.out)

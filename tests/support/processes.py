@@ -76,8 +76,17 @@ def stop_servers(servers: Iterable[ServerProcess]) -> None:
 class ServerProcess:
     """One service as a real OS process on a fixed port; its stdout/stderr go to a log file."""
 
-    def __init__(self, name: str, config_path: Path, port: int, log_dir: Path, start_timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        config_path: Path,
+        port: int,
+        log_dir: Path,
+        start_timeout_s: float,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
+        self.env = env
         self.config_path = config_path
         self.port = port
         self.address = f"127.0.0.1:{port}"
@@ -101,6 +110,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 [*command, "--address", self.address],
                 cwd=REPO,
+                env={**os.environ, **self.env} if self.env is not None else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -168,24 +178,35 @@ class ProcessMesh:
         *,
         llm_base_url: str = "http://127.0.0.1:9/v1",
         start_timeout_s: float = 20.0,
+        metrics: bool = True,
+        env: dict[str, str] | None = None,
         **sections: Any,
     ) -> None:
         self.work_dir = work_dir
-        self.ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
+        ports = free_ports(2 * len(SERVICES))
+        self.ports = dict(zip(SERVICES, ports[: len(SERVICES)], strict=True))
+        self.metrics_ports = dict(zip(SERVICES, ports[len(SERVICES) :], strict=True)) if metrics else {}
         addresses = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
-        self.config_path = write_heist_config(work_dir, llm_base_url=llm_base_url, addresses=addresses, **sections)
+        metrics_addresses = {name: f"127.0.0.1:{port}" for name, port in self.metrics_ports.items()}
+        self.config_path = write_heist_config(
+            work_dir, llm_base_url=llm_base_url, addresses=addresses, metrics_addresses=metrics_addresses, **sections
+        )
         self.config: HeistConfig = load_config(self.config_path)
         credentials.ensure_dev_credentials(self.config)  # once, before several processes would race for it
         self.log_dir = work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
         self.servers = {
-            name: ServerProcess(name, self.config_path, port, self.log_dir, start_timeout_s)
+            name: ServerProcess(name, self.config_path, port, self.log_dir, start_timeout_s, env)
             for name, port in self.ports.items()
         }
 
     def address(self, name: str) -> str:
         """Where ``name`` listens."""
         return f"127.0.0.1:{self.ports[name]}"
+
+    def metrics_url(self, name: str) -> str:
+        """Where ``name`` serves Prometheus metrics."""
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def start(self, *names: str) -> ProcessMesh:
         """Start services in parallel (all of them by default) and wait until each is SERVING."""

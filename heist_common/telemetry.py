@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENT_BAGGAGE_KEY",
     "ENDPOINT_VARIABLES",
+    "OFF",
     "PROPAGATOR",
     "TRACECONTEXT",
     "Telemetry",

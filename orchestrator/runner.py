@@ -18,12 +18,14 @@ from pathlib import Path
 from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
+from heist_common.telemetry import OFF, Telemetry, setup_tracing
 from orchestrator.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext, TurnResult
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
 from orchestrator.llm import LLMClient
 from orchestrator.strategies import iter_schedule
+from orchestrator.tracing import turn_scope
 
 __all__ = [
     "RunOptions",
@@ -36,6 +38,8 @@ __all__ = [
 
 
 TurnObserver = Callable[[TurnResult], None]
+ORCHESTRATOR_SERVICE_NAME = "heist-orchestrator"
+"""``service.name`` of the orchestrator's spans."""
 
 
 class LLMBroken(Exception):
@@ -189,14 +193,17 @@ class SessionRunner:
                     break
                 name, following = following, next(schedule, None)
                 agent = self.agents[name]
-                memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
-                # The next speaker's memory cannot change during this turn unless it is the same agent.
-                prefetched = (
-                    asyncio.ensure_future(self.agents[following].fetch_memory())
-                    if following is not None and following != name
-                    else None
-                )
-                turn = await agent.take_turn(index + 1, history, memory)
+                # The turn's trace is opened here, so its memory calls (this speaker's, and the prefetch
+                # for the next one, which runs during this turn) belong to it and not to traces of their own.
+                with turn_scope(self.context.clients.tracer, self.session_id, name, index + 1):
+                    memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
+                    # The next speaker's memory cannot change during this turn unless it is the same agent.
+                    prefetched = (
+                        asyncio.ensure_future(self.agents[following].fetch_memory())
+                        if following is not None and following != name
+                        else None
+                    )
+                    turn = await agent.take_turn(index + 1, history, memory)
                 history.append(ConversationMessage(turn.turn_id, turn.agent_name, turn.agent_role, turn.message))
                 result.turns.append(turn)
                 if self._on_turn is not None:
@@ -244,19 +251,22 @@ async def run_session(
     Raises AuditError if the audit database cannot be opened at all.
     """
     audit = AuditStore.open(config.database.url)
-    clients = ServiceClients(config)
+    telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
+    clients = ServiceClients(config, tracer=telemetry.tracer)
     llm = LLMClient(config.llm)
     try:
         runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn)
         return await runner.run()
     finally:
-        await asyncio.shield(_close(clients, llm, audit))
+        await asyncio.shield(_close(clients, llm, audit, telemetry))
 
 
-async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore) -> None:
+async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore, telemetry: Telemetry = OFF) -> None:
     await clients.close()
     await llm.close()
-    await asyncio.get_running_loop().run_in_executor(None, audit.close)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, audit.close)
+    await loop.run_in_executor(None, telemetry.shutdown)  # the last spans are exported before the process ends
 
 
 def health_events(results: list[HealthResult]) -> list[EventRow]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -22,3 +23,14 @@ def redis_url(redis_server: RedisServer) -> str:
     """The server's URL, emptied for this test."""
     redis.Redis.from_url(redis_server.url).flushdb()
     return redis_server.url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_span_export_from_the_callers_environment() -> Iterator[None]:
+    """A developer's OTEL_* variables (set for ``make serve``) must not make tests export spans or change them.
+
+    Tests that want export pass the variables to the processes they start.
+    """
+    saved = {key: os.environ.pop(key) for key in list(os.environ) if key.startswith("OTEL_")}
+    yield
+    os.environ.update(saved)

@@ -24,6 +24,7 @@ from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
 from orchestrator.llm import LLMClient
+from orchestrator.report import report_path, write_report
 from orchestrator.strategies import iter_schedule
 from orchestrator.tracing import turn_scope
 
@@ -75,6 +76,8 @@ class SessionResult:
     turns: list[TurnResult] = field(default_factory=list)
     database: str = ""
     exports: list[Path] = field(default_factory=list)
+    report: Path | None = None
+    """The session's HTML report (``orchestrator report``), written beside the exports."""
     error: str | None = None
 
     @property
@@ -227,11 +230,16 @@ class SessionRunner:
                 result.exports = await asyncio.get_running_loop().run_in_executor(
                     None, write_exports, self.context.audit, self.session_id, out_dir
                 )
+                result.report = await asyncio.get_running_loop().run_in_executor(None, self._write_report, out_dir)
             except (AuditError, OSError) as exc:
                 # The session itself is recorded as it ended; the run still failed to leave its logs.
                 result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
                 result.exit_code = result.exit_code or ExitCode.FAILED
         return result
+
+    def _write_report(self, out_dir: Path) -> Path:
+        log = self.context.audit.read_session_log(self.session_id)
+        return write_report(log, report_path(out_dir, self.session_id))
 
     @staticmethod
     def _failed(result: SessionResult, error: str) -> SessionResult:

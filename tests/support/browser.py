@@ -15,6 +15,7 @@ component updates or background traffic, QUIC off, a throwaway profile.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
 import shutil
@@ -79,10 +80,8 @@ class Chromium:
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
-            try:
+            with contextlib.suppress(RuntimeError, OSError):
                 self.send("Browser.close", timeout_s=5)
-            except (RuntimeError, OSError):
-                pass
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -180,10 +179,8 @@ class Chromium:
         self._wait_event("Page.loadEventFired", session, result.errors)
         end = time.monotonic() + settle_s  # late console messages (e.g. a deferred error) still count
         while time.monotonic() < end:
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._note(self._events.get(timeout=0.05), session, result.errors)
-            except queue.Empty:
-                pass
         evaluated = self.send(
             "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session
         )

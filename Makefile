@@ -91,10 +91,11 @@ stop: ## Stop every service started by `make serve` (graceful, idempotent)
 status: install ## Health table of every service
 	$(PY) -m servers.supervisor status --config $(CONFIG)
 
-run: install ## Serve everything and run one heist on the embedded model, then print the summary
+run: install ## Serve everything and run one heist on the embedded model, then print the summary and the report's path
 	$(MAKE) --no-print-directory serve CONFIG=$(CONFIG) LLM=on
+	@echo "Services keep running after the heist: probe them (README, 'Probing with grpcurl') or stop them with 'make stop'."
+	@# The summary ends with "Report: <path>.html", the session's page (orchestrator report).
 	$(VENV)/bin/orchestrator run --config $(CONFIG) $(ARGS)
-	@echo "Services are still running: probe them (README, 'Probing with grpcurl') or stop them with 'make stop'."
 
 test: install system-deps ## Run every test (unit, contract, end-to-end, drills, embedded-model heist)
 	$(PY) protos/generate.py --check
@@ -102,7 +103,7 @@ test: install system-deps ## Run every test (unit, contract, end-to-end, drills,
 
 # Debian packages the tests and benchmarks use, installed when missing and we are root
 # (CI is); otherwise the command to run is printed and the Python fallbacks are used.
-SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server
+SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server chromium:chromium
 system-deps:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do command -v "$${entry%%:*}" >/dev/null || missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \

@@ -261,7 +261,7 @@ class CallMiddleware:
         counter = self._auth_metrics
         if counter is not None:
             if verdict[1] is None:
-                counter.ok.inc()
+                counter.allow()
             else:
                 counter.deny(verdict[0].get("reason", ""))
         return verdict
@@ -465,7 +465,7 @@ class CallMiddleware:
                             await context.abort(denied, message)
                     async for response in behavior(request, context):
                         if counted is not None:
-                            counted.sent.inc()
+                            counted.message_sent()
                         yield response
                 except grpc.aio.AbortError:
                     raise

@@ -30,7 +30,7 @@ LLAMA_WHEEL_DIR ?= $(HOME)/.cache/heist-mesh/wheels/llama-cpp-python-$(LLAMA_VER
 INSTALL_STAMP := $(VENV)/.project-installed
 GENERATED := generated/heist/__init__.py
 
-.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-smoke lint clean
+.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-metrics bench-smoke lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -117,6 +117,9 @@ drills: install ## Run only the failure drills
 
 bench: install system-deps ## Benchmarks: per-turn overhead, throughput, parallel sessions, embedded LLM (README, 'Performance')
 	$(PY) -m tests.bench.run --out var/bench/results.json
+
+bench-metrics: install system-deps ## What Prometheus metrics cost: throughput and CPU per call with metrics on vs off
+	$(PY) -m tests.bench.metrics_cost --out var/bench/metrics_cost.json
 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json

@@ -10,12 +10,13 @@ Every text from the model or a caller is escaped.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 from typing import Any
+
+from orchestrator.tracing import Step, read_timings
 
 __all__ = ["render_report", "report_path", "write_report"]
 
@@ -83,29 +84,13 @@ def _ms(value: float | None) -> str:
     return f"{value:,.1f} ms" if value < 10_000 else f"{value / 1000:,.2f} s"
 
 
-def _timeline(message: dict[str, Any]) -> dict[str, Any] | None:
-    """Return the turn's stored timeline, or None (an audit from before timings, or a value that is not ours)."""
-    raw = message.get("timings")
-    if not raw:
+def _timeline(message: dict[str, Any]) -> tuple[list[Step], float] | None:
+    """Return the turn's stored steps (of the kinds drawn) and total, or None (an audit from before timings)."""
+    parsed = read_timings(message.get("timings"))
+    if parsed is None:
         return None
-    try:
-        timeline = json.loads(raw)
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(timeline, dict) or not isinstance(timeline.get("steps"), list):
-        return None
-    steps = [
-        step
-        for step in timeline["steps"]
-        if isinstance(step, dict)
-        and step.get("kind") in KINDS
-        and isinstance(step.get("start_ms"), int | float)
-        and isinstance(step.get("ms"), int | float)
-    ]
-    total = timeline.get("total_ms")
-    if not isinstance(total, int | float) or total <= 0:
-        total = max((step["start_ms"] + step["ms"] for step in steps), default=0.0)
-    return {"steps": steps, "total_ms": float(total)}
+    steps, total = parsed
+    return [step for step in steps if step.kind in KINDS], total
 
 
 def _nice_step(total: float) -> float:
@@ -118,10 +103,9 @@ def _nice_step(total: float) -> float:
     return 10.0 * magnitude
 
 
-def waterfall_svg(turn_id: int, timeline: dict[str, Any]) -> str:
-    """One turn's steps as bars on a shared time axis (each step one row, in start order)."""
-    steps = timeline["steps"]
-    total = max(timeline["total_ms"], max((s["start_ms"] + s["ms"] for s in steps), default=0.0), 0.001)
+def waterfall_svg(turn_id: int, steps: list[Step], total_ms: float) -> str:
+    """Draw one turn's steps as bars on a shared time axis (each step one row, in start order)."""
+    total = max(total_ms, max((s.start_ms + s.ms for s in steps), default=0.0), 0.001)
     width = LABEL_WIDTH + BAR_WIDTH + VALUE_WIDTH
     height = AXIS_HEIGHT + ROW_HEIGHT * max(len(steps), 1) + 6
     scale = BAR_WIDTH / total
@@ -140,19 +124,19 @@ def waterfall_svg(turn_id: int, timeline: dict[str, Any]) -> str:
         parts.append(f'<text x="{LABEL_WIDTH}" y="{AXIS_HEIGHT + 14}" class="muted">no steps recorded</text>')
     for row, step in enumerate(steps):
         y = AXIS_HEIGHT + row * ROW_HEIGHT
-        x = LABEL_WIDTH + step["start_ms"] * scale
-        bar = max(step["ms"] * scale, 2.0)
-        failed = str(step.get("code", "OK")) != "OK"
-        name = str(step.get("name", ""))
-        title = f"{KIND_LABELS[step['kind']]}: {name} — {_ms(step['ms'])}, from +{_ms(step['start_ms'])}" + (
-            f" — {step.get('code')}" if failed else ""
+        x = LABEL_WIDTH + step.start_ms * scale
+        bar = max(step.ms * scale, 2.0)
+        failed = step.code != "OK"
+        name = step.name
+        title = f"{KIND_LABELS[step.kind]}: {name} — {_ms(step.ms)}, from +{_ms(step.start_ms)}" + (
+            f" — {step.code}" if failed else ""
         )
         parts.append(
             f'<text x="{LABEL_WIDTH - 8}" y="{y + 14}" text-anchor="end">{_text(_cut(name, 36))}</text>'
-            f'<rect class="k-{step["kind"]}{" failed" if failed else ""}" x="{x:.1f}" y="{y + 3}" '
+            f'<rect class="k-{step.kind}{" failed" if failed else ""}" x="{x:.1f}" y="{y + 3}" '
             f'width="{bar:.1f}" height="{ROW_HEIGHT - 6}" rx="2"><title>{_text(title)}</title></rect>'
             f'<text x="{min(x + bar + 6, LABEL_WIDTH + BAR_WIDTH + 4):.1f}" y="{y + 14}" class="tick">'
-            f"{_text(_ms(step['ms']))}{_text(' ' + str(step.get('code'))) if failed else ''}</text>"
+            f"{_text(_ms(step.ms))}{_text(' ' + step.code) if failed else ''}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -180,15 +164,14 @@ def service_summary(log: dict[str, Any]) -> list[dict[str, Any]]:
         if timeline is None:
             untimed_turns.add(message["turn_id"])
             continue
-        for step in timeline["steps"]:
-            name = str(step.get("name", ""))
-            if step["kind"] in ("llm", "audit"):
-                service = "llm" if step["kind"] == "llm" else "audit"
-            elif "(" in name:  # "token (cached)", "prefetched memory (wait)": not a call to a service
+        for step in timeline[0]:
+            if step.kind in ("llm", "audit"):
+                service = step.kind
+            elif "(" in step.name:  # "token (cached)", "prefetched memory (wait)": not a call to a service
                 continue
             else:
-                service = name.split(".", 1)[0]
-            samples.setdefault(service, []).append((float(step["ms"]), str(step.get("code", "OK")) == "OK"))
+                service = step.name.split(".", 1)[0]
+            samples.setdefault(service, []).append((step.ms, step.code == "OK"))
     for row in log["tool_usage"]:
         if row["turn_id"] in untimed_turns and row.get("latency_ms") is not None:
             samples.setdefault(row["tool_name"], []).append((float(row["latency_ms"]), bool(row["success"])))
@@ -266,7 +249,8 @@ def render_report(log: dict[str, Any]) -> str:
             out.append(f'<div class="waterfall">{header}<p class="muted">No timings recorded for this turn '
                        "(written by a version before timings were audited).</p></div>")  # fmt: skip
         else:
-            out.append(f'<div class="waterfall">{header}{waterfall_svg(int(message["turn_id"]), timeline)}</div>')
+            chart = waterfall_svg(int(message["turn_id"]), *timeline)
+            out.append(f'<div class="waterfall">{header}{chart}</div>')
 
     out += ["<h2>Latency and errors per service</h2>", _summary_table(service_summary(log))]
     out += ["<h2>Transcript</h2>"]

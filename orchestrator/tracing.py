@@ -21,13 +21,14 @@ and ``messages.trace_id`` work as before at the cost of a tuple append per call.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import baggage, context
 from opentelemetry.trace import (
@@ -47,16 +48,20 @@ from heist_common.contract import TRACEPARENT_METADATA_KEY
 from heist_common.telemetry import AGENT_BAGGAGE_KEY, PROPAGATOR, TRACECONTEXT
 
 __all__ = [
+    "STEP_FIELDS",
     "Step",
     "TurnScope",
     "current_trace_id",
     "current_turn",
+    "read_timings",
     "step_kind",
     "timings_json",
     "turn_scope",
 ]
 
 TIMINGS_VERSION = 1
+STEP_FIELDS = ("kind", "name", "start_ms", "ms", "code")
+"""What each step of ``messages.timings`` holds, in order (the JSON keeps them as arrays: compact, cheap to encode)."""
 
 
 def step_kind(service: str) -> str:
@@ -68,9 +73,8 @@ def step_kind(service: str) -> str:
     return "tool"
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One thing a turn waited for: an RPC, an LLM request, the audit write."""
+class Step(NamedTuple):
+    """One thing a turn waited for: an RPC, an LLM request, the audit write (a tuple: made on every call)."""
 
     kind: str
     """``llm``, ``token``, ``memory``, ``tool`` or ``audit``."""
@@ -81,10 +85,6 @@ class Step:
     ms: float
     code: str = "OK"
     """gRPC status name, ``CIRCUIT_OPEN``, ``HTTP 500``, ``TIMEOUT``... (``OK`` when it worked)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the step as stored in ``messages.timings``."""
-        return {"kind": self.kind, "name": self.name, "start_ms": self.start_ms, "ms": self.ms, "code": self.code}
 
 
 @dataclass(slots=True)
@@ -204,9 +204,40 @@ def turn_scope(tracer: Tracer | None, session_id: str, agent: str, turn_id: int)
 
 
 def timings_json(steps: list[Step], total_ms: float) -> str:
-    """Return the turn's timeline as stored in ``messages.timings`` (compact JSON, steps in start order)."""
-    ordered = sorted(steps, key=lambda step: step.start_ms)
+    """Return the turn's timeline as stored in ``messages.timings``: compact JSON, steps in start order.
+
+    ``{"v": 1, "total_ms": 61.4, "fields": ["kind", "name", "start_ms", "ms", "code"],
+    "steps": [["memory", "memory.GetCompressedMemory", 0.0, 1.2, "OK"], ...]}``
+    """
+    ordered = sorted(steps, key=_start)
     return json.dumps(
-        {"v": TIMINGS_VERSION, "total_ms": round(total_ms, 3), "steps": [step.as_dict() for step in ordered]},
+        {"v": TIMINGS_VERSION, "total_ms": round(total_ms, 3), "fields": STEP_FIELDS, "steps": ordered},
         separators=(",", ":"),
     )
+
+
+def _start(step: Step) -> float:
+    return step.start_ms
+
+
+def read_timings(raw: object) -> tuple[list[Step], float] | None:
+    """Parse a ``messages.timings`` value back into steps and the turn's total; None if it is not one of ours."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+        return None
+    steps = []
+    for item in data["steps"]:
+        if not (isinstance(item, list) and len(item) == len(STEP_FIELDS)):
+            continue
+        kind, name, start_ms, ms, code = item
+        if isinstance(kind, str) and isinstance(start_ms, int | float) and isinstance(ms, int | float):
+            steps.append(Step(kind, str(name), float(start_ms), float(ms), str(code)))
+    total = data.get("total_ms")
+    if not isinstance(total, int | float) or not math.isfinite(total) or total <= 0:
+        total = max((step.start_ms + step.ms for step in steps), default=0.0)
+    return steps, float(total)

@@ -127,6 +127,7 @@ def test_a_session_from_before_timings_still_renders() -> None:
 
 def test_a_damaged_timings_value_is_shown_as_missing_not_a_crash() -> None:
     log = old_log()
-    log["messages"][0]["timings"] = '{"steps": [{"kind": "evil", "start_ms": "x"}], "total_ms": "NaN"}'  # type: ignore[index]
+    damaged = '{"steps": [["evil", "x", 0, 1, "OK"], ["llm", "y", "x", 1, "OK"], 7], "total_ms": NaN}'
+    log["messages"][0]["timings"] = damaged  # type: ignore[index]
     html = render_report(log)
     assert "evil" not in html and 'class="waterfall-chart"' in html

@@ -25,7 +25,13 @@ async def test_every_turn_stores_where_its_time_went(mesh: InProcessMesh, script
         result.session_id,
     )
     assert len(rows) == 6
-    timelines = {turn: (agent, latency, json.loads(timings)) for turn, agent, latency, timings in rows}
+    def parsed(raw: str) -> dict:
+        timeline = json.loads(raw)
+        assert timeline["fields"] == ["kind", "name", "start_ms", "ms", "code"]
+        timeline["steps"] = [dict(zip(timeline["fields"], step, strict=True)) for step in timeline["steps"]]
+        return timeline
+
+    timelines = {turn: (agent, latency, parsed(timings)) for turn, agent, latency, timings in rows}
 
     for turn, (agent, latency, timeline) in timelines.items():
         assert timeline["v"] == 1

@@ -157,6 +157,26 @@ def wrapper_ns_per_call(metrics: bool, calls: int = 50_000, repeats: int = 5) ->
     return asyncio.run(measure())
 
 
+def scrape_cpu_ms(scrapes: int = 50) -> float:
+    """CPU time of one scrape of a server with the memory service's methods (ms), in-process."""
+    from prometheus_client import generate_latest
+
+    from heist_common.contract import contract_of
+    from servers.metrics import ServerMetrics
+
+    metrics = ServerMetrics("memory")
+    contract = contract_of("memory")
+    for method in contract.descriptor.methods:
+        metrics.method(contract.method_path(method), False, False)
+    metrics.method("/grpc.health.v1.Health/Check", False, False)
+    metrics.method("/grpc.health.v1.Health/Watch", False, True)
+    metrics.method("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", True, True)
+    started = time.process_time()
+    for _ in range(scrapes):
+        generate_latest(metrics.registry)
+    return (time.process_time() - started) / scrapes * 1000
+
+
 def run(rounds: int, duration_s: float, loadgen: str) -> dict[str, Any]:
     """Measure; return per-kind rps of both variants and the cost."""
     use = generator(loadgen)
@@ -164,6 +184,7 @@ def run(rounds: int, duration_s: float, loadgen: str) -> dict[str, Any]:
     results["instrument_ns_per_call"] = round(instrument_ns_per_call(), 1)
     off, on = wrapper_ns_per_call(False), wrapper_ns_per_call(True)
     results["wrapper_ns_per_call"] = {"off": round(off, 1), "on": round(on, 1)}
+    results["scrape_cpu_ms"] = round(scrape_cpu_ms(), 2)
     with tempfile.TemporaryDirectory(prefix="heist-metrics-cost-") as tmp:
         for name in ("on", "off"):
             (Path(tmp) / name).mkdir()
@@ -244,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = (wrapper["on"] - wrapper["off"]) / 1000 / results["summary"]["store_memory"]["off_cpu_us"] * 100
     print(f"the middleware per call, in-process: {wrapper['off']:.0f} ns off, {wrapper['on']:.0f} ns on "
           f"(+{wrapper['on'] - wrapper['off']:.0f} ns, {extra:.2f}% of a StoreMemory's CPU)")  # fmt: skip
+    scrape = results["scrape_cpu_ms"]
+    print(f"one scrape: {scrape:.2f} ms of CPU (every 15 s: {scrape / 150:.3f}% of a core)")
     print(f"wrote {args.out}")
     return 0
 

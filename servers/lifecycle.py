@@ -284,6 +284,9 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
     parser.add_argument("--host", help="override the host part of the address")
     parser.add_argument("--port", type=int, help="override the port part of the address")
     parser.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown (default: config)")
+    parser.add_argument(
+        "--metrics-address", help="HOST:PORT for Prometheus metrics (default: services.<name>.metrics_address)"
+    )
     return parser.parse_args(argv)
 
 
@@ -305,14 +308,14 @@ def configure_logging() -> None:
 
 
 async def serve_until_signalled(
-    definition: ServiceDefinition, config: HeistConfig, address: str, grace_s: float
+    definition: ServiceDefinition, config: HeistConfig, address: str, grace_s: float, metrics_address: str | None = None
 ) -> None:
     """Run one service until SIGTERM/SIGINT, then drain and stop within ``grace_s``."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    running = await start(definition, config, address)
+    running = await start(definition, config, address, metrics_address=metrics_address)
     await stop_requested.wait()
     log.info("%s: stop requested, draining for up to %.1f s", definition.name, grace_s)
     await running.stop(grace_s)
@@ -327,6 +330,8 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         address = resolve_address(config, service_name, args)
+        if args.metrics_address:
+            split_address(args.metrics_address)
         definition = service_definition(service_name, config)
     except ConfigError as exc:
         log.error("%s", exc)
@@ -337,7 +342,7 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     grace_s = args.grace if args.grace is not None else config.mesh.shutdown_grace_s
     raise_open_file_limit()
     try:
-        asyncio.run(serve_until_signalled(definition, config, address, grace_s))
+        asyncio.run(serve_until_signalled(definition, config, address, grace_s, args.metrics_address))
     except OSError as exc:
         log.error("%s: %s", service_name, exc)
         return ExitCode.FAILED

@@ -84,7 +84,7 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
         while not logged(log_file, session) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert logged(log_file, session), service
-    assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".json", ".md"]
+    assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".html", ".json", ".md"]
 
 
 def logged(log_file: Path, session: str) -> bool:

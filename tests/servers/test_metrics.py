@@ -219,3 +219,26 @@ async def test_without_a_metrics_address_there_is_no_endpoint(tmp_path: Path) ->
         assert server.metrics is None and server.metrics_url is None
     finally:
         await mesh.stop_all()
+
+
+def test_a_server_process_whose_metrics_port_is_taken_exits_saying_so(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.ports import free_ports
+    from tests.support.processes import REPO
+
+    grpc_port, metrics_port = free_ports(2)
+    config_path = write_heist_config(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", metrics_port))
+        squatter.listen()
+        completed = subprocess.run(
+            [sys.executable, "-m", "servers.calculator", "--config", str(config_path),
+             "--address", f"127.0.0.1:{grpc_port}", "--metrics-address", f"127.0.0.1:{metrics_port}"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert completed.returncode == 1, completed.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{metrics_port}" in completed.stderr
+    assert not listening(grpc_port)

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from heist_common.config import HeistConfig, load_config
 from servers import credentials
 from servers.metrics import GO_CODE_NAMES
+from tests.support.channels import aio_channel
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.inprocess import InProcessMesh
 from tests.support.ports import listening
@@ -68,7 +69,7 @@ def grpc_labels(service: str, method: str, **extra: str) -> tuple[tuple[str, str
 
 async def test_every_server_serves_the_standard_grpc_series(mesh: InProcessMesh) -> None:
     for name, server in mesh.servers.items():
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with aio_channel(mesh.config, server.address) as channel:
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
         found = await samples(mesh, name)
         health = ("grpc.health.v1.Health", "Check")

@@ -30,7 +30,7 @@ LLAMA_WHEEL_DIR ?= $(HOME)/.cache/heist-mesh/wheels/llama-cpp-python-$(LLAMA_VER
 INSTALL_STAMP := $(VENV)/.project-installed
 GENERATED := generated/heist/__init__.py
 
-.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-mesh bench-smoke lint clean
+.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-mesh bench-metrics bench-smoke lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -91,10 +91,11 @@ stop: ## Stop every service started by `make serve` (graceful, idempotent)
 status: install ## Health table of every service
 	$(PY) -m servers.supervisor status --config $(CONFIG)
 
-run: install ## Serve everything and run one heist on the embedded model, then print the summary
+run: install ## Serve everything and run one heist on the embedded model, then print the summary and the report's path
 	$(MAKE) --no-print-directory serve CONFIG=$(CONFIG) LLM=on
+	@echo "Services keep running after the heist: probe them (README, 'Probing with grpcurl') or stop them with 'make stop'."
+	@# The summary ends with "Report: <path>.html", the session's page (orchestrator report).
 	$(VENV)/bin/orchestrator run --config $(CONFIG) $(ARGS)
-	@echo "Services are still running: probe them (README, 'Probing with grpcurl') or stop them with 'make stop'."
 
 test: install system-deps ## Run every test (unit, contract, end-to-end, drills, embedded-model heist)
 	$(PY) protos/generate.py --check
@@ -104,7 +105,7 @@ test: install system-deps ## Run every test (unit, contract, end-to-end, drills,
 # (CI is); otherwise the command to run is printed (the benchmarks fall back to Python,
 # the PostgreSQL audit tests skip saying the same). An entry is command-or-path-glob:package;
 # PostgreSQL's server programs are not on the PATH on Debian, hence the glob.
-SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server \
+SYSTEM_PACKAGES := h2load:nghttp2-client objdump:binutils redis-server:redis-server chromium:chromium \
   /usr/lib/postgresql/*/bin/initdb:postgresql
 system-deps:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do cmd="$${entry%%:*}"; \
@@ -123,6 +124,9 @@ bench: install system-deps ## Benchmarks: per-turn overhead, throughput, paralle
 
 bench-mesh: install ## Data plane: turn cost and Evaluate req/s with plaintext, mTLS, two calculator replicas
 	$(PY) -m tests.bench.mesh_transport --out var/bench/mesh.json
+
+bench-metrics: install system-deps ## What Prometheus metrics cost: throughput and CPU per call with metrics on vs off
+	$(PY) -m tests.bench.metrics_cost --out var/bench/metrics_cost.json
 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json

@@ -161,6 +161,8 @@ class ServiceConfig(Section):
     deadline_s: Positive = 2.0
     replicas: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
     """Processes serving this service, replica ``i`` on ``port + 100*i`` (stateless services only)."""
+    metrics_address: str | None = None
+    """Where the server serves Prometheus metrics over HTTP (``GET /metrics``); unset: no metrics endpoint."""
     server: ServerConfig = ServerConfig()
     store: str | None = None
     """Where a stateful service keeps its state (memory: ``redis://host:port/db``; unset: in the process)."""
@@ -190,6 +192,13 @@ class ServiceConfig(Section):
         """Every replica's address, replica 0 (``address`` itself) first."""
         return tuple(replica_address(self.address, index) for index in range(self.replicas))
 
+    @field_validator("metrics_address")
+    @classmethod
+    def _valid_metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value)
+        return value
+
     @property
     def host(self) -> str:
         """Host part of ``address`` (IPv6 brackets removed)."""
@@ -199,6 +208,14 @@ class ServiceConfig(Section):
     def port(self) -> int:
         """Port part of ``address``."""
         return split_address(self.address)[1]
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics`` of ``metrics_address`` (None when metrics are off)."""
+        if self.metrics_address is None:
+            return None
+        host, port = split_address(self.metrics_address)
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
 class OAuthConfig(Section):

@@ -26,7 +26,7 @@ from orchestrator.llm import Completion, LLMClient, LLMError
 from orchestrator.memory_sync import MemoryFetch, MemorySync
 from orchestrator.prompts import ConversationMessage
 from orchestrator.tool_caller import ToolCaller
-from orchestrator.tracing import start_trace
+from orchestrator.tracing import TurnScope, timings_json, turn_scope
 
 __all__ = ["ConversationMessage", "CrewAgent", "MemoryFetch", "SessionContext", "TurnResult"]
 
@@ -125,18 +125,39 @@ class CrewAgent:
     async def take_turn(
         self, turn_id: int, history: Sequence[ConversationMessage], memory: Awaitable[MemoryFetch] | None = None
     ) -> TurnResult:
-        """Play one turn and persist it; raises only AuditError (the audit database is unusable)."""
+        """Play one turn and persist it; raises only AuditError (the audit database is unusable).
+
+        The turn is one trace (``orchestrator.tracing``): every RPC and LLM
+        request made from here on reports to it, and its timeline is audited.
+        """
+        session = self.session
+        with turn_scope(session.clients.tracer, session.session_id, self.name, turn_id) as scope:
+            return await self._take_turn(turn_id, history, memory, scope)
+
+    async def _take_turn(
+        self,
+        turn_id: int,
+        history: Sequence[ConversationMessage],
+        memory: Awaitable[MemoryFetch] | None,
+        scope: TurnScope,
+    ) -> TurnResult:
         start = time.perf_counter()
-        trace_id = start_trace()  # every RPC from here on (this task) carries it as traceparent
+        trace_id = scope.trace_id
         audit = TurnAudit()
         result = TurnResult(turn_id, self.name, self.config.role, "", "ok", audit.tool_usage, audit.events)
         result.trace_id = trace_id
 
-        fetched = await (memory if memory is not None else self.fetch_memory())
+        if memory is None:
+            fetched = await self.fetch_memory()
+        else:  # prefetched during the previous turn: only the rest of its wait counts here
+            waited = time.perf_counter()
+            fetched = await memory
+            code = fetched.error.status_code if fetched.error is not None else "OK"
+            scope.record("memory", "prefetched memory (wait)", waited, code)
         if fetched.error is not None:
             audit.events.append(fetched.error.to_event(turn_id, self.name))
 
-        token = await self._token(turn_id, audit) if self.config.tools else None
+        token = await self._token(turn_id, audit, scope) if self.config.tools else None
         try:
             if self.session.config.llm.prompt_style == "transcript":
                 result.message = await self._transcript_turn(turn_id, history, fetched.summary, token, audit, result)
@@ -159,16 +180,19 @@ class CrewAgent:
             result.status,
             round(_elapsed_ms(start), 3),
             trace_id=trace_id,
+            timings=timings_json(scope.steps, _elapsed_ms(start)),
         )
-        await self._persist(turn_id, result.message, audit)
+        await self._persist(turn_id, result.message, audit, scope)
         result.total_ms = _elapsed_ms(start)
+        # The whole timeline, audit write and StoreMemory included, rides on the next audit transaction.
+        self.session.audit.update_timings(self.session.session_id, turn_id, timings_json(scope.steps, result.total_ms))
         return result
 
-    async def _token(self, turn_id: int, audit: TurnAudit) -> str | None:
+    async def _token(self, turn_id: int, audit: TurnAudit, scope: TurnScope) -> str | None:
+        tokens = self.session.clients.tokens
+        started, issued = time.perf_counter(), tokens.issued_count
         try:
-            return await self.session.clients.tokens.token(
-                self.config.oauth_client, self._scopes, self.session.metadata
-            )
+            token = await tokens.token(self.config.oauth_client, self._scopes, self.session.metadata)
         except ServiceCallError as exc:
             audit.events.append(exc.to_event(turn_id, self.name))
             audit.events.append(
@@ -183,6 +207,9 @@ class CrewAgent:
                 )
             )
             return None
+        if tokens.issued_count == issued:  # no IssueToken RPC (which is a step of its own): the cache answered
+            scope.record("token", "token (cached)", started)
+        return token
 
     @staticmethod
     def _timed(result: TurnResult, completion: Completion) -> Completion:
@@ -290,10 +317,10 @@ class CrewAgent:
         used = "; ".join(f"{row.tool_name}.{row.operation} -> {row.tool_result}" for row in audit.tool_usage)
         return f"(no text; tool results: {used})"
 
-    async def _persist(self, turn_id: int, message: str, audit: TurnAudit) -> None:
+    async def _persist(self, turn_id: int, message: str, audit: TurnAudit, scope: TurnScope) -> None:
         """Audit write (must succeed) concurrently with StoreMemory (may fail, then audited)."""
         session = self.session
-        write = session.audit.write_turn(session.session_id, audit)
+        write = self._timed_write(audit, scope)
         store = self._store_memory(turn_id, message)
         _, outcome = await asyncio.gather(write, store)
         session.memory_sync.record_written(self.name)
@@ -305,6 +332,15 @@ class CrewAgent:
         if late_events:
             audit.events.extend(late_events)
             await session.audit.add_events(session.session_id, late_events)
+
+    async def _timed_write(self, audit: TurnAudit, scope: TurnScope) -> None:
+        started = time.perf_counter()
+        code = "ERROR"
+        try:
+            await self.session.audit.write_turn(self.session.session_id, audit)
+            code = "OK"
+        finally:
+            scope.record("audit", "write_turn", started, code)
 
     async def _store_memory(self, turn_id: int, message: str) -> int | ServiceCallError:
         try:

@@ -37,6 +37,7 @@ from orchestrator.audit import AuditError, AuditStore, UnknownSessionError
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import render_json, render_markdown
 from orchestrator.llm import LLMClient
+from orchestrator.report import report_path, write_report
 from orchestrator.resume import NotResumableError, ResumeConflictError, ResumePoint
 from orchestrator.runner import RunOptions, SessionResult, check_health, resume_session, run_session
 
@@ -91,6 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     export.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
     _add_resume_parser(commands)
+
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML page of a session",
+        description="Write one session's report: transcript, per-turn waterfalls, service latency, health at start. "
+        "The page loads nothing from the network.",
+    )
+    report.add_argument("session_id", metavar="SESSION")
+    report.add_argument("--out", type=Path, default=None, help="output file (default: <run_dir>/sessions/SESSION.html)")
+    report.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    report.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
     return parser
 
 
@@ -218,6 +230,8 @@ def _print_summary(result: SessionResult) -> None:
     print(f"Audit DB:   {redact_url(result.database)}")
     if result.exports:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
+    if result.report is not None:
+        print(f"Report:     {result.report}")
     if result.error:
         print(printable(f"Error:      {redact_url(result.error)}"), file=sys.stderr)
 
@@ -391,6 +405,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    config = _load(args)
+    log = _read_log(args)
+    out = args.out if args.out is not None else report_path(config.sessions_dir, args.session_id)
+    try:
+        write_report(log, out)
+    except OSError as exc:
+        raise CommandError(f"cannot write {out}: {exc.strerror or exc}", ExitCode.FAILED) from None
+    print(f"wrote {out}")
+    return 0
+
+
 TURN_PRINT_CHARS = 300
 """How much of a turn's message `run` prints as it happens."""
 
@@ -401,6 +427,7 @@ COMMANDS = {
     "show": _cmd_show,
     "export": _cmd_export,
     "resume": _cmd_resume,
+    "report": _cmd_report,
 }
 
 

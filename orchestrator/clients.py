@@ -28,20 +28,20 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
+from opentelemetry.trace import Tracer
 
 from heist_common import tls
 from heist_common.config import GrpcRetryConfig, HeistConfig, split_address
 from heist_common.contract import (
     AUTHORIZATION_METADATA_KEY,
     SESSION_METADATA_KEY,
-    TRACEPARENT_METADATA_KEY,
     Catalogue,
     contract_of,
 )
 from heist_common.credentials import CredentialsError, client_secret
 from orchestrator.audit import EventRow
 from orchestrator.tools import ToolRegistry
-from orchestrator.tracing import traceparent
+from orchestrator.tracing import current_turn, end_span, step_kind
 
 __all__ = [
     "CIRCUIT_OPEN",
@@ -64,6 +64,10 @@ OUTAGE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 """Codes that say the service (not the request) is broken; only these trip a breaker."""
+
+GRPC_CODE_VALUES = {code.name: code.value[0] for code in grpc.StatusCode}
+"""Status name -> number, for the ``rpc.grpc.status_code`` span attribute."""
+
 
 def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
@@ -161,12 +165,24 @@ def _is_not_an_outage(error: BaseException) -> bool:
 class GuardedService:
     """One service: its channel (created once), deadline and circuit breaker."""
 
-    def __init__(self, name: str, target: str, deadline_s: float, channel: grpc.aio.Channel, breaker: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        target: str,
+        deadline_s: float,
+        channel: grpc.aio.Channel,
+        breaker: Any,
+        grpc_service: str = "",
+    ) -> None:
         self.name = name
         self.target = target
         self.deadline_s = deadline_s
         self.channel = channel
         self.breaker: pybreaker.CircuitBreaker = breaker
+        self.grpc_service = grpc_service or name
+        self._kind = step_kind(name)
+        self._host, _, port = target.rpartition(":")
+        self._port = int(port) if port.isdigit() else 0
         self._trial_in_flight = False
 
     @property
@@ -185,6 +201,34 @@ class GuardedService:
         still backing off from the outage.
         """
         start = time.perf_counter()
+        turn = current_turn()
+        if turn is None:
+            return await self._call(operation, rpc, request, metadata, start)
+        # Inside a turn: a CLIENT span (tracing on) and a step of the turn's timeline, whatever the outcome.
+        span = turn.client_span(
+            f"{self.grpc_service}/{operation}",
+            {"rpc.system": "grpc", "rpc.service": self.grpc_service, "rpc.method": operation,
+             "server.address": self._host, "server.port": self._port},
+        )  # fmt: skip
+        code, detail = "OK", ""
+        try:
+            return await self._call(operation, rpc, request, (*metadata, *turn.outgoing(span)), start)
+        except ServiceCallError as exc:
+            code, detail = exc.status_code, exc.detail
+            raise
+        except BaseException as exc:
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+            raise
+        finally:
+            turn.record(self._kind, f"{self.name}.{operation}", start, code)
+            if span is not None:
+                if code in GRPC_CODE_VALUES:
+                    span.set_attribute("rpc.grpc.status_code", GRPC_CODE_VALUES[code])
+                end_span(span, code, detail)
+
+    async def _call(
+        self, operation: str, rpc: Callable[..., Awaitable[T]], request: Message, metadata: Metadata, start: float
+    ) -> T:
         if self._trial_in_flight:
             raise ServiceCallError(
                 self.name, operation, CIRCUIT_OPEN, "circuit half-open: a trial call is in flight", _elapsed_ms(start)
@@ -193,9 +237,6 @@ class GuardedService:
             with self.breaker.calling():
                 trial = self.breaker.current_state == pybreaker.STATE_HALF_OPEN
                 self._trial_in_flight = trial
-                parent = traceparent()
-                if parent is not None:
-                    metadata = (*metadata, (TRACEPARENT_METADATA_KEY, parent))
                 try:
                     return await rpc(request, timeout=self.deadline_s, metadata=metadata, wait_for_ready=trial or None)
                 finally:
@@ -356,8 +397,12 @@ class ServiceClients:
     RECONNECT_BACKOFF_MS = (100, 1000)
     """Min/max reconnect backoff: a restarted service is noticed within a second, not gRPC's default 2 min."""
 
-    def __init__(self, config: HeistConfig, registry: ToolRegistry | None = None) -> None:
+    def __init__(
+        self, config: HeistConfig, registry: ToolRegistry | None = None, tracer: Tracer | None = None
+    ) -> None:
         self.config = config
+        self.tracer = tracer
+        """Where turns start their spans (None: tracing off; see ``orchestrator.tracing``)."""
         catalogue = Catalogue(config.services)
         self.registry = registry or ToolRegistry.for_services(config.tool_names)
         breaker_config = config.resilience.circuit_breaker
@@ -384,7 +429,9 @@ class ServiceClients:
                 throw_new_error_on_trip=False,
                 name=name,
             )
-            self.services[name] = GuardedService(name, target, settings.deadline_s, channel, breaker)
+            self.services[name] = GuardedService(
+                name, target, settings.deadline_s, channel, breaker, full_name
+            )
         self.tokens = TokenProvider(self.services["oauth"], config)
         self.memory = MemoryClient(
             self.services["memory"], self.tokens, config.session.oauth_client, config.session.memory.max_store_chars

@@ -14,12 +14,15 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import openai
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
+from opentelemetry.trace import Span
 
 from heist_common.config import LLMConfig
 from orchestrator.clients import HealthResult
+from orchestrator.tracing import TurnScope, current_turn, end_span
 
 __all__ = [
     "INLINE_TOOL_PATTERN",
@@ -116,13 +119,39 @@ class LLMClient:
             max_retries=config.max_retries,
         )
         self._extra_body = config.extra_body or None
+        parts = urlsplit(config.base_url)
+        self._server = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+
+    def _begin(self, operation: str) -> tuple[TurnScope | None, Span | None, dict[str, str] | None]:
+        """Return the current turn, a CLIENT span for one request under it (tracing on), and the headers that carry it.
+
+        GenAI semantic conventions: span ``{operation} {model}``; a model server
+        that speaks OpenTelemetry (vLLM does) joins the turn's trace.
+        """
+        turn = current_turn()
+        if turn is None:
+            return None, None, None
+        span = turn.client_span(
+            f"{operation} {self.config.model}",
+            {
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": self.config.model,
+                "gen_ai.request.max_tokens": self.config.max_tokens,
+                "gen_ai.request.temperature": self.config.temperature,
+                "server.address": self._server[0],
+                "server.port": self._server[1],
+            },
+        )
+        return turn, span, (dict(turn.outgoing(span)) if span is not None else None)
 
     async def complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, final: bool = False
     ) -> Completion:
         """One chat completion; ``final`` forbids further tool calls. LLMError on any failure."""
         start = time.perf_counter()
-        kwargs: dict[str, Any] = {}
+        turn, span, headers = self._begin("chat")
+        kwargs: dict[str, Any] = {"extra_headers": headers} if headers else {}
         if tools:
             kwargs["tools"] = tools
             kwargs["tool_choice"] = "none" if final else "auto"
@@ -137,6 +166,9 @@ class LLMClient:
                 **kwargs,
             ),
             start,
+            turn,
+            span,
+            "chat.completions",
         )
         if not response.choices:
             raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
@@ -155,6 +187,7 @@ class LLMClient:
         line, so a newline ends the turn.
         """
         start = time.perf_counter()
+        turn, span, headers = self._begin("text_completion")
         extra = {key: value for key, value in (self._extra_body or {}).items() if key != "stop"}
         response = await self._request(
             self.client.completions.create(
@@ -167,8 +200,12 @@ class LLMClient:
                 max_tokens=self.config.max_tokens,
                 stop=["\n", *self.config.stop][:4],
                 extra_body=extra or None,
+                extra_headers=headers,
             ),
             start,
+            turn,
+            span,
+            "completions",
         )
         if not response.choices:
             raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
@@ -177,7 +214,33 @@ class LLMClient:
             content=choice.text.strip(), latency_ms=_elapsed_ms(start), truncated=choice.finish_reason == "length"
         )
 
-    async def _request(self, request: Awaitable[T], start: float) -> T:
+    async def _request(
+        self, request: Awaitable[T], start: float, turn: TurnScope | None, span: Span | None, name: str
+    ) -> T:
+        """Await one API request as a step of the turn (and its span); every failure becomes an LLMError."""
+        code, detail = "OK", ""
+        try:
+            response = await self._send(request, start)
+        except LLMError as exc:
+            code, detail = exc.status_code, exc.detail
+            raise
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            if turn is not None:
+                turn.record("llm", name, start, code)
+            if code != "OK":
+                end_span(span, code, detail)
+        if span is not None:
+            usage = getattr(response, "usage", None)
+            if usage is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", int(getattr(usage, "prompt_tokens", 0) or 0))
+                span.set_attribute("gen_ai.usage.output_tokens", int(getattr(usage, "completion_tokens", 0) or 0))
+            span.end()
+        return response
+
+    async def _send(self, request: Awaitable[T], start: float) -> T:
         """Await one API request, turning every client exception into an LLMError the audit can group by."""
         try:
             return await request

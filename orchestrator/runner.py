@@ -18,13 +18,16 @@ from pathlib import Path
 from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
+from heist_common.telemetry import OFF, Telemetry, setup_tracing
 from orchestrator.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext, TurnResult
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
 from orchestrator.llm import LLMClient
+from orchestrator.report import report_path, write_report
 from orchestrator.resume import ResumePoint, prepare_resume
 from orchestrator.strategies import iter_schedule
+from orchestrator.tracing import turn_scope
 
 __all__ = [
     "RunOptions",
@@ -38,6 +41,8 @@ __all__ = [
 
 
 TurnObserver = Callable[[TurnResult], None]
+ORCHESTRATOR_SERVICE_NAME = "heist-orchestrator"
+"""``service.name`` of the orchestrator's spans."""
 
 SEED_LIMIT = 2**31
 """Generated seeds stay below this: they fit the INTEGER ``seed`` column of audit tables made before BIGINT."""
@@ -76,6 +81,8 @@ class SessionResult:
     turns: list[TurnResult] = field(default_factory=list)
     database: str = ""
     exports: list[Path] = field(default_factory=list)
+    report: Path | None = None
+    """The session's HTML report (``orchestrator report``), written beside the exports."""
     error: str | None = None
     turns_before: int = 0
     """A resumed session's turns from earlier runs (``turns`` holds this run's only)."""
@@ -206,14 +213,17 @@ class SessionRunner:
                     break
                 name, following = following, next(schedule, None)
                 agent = self.agents[name]
-                memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
-                # The next speaker's memory cannot change during this turn unless it is the same agent.
-                prefetched = (
-                    asyncio.ensure_future(self.agents[following].fetch_memory())
-                    if following is not None and following != name
-                    else None
-                )
-                turn = await agent.take_turn(index + 1, history, memory)
+                # The turn's trace is opened here, so its memory calls (this speaker's, and the prefetch
+                # for the next one, which runs during this turn) belong to it and not to traces of their own.
+                with turn_scope(self.context.clients.tracer, self.session_id, name, index + 1):
+                    memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
+                    # The next speaker's memory cannot change during this turn unless it is the same agent.
+                    prefetched = (
+                        asyncio.ensure_future(self.agents[following].fetch_memory())
+                        if following is not None and following != name
+                        else None
+                    )
+                    turn = await agent.take_turn(index + 1, history, memory)
                 history.append(ConversationMessage(turn.turn_id, turn.agent_name, turn.agent_role, turn.message))
                 result.turns.append(turn)
                 if self._on_turn is not None:
@@ -253,11 +263,16 @@ class SessionRunner:
                 result.exports = await asyncio.get_running_loop().run_in_executor(
                     None, write_exports, self.context.audit, self.session_id, out_dir
                 )
+                result.report = await asyncio.get_running_loop().run_in_executor(None, self._write_report, out_dir)
             except (AuditError, OSError) as exc:
                 # The session itself is recorded as it ended; the run still failed to leave its logs.
                 result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
                 result.exit_code = result.exit_code or ExitCode.FAILED
         return result
+
+    def _write_report(self, out_dir: Path) -> Path:
+        log = self.context.audit.read_session_log(self.session_id)
+        return write_report(log, report_path(out_dir, self.session_id))
 
     @staticmethod
     def _failed(result: SessionResult, error: str) -> SessionResult:
@@ -277,13 +292,14 @@ async def run_session(
     Raises AuditError if the audit database cannot be opened at all.
     """
     audit = AuditStore.open(config.database.url)
-    clients = ServiceClients(config)
+    telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
+    clients = ServiceClients(config, tracer=telemetry.tracer)
     llm = LLMClient(config.llm)
     try:
         runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn)
         return await runner.run()
     finally:
-        await asyncio.shield(_close(clients, llm, audit))
+        await asyncio.shield(_close(clients, llm, audit, telemetry))
 
 
 async def resume_session(
@@ -330,10 +346,12 @@ async def resume_session(
         await asyncio.shield(_close(clients, llm, audit))
 
 
-async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore) -> None:
+async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore, telemetry: Telemetry = OFF) -> None:
     await clients.close()
     await llm.close()
-    await asyncio.get_running_loop().run_in_executor(None, audit.close)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, audit.close)
+    await loop.run_in_executor(None, telemetry.shutdown)  # the last spans are exported before the process ends
 
 
 def health_events(results: list[HealthResult]) -> list[EventRow]:

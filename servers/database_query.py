@@ -24,6 +24,7 @@ import math
 import sqlite3
 import struct
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import grpc
 from google.protobuf import struct_pb2
 from heist.database_query.v1 import database_query_pb2 as pb
 from heist.database_query.v1 import database_query_pb2_grpc as pb_grpc
+from prometheus_client import Counter, Histogram
 from pydantic import Field
 
 from heist_common.config import HeistConfig
@@ -411,19 +413,39 @@ def caller_time_remaining(context: grpc.aio.ServicerContext[Any, Any]) -> float 
     return max(float(remaining), 0.0)
 
 
+QUERY_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_sql",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "limit",  # rows, bytes, memory, or no worker free
+    grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+}
+"""``heist_database_query_refused_total{reason}``: why a Query was refused, by its status code."""
+
+
 class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
     """Serves heist.database_query.v1.DatabaseQueryService."""
 
     def __init__(self, path: Path, limits: Limits) -> None:
         self._path = path
         self.pool = QueryWorkerPool(path, limits)
+        self.seconds = Histogram(
+            "heist_database_query_seconds", "Time per Query call (a worker's wait and run).", buckets=QUERY_SECONDS,
+            registry=None,
+        )  # fmt: skip
+        self.refused = Counter("heist_database_query_refused", "Query calls refused, by reason.", ("reason",),
+                               registry=None)  # fmt: skip
 
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.QueryResponse:
         """Run the caller's single SELECT."""
+        started = time.perf_counter()
         try:
             columns, rows = await self.pool.query(request.sql, caller_time_remaining(context))
         except QueryError as exc:
+            self.refused.labels(REFUSALS.get(exc.code, "other")).inc()
             await context.abort(exc.code, clip(exc.message, 600))
+        finally:
+            self.seconds.observe(time.perf_counter() - started)
         return pb.QueryResponse(
             columns=columns, rows=[pb.Row(values=[to_value(value) for value in row]) for row in rows]
         )
@@ -447,7 +469,8 @@ class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
 def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
     """Build the database servicer (and the bank database, on first start); stopping it stops the workers."""
     servicer = DatabaseQueryServicer(ensure_bank_db(config), limits)
-    return ServiceDefinition("database_query", servicer, on_stop=servicer.pool.close)
+    collectors = (servicer.seconds, servicer.refused)
+    return ServiceDefinition("database_query", servicer, on_stop=servicer.pool.close, collectors=collectors)
 
 
 if __name__ == "__main__":

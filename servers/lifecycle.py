@@ -6,7 +6,10 @@ servicer with what every service gets alike: grpc.health.v1 (NOT_SERVING until
 started and again while draining), server reflection (so grpcurl needs no
 .proto files), the per-call middleware (``servers.middleware``), and
 SIGTERM/SIGINT handling with a grace period. ``main`` is the process entry point
-behind ``python -m servers.<name>``.
+behind ``python -m servers.<name>``. When ``services.<name>.metrics_address`` is
+set, the server also serves Prometheus metrics there (``servers.metrics``); when
+the standard ``OTEL_EXPORTER_OTLP_*`` variables are set, it exports a span per
+call over OTLP (``heist_common.telemetry``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -43,7 +46,9 @@ from heist_common.config import (
 from heist_common.contract import ContractError, ServiceContract, contract_of
 from heist_common.credentials import CredentialsError
 from heist_common.exit_codes import ExitCode
+from heist_common.telemetry import Telemetry, setup_tracing
 from servers import credentials
+from servers.metrics import MetricsEndpoint, ServerMetrics
 from servers.middleware import AccessLog, CallMiddleware, WrappingRegistrar
 from servers.request_guard import guarded_registration
 from servers.tokens import TokenVerifier
@@ -69,6 +74,9 @@ class ServiceDefinition:
     name: str
     servicer: object
     on_stop: Callable[[], Awaitable[None]] | None = None
+    collectors: tuple[Any, ...] = field(default=())
+    """The service's own Prometheus metrics (``prometheus_client`` collectors, created with ``registry=None``);
+    registered beside the gRPC series when the server has a metrics address."""
 
     @property
     def contract(self) -> ServiceContract:
@@ -115,7 +123,14 @@ class RunningServer:
     health: HealthServicer
     access_log: AccessLog
     definition: ServiceDefinition
+    metrics: MetricsEndpoint | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry)
     _stopped: bool = dataclasses.field(default=False, repr=False)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics`` of this server (None without a metrics address)."""
+        return self.metrics.url if self.metrics is not None else None
 
     async def drain(self) -> None:
         """Report NOT_SERVING to health checks and watchers (load balancers stop sending calls)."""
@@ -131,6 +146,9 @@ class RunningServer:
         if self.definition.on_stop is not None:
             await self.definition.on_stop()
         await self.access_log.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.telemetry.shutdown()
 
     async def wait_for_termination(self) -> None:
         """Block until the server has stopped."""
@@ -180,17 +198,30 @@ def raise_open_file_limit(wanted: int = 65_536) -> int:
 
 
 async def start(
-    definition: ServiceDefinition, config: HeistConfig, address: str, *, log_stream: Any = None
+    definition: ServiceDefinition,
+    config: HeistConfig,
+    address: str,
+    *,
+    log_stream: Any = None,
+    metrics_address: str | None = None,
 ) -> RunningServer:
-    """Start ``definition`` on ``address`` in the running event loop; SERVING once it listens."""
+    """Start ``definition`` on ``address`` in the running event loop; SERVING once it listens.
+
+    ``metrics_address`` overrides ``services.<name>.metrics_address`` (port 0: any free port).
+    """
     host, _ = split_address(address)
     contract = definition.contract
     scopes = contract.scopes_by_method_path()
     verifier = token_verifier(config) if contract.scopes else None
     access_log = AccessLog(definition.name, log_stream)
-    bounds = config.service(definition.name).server
+    settings = config.service(definition.name)
+    bounds = settings.server
+    metrics_address = metrics_address or settings.metrics_address
+    metrics = ServerMetrics(definition.name, definition.collectors) if metrics_address else None
+    telemetry = setup_tracing(f"heist-{definition.name}")
     server = grpc.aio.server(options=server_options(bounds), maximum_concurrent_rpcs=bounds.max_concurrent_rpcs)
-    registrar: Any = WrappingRegistrar(server, CallMiddleware(access_log, scopes, verifier))
+    middleware = CallMiddleware(access_log, scopes, verifier, metrics, telemetry.tracer)
+    registrar: Any = WrappingRegistrar(server, middleware)
     register_servicer(contract, definition.servicer, registrar)
 
     health = HealthServicer()
@@ -212,18 +243,36 @@ async def start(
     except RuntimeError:
         port = 0
     if port == 0:
+        telemetry.shutdown()
         raise OSError(f"{definition.name}: cannot listen on {address} (port in use?)")
+    try:
+        endpoint = MetricsEndpoint(metrics.registry, metrics_address) if metrics and metrics_address else None
+    except OSError as exc:
+        telemetry.shutdown()
+        await server.stop(None)
+        raise OSError(f"{definition.name}: {exc}") from None
     await server.start()
     access_log.start()
     for service in ("", contract.full_name):
         await health.set(service, SERVING)
     bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     log.info("%s listening on %s (%s)", definition.name, bound, config.security.transport)
-    return RunningServer(definition.name, bound, port, server, health, access_log, definition)
+    if endpoint is not None:
+        log.info("%s metrics on %s", definition.name, endpoint.url)
+    if telemetry.enabled:
+        log.info("%s exports spans over OTLP", definition.name)
+    return RunningServer(
+        definition.name, bound, port, server, health, access_log, definition, endpoint, telemetry
+    )
 
 
 async def start_service(
-    name: str, config: HeistConfig, address: str = "127.0.0.1:0", *, log_stream: Any = None
+    name: str,
+    config: HeistConfig,
+    address: str = "127.0.0.1:0",
+    *,
+    log_stream: Any = None,
+    metrics_address: str | None = None,
 ) -> RunningServer:
     """Start the configured service ``name`` in the running event loop (tests, benchmarks, embedding).
 
@@ -231,7 +280,9 @@ async def start_service(
     ``.port`` tell the real one. ``log_stream`` receives the access-log lines
     (default: stderr). Stop it with ``await server.stop(grace)``.
     """
-    return await start(service_definition(name, config), config, address, log_stream=log_stream)
+    return await start(
+        service_definition(name, config), config, address, log_stream=log_stream, metrics_address=metrics_address
+    )
 
 
 def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -244,6 +295,9 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
     parser.add_argument("--host", help="override the host part of the address")
     parser.add_argument("--port", type=int, help="override the port part of the address")
     parser.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown (default: config)")
+    parser.add_argument(
+        "--metrics-address", help="HOST:PORT for Prometheus metrics (default: services.<name>.metrics_address)"
+    )
     return parser.parse_args(argv)
 
 
@@ -265,14 +319,14 @@ def configure_logging() -> None:
 
 
 async def serve_until_signalled(
-    definition: ServiceDefinition, config: HeistConfig, address: str, grace_s: float
+    definition: ServiceDefinition, config: HeistConfig, address: str, grace_s: float, metrics_address: str | None = None
 ) -> None:
     """Run one service until SIGTERM/SIGINT, then drain and stop within ``grace_s``."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    running = await start(definition, config, address)
+    running = await start(definition, config, address, metrics_address=metrics_address)
     await stop_requested.wait()
     log.info("%s: stop requested, draining for up to %.1f s", definition.name, grace_s)
     # NOT_SERVING first, still accepting calls while health watchers (client-side load balancers)
@@ -291,6 +345,8 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         address = resolve_address(config, service_name, args)
+        if args.metrics_address:
+            split_address(args.metrics_address)
         definition = service_definition(service_name, config)
     except ConfigError as exc:
         log.error("%s", exc)
@@ -301,7 +357,7 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     grace_s = args.grace if args.grace is not None else config.mesh.shutdown_grace_s
     raise_open_file_limit()
     try:
-        asyncio.run(serve_until_signalled(definition, config, address, grace_s))
+        asyncio.run(serve_until_signalled(definition, config, address, grace_s, args.metrics_address))
     except (OSError, CredentialsError) as exc:
         log.error("%s: %s", service_name, exc)
         return ExitCode.FAILED

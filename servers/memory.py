@@ -9,10 +9,14 @@ nothing; both enforce the same quotas (``servers.memory_store``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import Field
 
 from heist_common.config import HeistConfig
@@ -58,12 +62,33 @@ def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
     return "\n".join(lines)
 
 
+class StoreCollector(Collector):
+    """``heist_memory_entries``, ``_bytes`` and ``_sessions``: read from the store at scrape time, free per call."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the gauges (none when the store cannot be read, e.g. Redis is down: no value beats a wrong one)."""
+        totals = self._store.totals()
+        if totals is None:
+            return
+        memories, size, sessions = totals
+        yield GaugeMetricFamily("heist_memory_entries", "Memories held, over every session.", value=memories)
+        yield GaugeMetricFamily("heist_memory_bytes", "Bytes of memories held, over every session.", value=size)
+        yield GaugeMetricFamily("heist_memory_sessions", "Sessions with memories.", value=sessions)
+
+
 class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     """Serves heist.memory.v1.MemoryService."""
 
     def __init__(self, limits: Limits, store: MemoryStore) -> None:
         self._limits = limits
         self._store = store
+        self.quota_refusals = Counter(
+            "heist_memory_quota_refusals", "StoreMemory calls refused by a quota (RESOURCE_EXHAUSTED).", registry=None
+        )
+        self.collectors = (StoreCollector(store), self.quota_refusals)
 
     async def _require_session(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Return the call's session, which the caller's token must be bound to (or carry ``memory:admin``)."""
@@ -100,12 +125,14 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         limit = self._limits.max_message_bytes
         size = len(message.encode("utf-8", "surrogatepass"))
         if size > limit:
+            self.quota_refusals.inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"message is larger than the limit of {limit} bytes"
             )
         try:
             count = await self._store.store(session, request.agent_name, request.turn_id, message, size)
         except QuotaError as exc:
+            self.quota_refusals.inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return memory_pb2.StoreMemoryResponse(agent_memory_count=count)
 
@@ -155,7 +182,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
     """Build the memory servicer on the configured store (``services.memory.store``; unset: in this process)."""
     store = open_store(config.service("memory").store, limits)
-    return ServiceDefinition("memory", MemoryServicer(limits, store), on_stop=store.close)
+    servicer = MemoryServicer(limits, store)
+    return ServiceDefinition("memory", servicer, on_stop=store.close, collectors=servicer.collectors)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import redis as redis_sync
 import redis.asyncio as redis
 from heist.memory.v1 import memory_pb2
 from redis.exceptions import ResponseError
@@ -92,6 +93,8 @@ class RedisStore:
 
     def __init__(self, url: str, limits: Limits, clock: Any = time.time) -> None:
         self._client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._url = url
+        self._metrics_client: redis_sync.Redis | None = None
         self._limits = limits
         self._clock = clock
         self._store = self._client.register_script(STORE)
@@ -172,3 +175,21 @@ class RedisStore:
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+        if self._metrics_client is not None:
+            self._metrics_client.close()
+
+    def totals(self) -> tuple[int, int, int] | None:
+        """Return (memories, bytes, sessions) of the whole Redis store (every replica reports the same)."""
+        if self._metrics_client is None:  # a blocking client of its own: this runs on the metrics thread
+            self._metrics_client = redis_sync.Redis.from_url(
+                self._url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0
+            )
+        try:
+            with self._metrics_client.pipeline(transaction=False) as pipe:
+                pipe.hget(TOTALS, "memories")
+                pipe.hget(TOTALS, "bytes")
+                pipe.zcard(SESSIONS)
+                memories, size, sessions = pipe.execute()
+        except redis_sync.RedisError:
+            return None
+        return int(memories or 0), int(size or 0), int(sessions)

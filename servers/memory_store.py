@@ -41,6 +41,12 @@ class MemoryStore(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
+    def totals(self) -> tuple[int, int, int] | None:
+        """Return (memories, bytes, sessions) over every session, for metrics; None if they cannot be read now.
+
+        Synchronous on purpose: it is called on the metrics endpoint's thread, never on the event loop.
+        """
+
 
 class QuotaError(Exception):
     """Storing would exceed a quota; the message says which."""
@@ -164,6 +170,10 @@ class InProcessStore:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+    def totals(self) -> tuple[int, int, int] | None:
+        """Return (memories, bytes, sessions), read without a lock (a scrape may be one call behind)."""
+        return self._total, self._total_bytes, len(self._sessions)
 
 
 def open_store(url: str | None, limits: Limits) -> MemoryStore:

@@ -18,8 +18,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from opentelemetry import baggage
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, use_span
 
 from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
+from heist_common.telemetry import AGENT_BAGGAGE_KEY, PROPAGATOR
+from servers.metrics import MethodMetrics, ServerMetrics
 from servers.tokens import InvalidTokenError, TokenClaims, TokenVerifier
 
 log = logging.getLogger("heist.server")
@@ -138,6 +143,42 @@ def trace_id(traceparent: str) -> str:
     return match.group(1)
 
 
+UNTRACED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Methods that get no span: health probes (a Kubernetes probe every few seconds would fill a trace store with
+root spans) and reflection (grpcurl). They are still counted in the metrics and logged."""
+SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+"""Codes that mark a server span as an error (OpenTelemetry's gRPC conventions: the others are the caller's fault)."""
+
+
+class _MetadataGetter(Getter[tuple[Any, ...]]):
+    """Reads W3C headers out of call metadata for the propagator."""
+
+    def get(self, carrier: tuple[Any, ...], key: str) -> list[str] | None:
+        """Every value of ``key`` (None if absent)."""
+        values = [
+            item[1].decode("utf-8", "replace") if isinstance(item[1], bytes) else str(item[1])
+            for item in carrier
+            if item[0] == key
+        ]
+        return values or None
+
+    def keys(self, carrier: tuple[Any, ...]) -> list[str]:
+        """Every metadata key."""
+        return [str(item[0]) for item in carrier]
+
+
+METADATA_GETTER = _MetadataGetter()
+
+
 def _denied(reason: str, client: str | None = None) -> dict[str, str]:
     fields = {"auth": "denied", "reason": reason}
     if client is not None:
@@ -160,10 +201,20 @@ class CallMiddleware:
     everything per call is read from the servicer context.
     """
 
-    def __init__(self, access_log: AccessLog, scopes: dict[str, str | None], verifier: TokenVerifier | None) -> None:
+    def __init__(
+        self,
+        access_log: AccessLog,
+        scopes: dict[str, str | None],
+        verifier: TokenVerifier | None,
+        metrics: ServerMetrics | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
         self._access_log = access_log
         self._scopes = scopes
         self._verifier = verifier
+        self._metrics = metrics
+        self._auth_metrics = metrics.auth if metrics is not None else None
+        self._tracer = tracer
         self._cache: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def wrapped(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
@@ -178,25 +229,44 @@ class CallMiddleware:
         scope = self._scopes.get(method)
         deserializer = handler.request_deserializer
         serializer = handler.response_serializer
+        counted = (
+            self._metrics.method(method, handler.request_streaming, handler.response_streaming)
+            if self._metrics is not None
+            else None
+        )
+        tracer = None if method.startswith(UNTRACED_SERVICES) else self._tracer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, scope, handler.unary_unary), deserializer, serializer
+                self._wrap_unary(method, scope, handler.unary_unary, counted, tracer), deserializer, serializer
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_streaming(method, scope, handler.unary_stream), deserializer, serializer
+                self._wrap_streaming(method, scope, handler.unary_stream, counted, tracer), deserializer, serializer
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, scope, handler.stream_unary), deserializer, serializer
+                self._wrap_unary(method, scope, handler.stream_unary, counted, tracer), deserializer, serializer
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_streaming(method, scope, handler.stream_stream), deserializer, serializer
+                self._wrap_streaming(method, scope, handler.stream_stream, counted, tracer), deserializer, serializer
             )
         return handler
 
     def _check(
+        self, scope: str, metadata: Iterable[Any]
+    ) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
+        """Check the call's token (``_verdict``) and count the verdict when metrics are on."""
+        verdict = self._verdict(scope, metadata)
+        counter = self._auth_metrics
+        if counter is not None:
+            if verdict[1] is None:
+                counter.allow()
+            else:
+                counter.deny(verdict[0].get("reason", ""))
+        return verdict
+
+    def _verdict(
         self, scope: str, metadata: Iterable[Any]
     ) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
         """Check the call's bearer token for ``scope``: (access-log fields, status to abort with or None, message).
@@ -259,13 +329,23 @@ class CallMiddleware:
         started: float,
         auth: dict[str, str],
         code: grpc.StatusCode | None,
+        counted: MethodMetrics | None,
+        span: Span | None,
     ) -> None:
+        """Write the access-log line; count the call and end its span (the same code and time for all three)."""
         if code is None:
             code = context.code() or grpc.StatusCode.OK
+        if not isinstance(code, grpc.StatusCode):  # grpc hands back a plain value in a few corner cases
+            code = _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+        seconds = time.perf_counter() - started
+        if counted is not None:
+            counted.end(code, seconds)
+        if span is not None:
+            _end_span(span, code, context, auth)
         record: dict[str, object] = {
             "method": method,
-            "code": code.name if isinstance(code, grpc.StatusCode) else str(code),
-            "ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "code": code.name,
+            "ms": round(seconds * 1000.0, 3),
             "peer": context.peer(),
             "session": _field(_find(metadata, SESSION_METADATA_KEY)),
             "trace": trace_id(_find(metadata, TRACEPARENT_METADATA_KEY)),
@@ -277,9 +357,21 @@ class CallMiddleware:
         log.exception("unexpected error in %s", method)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (see the server log)")
 
-    def _wrap_unary(self, method: str, scope: str | None, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_unary(
+        self,
+        method: str,
+        scope: str | None,
+        behavior: Callable[..., Any],
+        counted: MethodMetrics | None,
+        tracer: Tracer | None,
+    ) -> Callable[..., Any]:
+        if tracer is not None:
+            return self._wrap_unary_traced(method, scope, behavior, counted, tracer)
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            if counted is not None:
+                counted.begin()
             metadata = call_metadata(context)
             auth: dict[str, str] = {}
             code: grpc.StatusCode | None = None
@@ -298,16 +390,72 @@ class CallMiddleware:
                 code = grpc.StatusCode.INTERNAL
                 await self._internal(method, context)
             finally:
-                self._log(method, context, metadata, started, auth, code)
+                self._log(method, context, metadata, started, auth, code, counted, None)
 
         return wrapped
 
-    def _wrap_streaming(self, method: str, scope: str | None, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_unary_traced(
+        self,
+        method: str,
+        scope: str | None,
+        behavior: Callable[..., Any],
+        counted: MethodMetrics | None,
+        tracer: Tracer,
+    ) -> Callable[..., Any]:
+        """Wrap like ``_wrap_unary``, inside a SERVER span whose parent comes from the call's ``traceparent``.
+
+        A separate function, chosen when the handler is registered, so a server
+        with tracing off runs exactly the untraced wrapper above.
+        """
+        service, _, name = method.lstrip("/").rpartition("/")
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            if counted is not None:
+                counted.begin()
+            metadata = call_metadata(context)
+            span = _server_span(tracer, service, name, metadata, context)
+            auth: dict[str, str] = {}
+            code: grpc.StatusCode | None = None
+            try:
+                with use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                    if scope is not None:
+                        auth, denied, message = self._check(scope, metadata)
+                        if denied is not None:
+                            await context.abort(denied, message)
+                    return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code = grpc.StatusCode.INTERNAL
+                span.record_exception(exc)
+                await self._internal(method, context)
+            finally:
+                self._log(method, context, metadata, started, auth, code, counted, span)
+
+        return wrapped
+
+    def _wrap_streaming(
+        self,
+        method: str,
+        scope: str | None,
+        behavior: Callable[..., Any],
+        counted: MethodMetrics | None,
+        tracer: Tracer | None,
+    ) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behavior):
+            service, _, name = method.lstrip("/").rpartition("/")
 
             async def wrapped_gen(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 started = time.perf_counter()
+                if counted is not None:
+                    counted.begin()
                 metadata = call_metadata(context)
+                # No current-span context here: a context attached across yields would be detached in another one.
+                span = _server_span(tracer, service, name, metadata, context) if tracer is not None else None
                 auth: dict[str, str] = {}
                 code: grpc.StatusCode | None = None
                 try:
@@ -316,6 +464,8 @@ class CallMiddleware:
                         if denied is not None:
                             await context.abort(denied, message)
                     async for response in behavior(request, context):
+                        if counted is not None:
+                            counted.message_sent()
                         yield response
                 except grpc.aio.AbortError:
                     raise
@@ -326,10 +476,47 @@ class CallMiddleware:
                     code = grpc.StatusCode.INTERNAL
                     await self._internal(method, context)
                 finally:
-                    self._log(method, context, metadata, started, auth, code)
+                    self._log(method, context, metadata, started, auth, code, counted, span)
 
             return wrapped_gen
-        return self._wrap_unary(method, scope, behavior)
+        return self._wrap_unary(method, scope, behavior, counted, tracer)
+
+
+_STATUS_BY_VALUE: dict[object, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _server_span(
+    tracer: Tracer, service: str, method: str, metadata: tuple[Any, ...], context: grpc.aio.ServicerContext[Any, Any]
+) -> Span:
+    """Start the SERVER span of one call, child of the caller's span when its ``traceparent`` is valid."""
+    parent = PROPAGATOR.extract(metadata, getter=METADATA_GETTER)
+    attributes: dict[str, str] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    session = _find(metadata, SESSION_METADATA_KEY)
+    if session:
+        attributes["heist.session_id"] = _field(session)
+    agent = baggage.get_baggage(AGENT_BAGGAGE_KEY, parent)
+    if agent:
+        attributes["heist.agent"] = _field(str(agent))
+    peer = context.peer()
+    if peer:
+        attributes["network.peer.address"] = peer
+    return tracer.start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER, attributes=attributes)
+
+
+def _end_span(
+    span: Span, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any], auth: dict[str, str]
+) -> None:
+    """Record the call's outcome on its span and end it."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if "client" in auth:
+        span.set_attribute("heist.client", auth["client"])
+    if "reason" in auth:
+        span.set_attribute("heist.auth_denied", auth["reason"])
+    if code in SERVER_ERROR_CODES:
+        details = context.details()
+        message = details.decode("utf-8", "replace") if isinstance(details, bytes) else str(details or code.name)
+        span.set_status(Status(StatusCode.ERROR, message[:FIELD_LIMIT]))
+    span.end()
 
 
 if TYPE_CHECKING:

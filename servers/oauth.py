@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
+from prometheus_client import Counter
 
 from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
@@ -61,6 +62,39 @@ class FailedSecrets:
         self._records.pop(client_id, None)
 
 
+REFUSAL_REASONS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_request",
+    grpc.StatusCode.UNAUTHENTICATED: "invalid_client",
+    grpc.StatusCode.PERMISSION_DENIED: "invalid_scope",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "locked_out",
+}
+"""Why IssueToken refused, in RFC 6749's error words (``locked_out``: too many failed secrets)."""
+
+
+class TokenMetrics:
+    """``heist_oauth_tokens_issued_total{client}`` (configured clients only) and ``..._refused_total{reason}``."""
+
+    def __init__(self, clients: Any) -> None:
+        self.issued = Counter(
+            "heist_oauth_tokens_issued", "Tokens issued, by OAuth client.", ("client",), registry=None
+        )
+        self.refused = Counter(
+            "heist_oauth_tokens_refused", "IssueToken calls refused, by RFC 6749 error.", ("reason",), registry=None
+        )
+        self._issued = {client: self.issued.labels(client) for client in clients}
+        self._refused = {code: self.refused.labels(reason) for code, reason in REFUSAL_REASONS.items()}
+
+    def issue(self, client_id: str) -> None:
+        """Count one issued token (only authenticated, so configured, clients get one)."""
+        child = self._issued.get(client_id)
+        (child or self.issued.labels("unconfigured")).inc()
+
+    def refuse(self, code: grpc.StatusCode | None) -> None:
+        """Count one refusal by its status code."""
+        child = self._refused.get(code) if code is not None else None
+        (child or self.refused.labels("other")).inc()
+
+
 class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
     """Serves heist.oauth.v1.OAuthService."""
 
@@ -76,11 +110,23 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
         self._key = oauth_pb2.SigningKey(
             key_id=credentials.key_id(public), algorithm=ALGORITHM, public_key_pem=credentials.public_pem(public)
         )
+        self.metrics = TokenMetrics(self._settings.clients)
 
     async def IssueToken(
         self, request: oauth_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> oauth_pb2.IssueTokenResponse:
-        """Authenticate the client and sign a token with the scopes it asked for."""
+        """Authenticate the client and sign a token with the scopes it asked for (counted either way)."""
+        try:
+            response = await self._issue(request, context)
+        except grpc.aio.AbortError:
+            self.metrics.refuse(context.code())
+            raise
+        self.metrics.issue(request.client_id)
+        return response
+
+    async def _issue(
+        self, request: oauth_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> oauth_pb2.IssueTokenResponse:
         if request.grant_type != GRANT_TYPE:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -180,7 +226,8 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
 
 def service_definition(config: HeistConfig, limits: lifecycle.Limits) -> ServiceDefinition:
     """Build the OAuth servicer (and the dev credentials, on first start)."""
-    return ServiceDefinition("oauth", OAuthServicer(config))
+    servicer = OAuthServicer(config)
+    return ServiceDefinition("oauth", servicer, collectors=(servicer.metrics.issued, servicer.metrics.refused))
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from heist_common import tls
-from heist_common.config import ConfigError, HeistConfig, load_config, split_address
+from heist_common.config import ConfigError, HeistConfig, load_config, replica_address, split_address
 from heist_common.contract import Catalogue, ContractError
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import REPO_ROOT
+from heist_common.telemetry import export_requested
 from servers import credentials
 from servers.lifecycle import service_limits
 
@@ -65,6 +66,7 @@ class ManagedProcess:
     address: str
     command: list[str]
     start_timeout_s: float
+    metrics_address: str | None = None
 
 
 class Supervisor:
@@ -93,15 +95,20 @@ class Supervisor:
     def grpc_processes(self, name: str) -> list[ManagedProcess]:
         """Describe a gRPC service's processes: one per replica, ``name`` then ``name.1``, ``name.2``...
 
-        Replica ``i`` listens on the service's port plus ``100 * i`` (``ServiceConfig.replica_addresses``).
+        Replica ``i`` listens on the service's port plus ``100 * i`` (``ServiceConfig.replica_addresses``),
+        and serves its metrics on the metrics port plus ``100 * i``.
         """
+        settings = self.config.service(name)
         processes = []
-        for index, address in enumerate(self.config.service(name).replica_addresses):
+        for index, address in enumerate(settings.replica_addresses):
             command = [sys.executable, "-m", f"servers.{name}", "--config", str(self.config.config_path)]
+            metrics = replica_address(settings.metrics_address, index) if settings.metrics_address else None
             if index:
                 command += ["--address", address]
+                if metrics is not None:
+                    command += ["--metrics-address", metrics]
             process_name = replica_name(name, index)
-            processes.append(ManagedProcess(process_name, address, command, GRPC_START_TIMEOUT_S))
+            processes.append(ManagedProcess(process_name, address, command, GRPC_START_TIMEOUT_S, metrics))
         return processes
 
     def all_grpc_processes(self) -> list[ManagedProcess]:
@@ -149,6 +156,8 @@ class Supervisor:
         """Start whatever is not running yet and wait until everything is healthy; return the exit code."""
         credentials.ensure_dev_credentials(self.config)
         processes = self.all_grpc_processes()
+        if export_requested():
+            print("tracing: every service exports spans over OTLP (OTEL_EXPORTER_OTLP_* is set)", file=self.out)
         if llm and self.llm.embedded:
             error = self.prepare_llm()
             if error:
@@ -167,11 +176,12 @@ class Supervisor:
                 print(f"{process.name}: already running (pid {pid}) on {process.address}", file=self.out)
                 continue
             self.pid_file(process.name).unlink(missing_ok=True)
-            busy = address_in_use(process.address)
+            addresses = (process.address, process.metrics_address)
+            busy = next((address for address in addresses if address and address_in_use(address)), None)
             if busy:
                 self.abort_started(started)
                 print(
-                    f"serve: cannot start {process.name}: {process.address} (port {split_address(process.address)[1]})"
+                    f"serve: cannot start {process.name}: {busy} (port {split_address(busy)[1]})"
                     f" is already in use by another process",
                     file=sys.stderr,
                 )
@@ -187,7 +197,8 @@ class Supervisor:
                 print(tail(self.log_file(process.name)), file=sys.stderr)
                 return ExitCode.FAILED
             pid = self.read_pid(process.name)
-            print(f"{process.name}: SERVING on {process.address} (pid {pid})", file=self.out)
+            extra = f", metrics http://{process.metrics_address}/metrics" if process.metrics_address else ""
+            print(f"{process.name}: SERVING on {process.address} (pid {pid}){extra}", file=self.out)
         return ExitCode.OK
 
     def prepare_llm(self) -> str | None:
@@ -259,14 +270,15 @@ class Supervisor:
         A process that serve started and that has since died is shown with the
         last lines of its log, which is where a crash explains itself.
         """
-        rows = [("SERVICE", "ADDRESS", "PID", "STATUS", "LATENCY")]
+        rows = [("SERVICE", "ADDRESS", "PID", "STATUS", "LATENCY", "METRICS")]
         crashed: list[str] = []
         for process in self.known_processes():
             pid = self.read_pid(process.name)
             status, latency = self.probe(process.name, process.address)
             if pid is None and self.pid_file(process.name).exists():
                 status, crashed = "DOWN (exited)", [*crashed, process.name]
-            rows.append((process.name, process.address, str(pid or "-"), status, f"{latency:.1f} ms"))
+            metrics = f"http://{process.metrics_address}/metrics" if process.metrics_address else "-"
+            rows.append((process.name, process.address, str(pid or "-"), status, f"{latency:.1f} ms", metrics))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=self.out)

@@ -63,3 +63,13 @@ def audit_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'audit' / 'heist.db'}"
     cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
     return cluster.database()
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_span_export_from_the_callers_environment() -> Iterator[None]:
+    """A developer's OTEL_* variables (set for ``make serve``) must not make tests export spans or change them.
+
+    Tests that want export pass the variables to the processes they start.
+    """
+    saved = {key: os.environ.pop(key) for key in list(os.environ) if key.startswith("OTEL_")}
+    yield
+    os.environ.update(saved)

@@ -29,6 +29,7 @@ class MessageRow:
     latency_ms: float | None = None
     timestamp: str = field(default_factory=now_iso)
     trace_id: str | None = None
+    timings: str | None = None
 
 
 @dataclass(slots=True)

@@ -68,6 +68,7 @@ class MessageRecord(_BaseModel):
     status = peewee.TextField(default="ok")
     latency_ms = peewee.FloatField(null=True)
     trace_id = peewee.TextField(null=True)  # W3C trace of the turn: grep the server logs for trace=<id>
+    timings = peewee.TextField(null=True)  # the turn's timeline as JSON (orchestrator.tracing.timings_json)
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "messages"

@@ -14,6 +14,7 @@ import contextlib
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -75,11 +76,18 @@ class AuditStore:
         self._count_turn_params: list[Any] = list(params)
         self._count_turn_session = self._count_turn_params.index(marker)
         self._count_turn_beat = self._count_turn_params.index(beat)
+        update_timings = MessageRecord.update(timings=marker).where(
+            (MessageRecord.session == marker) & (MessageRecord.turn_id == 0)
+        )
+        self._timings_sql, _ = update_timings.sql()
+        self._pending_timings: deque[tuple[str, str, int]] = deque()
+        """(timings JSON, session, turn) for the next transaction: appended on the loop, taken on the writer."""
 
     def _owned(self) -> peewee.Expression:
         """``sessions`` rows this process owns: the fence that stops writes after another process resumed one."""
         expression: peewee.Expression = (SessionRecord.pid == self.pid) & (SessionRecord.host == self.host)
         return expression
+
 
     @classmethod
     def open(cls, url: str) -> AuditStore:
@@ -176,8 +184,24 @@ class AuditStore:
         """Commit one turn's message, tool calls and events in a single transaction."""
         await self._in_writer(lambda: self._write_turn(session_id, turn), "write a turn")
 
+    def update_timings(self, session_id: str, turn_id: int, timings: str) -> None:
+        """Replace a written turn's ``messages.timings`` with the complete timeline, in the next transaction.
+
+        Why not a write of its own: the last steps of a turn (the audit write
+        itself, StoreMemory) end after the turn's row is committed, and one more
+        transaction per turn would cost the turn's critical path; so the update
+        rides on the next turn's transaction, or on the session's end.
+        """
+        self._pending_timings.append((timings, session_id, turn_id))
+
+    def _apply_pending_timings(self) -> None:
+        while self._pending_timings:
+            params = list(self._pending_timings.popleft())
+            self.database.execute_sql(self._timings_sql, params)  # type: ignore[no-untyped-call]
+
     def _write_turn(self, session_id: str, turn: TurnAudit) -> None:
         with self.database.atomic():
+            self._apply_pending_timings()
             for usage in turn.tool_usage:
                 self._insert_tool_usage.execute(session_id, usage)
             for event in turn.events:
@@ -215,6 +239,7 @@ class AuditStore:
 
         def update() -> None:
             with self.database.atomic():
+                self._apply_pending_timings()
                 updated = (
                     SessionRecord.update(status=status, end_time=now_iso(), error=error)
                     .where((SessionRecord.session_id == session_id) & self._owned())

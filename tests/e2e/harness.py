@@ -65,14 +65,16 @@ class Mesh:
     """The shipped config with every service (and the embedded LLM) moved to free ports and a temp run folder."""
 
     def __init__(self, tmp: Path) -> None:
-        *service_ports, self.llm_port = free_ports(len(SERVICES) + 1)
-        self.ports = dict(zip(SERVICES, service_ports, strict=True))
+        *service_ports, self.llm_port = free_ports(2 * len(SERVICES) + 1)
+        self.ports = dict(zip(SERVICES, service_ports[: len(SERVICES)], strict=True))
+        self.metrics_ports = dict(zip(SERVICES, service_ports[len(SERVICES) :], strict=True))
         self.run_dir = tmp / "run"
         self.config = tmp / "heist.yaml"
         config = yaml.safe_load((REPO_ROOT / "config" / "heist.yaml").read_text())
         config["mesh"]["run_dir"] = str(self.run_dir)
         for name, port in self.ports.items():
             config["services"][name]["address"] = f"127.0.0.1:{port}"
+            config["services"][name]["metrics_address"] = f"127.0.0.1:{self.metrics_ports[name]}"
         config["llm"]["base_url"] = f"http://127.0.0.1:{self.llm_port}/v1"
         self.config.write_text(yaml.safe_dump(config))
 

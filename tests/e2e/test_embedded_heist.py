@@ -49,6 +49,9 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
     session_id = re.search(r"Session:\s+(heist_\d{8}_\d{6}_[0-9a-f]{16}) \(completed\)", run.stdout)
     assert session_id, run.stdout
     session = session_id.group(1)
+    report = run.stdout.rstrip().splitlines()[-1]  # `make run` ends with the report's path
+    assert report == f"Report:     {tmp_path / session}.html", run.stdout
+    assert 'class="waterfall-chart"' in (tmp_path / f"{session}.html").read_text()
 
     audit = sqlite3.connect(served.run_dir / "audit" / "heist.db")
     assert audit.execute("SELECT status, num_turns FROM sessions WHERE session_id = ?", (session,)).fetchall() == [
@@ -81,7 +84,7 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
         while not logged(log_file, session) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert logged(log_file, session), service
-    assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".json", ".md"]
+    assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".html", ".json", ".md"]
 
 
 def logged(log_file: Path, session: str) -> bool:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,29 @@ def test_server_log_has_the_session_id(mesh):
     assert (matching[0]["auth"], matching[0]["client"]) == ("ok", "grpcurl")
 
 
+def test_make_status_prints_every_metrics_url_and_each_serves_the_grpc_series(mesh):
+    status = make("status", f"CONFIG={mesh.config}")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert any(line.startswith("SERVICE") and "METRICS" in line for line in status.stdout.splitlines())
+    for name, port in mesh.metrics_ports.items():
+        url = f"http://127.0.0.1:{port}/metrics"
+        line = next(line for line in status.stdout.splitlines() if line.startswith(name))
+        assert line.rstrip().endswith(url), status.stdout
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        service = SERVICES[name]
+        started = [line for line in text.splitlines() if line.startswith("grpc_server_started_total{")]
+        assert any(f'grpc_service="{service}"' in line for line in started), name
+        assert "grpc_server_handling_seconds_bucket{" in text and "grpc_server_handled_total{" in text
+    # The calls this module made with grpcurl are counted where they landed.
+    calculator = urllib.request.urlopen(f"http://127.0.0.1:{mesh.metrics_ports['calculator']}/metrics", timeout=5)
+    text = calculator.read().decode()
+    handled = [line for line in text.splitlines() if line.startswith("grpc_server_handled_total{")]
+    ok = next(line for line in handled if 'grpc_method="Evaluate"' in line and 'grpc_code="OK"' in line)
+    assert float(ok.rsplit(" ", 1)[1]) >= 1
+    assert SESSION not in text
+
+
 def test_serve_twice_starts_no_duplicates(mesh):
     before = server_pids(mesh.config)
     pid_files = {path.name: path.read_text() for path in (mesh.run_dir / "run").glob("*.pid")}
@@ -155,6 +179,20 @@ def test_serve_fails_clearly_when_a_port_is_taken(tmp_path):
             make("stop", f"CONFIG={blocked.config}")
 
 
+def test_serve_fails_clearly_when_a_metrics_port_is_taken(tmp_path):
+    blocked = Mesh(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", blocked.metrics_ports["memory"]))
+        squatter.listen()
+        try:
+            result = make("serve", f"CONFIG={blocked.config}", "LLM=off")
+            assert result.returncode != 0
+            assert f"port {blocked.metrics_ports['memory']}" in result.stderr and "memory" in result.stderr
+            assert server_pids(blocked.config) == []
+        finally:
+            make("stop", f"CONFIG={blocked.config}")
+
+
 def test_stop_leaves_nothing_running(mesh):
     pids = server_pids(mesh.config)
     assert pids
@@ -164,6 +202,7 @@ def test_stop_leaves_nothing_running(mesh):
     assert not any(pid_alive(pid) for pid in pids)
     assert not list((mesh.run_dir / "run").glob("*.pid"))
     assert not any(listening(port) for port in mesh.ports.values())
+    assert not any(listening(port) for port in mesh.metrics_ports.values())
     again = make("stop", f"CONFIG={mesh.config}")
     assert again.returncode == 0 and "nothing running" in again.stdout
 

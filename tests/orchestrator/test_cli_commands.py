@@ -48,6 +48,8 @@ async def test_run_then_sessions_show_export(
     assert "All services healthy." in printed
     assert "Session:    heist_cli_1 (completed)" in printed and "Tool calls: 1 ok, 0 failed" in printed
     assert (out_dir / "heist_cli_1.json").exists() and (out_dir / "heist_cli_1.md").exists()
+    assert printed.rstrip().splitlines()[-1] == f"Report:     {out_dir / 'heist_cli_1.html'}"  # what make run ends with
+    assert (out_dir / "heist_cli_1.html").read_text().startswith("<!DOCTYPE html>")
 
     assert await cli("sessions", "--config", str(live_config)) == 0
     listing = capsys.readouterr().out

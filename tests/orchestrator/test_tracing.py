@@ -7,22 +7,28 @@ import sqlite3
 
 from orchestrator.audit import AuditStore, EventRow
 from orchestrator.runner import RunOptions, run_session
-from orchestrator.tracing import current_trace_id, start_trace, traceparent
+from orchestrator.tracing import current_trace_id, turn_scope
 from tests.support.access_log import access_entries
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, inline_tool, text
 
-TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-01$")
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-00$")
+"""With tracing off: W3C shape, flags "not sampled" (nothing records the turn, so no collector should expect it)."""
 
 
-def test_traceparent_has_the_w3c_shape_and_a_fresh_span_per_call() -> None:
-    trace_id = start_trace()
-    first, second = traceparent(), traceparent()
-    assert first is not None and second is not None
-    one, two = TRACEPARENT.match(first), TRACEPARENT.match(second)
-    assert one and two and one[1] == two[1] == trace_id == current_trace_id()
-    assert one[2] != two[2]
-    assert start_trace() != trace_id
+def test_with_tracing_off_a_turn_has_one_w3c_traceparent_and_a_fresh_trace() -> None:
+    assert current_trace_id() is None
+    with turn_scope(None, "heist_t", "planner", 1) as scope:
+        header = dict(scope.outgoing(None))["traceparent"]
+        match = TRACEPARENT.match(header)
+        assert match and match[1] == scope.trace_id == current_trace_id()
+        assert scope.client_span("x", {}) is None, "no span is created with tracing off"
+        with turn_scope(None, "heist_t", "planner", 1) as same:
+            assert same is scope  # the runner opens the turn, take_turn re-enters it
+        with turn_scope(None, "heist_t", "hacker", 2) as other:
+            assert other.trace_id != scope.trace_id
+        assert current_trace_id() == scope.trace_id
+    assert current_trace_id() is None
 
 
 async def test_each_turn_is_one_trace_across_services(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
@@ -79,5 +85,5 @@ async def test_an_audit_file_from_before_trace_ids_is_upgraded_in_place(tmp_path
         store.close()
     upgraded = sqlite3.connect(path)
     columns = [row[1] for row in upgraded.execute("PRAGMA table_info(messages)")]
-    assert columns[-1] == "trace_id"
-    assert upgraded.execute("SELECT message, trace_id FROM messages").fetchall() == [("hello", None)]
+    assert columns[-2:] == ["trace_id", "timings"]
+    assert upgraded.execute("SELECT message, trace_id, timings FROM messages").fetchall() == [("hello", None, None)]

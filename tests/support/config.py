@@ -58,6 +58,7 @@ def heist_config(
     llm_base_url: str = "http://127.0.0.1:9/v1",
     token_ttl_s: int = 900,
     addresses: dict[str, str] | None = None,
+    metrics_addresses: dict[str, str] | None = None,
     deadlines: dict[str, float] | None = None,
     limits: dict[str, dict[str, Any]] | None = None,
     server_bounds: dict[str, Any] | None = None,
@@ -69,7 +70,8 @@ def heist_config(
     """A complete config as data; ``sections`` replace whole top-level sections.
 
     ``addresses`` places services (default: an unused port, for tests that start
-    them elsewhere); ``deadlines`` sets callers' deadlines (default 1 s);
+    them elsewhere); ``metrics_addresses`` gives services a Prometheus endpoint
+    (default: none); ``deadlines`` sets callers' deadlines (default 1 s);
     ``limits`` sets ``services.<name>.limits``; ``server_bounds`` every service's ``server`` section;
     ``memory_store`` the memory service's store URL (Redis); ``transport`` is
     ``security.transport`` (mTLS by default, as shipped); ``replicas`` sets
@@ -81,6 +83,8 @@ def heist_config(
             "address": (addresses or {}).get(name, "127.0.0.1:1"),
             "deadline_s": (deadlines or {}).get(name, 1.0),
         }
+        if metrics_addresses and name in metrics_addresses:
+            services[name]["metrics_address"] = metrics_addresses[name]
         if limits and name in limits:
             services[name]["limits"] = limits[name]
         if server_bounds:

@@ -80,11 +80,19 @@ class ServerProcess:
     """One service as a real OS process on a fixed port; its stdout/stderr go to a log file."""
 
     def __init__(
-        self, name: str, config: HeistConfig, port: int, log_dir: Path, start_timeout_s: float, replica: int = 0
+        self,
+        name: str,
+        config: HeistConfig,
+        port: int,
+        log_dir: Path,
+        start_timeout_s: float,
+        replica: int = 0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.config_path = config.config_path
+        self.env = env
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.replica = replica
@@ -105,9 +113,12 @@ class ServerProcess:
         with self.log_path.open("ab") as log:
             log.write(f"=== start {self.starts}\n".encode())
             command = [sys.executable, "-m", f"servers.{self.name}", "--config", str(self.config_path)]
+            if self.replica and self.config.service(self.name).metrics_address:
+                command += ["--metrics-address", "127.0.0.1:0"]  # replica 0 has the configured one
             self.process = subprocess.Popen(
                 [*command, "--address", self.address],
                 cwd=REPO,
+                env={**os.environ, **self.env} if self.env is not None else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -176,13 +187,23 @@ class ProcessMesh:
         llm_base_url: str = "http://127.0.0.1:9/v1",
         start_timeout_s: float = 20.0,
         replicas: dict[str, int] | None = None,
+        metrics: bool = True,
+        env: dict[str, str] | None = None,
         **sections: Any,
     ) -> None:
         self.work_dir = work_dir
-        self.ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
+        ports = free_ports(2 * len(SERVICES))
+        self.ports = dict(zip(SERVICES, ports[: len(SERVICES)], strict=True))
+        self.metrics_ports = dict(zip(SERVICES, ports[len(SERVICES) :], strict=True)) if metrics else {}
         addresses = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
+        metrics_addresses = {name: f"127.0.0.1:{port}" for name, port in self.metrics_ports.items()}
         self.config_path = write_heist_config(
-            work_dir, llm_base_url=llm_base_url, addresses=addresses, replicas=replicas, **sections
+            work_dir,
+            llm_base_url=llm_base_url,
+            addresses=addresses,
+            replicas=replicas,
+            metrics_addresses=metrics_addresses,
+            **sections,
         )
         self.config: HeistConfig = load_config(self.config_path)
         credentials.ensure_dev_credentials(self.config)  # once, before several processes would race for it
@@ -190,7 +211,7 @@ class ProcessMesh:
         self.log_dir.mkdir(exist_ok=True)
         self.replicas: dict[str, list[ServerProcess]] = {
             name: [
-                ServerProcess(name, self.config, split_address(address)[1], self.log_dir, start_timeout_s, index)
+                ServerProcess(name, self.config, split_address(address)[1], self.log_dir, start_timeout_s, index, env)
                 for index, address in enumerate(self.config.service(name).replica_addresses)
             ]
             for name in self.ports
@@ -201,6 +222,10 @@ class ProcessMesh:
     def address(self, name: str) -> str:
         """Where ``name`` listens."""
         return f"127.0.0.1:{self.ports[name]}"
+
+    def metrics_url(self, name: str) -> str:
+        """Where ``name`` serves Prometheus metrics."""
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def start(self, *names: str) -> ProcessMesh:
         """Start services in parallel (all of them by default) and wait until each is SERVING."""

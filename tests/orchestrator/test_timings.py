@@ -43,7 +43,9 @@ async def test_every_turn_stores_where_its_time_went(mesh: InProcessMesh, script
         assert [step["start_ms"] for step in steps] == sorted(step["start_ms"] for step in steps)
         for step in steps:
             assert step["start_ms"] >= 0 and step["ms"] >= 0
-            assert step["start_ms"] + step["ms"] <= timeline["total_ms"] + 0.01, (turn, step)
+            # Steps and the total are each rounded to microseconds and measured by different clocks' reads
+            # (the audit write on its writer thread): allow 0.5 ms of slack, far below any step's size.
+            assert step["start_ms"] + step["ms"] <= timeline["total_ms"] + 0.5, (turn, step)
         assert timeline["total_ms"] >= latency, "the final timeline includes the write that latency_ms precedes"
         if agent == "planner":
             assert "tool" not in kinds

@@ -1,0 +1,290 @@
+"""Whole turns through the real path: the ``openai`` client, HTTP, an OpenAI-compatible endpoint, server processes.
+
+Part 1 of ``make bench``. For each prompt style:
+
+- **turns**: one warm-up session, then one measured session of the real
+  ``LLMClient`` against ``tests.bench.http_llm`` (a separate process on
+  127.0.0.1, zero latency, keep-alive), every gRPC service its own process.
+  ``transcript``/``inline``: one ``/v1/completions`` request and one tool call
+  per turn. ``chat``/``native``: ``tools`` offered, a ``tool_calls`` reply, the
+  tool call, the final answer: two ``/v1/chat/completions`` requests per turn.
+- **floor**: the same HTTP requests (the very bytes the session sent, replayed)
+  and the same gRPC calls (memory prefetch for the next speaker, the tool,
+  StoreMemory), with the same overlap, issued back to back by a minimal loop:
+  no prompts, no audit, no ``openai`` SDK, no parsing. Turn minus floor is
+  what orchestration costs.
+- **whole process**: ``orchestrator run`` as a user runs it, timed for 20 and
+  220 turns; (t220 - t20) / 200 is the per-turn cost with start-up cancelled
+  out (the issue's method, so it compares with the seed's figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx2
+import yaml
+from heist.memory.v1 import memory_pb2, memory_pb2_grpc
+from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
+
+from heist_common.config import HeistConfig
+from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY
+from heist_common.credentials import client_secret
+from orchestrator.agent import TurnResult
+from orchestrator.audit import AuditStore
+from orchestrator.clients import ServiceClients
+from orchestrator.llm import LLMClient
+from orchestrator.runner import RunOptions, SessionRunner
+from orchestrator.tools import ToolRegistry
+from tests.bench.http_llm import ARGUMENTS, HttpLLM
+from tests.bench.turns import check_turns, percentiles
+from tests.support.processes import REPO
+
+STYLES: dict[str, dict[str, Any]] = {
+    "transcript": {"prompt_style": "transcript", "tool_calling": "inline", "prefill_tool_every": 1},
+    "chat": {"prompt_style": "chat", "tool_calling": "native", "prefill_tool_every": 0},
+}
+"""The two prompt styles: transcript with inline markers (the default config), chat with native function calling."""
+LLM_REQUESTS_PER_TURN = {"transcript": 1, "chat": 2}
+
+
+def style_llm(config: HeistConfig, style: str, base_url: str) -> dict[str, Any]:
+    """The ``llm`` section for ``style`` against ``base_url`` (as data, for config files and overrides)."""
+    return {
+        "embedded": False, "base_url": base_url, "model": "bench", "timeout_s": 10.0, "health_timeout_s": 2.0,
+        "max_retries": 1, "max_tokens": 60, **STYLES[style],
+    }  # fmt: skip
+
+
+def style_config(config: HeistConfig, style: str, base_url: str) -> HeistConfig:
+    """``config`` with the ``llm`` section of ``style`` pointing at ``base_url``."""
+    return config.with_overrides(llm=config.llm.model_copy(update=style_llm(config, style, base_url)))
+
+
+def write_style_config(config_path: Path, style: str, base_url: str, config: HeistConfig) -> Path:
+    """A config file for ``orchestrator run`` (the mesh's file with the style's ``llm`` section)."""
+    data = yaml.safe_load(config_path.read_text())
+    data["llm"] = style_llm(config, style, base_url)
+    path = config_path.with_name(f"heist-{style}.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+async def run_http_session(
+    config: HeistConfig, turns: int, session_id: str, *, sessions: int = 1
+) -> tuple[list[TurnResult], list[tuple[float, float]], float]:
+    """``sessions`` sessions of ``turns`` turns with the real ``LLMClient``; (turns, (start, end) of each, wall s)."""
+    audit = AuditStore.open(config.database.url)
+    mesh = ServiceClients(config)
+    llm = LLMClient(config.llm)
+    spans: list[tuple[float, float]] = []
+
+    def ended(turn: TurnResult) -> None:
+        now = time.perf_counter()
+        spans.append((now - turn.total_ms / 1000.0, now))
+
+    try:
+        runners = [
+            SessionRunner(
+                config, mesh, llm, audit, RunOptions(turns=turns, session_id=f"{session_id}_{i}", export=False),
+                on_turn=ended,
+            )
+            for i in range(sessions)
+        ]  # fmt: skip
+        start = time.perf_counter()
+        results = await asyncio.gather(*(runner.run() for runner in runners))
+        wall_s = time.perf_counter() - start
+    finally:
+        await mesh.close()
+        await llm.close()
+        audit.close()
+    for result in results:
+        if result.status != "completed":
+            raise RuntimeError(f"benchmark session {result.session_id} {result.status}: {result.error}")
+    return [turn for result in results for turn in result.turns], spans, wall_s
+
+
+class Floor:
+    """The minimal loop: a turn's HTTP requests and gRPC calls, and nothing else."""
+
+    def __init__(self, config: HeistConfig, base_url: str) -> None:
+        self.config = config
+        self.base_url = base_url
+        self.registry = ToolRegistry.for_services(config.tool_names)
+        self.crew = [agent for agent in config.agents if agent.tools]
+
+    async def run(self, bodies: list[tuple[str, bytes]], per_turn: int, messages: list[str]) -> list[float]:
+        """Replay ``bodies`` (``per_turn`` a turn) with the turn's gRPC calls; per-turn milliseconds."""
+        config = self.config
+        session = f"floor_{time.time_ns()}"
+        channels = {name: grpc.aio.insecure_channel(s.address) for name, s in config.services.items()}
+        http = httpx2.AsyncClient(timeout=10.0)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.llm.api_key}"}
+        origin = self.base_url.split("/v1", 1)[0]
+        try:
+            memory = memory_pb2_grpc.MemoryServiceStub(channels["memory"])
+            oauth = oauth_pb2_grpc.OAuthServiceStub(channels["oauth"])
+            plain = ((SESSION_METADATA_KEY, session),)
+            memory_config = config.session.memory
+            calls = []
+            for agent in self.crew:
+                service = self.registry.service(agent.tools[0])
+                method = service.inline_method
+                assert method is not None
+                scope = [method.required_scope] if method.required_scope else []
+                issued = await oauth.IssueToken(
+                    oauth_pb2.IssueTokenRequest(
+                        grant_type="client_credentials", client_id=agent.oauth_client,
+                        client_secret=client_secret(config, agent.oauth_client), scopes=scope,
+                    ),
+                    timeout=5,
+                )  # fmt: skip
+                stub = service.stub_class(channels[service.name])
+                calls.append(
+                    (
+                        agent.name,
+                        getattr(stub, method.method.name),
+                        method.inline_request(ARGUMENTS[service.name]),
+                        (*plain, (AUTHORIZATION_METADATA_KEY, f"Bearer {issued.access_token}")),
+                        config.services[service.name].deadline_s,
+                        memory_pb2.GetCompressedMemoryRequest(
+                            agent_name=agent.name, recent_count=memory_config.recent_count,
+                            max_chars=memory_config.max_chars,
+                        ),
+                    )
+                )  # fmt: skip
+            samples: list[float] = []
+            turns = len(bodies) // per_turn
+            prefetched = asyncio.ensure_future(memory.GetCompressedMemory(calls[0][5], metadata=plain, timeout=2))
+            for index in range(turns):
+                name, rpc, request, metadata, deadline, _ = calls[index % len(calls)]
+                started = time.perf_counter()
+                await prefetched
+                following = calls[(index + 1) % len(calls)][5]
+                prefetched = asyncio.ensure_future(memory.GetCompressedMemory(following, metadata=plain, timeout=2))
+                for step in range(per_turn):
+                    route, body = bodies[index * per_turn + step]
+                    reply = await http.post(origin + route, content=body, headers=headers)
+                    reply.raise_for_status()
+                    if step == 0:
+                        await rpc(request, metadata=metadata, timeout=deadline)
+                store = memory_pb2.StoreMemoryRequest(agent_name=name, turn_id=index + 1, message=messages[index])
+                await memory.StoreMemory(store, metadata=plain, timeout=2)
+                samples.append((time.perf_counter() - started) * 1000.0)
+            await prefetched
+            return samples
+        finally:
+            await http.aclose()
+            await asyncio.gather(*(channel.close(None) for channel in channels.values()))
+
+
+def turn_stats(turns: list[TurnResult]) -> dict[str, Any]:
+    """Percentiles of whole turns and of the LLM requests in them."""
+    return {
+        "total_ms": percentiles([t.total_ms for t in turns]),
+        "llm_ms": percentiles([t.llm_ms for t in turns]),
+        "service_ms": percentiles([t.service_ms for t in turns]),
+    }
+
+
+def http_turns(config: HeistConfig, llm: HttpLLM, style: str, turns: int, warmup: int) -> dict[str, Any]:
+    """Part 1 for one style: the turns, their floor, and the endpoint's own cost."""
+    config = style_config(config, style, llm.base_url)
+    asyncio.run(run_http_session(config, warmup, f"warm_{style}_{time.time_ns()}"))
+    llm.reset()
+    measured, _, wall_s = asyncio.run(run_http_session(config, turns, f"http_{style}_{time.time_ns()}"))
+    check_turns(measured)
+    served = llm.stats()
+    per_turn = LLM_REQUESTS_PER_TURN[style]
+    bodies = llm.recorded()
+    if served["completions"] != per_turn * len(measured) or len(bodies) != per_turn * len(measured):
+        raise RuntimeError(
+            f"{style}: {served['completions']} completions for {len(measured)} turns, not {per_turn} each"
+        )
+    floor = asyncio.run(Floor(config, llm.base_url).run(bodies, per_turn, [t.message for t in measured]))
+    stats = turn_stats(measured)
+    floor_stats = percentiles(floor)
+    return {
+        "style": style,
+        "turns": len(measured),
+        "llm_requests_per_turn": per_turn,
+        "wall_ms_per_turn": round(1000.0 * wall_s / len(measured), 3),
+        **stats,
+        "floor_ms": floor_stats,
+        "overhead_p50_ms": round(stats["total_ms"]["p50_ms"] - floor_stats["p50_ms"], 3),
+        "overhead_mean_ms": round(stats["total_ms"]["mean_ms"] - floor_stats["mean_ms"], 3),
+        "endpoint_us_per_request": served["busy_us_per_completion"],
+    }
+
+
+def orchestrator_command() -> list[str]:
+    """The ``orchestrator`` console script of this interpreter's environment (``-m orchestrator.cli`` otherwise)."""
+    script = Path(sys.executable).with_name("orchestrator")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator.cli"]
+
+
+def run_cli(args: list[str], *, timeout_s: float = 300.0) -> tuple[float, float, str]:
+    """Run the CLI once; (launch ``time.monotonic()``, wall seconds, stdout). Raises if it fails."""
+    launched = time.monotonic()
+    completed = subprocess.run(
+        [*orchestrator_command(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+    wall = time.monotonic() - launched
+    if completed.returncode != 0:
+        raise RuntimeError(f"orchestrator {' '.join(args)} exited {completed.returncode}:\n{completed.stderr[-2000:]}")
+    return launched, wall, completed.stdout
+
+
+def whole_process(config_file: Path, out_dir: Path, repeats: int, short: int = 20, long: int = 220) -> dict[str, Any]:
+    """``orchestrator run`` for ``short`` and ``long`` turns, ``repeats`` times each; per turn from the medians."""
+    walls: dict[int, list[float]] = {short: [], long: []}
+    for _ in range(repeats):
+        for turns in (short, long):
+            _, wall, _ = run_cli(["--config", str(config_file), "run", "--turns", str(turns), "--out", str(out_dir)])
+            walls[turns].append(wall)
+    short_s, long_s = statistics.median(walls[short]), statistics.median(walls[long])
+    return {
+        "repeats": repeats,
+        f"run_{short}_s": [round(w, 3) for w in walls[short]],
+        f"run_{long}_s": [round(w, 3) for w in walls[long]],
+        "ms_per_turn": round(1000.0 * (long_s - short_s) / (long - short), 3),
+    }
+
+
+def parallel_http(config: HeistConfig, llm: HttpLLM, style: str, sessions: int, turns: int) -> dict[str, Any]:
+    """``sessions`` sessions at once through the endpoint (its ``delay_ms`` is the model's latency).
+
+    turns/s is counted over the turns' own window (first turn start to last turn end), so the
+    sessions' health checks and set-up are not in it; the ideal is every session always waiting
+    on the model: sessions / (latency x LLM requests per turn).
+    """
+    config = style_config(config, style, llm.base_url)
+    run = run_http_session(config, turns, f"par_{style}_{time.time_ns()}", sessions=sessions)
+    measured, spans, _ = asyncio.run(run)
+    check_turns(measured)
+    window_s = max(end for _, end in spans) - min(start for start, _ in spans)
+    per_turn = LLM_REQUESTS_PER_TURN[style]
+    ideal = sessions / (llm.delay_ms / 1000.0 * per_turn)
+    stats = percentiles([t.total_ms for t in measured])
+    rate = len(measured) / window_s
+    return {
+        "style": style,
+        "sessions": sessions,
+        "llm_delay_ms": llm.delay_ms,
+        "turns": len(measured),
+        "window_s": round(window_s, 3),
+        "turns_per_s": round(rate, 1),
+        "ideal_turns_per_s": round(ideal, 1),
+        "of_ideal_pct": round(100.0 * rate / ideal, 1),
+        "turn_p50_ms": stats["p50_ms"],
+        "turn_p99_ms": stats["p99_ms"],
+    }

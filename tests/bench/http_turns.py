@@ -21,7 +21,6 @@ Part 1 of ``make bench``. For each prompt style:
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -161,6 +160,8 @@ class Floor:
                         ),
                     )
                 )  # fmt: skip
+            await asyncio.gather(*(channel.channel_ready() for channel in channels.values()))
+            (await http.post(origin + bodies[0][0], content=bodies[0][1], headers=headers)).raise_for_status()
             samples: list[float] = []
             turns = len(bodies) // per_turn
             prefetched = asyncio.ensure_future(memory.GetCompressedMemory(calls[0][5], metadata=plain, timeout=2))
@@ -195,33 +196,49 @@ def turn_stats(turns: list[TurnResult]) -> dict[str, Any]:
     }
 
 
-def http_turns(config: HeistConfig, llm: HttpLLM, style: str, turns: int, warmup: int) -> dict[str, Any]:
-    """Part 1 for one style: the turns, their floor, and the endpoint's own cost."""
+def http_turns(
+    config: HeistConfig, llm: HttpLLM, style: str, turns: int, warmup: int, blocks: int = 5
+) -> dict[str, Any]:
+    """Part 1 for one style: the turns, their floor, and the endpoint's own cost.
+
+    Sessions and floor alternate in ``blocks`` (each floor block replays the session block
+    just before it), so on a shared machine both see the same background load.
+    """
     config = style_config(config, style, llm.base_url)
     asyncio.run(run_http_session(config, warmup, f"warm_{style}_{time.time_ns()}"))
-    llm.reset()
-    measured, _, wall_s = asyncio.run(run_http_session(config, turns, f"http_{style}_{time.time_ns()}"))
-    check_turns(measured)
-    served = llm.stats()
     per_turn = LLM_REQUESTS_PER_TURN[style]
-    bodies = llm.recorded()
-    if served["completions"] != per_turn * len(measured) or len(bodies) != per_turn * len(measured):
-        raise RuntimeError(
-            f"{style}: {served['completions']} completions for {len(measured)} turns, not {per_turn} each"
-        )
-    floor = asyncio.run(Floor(config, llm.base_url).run(bodies, per_turn, [t.message for t in measured]))
+    measured: list[TurnResult] = []
+    floor: list[float] = []
+    wall_s = 0.0
+    endpoint_us: list[float] = []
+    for block in range(blocks):
+        llm.reset()
+        session = run_http_session(config, max(1, turns // blocks), f"http_{style}_{block}_{time.time_ns()}")
+        block_turns, _, block_wall_s = asyncio.run(session)
+        check_turns(block_turns)
+        served = llm.stats()
+        bodies = llm.recorded()
+        expected = per_turn * len(block_turns)
+        if served["completions"] != expected or len(bodies) != expected:
+            raise RuntimeError(f"{style}: {served['completions']} completions for {len(block_turns)} turns")
+        endpoint_us.append(served["busy_us_per_completion"])
+        messages = [t.message for t in block_turns]
+        floor += asyncio.run(Floor(config, llm.base_url).run(bodies, per_turn, messages))
+        measured += block_turns
+        wall_s += block_wall_s
     stats = turn_stats(measured)
     floor_stats = percentiles(floor)
     return {
         "style": style,
         "turns": len(measured),
+        "blocks": blocks,
         "llm_requests_per_turn": per_turn,
         "wall_ms_per_turn": round(1000.0 * wall_s / len(measured), 3),
         **stats,
         "floor_ms": floor_stats,
         "overhead_p50_ms": round(stats["total_ms"]["p50_ms"] - floor_stats["p50_ms"], 3),
         "overhead_mean_ms": round(stats["total_ms"]["mean_ms"] - floor_stats["mean_ms"], 3),
-        "endpoint_us_per_request": served["busy_us_per_completion"],
+        "endpoint_us_per_request": round(statistics.fmean(endpoint_us), 1),
     }
 
 
@@ -236,7 +253,6 @@ def run_cli(args: list[str], *, timeout_s: float = 300.0) -> tuple[float, float,
     launched = time.monotonic()
     completed = subprocess.run(
         [*orchestrator_command(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )  # fmt: skip
     wall = time.monotonic() - launched
     if completed.returncode != 0:

@@ -34,6 +34,7 @@ import httpx2
 
 from heist_common.config import LLMConfig
 from orchestrator.clients import HealthResult
+from orchestrator.llm_transport import PlainHTTPTransport
 
 if TYPE_CHECKING:
     import openai
@@ -59,7 +60,7 @@ LLM_DOWN = "DOWN"
 """Health status of an LLM endpoint that cannot complete (unreachable, erroring or too slow)."""
 
 CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
-"""The ``openai`` client's own default pool limits (we hand it our pool, so we set them)."""
+"""The ``openai`` client's own default pool limits, for ``https://`` endpoints (we hand it our pool)."""
 
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 """What the SDK serializes request bodies with (``openai._utils._json.openapi_dumps``), built once."""
@@ -134,7 +135,8 @@ class LLMClient:
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
-        self.http = httpx2.AsyncClient(timeout=config.timeout_s, limits=CONNECTION_LIMITS, follow_redirects=True)
+        transport = PlainHTTPTransport(fallback=lambda: httpx2.AsyncHTTPTransport(limits=CONNECTION_LIMITS))
+        self.http = httpx2.AsyncClient(timeout=config.timeout_s, transport=transport, follow_redirects=True)
         """One connection pool, the probe's and the SDK's (``http_client``): turns reuse the probe's connection."""
         self._client: openai.AsyncOpenAI | None = None
         extra = {key: _to_json(value) for key, value in config.extra_body.items()}

@@ -21,6 +21,7 @@ Part 1 of ``make bench``. For each prompt style:
 from __future__ import annotations
 
 import asyncio
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx2
 import yaml
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
@@ -111,6 +111,34 @@ async def run_http_session(
     return [turn for result in results for turn in result.turns], spans, wall_s
 
 
+class RawHTTP:
+    """The least an HTTP client does: HTTP/1.1 keep-alive on one asyncio stream (the endpoint sends Content-Length)."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        host_port = base_url.split("//", 1)[1].split("/", 1)[0]
+        self.host, _, port = host_port.partition(":")
+        self.port = int(port or 80)
+        self.head = f"host: {host_port}\r\ncontent-type: application/json\r\nauthorization: Bearer {api_key}\r\n"
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, route: str, body: bytes) -> bytes:
+        """POST ``body`` to ``route``; the reply's body (RuntimeError unless 200)."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        head = f"POST {route} HTTP/1.1\r\n{self.head}content-length: {len(body)}\r\n\r\n"
+        writer.write(head.encode() + body)
+        reply = await reader.readuntil(b"\r\n\r\n")
+        if not reply.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"endpoint answered {reply[:40]!r}")
+        length = int(reply.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        return await reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+
+
 class Floor:
     """The minimal loop: a turn's HTTP requests and gRPC calls, and nothing else."""
 
@@ -125,9 +153,7 @@ class Floor:
         config = self.config
         session = f"floor_{time.time_ns()}"
         channels = {name: grpc.aio.insecure_channel(s.address) for name, s in config.services.items()}
-        http = httpx2.AsyncClient(timeout=10.0)
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.llm.api_key}"}
-        origin = self.base_url.split("/v1", 1)[0]
+        http = RawHTTP(self.base_url, config.llm.api_key)
         try:
             memory = memory_pb2_grpc.MemoryServiceStub(channels["memory"])
             oauth = oauth_pb2_grpc.OAuthServiceStub(channels["oauth"])
@@ -161,7 +187,7 @@ class Floor:
                     )
                 )  # fmt: skip
             await asyncio.gather(*(channel.channel_ready() for channel in channels.values()))
-            (await http.post(origin + bodies[0][0], content=bodies[0][1], headers=headers)).raise_for_status()
+            await http.post(*bodies[0])
             samples: list[float] = []
             turns = len(bodies) // per_turn
             prefetched = asyncio.ensure_future(memory.GetCompressedMemory(calls[0][5], metadata=plain, timeout=2))
@@ -173,8 +199,7 @@ class Floor:
                 prefetched = asyncio.ensure_future(memory.GetCompressedMemory(following, metadata=plain, timeout=2))
                 for step in range(per_turn):
                     route, body = bodies[index * per_turn + step]
-                    reply = await http.post(origin + route, content=body, headers=headers)
-                    reply.raise_for_status()
+                    await http.post(route, body)
                     if step == 0:
                         await rpc(request, metadata=metadata, timeout=deadline)
                 store = memory_pb2.StoreMemoryRequest(agent_name=name, turn_id=index + 1, message=messages[index])
@@ -183,7 +208,7 @@ class Floor:
             await prefetched
             return samples
         finally:
-            await http.aclose()
+            await http.close()
             await asyncio.gather(*(channel.close(None) for channel in channels.values()))
 
 
@@ -210,11 +235,14 @@ def http_turns(
     measured: list[TurnResult] = []
     floor: list[float] = []
     wall_s = 0.0
+    cpu_s = floor_cpu_s = 0.0
     endpoint_us: list[float] = []
     for block in range(blocks):
         llm.reset()
         session = run_http_session(config, max(1, turns // blocks), f"http_{style}_{block}_{time.time_ns()}")
+        cpu_start = time.process_time()
         block_turns, _, block_wall_s = asyncio.run(session)
+        cpu_s += time.process_time() - cpu_start
         check_turns(block_turns)
         served = llm.stats()
         bodies = llm.recorded()
@@ -223,7 +251,9 @@ def http_turns(
             raise RuntimeError(f"{style}: {served['completions']} completions for {len(block_turns)} turns")
         endpoint_us.append(served["busy_us_per_completion"])
         messages = [t.message for t in block_turns]
+        cpu_start = time.process_time()
         floor += asyncio.run(Floor(config, llm.base_url).run(bodies, per_turn, messages))
+        floor_cpu_s += time.process_time() - cpu_start
         measured += block_turns
         wall_s += block_wall_s
     stats = turn_stats(measured)
@@ -239,6 +269,10 @@ def http_turns(
         "overhead_p50_ms": round(stats["total_ms"]["p50_ms"] - floor_stats["p50_ms"], 3),
         "overhead_mean_ms": round(stats["total_ms"]["mean_ms"] - floor_stats["mean_ms"], 3),
         "endpoint_us_per_request": round(statistics.fmean(endpoint_us), 1),
+        # CPU of this process per turn (all its threads): unlike wall time, barely moved by other load
+        "cpu_ms_per_turn": round(1000.0 * cpu_s / len(measured), 3),
+        "floor_cpu_ms_per_turn": round(1000.0 * floor_cpu_s / len(floor), 3),
+        "overhead_cpu_ms_per_turn": round(1000.0 * (cpu_s / len(measured) - floor_cpu_s / len(floor)), 3),
     }
 
 
@@ -248,16 +282,23 @@ def orchestrator_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator.cli"]
 
 
-def run_cli(args: list[str], *, timeout_s: float = 300.0) -> tuple[float, float, str]:
-    """Run the CLI once; (launch ``time.monotonic()``, wall seconds, stdout). Raises if it fails."""
+def run_cli(args: list[str], *, timeout_s: float = 300.0) -> tuple[float, float, str, float]:
+    """Run the CLI once; (launch ``time.monotonic()``, wall seconds, stdout, CPU seconds). Raises if it fails.
+
+    The CPU seconds (user + system, from the reaped child's rusage) are what the command
+    itself costs; on a busy machine the wall time adds the wait for a core.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     launched = time.monotonic()
     completed = subprocess.run(
         [*orchestrator_command(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
     )  # fmt: skip
     wall = time.monotonic() - launched
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if completed.returncode != 0:
         raise RuntimeError(f"orchestrator {' '.join(args)} exited {completed.returncode}:\n{completed.stderr[-2000:]}")
-    return launched, wall, completed.stdout
+    return launched, wall, completed.stdout, cpu
 
 
 def whole_process(config_file: Path, out_dir: Path, repeats: int, short: int = 20, long: int = 220) -> dict[str, Any]:
@@ -265,7 +306,7 @@ def whole_process(config_file: Path, out_dir: Path, repeats: int, short: int = 2
     walls: dict[int, list[float]] = {short: [], long: []}
     for _ in range(repeats):
         for turns in (short, long):
-            _, wall, _ = run_cli(["--config", str(config_file), "run", "--turns", str(turns), "--out", str(out_dir)])
+            _, wall, _, _ = run_cli(["--config", str(config_file), "run", "--turns", str(turns), "--out", str(out_dir)])
             walls[turns].append(wall)
     short_s, long_s = statistics.median(walls[short]), statistics.median(walls[long])
     return {

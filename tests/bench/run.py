@@ -335,6 +335,10 @@ def print_table(results: dict[str, Any]) -> None:
                 f"   {'   overhead over floor p50 / mean':34s} {row['overhead_p50_ms']:8.3f} "
                 f"{row['overhead_mean_ms']:8.3f}   (endpoint's own cost {row['endpoint_us_per_request']} us/request)"
             )
+            print(
+                f"   {'   CPU per turn: turn / floor / over':34s} {row['cpu_ms_per_turn']:8.3f} "
+                f"{row['floor_cpu_ms_per_turn']:8.3f} {row['overhead_cpu_ms_per_turn']:8.3f}   (this process, ms)"
+            )
             whole = row["whole_process"]
             print(f"   {'   whole process, orchestrator run':34s} {whole['ms_per_turn']:8.3f} ms/turn "
                   f"((t{results['sizes']['cli_long_turns']} - t{results['sizes']['cli_short_turns']}) / "
@@ -348,7 +352,7 @@ def print_table(results: dict[str, Any]) -> None:
     if startup_results:
         print("\n3. CLI start-up (median wall time of a fresh process)")
         for name, row in startup_results["commands"].items():
-            print(f"   orchestrator {name:28s} {row['median_s']:6.3f} s")
+            print(f"   orchestrator {name:28s} {row['median_s']:6.3f} s   (CPU {row['cpu_median_s']:.3f} s)")
         print(f"   {'run: launch to first turn':41s} {startup_results['run_first_turn']['median_s']:6.3f} s")
     if "throughput" in results:
         generators = {row.get("generator", "python") for row in results["throughput"].values()}

@@ -20,7 +20,7 @@ from tests.bench.http_turns import run_cli
 
 
 def cli_startup(config_file: Path, session_id: str, out_dir: Path, repeats: int) -> dict[str, Any]:
-    """Median wall time of each command that does not run a session (``repeats`` runs each, interleaved)."""
+    """Median wall and CPU time of each command that does not run a session (``repeats`` runs each, interleaved)."""
     config = ["--config", str(config_file)]
     commands: dict[str, list[str]] = {
         "--help": ["--help"],
@@ -30,12 +30,19 @@ def cli_startup(config_file: Path, session_id: str, out_dir: Path, repeats: int)
         "health": [*config, "health"],
     }
     walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, args in commands.items():
-            walls[name].append(run_cli(args, timeout_s=60)[1])
+            _, wall, _, cpu = run_cli(args, timeout_s=60)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
     return {
-        name: {"median_s": round(statistics.median(times), 3), "runs_s": [round(t, 3) for t in times]}
-        for name, times in walls.items()
+        name: {
+            "median_s": round(statistics.median(walls[name]), 3),
+            "cpu_median_s": round(statistics.median(cpus[name]), 3),
+            "runs_s": [round(t, 3) for t in walls[name]],
+        }
+        for name in commands
     }
 
 
@@ -44,7 +51,7 @@ def first_turn(config_file: Path, llm: HttpLLM, out_dir: Path, repeats: int) -> 
     delays = []
     for _ in range(repeats):
         llm.reset()
-        launched, _, _ = run_cli(["--config", str(config_file), "run", "--turns", "1", "--out", str(out_dir)])
+        launched, _, _, _ = run_cli(["--config", str(config_file), "run", "--turns", "1", "--out", str(out_dir)])
         first = llm.stats()["first_completion_at"]
         if first is None:
             raise RuntimeError("orchestrator run made no completion request")

@@ -10,20 +10,23 @@ Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from heist_common.config import ConfigError, HeistConfig, default_config_path, load_config
 from heist_common.exit_codes import ExitCode
-from orchestrator.agent import TurnResult
-from orchestrator.audit import AuditError, AuditStore, UnknownSessionError
-from orchestrator.clients import HealthResult, ServiceClients
-from orchestrator.export import render_json, render_markdown
-from orchestrator.llm import LLMClient
-from orchestrator.runner import RunOptions, SessionResult, check_health, run_session
+
+# Each command imports what it uses, when it runs: `--help`, `sessions`, `show` and
+# `export` never load gRPC or the LLM client, and nothing loads `openai` before a
+# completion is made (its import alone takes most of a second).
+if TYPE_CHECKING:
+    from heist_common.config import HeistConfig
+    from orchestrator.agent import TurnResult
+    from orchestrator.audit import AuditStore
+    from orchestrator.clients import HealthResult
+    from orchestrator.runner import SessionResult
 
 __all__ = ["main"]
 
@@ -79,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> HeistConfig:
+    from heist_common.config import ConfigError, default_config_path, load_config
+
     path = args.config if args.config is not None else default_config_path()
     try:
         config = load_config(path)
@@ -90,6 +95,8 @@ def _load(args: argparse.Namespace) -> HeistConfig:
 
 
 def _open_store(config: HeistConfig) -> AuditStore:
+    from orchestrator.audit import AuditError, AuditStore
+
     try:
         return AuditStore.open(config.database.url)
     except AuditError as exc:
@@ -142,6 +149,11 @@ def _print_summary(result: SessionResult) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from orchestrator.audit import AuditError
+    from orchestrator.runner import RunOptions, run_session
+
     config = _load(args)
     if args.llm_base_url or args.model:
         llm = config.llm.model_copy(
@@ -171,6 +183,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from orchestrator.clients import ServiceClients
+    from orchestrator.llm import LLMClient
+    from orchestrator.runner import check_health
+
     config = _load(args)
 
     async def probe() -> list[HealthResult]:
@@ -205,6 +223,8 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _read_log(args: argparse.Namespace) -> dict[str, object]:
+    from orchestrator.audit import UnknownSessionError
+
     store = _open_store(_load(args))
     try:
         return store.read_session_log(args.session_id)
@@ -216,11 +236,15 @@ def _read_log(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from orchestrator.export import render_markdown
+
     print(render_markdown(_read_log(args)), end="")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.export import render_json, render_markdown
+
     log = _read_log(args)
     text = render_json(log) if args.format == "json" else render_markdown(log)
     if args.out is None:

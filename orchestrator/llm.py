@@ -135,8 +135,8 @@ class LLMClient:
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
-        transport = PlainHTTPTransport(fallback=lambda: httpx2.AsyncHTTPTransport(limits=CONNECTION_LIMITS))
-        self.http = httpx2.AsyncClient(timeout=config.timeout_s, transport=transport, follow_redirects=True)
+        self.transport = PlainHTTPTransport(fallback=lambda: httpx2.AsyncHTTPTransport(limits=CONNECTION_LIMITS))
+        self.http = httpx2.AsyncClient(timeout=config.timeout_s, transport=self.transport, follow_redirects=True)
         """One connection pool, the probe's and the SDK's (``http_client``): turns reuse the probe's connection."""
         self._client: openai.AsyncOpenAI | None = None
         extra = {key: _to_json(value) for key, value in config.extra_body.items()}
@@ -147,6 +147,9 @@ class LLMClient:
         self._model = _to_json(config.model)
         self._stop = _to_json(["\n", *config.stop][:4])
         self._max_tokens = _to_json(config.max_tokens)
+        # Absolute URLs: the SDK then parses the URL once instead of merging it with base_url on every call.
+        self._chat_url = config.base_url + "/chat/completions"
+        self._text_url = config.base_url + "/completions"
 
     @property
     def client(self) -> openai.AsyncOpenAI:
@@ -173,7 +176,7 @@ class LLMClient:
             fields["tool_choice"] = '"none"' if final else '"auto"'
             fields["tools"] = _to_json(tools)
         fields.update(self._chat_extra)
-        data = await self._post("/chat/completions", json_object(fields), start)
+        data = await self._post(self._chat_url, json_object(fields), start)
         try:
             message = _first_choice(data)["message"]
             content = message.get("content") or ""
@@ -206,7 +209,7 @@ class LLMClient:
             "temperature": _to_json(min(self.config.temperature + temperature_boost, 2.0)),
             **self._text_extra,
         }
-        data = await self._post("/completions", json_object(fields), start)
+        data = await self._post(self._text_url, json_object(fields), start)
         try:
             choice = _first_choice(data)
             text, finish_reason = choice["text"], choice.get("finish_reason")

@@ -181,10 +181,12 @@ class PlainHTTPTransport(httpx2.AsyncBaseTransport):
             lines += [b"%x\r\n" % len(body), body, b"\r\n0\r\n\r\n"] if body else [b"0\r\n\r\n"]
         else:
             lines.append(body)
+        writer = connection.writer
         try:
-            connection.writer.write(b"".join(lines))  # head and body in one write: one wake-up of the server
-            async with asyncio.timeout(timeout):
-                await connection.writer.drain()
+            writer.write(b"".join(lines))  # head and body in one write: one wake-up of the server
+            if writer.transport.get_write_buffer_size():  # the kernel did not take it all at once
+                async with asyncio.timeout(timeout):
+                    await writer.drain()
         except TimeoutError:
             raise httpx2.WriteTimeout(f"request not sent within {timeout}s", request=request) from None
         except OSError as exc:

@@ -114,8 +114,11 @@ system-deps:
 drills: install ## Run only the failure drills
 	$(PY) -m pytest -m drill $(PYTEST_ARGS)
 
-bench: install system-deps ## Benchmarks: per-turn overhead, throughput, parallel sessions, embedded LLM (README, 'Performance')
-	$(PY) -m tests.bench.run --out var/bench/results.json
+# Sections of `make bench`, e.g. BENCH_ONLY=real,startup (default: all of real, services, startup,
+# throughput, parallel, embedded).
+BENCH_ONLY ?=
+bench: install system-deps ## Benchmarks: whole turns through HTTP with their floor, CLI start-up, throughput, parallel sessions, embedded LLM (README, 'Performance')
+	$(PY) -m tests.bench.run --out var/bench/results.json $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json

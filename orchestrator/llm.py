@@ -125,7 +125,7 @@ def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def json_object(fields: dict[str, str]) -> bytes:
+def _json_object(fields: dict[str, str]) -> bytes:
     """Join already serialized values into a JSON object, byte for byte what ``_to_json`` of the dict gives."""
     return ("{" + ",".join(f"{_to_json(key)}:{value}" for key, value in fields.items()) + "}").encode()
 
@@ -176,7 +176,7 @@ class LLMClient:
             fields["tool_choice"] = '"none"' if final else '"auto"'
             fields["tools"] = _to_json(tools)
         fields.update(self._chat_extra)
-        data = await self._post(self._chat_url, json_object(fields), start)
+        data = await self._post(self._chat_url, _json_object(fields), start)
         try:
             message = _first_choice(data)["message"]
             content = message.get("content") or ""
@@ -209,7 +209,7 @@ class LLMClient:
             "temperature": _to_json(min(self.config.temperature + temperature_boost, 2.0)),
             **self._text_extra,
         }
-        data = await self._post(self._text_url, json_object(fields), start)
+        data = await self._post(self._text_url, _json_object(fields), start)
         try:
             choice = _first_choice(data)
             text, finish_reason = choice["text"], choice.get("finish_reason")
@@ -219,14 +219,14 @@ class LLMClient:
             raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
         return Completion(content=text.strip(), latency_ms=_elapsed_ms(start), truncated=finish_reason == "length")
 
-    async def _post(self, path: str, body: bytes, start: float) -> Any:
+    async def _post(self, url: str, body: bytes, start: float) -> Any:
         """POST a prepared JSON body through the SDK and return the decoded reply; every failure is an LLMError."""
         client = self.client
         import openai  # already imported by ``client``
 
         try:
             response = await client.post(
-                path, cast_to=httpx2.Response, content=body, options={"security": {"bearer_auth": True}}
+                url, cast_to=httpx2.Response, content=body, options={"security": {"bearer_auth": True}}
             )
             return json.loads(response.content)
         except openai.APITimeoutError as exc:

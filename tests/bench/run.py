@@ -31,6 +31,7 @@ from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import STYLES, http_turns, parallel_http, run_cli, whole_process, write_style_config
 from tests.bench.llm_e2e import run_embedded_llm
+from tests.bench.llm_requests import llm_requests
 from tests.bench.procs import BenchMesh, machine_info
 from tests.bench.startup import cli_startup, first_turn
 from tests.bench.throughput import generator, load
@@ -126,6 +127,7 @@ def sizes_for(smoke: bool) -> dict[str, int]:
     return {
         "rtt_calls": 300 if smoke else 3000,
         "http_turns": 40 if smoke else 1000,
+        "llm_request_samples": 20 if smoke else 300,
         "http_warmup_turns": 10 if smoke else 100,
         "cli_short_turns": 2 if smoke else 20,
         "cli_long_turns": 6 if smoke else 220,
@@ -173,6 +175,7 @@ def run(smoke: bool, out: Path, loadgen: str = "auto", only: tuple[str, ...] = S
             if "real" in only:
                 print("real path: whole turns through HTTP and the openai client ...", flush=True)
                 results["real_path"] = real_path(mesh, llm, sizes, work)
+                results["llm_requests"] = llm_requests(llm, sizes["llm_request_samples"])
             if "services" in only:
                 print("services only: in-process zero-latency LLM ...", flush=True)
                 results["turn_overhead"] = asyncio.run(turn_overhead(config, sizes["turns"], sizes["warmup_turns"]))
@@ -343,6 +346,10 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"   {'   whole process, orchestrator run':34s} {whole['ms_per_turn']:8.3f} ms/turn "
                   f"((t{results['sizes']['cli_long_turns']} - t{results['sizes']['cli_short_turns']}) / "
                   f"{results['sizes']['cli_long_turns'] - results['sizes']['cli_short_turns']})")  # fmt: skip
+    if "llm_requests" in results:
+        print("   CPU of one chat request with tools, by client layer (event-loop thread, median):")
+        for name, row in results["llm_requests"].items():
+            print(f"      {name:31s} {row['median_us']:8d} us")
     if "turn_overhead" in results:
         turn = results["turn_overhead"]
         print(f"\n2. services only ({turn['turns']} turns, 1 tool call each, in-process zero-latency fake LLM object)")

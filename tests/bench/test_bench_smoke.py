@@ -43,6 +43,16 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         assert row["endpoint_us_per_request"] > 0
         assert row["whole_process"]["repeats"] >= 1 and "ms_per_turn" in row["whole_process"]
 
+    layers = results["llm_requests"]
+    assert set(layers) == {
+        "sdk create()",
+        "LLMClient.complete",
+        "httpx2, default transport",
+        "httpx2, lean transport",
+        "raw HTTP/1.1",
+    }
+    assert all(row["median_us"] > 0 for row in layers.values())
+
     startup = results["startup"]
     assert set(startup["commands"]) == {"--help", "sessions", "show", "export", "health"}
     assert all(row["median_s"] > 0 for row in startup["commands"].values())

@@ -58,7 +58,6 @@ OUTAGE_CODES = frozenset(
 )
 """Codes that say the service (not the request) is broken; only these trip a breaker."""
 
-
 def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 

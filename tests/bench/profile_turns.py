@@ -44,6 +44,15 @@ def package_of(path: str) -> str:
     return path
 
 
+def short_path(path: str) -> str:
+    """A profiled file as ``package/module.py`` (site-packages and the repository stripped)."""
+    for marker in ("site-packages/", "/orchestrator/"):
+        if marker in path:
+            tail = path.split(marker, 1)[1]
+            return tail if marker == "site-packages/" else "orchestrator/" + tail
+    return path
+
+
 def report(stats: pstats.Stats, turns: int, top: int = 14) -> None:
     """Print self time by package and the cumulative time per turn of the turn's parts."""
     raw = stats.stats  # type: ignore[attr-defined]
@@ -59,7 +68,7 @@ def report(stats: pstats.Stats, turns: int, top: int = 14) -> None:
     for (path, line, function), row in rows:
         interesting = "orchestrator/" in path or "openai/" in path or "_transports" in path or "llm_transport" in path
         if function in TURN_PARTS and interesting:
-            print(f"  {1000 * row[3] / turns:7.2f} ms  {package_of(path)}:{line} {function}")
+            print(f"  {1000 * row[3] / turns:7.2f} ms  {short_path(path)}:{line} {function}")
 
 
 def main() -> None:

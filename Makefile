@@ -119,8 +119,11 @@ system-deps:
 drills: install ## Run only the failure drills
 	$(PY) -m pytest -m drill $(PYTEST_ARGS)
 
-bench: install system-deps ## Benchmarks: per-turn overhead, throughput, parallel sessions, embedded LLM (README, 'Performance')
-	$(PY) -m tests.bench.run --out var/bench/results.json
+# Sections of `make bench`, e.g. BENCH_ONLY=real,startup (default: all of real, services, startup,
+# throughput, parallel, embedded).
+BENCH_ONLY ?=
+bench: install system-deps ## Benchmarks: whole turns through HTTP with their floor, CLI start-up, throughput, parallel sessions, embedded LLM (README, 'Performance')
+	$(PY) -m tests.bench.run --out var/bench/results.json $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
 
 bench-mesh: install ## Data plane: turn cost and Evaluate req/s with plaintext, mTLS, two calculator replicas
 	$(PY) -m tests.bench.mesh_transport --out var/bench/mesh.json

@@ -10,36 +10,28 @@ Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from heist_common.config import (
-    ConfigError,
-    DatabaseConfig,
-    HeistConfig,
-    default_config_path,
-    format_validation_error,
-    load_config,
-    redact_url,
-    resolve_database_url,
-)
 from heist_common.exit_codes import ExitCode
-from orchestrator.agent import TurnResult
-from orchestrator.audit import AuditError, AuditStore, UnknownSessionError
-from orchestrator.clients import HealthResult, ServiceClients
-from orchestrator.export import render_json, render_markdown
-from orchestrator.llm import LLMClient
-from orchestrator.report import report_path, write_report
-from orchestrator.resume import NotResumableError, ResumeConflictError, ResumePoint
-from orchestrator.runner import RunOptions, SessionResult, check_health, resume_session, run_session
+
+# Each command imports what it uses, when it runs: `--help`, `sessions`, `show` and
+# `export` never load gRPC or the LLM client, and nothing loads `openai` before a
+# completion is made (its import alone takes most of a second).
+if TYPE_CHECKING:
+    from heist_common.config import HeistConfig
+    from orchestrator.agent import TurnResult
+    from orchestrator.audit import AuditStore
+    from orchestrator.clients import HealthResult
+    from orchestrator.resume import ResumePoint
+    from orchestrator.runner import SessionResult
 
 __all__ = ["main"]
 
@@ -147,6 +139,17 @@ def _seed(text: str) -> int:
 
 
 def _load(args: argparse.Namespace) -> HeistConfig:
+    from pydantic import ValidationError
+
+    from heist_common.config import (
+        ConfigError,
+        DatabaseConfig,
+        default_config_path,
+        format_validation_error,
+        load_config,
+        resolve_database_url,
+    )
+
     path = args.config if args.config is not None else default_config_path()
     try:
         config = load_config(path)
@@ -168,6 +171,9 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
     already have its folder, so a typo in ``--db`` fails instead of silently
     starting a new, empty audit trail somewhere else.
     """
+    from heist_common.config import redact_url
+    from orchestrator.audit import AuditError, AuditStore
+
     url = config.database.url
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
     default = f"sqlite:///{config.mesh.run_dir / 'audit' / 'heist.db'}"
@@ -179,6 +185,17 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
         return AuditStore.open(url)
     except AuditError as exc:
         raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
+
+
+@contextmanager
+def _credentials_checked() -> Iterator[None]:
+    """Missing or unreadable certificates and secrets are a configuration problem (exit 3), never a traceback."""
+    from heist_common.credentials import CredentialsError
+
+    try:
+        yield
+    except CredentialsError as exc:
+        raise CommandError(f"credentials: {exc}", ExitCode.CONFIG) from None
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -222,6 +239,8 @@ def print_turn(turn: TurnResult) -> None:
 
 
 def _print_summary(result: SessionResult) -> None:
+    from heist_common.config import redact_url
+
     print()
     print(f"Session:    {result.session_id} ({result.status})")
     print(f"Turns:      {len(result.turns)}")
@@ -250,6 +269,12 @@ def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfi
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from heist_common.config import redact_url
+    from orchestrator.audit import AuditError
+    from orchestrator.runner import RunOptions, run_session
+
     config = _with_llm_flags(_load(args), args)
     allowed = config.session.max_turns_allowed
     if args.turns is not None and not 1 <= args.turns <= allowed:
@@ -268,7 +293,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM (a container stop, kill) ends a run like Ctrl-C: the session is marked interrupted.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
-        result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
+        with _credentials_checked():
+            result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
     except AuditError as exc:
         raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
     except ValueError as exc:  # invalid --session-id
@@ -286,6 +312,13 @@ def _print_resume(point: ResumePoint) -> None:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from heist_common.config import redact_url
+    from orchestrator.audit import AuditError, UnknownSessionError
+    from orchestrator.resume import NotResumableError, ResumeConflictError
+    from orchestrator.runner import RunOptions, resume_session
+
     config = _with_llm_flags(_load(args), args)
     if args.out is not None:
         _check_writable(args.out)
@@ -295,16 +328,17 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     # SIGTERM ends a resumed run like Ctrl-C, as for `run`: the session is marked interrupted (and resumable).
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
-        result = asyncio.run(
-            resume_session(
-                config,
-                args.session_id,
-                options,
-                on_resume=_print_resume,
-                on_health=_print_health_verdict,
-                on_turn=print_turn,
+        with _credentials_checked():
+            result = asyncio.run(
+                resume_session(
+                    config,
+                    args.session_id,
+                    options,
+                    on_resume=_print_resume,
+                    on_health=_print_health_verdict,
+                    on_turn=print_turn,
+                )
             )
-        )
     except UnknownSessionError:
         message = f"unknown session {args.session_id!r} (see 'orchestrator sessions')"
         raise CommandError(message, ExitCode.UNKNOWN_SESSION) from None
@@ -335,6 +369,12 @@ def _check_writable(folder: Path) -> None:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from orchestrator.clients import ServiceClients
+    from orchestrator.llm import LLMClient
+    from orchestrator.runner import check_health
+
     config = _load(args)
 
     async def probe() -> list[HealthResult]:
@@ -345,7 +385,8 @@ def _cmd_health(args: argparse.Namespace) -> int:
             await clients.close()
             await llm.close()
 
-    results = asyncio.run(probe())
+    with _credentials_checked():
+        results = asyncio.run(probe())
     print_health(results)
     return ExitCode.OK if all(r.ok for r in results) else ExitCode.UNHEALTHY
 
@@ -375,6 +416,8 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _read_log(args: argparse.Namespace) -> dict[str, object]:
+    from orchestrator.audit import UnknownSessionError
+
     store = _open_store(_load(args), create=False)
     try:
         return store.read_session_log(args.session_id)
@@ -386,11 +429,15 @@ def _read_log(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from orchestrator.export import render_markdown
+
     print(printable(render_markdown(_read_log(args))), end="")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.export import render_json, render_markdown
+
     log = _read_log(args)
     text = render_json(log) if args.format == "json" else render_markdown(log)
     if args.out is None:
@@ -406,6 +453,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import report_path, write_report
+
     config = _load(args)
     log = _read_log(args)
     out = args.out if args.out is not None else report_path(config.sessions_dir, args.session_id)

@@ -1,28 +1,47 @@
 """The OpenAI-compatible LLM endpoint (embedded llama.cpp server, LM Studio, Ollama, vLLM, OpenAI).
 
-Timeouts and retries are the ``openai`` client's own; this module only turns
-its exceptions into one ``LLMError`` with a status the audit can group by, and
-parses the inline ``[TOOL:name:argument]`` convention for models that have no
-native function calling.
+Requests go through the ``openai`` client, so its timeouts, retries, auth and
+error types are the ones we use; this module turns its exceptions into one
+``LLMError`` with a status the audit can group by, and parses the inline
+``[TOOL:name:argument]`` convention for models without native function calling.
+
+Why requests are prepared here rather than passed to ``create()``: the SDK's
+``create()`` walks every message and tool schema against its typed parameter
+definitions on every call (~8 ms for a request with tools, on a 2-core VM, more
+than the rest of a zero-latency turn), and parses each reply into pydantic
+models. Our messages and tool schemas are already plain wire dicts, so the body
+is serialized here exactly as ``create()`` would serialize it (same keys, key
+order and separators; ``tests/orchestrator/test_llm_wire.py`` compares the
+bytes), posted with the SDK's own ``client.post`` (same headers, retries,
+errors), and the reply is read as JSON.
+
+Why ``openai`` is imported on first use: importing it costs most of a second
+(its ``types`` package), and commands that never complete anything (``health``,
+the inspection commands) must not pay that. The health probe is a plain
+``httpx2`` request on the same connection pool the SDK then uses.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import openai
-from openai.types.chat import ChatCompletionMessageFunctionToolCall
-from opentelemetry.trace import Span
+import httpx2
 
 from heist_common.config import LLMConfig
 from orchestrator.clients import HealthResult
+from orchestrator.llm_transport import PlainHTTPTransport
 from orchestrator.tracing import TurnScope, current_turn, end_span
+
+if TYPE_CHECKING:
+    import openai
+    from openai._types import RequestOptions
+    from opentelemetry.trace import Span
 
 __all__ = [
     "INLINE_TOOL_PATTERN",
@@ -43,6 +62,12 @@ PROBE_HEADER = "x-heist-probe"
 """Marks the one-token health probe, so logs (and the scripted test endpoint) can tell it from a turn."""
 LLM_DOWN = "DOWN"
 """Health status of an LLM endpoint that cannot complete (unreachable, erroring or too slow)."""
+
+CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+"""The ``openai`` client's own default pool limits, for ``https://`` endpoints (we hand it our pool)."""
+
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+"""What the SDK serializes request bodies with (``openai._utils._json.openapi_dumps``), built once."""
 
 
 class LLMError(Exception):
@@ -95,9 +120,6 @@ class Completion:
         }
 
 
-T = TypeVar("T")
-
-
 def find_inline_tool_calls(text: str) -> list[InlineToolCall]:
     """Every inline tool marker in ``text``, in order."""
     return [InlineToolCall(m.group(0), m.group(1), m.group(2)) for m in INLINE_TOOL_PATTERN.finditer(text)]
@@ -107,20 +129,48 @@ def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+def _json_object(fields: dict[str, str]) -> bytes:
+    """Join already serialized values into a JSON object, byte for byte what ``_to_json`` of the dict gives."""
+    return ("{" + ",".join(f"{_to_json(key)}:{value}" for key, value in fields.items()) + "}").encode()
+
+
 class LLMClient:
-    """``openai.AsyncOpenAI`` configured from the ``llm`` section (one HTTP connection pool per run)."""
+    """One ``openai.AsyncOpenAI`` client configured from the ``llm`` section, on one HTTP connection pool per run."""
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
-        self.client = openai.AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=config.api_key,
-            timeout=config.timeout_s,
-            max_retries=config.max_retries,
-        )
-        self._extra_body = config.extra_body or None
+        self.transport = PlainHTTPTransport(fallback=lambda: httpx2.AsyncHTTPTransport(limits=CONNECTION_LIMITS))
+        self.http = httpx2.AsyncClient(timeout=config.timeout_s, transport=self.transport, follow_redirects=True)
+        """One connection pool, the probe's and the SDK's (``http_client``): turns reuse the probe's connection."""
+        self._client: openai.AsyncOpenAI | None = None
+        extra = {key: _to_json(value) for key, value in config.extra_body.items()}
+        # Fields that are the same in every request, serialized once, in the order create() sends them.
+        self._chat_sampling = {"max_tokens": _to_json(config.max_tokens), "temperature": _to_json(config.temperature)}
+        self._chat_extra = extra
+        self._text_extra = {key: value for key, value in extra.items() if key != "stop"}
+        self._model = _to_json(config.model)
+        self._stop = _to_json(["\n", *config.stop][:4])
+        self._max_tokens = _to_json(config.max_tokens)
+        # Absolute URLs: the SDK then parses the URL once instead of merging it with base_url on every call.
+        self._chat_url = config.base_url + "/chat/completions"
+        self._text_url = config.base_url + "/completions"
         parts = urlsplit(config.base_url)
         self._server = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client (``openai`` is imported the first time it is needed)."""
+        if self._client is None:
+            import openai
+
+            self._client = openai.AsyncOpenAI(
+                base_url=self.config.base_url,
+                api_key=self.config.api_key,
+                timeout=self.config.timeout_s,
+                max_retries=self.config.max_retries,
+                http_client=self.http,
+            )
+        return self._client
 
     def _begin(self, operation: str) -> tuple[TurnScope | None, Span | None, dict[str, str] | None]:
         """Return the current turn, a CLIENT span for one request under it (tracing on), and the headers that carry it.
@@ -150,35 +200,25 @@ class LLMClient:
     ) -> Completion:
         """One chat completion; ``final`` forbids further tool calls. LLMError on any failure."""
         start = time.perf_counter()
-        turn, span, headers = self._begin("chat")
-        kwargs: dict[str, Any] = {"extra_headers": headers} if headers else {}
+        fields = {"model": self._model, "messages": _to_json(messages), **self._chat_sampling}
         if tools:
-            kwargs["tools"] = tools
-            kwargs["tool_choice"] = "none" if final else "auto"
-        if self._extra_body:
-            kwargs["extra_body"] = self._extra_body
-        response = await self._request(
-            self.client.chat.completions.create(
-                model=self.config.model,
-                messages=messages,  # type: ignore[arg-type]  # plain dicts are the wire format
-                temperature=self.config.temperature,
-                max_tokens=self.config.max_tokens,
-                **kwargs,
-            ),
-            start,
-            turn,
-            span,
-            "chat.completions",
-        )
-        if not response.choices:
-            raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
-        message = response.choices[0].message
-        calls = [
-            NativeToolCall(call.id, call.function.name, call.function.arguments or "{}")
-            for call in (message.tool_calls or [])
-            if isinstance(call, ChatCompletionMessageFunctionToolCall)
-        ]
-        return Completion(content=(message.content or "").strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
+            fields["tool_choice"] = '"none"' if final else '"auto"'
+            fields["tools"] = _to_json(tools)
+        fields.update(self._chat_extra)
+        data = await self._post(self._chat_url, _json_object(fields), start, "chat", "chat.completions")
+        try:
+            message = _first_choice(data)["message"]
+            content = message.get("content") or ""
+            calls = [
+                NativeToolCall(call["id"], call["function"]["name"], _arguments(call["function"].get("arguments")))
+                for call in message.get("tool_calls") or ()
+                if call.get("type", "function") == "function"
+            ]
+            if not isinstance(content, str) or not all(isinstance(c.name, str) for c in calls):
+                raise TypeError("content and function names must be strings")
+        except (LookupError, TypeError, AttributeError) as exc:
+            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
+        return Completion(content=content.strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
 
     async def complete_text(self, prompt: str, *, temperature_boost: float = 0.0) -> Completion:
         """Continue a plain-text prompt (``/completions``) up to the end of the line; LLMError on any failure.
@@ -187,40 +227,36 @@ class LLMClient:
         line, so a newline ends the turn.
         """
         start = time.perf_counter()
-        turn, span, headers = self._begin("text_completion")
-        extra = {key: value for key, value in (self._extra_body or {}).items() if key != "stop"}
-        response = await self._request(
-            self.client.completions.create(
-                model=self.config.model,
-                prompt=prompt,
-                temperature=min(self.config.temperature + temperature_boost, 2.0),
-                # llama.cpp's server samples with a fixed seed unless told otherwise,
-                # which would make a resample return the very same line.
-                seed=random.randrange(2**31),
-                max_tokens=self.config.max_tokens,
-                stop=["\n", *self.config.stop][:4],
-                extra_body=extra or None,
-                extra_headers=headers,
-            ),
-            start,
-            turn,
-            span,
-            "completions",
-        )
-        if not response.choices:
-            raise LLMError("BAD_RESPONSE", "reply has no choices", _elapsed_ms(start))
-        choice = response.choices[0]
-        return Completion(
-            content=choice.text.strip(), latency_ms=_elapsed_ms(start), truncated=choice.finish_reason == "length"
-        )
+        fields = {
+            "model": self._model,
+            "prompt": _to_json(prompt),
+            "max_tokens": self._max_tokens,
+            # llama.cpp's server samples with a fixed seed unless told otherwise,
+            # which would make a resample return the very same line.
+            "seed": str(random.randrange(2**31)),
+            "stop": self._stop,
+            "temperature": _to_json(min(self.config.temperature + temperature_boost, 2.0)),
+            **self._text_extra,
+        }
+        data = await self._post(self._text_url, _json_object(fields), start, "text_completion", "completions")
+        try:
+            choice = _first_choice(data)
+            text, finish_reason = choice["text"], choice.get("finish_reason")
+            if not isinstance(text, str):
+                raise TypeError(f"text is {type(text).__name__}")
+        except (LookupError, TypeError, AttributeError) as exc:
+            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
+        return Completion(content=text.strip(), latency_ms=_elapsed_ms(start), truncated=finish_reason == "length")
 
-    async def _request(
-        self, request: Awaitable[T], start: float, turn: TurnScope | None, span: Span | None, name: str
-    ) -> T:
-        """Await one API request as a step of the turn (and its span); every failure becomes an LLMError."""
+    async def _post(self, url: str, body: bytes, start: float, operation: str, step: str) -> Any:
+        """POST a prepared JSON body as one step of the current turn (and its span); return the decoded reply.
+
+        Every failure is an LLMError; the turn records the step with its status either way.
+        """
+        turn, span, headers = self._begin(operation)
         code, detail = "OK", ""
         try:
-            response = await self._send(request, start)
+            data = await self._send(url, body, start, headers)
         except LLMError as exc:
             code, detail = exc.status_code, exc.detail
             raise
@@ -229,21 +265,28 @@ class LLMClient:
             raise
         finally:
             if turn is not None:
-                turn.record("llm", name, start, code)
+                turn.record("llm", step, start, code)
             if code != "OK":
                 end_span(span, code, detail)
         if span is not None:
-            usage = getattr(response, "usage", None)
-            if usage is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", int(getattr(usage, "prompt_tokens", 0) or 0))
-                span.set_attribute("gen_ai.usage.output_tokens", int(getattr(usage, "completion_tokens", 0) or 0))
+            usage = data.get("usage") if isinstance(data, dict) else None
+            if isinstance(usage, dict):
+                span.set_attribute("gen_ai.usage.input_tokens", int(usage.get("prompt_tokens") or 0))
+                span.set_attribute("gen_ai.usage.output_tokens", int(usage.get("completion_tokens") or 0))
             span.end()
-        return response
+        return data
 
-    async def _send(self, request: Awaitable[T], start: float) -> T:
-        """Await one API request, turning every client exception into an LLMError the audit can group by."""
+    async def _send(self, url: str, body: bytes, start: float, headers: dict[str, str] | None) -> Any:
+        """POST through the SDK's ``client.post`` (its headers, retries and errors) and decode the JSON reply."""
+        client = self.client
+        import openai  # already imported by ``client``
+
+        options: RequestOptions = {"security": {"bearer_auth": True}}
+        if headers:
+            options["headers"] = headers
         try:
-            return await request
+            response = await client.post(url, cast_to=httpx2.Response, content=body, options=options)
+            return json.loads(response.content)
         except openai.APITimeoutError as exc:
             raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", _elapsed_ms(start)) from None
         except openai.APIStatusError as exc:
@@ -251,7 +294,7 @@ class LLMClient:
             raise LLMError(f"HTTP {exc.status_code}", _short(detail), _elapsed_ms(start)) from None
         except openai.APIConnectionError as exc:
             raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", _elapsed_ms(start)) from None
-        except (openai.OpenAIError, ValueError, TypeError, KeyError) as exc:
+        except (openai.OpenAIError, ValueError) as exc:  # ValueError: the reply is not JSON
             raise LLMError("BAD_RESPONSE", _short(str(exc)), _elapsed_ms(start)) from None
 
     async def check_health(self, timeout_s: float) -> HealthResult:
@@ -260,38 +303,65 @@ class LLMClient:
         ``GET /models`` is not enough: a llama.cpp server whose CPU backend
         crashes on the first matrix multiply lists its model happily. One token
         costs a few milliseconds on the embedded model and a fraction of a cent
-        elsewhere, and it exercises the very endpoint the prompt style uses.
+        elsewhere, and it exercises the very endpoint the prompt style uses. It is
+        a plain HTTP request (no ``openai`` import, see the module docstring).
         """
         start = time.perf_counter()
-        client = self.client.with_options(timeout=timeout_s, max_retries=0)
-        headers = {PROBE_HEADER: "1"}
+        config = self.config
+        request: dict[str, Any] = {"model": config.model, "max_tokens": 1, "temperature": 0.0}
+        if config.prompt_style == "transcript":
+            path, request["prompt"] = "/completions", "OK"
+        else:
+            path, request["messages"] = "/chat/completions", [{"role": "user", "content": "Say OK."}]
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.api_key}", PROBE_HEADER: "1"}
         try:
-            if self.config.prompt_style == "transcript":
-                await client.completions.create(
-                    model=self.config.model, prompt="OK", max_tokens=1, temperature=0.0, extra_headers=headers
-                )
-            else:
-                await client.chat.completions.create(
-                    model=self.config.model,
-                    messages=[{"role": "user", "content": "Say OK."}],
-                    max_tokens=1,
-                    temperature=0.0,
-                    extra_headers=headers,
-                )
-        except openai.APIStatusError as exc:
-            detail = f"completion failed: HTTP {exc.status_code}: {_short(exc.message, 160)}"
-            return HealthResult("llm", self.config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
-        except openai.APITimeoutError:
+            response = await self.http.post(
+                config.base_url + path, content=_to_json(request).encode(), headers=headers, timeout=timeout_s
+            )
+        except httpx2.TimeoutException:
             detail = f"no completion within {timeout_s:g}s"
-            return HealthResult("llm", self.config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
-        except openai.OpenAIError as exc:
-            detail = f"cannot reach {self.config.base_url}: {_short(str(exc), 160)}"
-            return HealthResult("llm", self.config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
-        return HealthResult("llm", self.config.base_url, "SERVING", _elapsed_ms(start))
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        except httpx2.HTTPError as exc:
+            detail = f"cannot reach {config.base_url}: {_short(str(exc) or type(exc).__name__, 160)}"
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        if response.status_code >= 400:
+            detail = f"completion failed: HTTP {response.status_code}: {_short(_error_message(response), 160)}"
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        try:
+            _first_choice(response.json())
+        except (ValueError, LookupError, TypeError, AttributeError):
+            detail = f"completion failed: not a completion: {_short(response.text, 160)}"
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        return HealthResult("llm", config.base_url, "SERVING", _elapsed_ms(start))
 
     async def close(self) -> None:
-        """Close the HTTP connection pool."""
-        await self.client.close()
+        """Close the HTTP connection pool (the SDK client's too)."""
+        await self.http.aclose()
+
+
+def _first_choice(data: Any) -> dict[str, Any]:
+    """``choices[0]`` of a completion reply; LookupError/TypeError if the reply has none."""
+    choices = data["choices"]
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise LookupError("reply has no choices")
+    first: dict[str, Any] = choices[0]
+    return first
+
+
+def _arguments(value: object) -> str:
+    """Return a tool call's arguments as JSON text (some servers send an object instead of a string)."""
+    if isinstance(value, str):
+        return value or "{}"
+    return "{}" if value is None else _to_json(value)
+
+
+def _error_message(response: httpx2.Response) -> str:
+    """Return the ``error.message`` of an OpenAI-style error body, else the body text."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, LookupError, TypeError):
+        return response.text.strip() or response.reason_phrase
+    return str(message)
 
 
 def _short(text: str, limit: int = 300) -> str:

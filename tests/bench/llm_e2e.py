@@ -3,7 +3,7 @@
 1. End to end: a session of real turns (every gRPC service as a process, the
    real ``LLMClient``, ``prompt_style: transcript``) against our own
    ``llama_cpp.server``. Every ``/v1/completions`` request the orchestrator
-   sends is recorded (arguments, including its sampling seed, and
+   sends is recorded (its exact body, including its sampling seed, and
    ``usage.completion_tokens``). End-to-end tokens/s = completion tokens /
    summed turn time (``total_ms``: memory, OAuth, tools, audit, StoreMemory and
    the LLM).
@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 
 from heist_common.config import HeistConfig
@@ -93,29 +94,27 @@ class LlamaServer:
 
 @dataclasses.dataclass
 class Recorded:
-    """One completion request the orchestrator made, and what it cost."""
+    """One completion request the orchestrator made (its exact body), and what it cost."""
 
-    arguments: dict[str, Any]
+    url: str
+    body: bytes
     completion_tokens: int
     seconds: float
 
 
 class RecordingLLM(LLMClient):
-    """The real ``LLMClient``; its ``completions.create`` calls are recorded on the way through."""
+    """The real ``LLMClient``; every request it posts is recorded on the way through."""
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.recorded: list[Recorded] = []
-        create = self.client.completions.create
 
-        async def recording_create(**arguments: Any) -> Any:
-            started = time.perf_counter()
-            response = await create(**arguments)
-            tokens = response.usage.completion_tokens if response.usage else 0
-            self.recorded.append(Recorded(dict(arguments), tokens, time.perf_counter() - started))
-            return response
-
-        self.client.completions.create = recording_create  # type: ignore[method-assign]
+    async def _send(self, url: str, body: bytes, start: float, headers: dict[str, str] | None) -> Any:
+        started = time.perf_counter()
+        data = await super()._send(url, body, start, headers)
+        tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
+        self.recorded.append(Recorded(url, body, tokens, time.perf_counter() - started))
+        return data
 
 
 async def _end_to_end(config: HeistConfig, turns: int) -> tuple[list[Any], list[Recorded]]:
@@ -135,22 +134,30 @@ async def _end_to_end(config: HeistConfig, turns: int) -> tuple[list[Any], list[
 
 
 async def _replay(base_url: str, recorded: list[Recorded], primer: Recorded) -> tuple[int, float]:
-    """Replay ``recorded`` in order, after ``primer`` (unmeasured).
+    """Replay ``recorded`` in order (the same bodies, through the ``openai`` client), after ``primer`` (unmeasured).
 
     llama.cpp reuses the KV cache of the longest common prefix with the previous
     prompt, so the replay must start from the same cache state the session had:
     the primer is the request that preceded the session's first one.
     """
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", timeout=120, max_retries=0)
+
+    async def post(request: Recorded) -> dict[str, Any]:
+        response = await client.post(
+            request.url, cast_to=httpx2.Response, content=request.body, options={"security": {"bearer_auth": True}}
+        )
+        data: dict[str, Any] = response.json()
+        return data
+
     tokens = 0
     seconds = 0.0
     try:
-        await client.completions.create(**primer.arguments)
+        await post(primer)
         for request in recorded:
             started = time.perf_counter()
-            response = await client.completions.create(**request.arguments)
+            data = await post(request)
             seconds += time.perf_counter() - started
-            tokens += response.usage.completion_tokens if response.usage else 0
+            tokens += int((data.get("usage") or {}).get("completion_tokens") or 0)
     finally:
         await client.close()
     return tokens, seconds

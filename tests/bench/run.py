@@ -1,4 +1,4 @@
-"""``make bench``: per-turn mesh overhead, service throughput, parallel sessions and the embedded LLM.
+"""``make bench``: whole turns through the real path, CLI start-up, throughput, parallel sessions, the embedded LLM.
 
     python -m tests.bench.run [--smoke] --out var/bench/results.json
 
@@ -28,15 +28,24 @@ import grpc
 from orchestrator.clients import ServiceClients
 from servers import credentials
 from tests.bench.echo import METHOD as ECHO_METHOD
+from tests.bench.http_llm import HttpLLM
+from tests.bench.http_turns import STYLES, http_turns, parallel_http, run_cli, whole_process, write_style_config
 from tests.bench.llm_e2e import run_embedded_llm
+from tests.bench.llm_requests import llm_requests
 from tests.bench.procs import BenchMesh, machine_info
+from tests.bench.startup import cli_startup, first_turn
 from tests.bench.throughput import generator, load
 from tests.bench.turns import bench_config, parallel_sessions, percentiles, turn_overhead
 from tests.support.ports import free_port
 from tests.support.processes import REPO, stop_process
 
 TARGETS = {
-    "turn_p50_ms": 1.0,
+    "transcript_turn_p50_ms": 4.0,
+    "chat_native_turn_p50_ms": 5.5,
+    "overhead_over_floor_ms": 1.5,
+    "cli_command_median_s": 0.35,
+    "run_first_turn_s": 1.0,
+    "services_only_turn_p50_ms": 1.0,
     "store_memory_rps": 3000.0,
     "evaluate_rps": 3000.0,
     "llm_mesh_cost_pct": 5.0,
@@ -111,19 +120,39 @@ def loadavg() -> list[float]:
         return []
 
 
-def run(smoke: bool, out: Path, loadgen: str = "auto") -> dict[str, Any]:
-    """Run all four parts and return the results (also written to ``out``)."""
-    sizes = {
+SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded")
+"""What a run measures; ``--only`` picks some (all by default)."""
+
+
+def sizes_for(smoke: bool) -> dict[str, int]:
+    """How much of everything: ``--smoke`` only proves the code works (CI), the full run measures."""
+    return {
         "rtt_calls": 300 if smoke else 3000,
+        "http_turns": 40 if smoke else 1000,
+        "llm_request_samples": 20 if smoke else 300,
+        "http_warmup_turns": 10 if smoke else 100,
+        "cli_short_turns": 2 if smoke else 20,
+        "cli_long_turns": 6 if smoke else 220,
+        "cli_repeats": 1 if smoke else 3,
+        "startup_repeats": 1 if smoke else 7,
         "turns": 100 if smoke else 1500,
         "warmup_turns": 15 if smoke else 90,
         "load_s": 1.0 if smoke else 10.0,
         "parallel_turns": 12 if smoke else 150,
         "parallel_llm_delay_turns": 3 if smoke else 24,
+        "http_parallel_sessions": 64,
+        "http_parallel_turns": 2 if smoke else 15,
+        "http_parallel_delay_ms": 200,
         "llm_turns": 1 if smoke else 10,
     }
+
+
+def run(smoke: bool, out: Path, loadgen: str = "auto", only: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """Run the chosen sections and return the results (also written to ``out``)."""
+    sizes = sizes_for(smoke)
     results: dict[str, Any] = {
         "mode": "smoke" if smoke else "full",
+        "sections": list(only),
         "machine": machine_info(),
         "loadavg_start": loadavg(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -134,43 +163,48 @@ def run(smoke: bool, out: Path, loadgen: str = "auto") -> dict[str, Any]:
         work = Path(tmp)
         mesh = BenchMesh(work)
         echo = EchoServer()
+        llm = HttpLLM(record=True)
+        slow_llm = HttpLLM(delay_ms=sizes["http_parallel_delay_ms"])
         try:
             mesh.start()
             echo.start()
+            llm.start()
             config = bench_config(mesh.config)
             print(f"services: {', '.join(f'{n}={mesh.address(n)}' for n in mesh.ports)}; run dir {work}", flush=True)
-
             results["reference"] = {
                 "echo_unary_round_trip": asyncio.run(unary_round_trip(echo.address, sizes["rtt_calls"]))
             }
-            print("1/4 per-turn overhead ...", flush=True)
-            results["turn_overhead"] = asyncio.run(turn_overhead(config, sizes["turns"], sizes["warmup_turns"]))
-
-            use = generator("python" if smoke and loadgen == "auto" else loadgen)
-            print(f"2/4 throughput (load generator: {use}) ...", flush=True)
-            tokens = asyncio.run(tokens_for_load(mesh))
-            secret = credentials.client_secret(mesh.config, "safecracker")
-            throughput: dict[str, Any] = {}
-            for kind, (service, spec) in KINDS.items():
-                address = echo.address if service == "echo" else mesh.address(service)
-                log = None if service == "echo" else mesh.log_dir / f"{service}.log"
-                env = {"HEIST_BENCH_TOKEN": tokens[spec[1]] if spec else "", "HEIST_BENCH_SECRET": secret}
-                throughput[kind] = {
-                    "service": service,
-                    "auth": spec is not None,
-                    **load(address, kind, concurrency=64, duration_s=sizes["load_s"], env=env, use=use, log=log),
-                }
-                print(f"    {kind}: {throughput[kind]['rps']} rps", flush=True)
-            results["throughput"] = throughput
-
-            print("3/4 parallel sessions ...", flush=True)
-            results["parallel_sessions"] = asyncio.run(
-                parallel_sessions(config, [1, 4, 16], sizes["parallel_turns"])
-            ) + asyncio.run(parallel_sessions(config, [1, 4, 16], sizes["parallel_llm_delay_turns"], delay_s=0.05))
-
-            print("4/4 embedded LLM (our own llama.cpp server) ...", flush=True)
-            results["embedded_llm"] = run_embedded_llm(mesh.config, work, sizes["llm_turns"])
+            if "real" in only:
+                print("real path: whole turns through HTTP and the openai client ...", flush=True)
+                results["real_path"] = real_path(mesh, llm, sizes, work)
+                results["llm_requests"] = llm_requests(llm, sizes["llm_request_samples"])
+            if "services" in only:
+                print("services only: in-process zero-latency LLM ...", flush=True)
+                results["turn_overhead"] = asyncio.run(turn_overhead(config, sizes["turns"], sizes["warmup_turns"]))
+            if "startup" in only:
+                print("CLI start-up ...", flush=True)
+                results["startup"] = startup(mesh, llm, sizes, work)
+            if "throughput" in only:
+                results["throughput"] = throughput(
+                    mesh, echo, sizes, "python" if smoke and loadgen == "auto" else loadgen
+                )
+            if "parallel" in only:
+                print("parallel sessions ...", flush=True)
+                results["parallel_sessions"] = asyncio.run(
+                    parallel_sessions(config, [1, 4, 16], sizes["parallel_turns"])
+                ) + asyncio.run(parallel_sessions(config, [1, 4, 16], sizes["parallel_llm_delay_turns"], delay_s=0.05))
+                slow_llm.start()
+                results["parallel_http"] = [
+                    parallel_http(mesh.config, slow_llm, style, sizes["http_parallel_sessions"],
+                                  sizes["http_parallel_turns"])
+                    for style in STYLES
+                ]  # fmt: skip
+            if "embedded" in only:
+                print("embedded LLM (our own llama.cpp server) ...", flush=True)
+                results["embedded_llm"] = run_embedded_llm(mesh.config, work, sizes["llm_turns"])
         finally:
+            slow_llm.stop()
+            llm.stop()
             echo.stop()
             mesh.stop()
     results["loadavg_end"] = loadavg()
@@ -182,24 +216,105 @@ def run(smoke: bool, out: Path, loadgen: str = "auto") -> dict[str, Any]:
     return results
 
 
-def verdict(results: dict[str, Any]) -> dict[str, Any]:
-    """Each target: the measured value and whether it is met."""
-    turn = results["turn_overhead"]["total_ms"]["p50_ms"]
-    store = results["throughput"]["store_memory"]["rps"]
-    evaluate = results["throughput"]["evaluate"]["rps"]
-    cost = results["embedded_llm"]["mesh_cost_pct"]
-    share = results["embedded_llm"]["mesh_time_share_pct"]
+def real_path(mesh: BenchMesh, llm: HttpLLM, sizes: dict[str, int], work: Path) -> dict[str, Any]:
+    """Per style: turns through HTTP with their floor, then ``orchestrator run`` as a whole process."""
+    section: dict[str, Any] = {}
+    for style in STYLES:
+        row = http_turns(mesh.config, llm, style, sizes["http_turns"], sizes["http_warmup_turns"])
+        config_file = write_style_config(mesh.config_path, style, llm.base_url, mesh.config)
+        row["whole_process"] = whole_process(
+            config_file, work / "exports", sizes["cli_repeats"], sizes["cli_short_turns"], sizes["cli_long_turns"]
+        )
+        section[style] = row
+        print(
+            f"    {style}: p50 {row['total_ms']['p50_ms']} ms, floor p50 {row['floor_ms']['p50_ms']} ms, "
+            f"whole process {row['whole_process']['ms_per_turn']} ms/turn",
+            flush=True,
+        )
+    return section
+
+
+def startup(mesh: BenchMesh, llm: HttpLLM, sizes: dict[str, int], work: Path) -> dict[str, Any]:
+    """CLI commands' wall time and ``run``'s time to its first turn (transcript config, all services up)."""
+    config_file = write_style_config(mesh.config_path, "transcript", llm.base_url, mesh.config)
+    exports = work / "exports"
+    # A session to show and export (the real-path runs may not have run).
+    run_cli(
+        ["--config", str(config_file), "run", "--turns", "3", "--session-id", "bench_startup", "--out", str(exports)]
+    )
     return {
-        "turn_p50_ms": {"value": turn, "target": f"<= {TARGETS['turn_p50_ms']}", "met": turn <= TARGETS["turn_p50_ms"]},
-        "store_memory_rps": {"value": store, "target": f">= {TARGETS['store_memory_rps']:.0f}",
-                             "met": store >= TARGETS["store_memory_rps"]},
-        "evaluate_rps": {"value": evaluate, "target": f">= {TARGETS['evaluate_rps']:.0f}",
-                         "met": evaluate >= TARGETS["evaluate_rps"]},
-        "llm_mesh_cost_pct": {"value": cost, "target": f"< {TARGETS['llm_mesh_cost_pct']}",
-                              "met": cost is not None and cost < TARGETS["llm_mesh_cost_pct"]},
-        "llm_mesh_time_share_pct": {"value": share, "target": f"< {TARGETS['llm_mesh_cost_pct']}",
-                                    "met": share is not None and share < TARGETS["llm_mesh_cost_pct"]},
-    }  # fmt: skip
+        "commands": cli_startup(config_file, "bench_startup", work, sizes["startup_repeats"]),
+        "run_first_turn": first_turn(config_file, llm, exports, sizes["startup_repeats"]),
+    }
+
+
+def throughput(mesh: BenchMesh, echo: EchoServer, sizes: dict[str, int], loadgen: str) -> dict[str, Any]:
+    """64 concurrent callers per RPC against the server processes (h2load or Python generators)."""
+    use = generator(loadgen)
+    print(f"throughput (load generator: {use}) ...", flush=True)
+    tokens = asyncio.run(tokens_for_load(mesh))
+    secret = credentials.client_secret(mesh.config, "safecracker")
+    rows: dict[str, Any] = {}
+    for kind, (service, spec) in KINDS.items():
+        address = echo.address if service == "echo" else mesh.address(service)
+        log = None if service == "echo" else mesh.log_dir / f"{service}.log"
+        env = {"HEIST_BENCH_TOKEN": tokens[spec[1]] if spec else "", "HEIST_BENCH_SECRET": secret}
+        rows[kind] = {
+            "service": service,
+            "auth": spec is not None,
+            **load(address, kind, concurrency=64, duration_s=sizes["load_s"], env=env, use=use, log=log),
+        }
+        print(f"    {kind}: {rows[kind]['rps']} rps", flush=True)
+    return rows
+
+
+def _target(value: float | None, target: float, *, at_most: bool = True) -> dict[str, Any]:
+    met = value is not None and (value <= target if at_most else value >= target)
+    return {"value": value, "target": f"{'<=' if at_most else '>='} {target:g}", "met": met}
+
+
+def verdict(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target of the sections that ran: the measured value and whether it is met."""
+    verdicts: dict[str, Any] = {}
+    real = results.get("real_path")
+    if real:
+        verdicts["transcript_turn_p50_ms"] = _target(
+            real["transcript"]["total_ms"]["p50_ms"], TARGETS["transcript_turn_p50_ms"]
+        )
+        verdicts["chat_native_turn_p50_ms"] = _target(
+            real["chat"]["total_ms"]["p50_ms"], TARGETS["chat_native_turn_p50_ms"]
+        )
+        for style in STYLES:
+            verdicts[f"{style}_overhead_over_floor_ms"] = _target(
+                real[style]["overhead_p50_ms"], TARGETS["overhead_over_floor_ms"]
+            )
+    startup_results = results.get("startup")
+    if startup_results:
+        slowest = max(row["median_s"] for row in startup_results["commands"].values())
+        verdicts["cli_command_median_s"] = _target(slowest, TARGETS["cli_command_median_s"])
+        verdicts["run_first_turn_s"] = _target(
+            startup_results["run_first_turn"]["median_s"], TARGETS["run_first_turn_s"]
+        )
+    if "turn_overhead" in results:
+        verdicts["services_only_turn_p50_ms"] = _target(
+            results["turn_overhead"]["total_ms"]["p50_ms"], TARGETS["services_only_turn_p50_ms"]
+        )
+    if "throughput" in results:
+        verdicts["store_memory_rps"] = _target(
+            results["throughput"]["store_memory"]["rps"], TARGETS["store_memory_rps"], at_most=False
+        )
+        verdicts["evaluate_rps"] = _target(
+            results["throughput"]["evaluate"]["rps"], TARGETS["evaluate_rps"], at_most=False
+        )
+    if "embedded_llm" in results:
+        llm = results["embedded_llm"]
+        verdicts["llm_mesh_cost_pct"] = _target(llm["mesh_cost_pct"], TARGETS["llm_mesh_cost_pct"])
+        verdicts["llm_mesh_time_share_pct"] = _target(llm["mesh_time_share_pct"], TARGETS["llm_mesh_cost_pct"])
+    return verdicts
+
+
+def _row(label: str, stats: dict[str, Any], width: int = 34) -> str:
+    return f"   {label:{width}s} {stats['p50_ms']:8.3f} {stats['p90_ms']:8.3f} {stats['p99_ms']:8.3f}"
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -207,58 +322,92 @@ def print_table(results: dict[str, Any]) -> None:
     machine = results["machine"]
     print(
         f"\n== heist mesh benchmarks ({results['mode']}) on {machine['cpu_model']}, {machine['cores']} cores, "
-        f"Python {machine['python']}, grpcio {machine['grpcio']}; load avg {results['loadavg_start']}"
+        f"Python {machine['python']}, grpcio {machine['grpcio']}; load avg {results['loadavg_start']} at start, "
+        f"{results['loadavg_end']} at end"
     )
     rtt = results["reference"]["echo_unary_round_trip"]
     print(f"reference: bare grpc.aio echo round trip p50 {rtt['p50_ms']:.3f} ms, p99 {rtt['p99_ms']:.3f} ms")
-    turn = results["turn_overhead"]
-    print(f"\n1. per-turn overhead ({turn['turns']} turns, 1 tool call each, in-process zero-latency LLM)")
-    print(f"   {'':24s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s}")
-    for label, key in (
-        ("turn total_ms", "total_ms"),
-        ("turn service_ms", "service_ms"),
-        ("  of which tool RPC", "tool_rpc_ms"),
-    ):
-        row = turn[key]
-        print(f"   {label:24s} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}")
-    for tool, row in turn["by_tool_total_ms"].items():
-        print(f"   {'total, ' + tool:24s} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}")
-    generators = {row.get("generator", "python") for row in results["throughput"].values()}
-    how = {"h2load": "h2load: 4 connections x 16 streams", "python": "2 Python load-generator processes x 32"}
-    print(f"\n2. throughput, 64 concurrent callers ({'; '.join(how[g] for g in sorted(generators))})")
-    print(f"   {'rpc':24s} {'service':15s} {'auth':5s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} errors")
-    for kind, row in results["throughput"].items():
+    real = results.get("real_path")
+    if real:
+        print("\n1. whole turns through HTTP + the openai client (zero-latency endpoint, every service a process)")
+        print(f"   {'':34s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s}")
+        for style, row in real.items():
+            name = "transcript/inline" if style == "transcript" else "chat/native (2 LLM requests)"
+            print(_row(f"{name}: turn", row["total_ms"]))
+            print(_row("   of which in LLM requests", row["llm_ms"]))
+            print(_row("   floor (same requests, no orchestration)", row["floor_ms"], 34))
+            print(
+                f"   {'   overhead over floor p50 / mean':34s} {row['overhead_p50_ms']:8.3f} "
+                f"{row['overhead_mean_ms']:8.3f}   (endpoint's own cost {row['endpoint_us_per_request']} us/request)"
+            )
+            print(
+                f"   {'   CPU per turn: turn / floor / over':34s} {row['cpu_ms_per_turn']:8.3f} "
+                f"{row['floor_cpu_ms_per_turn']:8.3f} {row['overhead_cpu_ms_per_turn']:8.3f}   (this process, ms)"
+            )
+            whole = row["whole_process"]
+            print(f"   {'   whole process, orchestrator run':34s} {whole['ms_per_turn']:8.3f} ms/turn "
+                  f"((t{results['sizes']['cli_long_turns']} - t{results['sizes']['cli_short_turns']}) / "
+                  f"{results['sizes']['cli_long_turns'] - results['sizes']['cli_short_turns']})")  # fmt: skip
+    if "llm_requests" in results:
+        print("   CPU of one chat request with tools, by client layer (event-loop thread, median):")
+        for name, row in results["llm_requests"].items():
+            print(f"      {name:31s} {row['median_us']:8d} us")
+    if "turn_overhead" in results:
+        turn = results["turn_overhead"]
+        print(f"\n2. services only ({turn['turns']} turns, 1 tool call each, in-process zero-latency fake LLM object)")
+        print(_row("turn total_ms", turn["total_ms"]))
+        print(_row("   of which tool RPC", turn["tool_rpc_ms"]))
+    startup_results = results.get("startup")
+    if startup_results:
+        print("\n3. CLI start-up (median wall time of a fresh process)")
+        for name, row in startup_results["commands"].items():
+            print(f"   orchestrator {name:28s} {row['median_s']:6.3f} s   (CPU {row['cpu_median_s']:.3f} s)")
+        print(f"   {'run: launch to first turn':41s} {startup_results['run_first_turn']['median_s']:6.3f} s")
+    if "throughput" in results:
+        generators = {row.get("generator", "python") for row in results["throughput"].values()}
+        how = {"h2load": "h2load: 4 connections x 16 streams", "python": "2 Python load-generator processes x 32"}
+        print(f"\n4. throughput, 64 concurrent callers ({'; '.join(how[g] for g in sorted(generators))})")
+        print(f"   {'rpc':24s} {'service':15s} {'auth':5s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} errors")
+        for kind, row in results["throughput"].items():
+            print(
+                f"   {kind:24s} {row['service']:15s} {'yes' if row['auth'] else 'no':5s} {row['rps']:8.0f} "
+                f"{row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['errors'] or ''}"
+            )
+    if "parallel_sessions" in results:
+        print("\n5. parallel sessions (one orchestrator process; in-process LLM, then HTTP with a simulated latency)")
+        print(f"   {'sessions':>8s} {'LLM ms':>7s} {'turns':>6s} {'turns/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+        for row in results["parallel_sessions"]:
+            print(
+                f"   {row['sessions']:8d} {row['llm_delay_ms']:7.0f} {row['turns']:6d} {row['turns_per_s']:8.1f} "
+                f"{row['turn_p50_ms']:8.2f} {row['turn_p99_ms']:8.2f}"
+            )
+        for row in results["parallel_http"]:
+            print(
+                f"   {row['sessions']:8d} {row['llm_delay_ms']:7.0f} {row['turns']:6d} {row['turns_per_s']:8.1f} "
+                f"{row['turn_p50_ms']:8.2f} {row['turn_p99_ms']:8.2f}  HTTP, {row['style']}: "
+                f"{row['of_ideal_pct']}% of the ideal {row['ideal_turns_per_s']} turns/s"
+            )
+    if "embedded_llm" in results:
+        llm = results["embedded_llm"]
         print(
-            f"   {kind:24s} {row['service']:15s} {'yes' if row['auth'] else 'no':5s} {row['rps']:8.0f} "
-            f"{row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['errors'] or ''}"
+            f"\n6. embedded LLM ({llm['turns']} turns, {llm['requests']} completion requests, "
+            f"{llm['tool_calls']} tool calls)"
         )
-    print("\n3. parallel sessions (one orchestrator process, in-process LLM)")
-    print(f"   {'sessions':>8s} {'LLM ms':>7s} {'turns':>6s} {'turns/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
-    for row in results["parallel_sessions"]:
         print(
-            f"   {row['sessions']:8d} {row['llm_delay_ms']:7.0f} {row['turns']:6d} {row['turns_per_s']:8.1f} "
-            f"{row['turn_p50_ms']:8.2f} {row['turn_p99_ms']:8.2f}"
+            f"   endpoint alone: {llm['endpoint_tokens']} tokens in {llm['endpoint_seconds']} s = "
+            f"{llm['endpoint_tokens_per_s']} tokens/s"
         )
-    llm = results["embedded_llm"]
-    print(
-        f"\n4. embedded LLM ({llm['turns']} turns, {llm['requests']} completion requests, "
-        f"{llm['tool_calls']} tool calls)"
-    )
-    print(
-        f"   endpoint alone: {llm['endpoint_tokens']} tokens in {llm['endpoint_seconds']} s = "
-        f"{llm['endpoint_tokens_per_s']} tokens/s"
-    )
-    print(
-        f"   end to end:     {llm['end_to_end_tokens']} tokens in {llm['end_to_end_seconds']} s = "
-        f"{llm['end_to_end_tokens_per_s']} tokens/s  -> mesh cost {llm['mesh_cost_pct']}%"
-    )
-    print(
-        f"   within the turns: {llm['llm_seconds_within_turns']} s waiting for the LLM, so the mesh's share of turn "
-        f"time is {llm['mesh_time_share_pct']}% (service_ms per turn {llm['service_ms_per_turn_mean']})"
-    )
+        print(
+            f"   end to end:     {llm['end_to_end_tokens']} tokens in {llm['end_to_end_seconds']} s = "
+            f"{llm['end_to_end_tokens_per_s']} tokens/s  -> mesh cost {llm['mesh_cost_pct']}%"
+        )
+        print(
+            f"   within the turns: {llm['llm_seconds_within_turns']} s waiting for the LLM, so the mesh's share of "
+            f"turn time is {llm['mesh_time_share_pct']}% (service_ms per turn {llm['service_ms_per_turn_mean']})"
+        )
     print("\ntargets:")
     for name, row in results["verdict"].items():
-        print(f"   {name:20s} {row['value']!s:>10s} (target {row['target']}) {'met' if row['met'] else 'MISSED'}")
+        print(f"   {name:32s} {row['value']!s:>10s} (target {row['target']}) {'met' if row['met'] else 'MISSED'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,10 +418,19 @@ def main(argv: list[str] | None = None) -> int:
         "--loadgen", choices=("auto", "h2load", "python"), default="auto",
         help="throughput load generator; auto: h2load if installed (python for --smoke)",
     )  # fmt: skip
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})",
+    )
     parser.add_argument("--out", type=Path, default=Path("var/bench/results.json"), help="JSON results file")
     args = parser.parse_args(argv)
+    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
     os.chdir(REPO)
-    run(args.smoke, args.out, args.loadgen)
+    run(args.smoke, args.out, args.loadgen, only)
     return 0
 
 

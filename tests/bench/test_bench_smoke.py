@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.bench
 @pytest.mark.timeout(600)
-def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
+def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
     completed = subprocess.run(
         [sys.executable, "-m", "tests.bench.run", "--smoke", "--out", str(out)],
@@ -29,6 +29,34 @@ def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
 
     machine = results["machine"]
     assert machine["cores"] >= 1 and machine["cpu_model"] and machine["python"] and machine["grpcio"]
+
+    real = results["real_path"]
+    assert set(real) == {"transcript", "chat"}
+    for style, requests_per_turn in (("transcript", 1), ("chat", 2)):
+        row = real[style]
+        assert row["turns"] >= 40 and row["llm_requests_per_turn"] == requests_per_turn
+        for key in ("total_ms", "llm_ms", "floor_ms"):
+            assert 0 < row[key]["p50_ms"] <= row[key]["p90_ms"] <= row[key]["p99_ms"]
+        # the turn contains its LLM requests; the floor replays the very requests the session made
+        assert row["llm_ms"]["mean_ms"] < row["total_ms"]["mean_ms"]
+        assert row["floor_ms"]["n"] == row["turns"]
+        assert row["endpoint_us_per_request"] > 0
+        assert row["whole_process"]["repeats"] >= 1 and "ms_per_turn" in row["whole_process"]
+
+    layers = results["llm_requests"]
+    assert set(layers) == {
+        "sdk create()",
+        "LLMClient.complete",
+        "httpx2, default transport",
+        "httpx2, lean transport",
+        "raw HTTP/1.1",
+    }
+    assert all(row["median_us"] > 0 for row in layers.values())
+
+    startup = results["startup"]
+    assert set(startup["commands"]) == {"--help", "sessions", "show", "export", "health"}
+    assert all(row["median_s"] > 0 for row in startup["commands"].values())
+    assert 0 < startup["run_first_turn"]["median_s"] < 60
 
     turn = results["turn_overhead"]
     assert turn["turns"] >= 100
@@ -48,6 +76,14 @@ def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
     assert {row["sessions"] for row in sessions} == {1, 4, 16}
     for row in sessions:
         assert row["turns_per_s"] > 0 and row["turn_p99_ms"] > 0
+    http_rows = {row["style"]: row for row in results["parallel_http"]}
+    assert set(http_rows) == {"transcript", "chat"}
+    for style, row in http_rows.items():
+        assert row["sessions"] == 64 and row["llm_delay_ms"] == 200
+        assert row["turns"] == 64 * results["sizes"]["http_parallel_turns"]
+        assert row["ideal_turns_per_s"] == (320.0 if style == "transcript" else 160.0)
+        # nothing can beat every session waiting on the model all the time
+        assert 0 < row["turns_per_s"] <= row["ideal_turns_per_s"] * 1.05
 
     llm = results["embedded_llm"]
     assert llm["turns"] >= 1 and llm["requests"] >= 1
@@ -56,7 +92,13 @@ def test_smoke_run_writes_all_four_sections(tmp_path: Path) -> None:
     assert llm["mesh_cost_pct"] is not None and llm["mesh_time_share_pct"] is not None
 
     assert set(results["verdict"]) == {
-        "turn_p50_ms",
+        "transcript_turn_p50_ms",
+        "chat_native_turn_p50_ms",
+        "transcript_overhead_over_floor_ms",
+        "chat_overhead_over_floor_ms",
+        "cli_command_median_s",
+        "run_first_turn_s",
+        "services_only_turn_p50_ms",
         "store_memory_rps",
         "evaluate_rps",
         "llm_mesh_cost_pct",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
+from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, hang, inline_tool, text
 
@@ -128,6 +129,16 @@ async def test_error_exit_codes(config_path: Path, tmp_path: Path, capsys: pytes
     blocker.write_text("")
     assert await cli("sessions", "--config", str(config_path), "--db", f"sqlite:///{blocker}/x/heist.db") == 4
     assert "no audit database at" in capsys.readouterr().err
+
+
+def test_missing_mtls_certificates_are_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """mTLS with no certificates yet (no ``make serve``): one line naming the fix and exit 3, not a traceback."""
+    path = write_heist_config(tmp_path, "fresh.yaml", llm_base_url="http://127.0.0.1:9/v1", transport="mtls")
+    for command in (["health"], ["run", "--turns", "1"]):
+        assert main(["--config", str(path), *command]) == 3
+        err = capsys.readouterr().err
+        assert err.startswith("orchestrator: credentials: mTLS CA ") and "make serve" in err
+        assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -91,6 +91,8 @@ class RecordedRequest:
     headers: dict[str, str]
     body: dict[str, Any] | None
     received_at: float = field(default_factory=time.monotonic)
+    raw: bytes = b""
+    """The body exactly as it arrived (``body`` is it parsed)."""
 
     @property
     def probe(self) -> bool:
@@ -296,7 +298,7 @@ def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw or b"{}")
             except ValueError:
                 body = {"_raw": raw.decode(errors="replace")}
-            request = RecordedRequest("POST", self.path, dict(self.headers), body)
+            request = RecordedRequest("POST", self.path, dict(self.headers), body, raw=raw)
             llm._record(request)
             route = self.path.rstrip("/")
             if not route.endswith("/completions"):

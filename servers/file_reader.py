@@ -227,6 +227,8 @@ class DocumentFolder:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{quoted(filename)} is not a regular file (a FIFO, socket or device is never read)",
             )
+        if info.st_nlink == 0:  # removed between open() and fstat(): gone, as if open() had come a moment later
+            raise DocumentError(grpc.StatusCode.NOT_FOUND, f"{quoted(filename)} was removed while being opened")
         if info.st_nlink != 1:
             raise DocumentError(
                 grpc.StatusCode.INVALID_ARGUMENT,

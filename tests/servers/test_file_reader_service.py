@@ -90,3 +90,19 @@ async def test_symlink_out_of_the_folder_is_refused(tmp_path: Path, mesh, fails_
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "limit is 10",
     )
+
+
+def test_a_file_removed_between_open_and_check_is_not_found(tmp_path: Path) -> None:
+    """A document unlinked after open() has no links left: it is gone (NOT_FOUND), not a hard-link attack."""
+    from servers.file_reader import DocumentError, DocumentFolder, Limits
+
+    (tmp_path / "plan.md").write_text("inside")
+    folder = DocumentFolder(Limits(documents_dir=tmp_path))
+    fd = os.open(tmp_path / "plan.md", os.O_RDONLY)
+    try:
+        os.unlink(tmp_path / "plan.md")
+        with pytest.raises(DocumentError) as raised:
+            folder._read(fd, "plan.md")
+    finally:
+        os.close(fd)
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND and "removed" in raised.value.message

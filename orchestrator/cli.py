@@ -138,7 +138,8 @@ def _seed(text: str) -> int:
     return value
 
 
-def _load(args: argparse.Namespace) -> HeistConfig:
+def _load(args: argparse.Namespace, *, calls_services: bool = True) -> HeistConfig:
+    """Load the config with ``--db``; commands that only read the audit skip the contract check."""
     from pydantic import ValidationError
 
     from heist_common.config import (
@@ -152,7 +153,7 @@ def _load(args: argparse.Namespace) -> HeistConfig:
 
     path = args.config if args.config is not None else default_config_path()
     try:
-        config = load_config(path)
+        config = load_config(path, check_contracts=calls_services)
     except ConfigError as exc:
         raise CommandError(f"configuration error: {exc}", ExitCode.CONFIG) from None
     if getattr(args, "db", None):
@@ -372,8 +373,8 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import asyncio
 
     from orchestrator.clients import ServiceClients
+    from orchestrator.health import check_health
     from orchestrator.llm import LLMClient
-    from orchestrator.runner import check_health
 
     config = _load(args)
 
@@ -392,7 +393,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, calls_services=False)
     url = config.database.url
     configured = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
     if not getattr(args, "db", None) and configured is not None and not Path(configured).exists():
@@ -415,10 +416,10 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_log(args: argparse.Namespace) -> dict[str, object]:
+def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> dict[str, object]:
     from orchestrator.audit import UnknownSessionError
 
-    store = _open_store(_load(args), create=False)
+    store = _open_store(config or _load(args, calls_services=False), create=False)
     try:
         return store.read_session_log(args.session_id)
     except UnknownSessionError:
@@ -455,8 +456,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import report_path, write_report
 
-    config = _load(args)
-    log = _read_log(args)
+    config = _load(args, calls_services=False)
+    log = _read_log(args, config)
     out = args.out if args.out is not None else report_path(config.sessions_dir, args.session_id)
     try:
         write_report(log, out)

@@ -15,15 +15,15 @@ message and latency, which the agent turns into an audit event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import pybreaker
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
@@ -31,7 +31,7 @@ from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 from opentelemetry.trace import Tracer
 
 from heist_common import tls
-from heist_common.config import GrpcRetryConfig, HeistConfig, split_address
+from heist_common.config import CircuitBreakerConfig, GrpcRetryConfig, HeistConfig, split_address
 from heist_common.contract import (
     AUTHORIZATION_METADATA_KEY,
     SESSION_METADATA_KEY,
@@ -39,9 +39,13 @@ from heist_common.contract import (
     contract_of,
 )
 from heist_common.credentials import CredentialsError, client_secret
-from orchestrator.audit import EventRow
 from orchestrator.tools import ToolRegistry
 from orchestrator.tracing import current_turn, end_span, step_kind
+
+if TYPE_CHECKING:
+    import pybreaker
+
+    from orchestrator.audit import EventRow
 
 __all__ = [
     "CIRCUIT_OPEN",
@@ -91,6 +95,8 @@ class ServiceCallError(Exception):
 
     def to_event(self, turn_id: int | None = None, agent_name: str | None = None) -> EventRow:
         """Describe this failure as an ``events`` row."""
+        from orchestrator.audit import EventRow  # the audit (Peewee) is loaded by whoever records events
+
         return EventRow(
             service=self.service,
             operation=self.operation,
@@ -132,7 +138,7 @@ def retry_service_config(
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
-            ]
+            ],
         }
     )
 
@@ -171,19 +177,37 @@ class GuardedService:
         target: str,
         deadline_s: float,
         channel: grpc.aio.Channel,
-        breaker: Any,
+        breaker_config: CircuitBreakerConfig,
         grpc_service: str = "",
     ) -> None:
         self.name = name
         self.target = target
         self.deadline_s = deadline_s
         self.channel = channel
-        self.breaker: pybreaker.CircuitBreaker = breaker
+        self._breaker_config = breaker_config
         self.grpc_service = grpc_service or name
         self._kind = step_kind(name)
         self._host, _, port = target.rpartition(":")
         self._port = int(port) if port.isdigit() else 0
         self._trial_in_flight = False
+
+    @functools.cached_property
+    def breaker(self) -> pybreaker.CircuitBreaker:
+        """The service's circuit, made by the first call through it.
+
+        Why not in ``__init__``: importing pybreaker imports ``redis`` when it is
+        installed (the memory service's store needs it), about 0.1 s that
+        ``orchestrator health``, which calls no RPC through a breaker, must not pay.
+        """
+        import pybreaker
+
+        return pybreaker.CircuitBreaker(
+            fail_max=self._breaker_config.failure_threshold,
+            reset_timeout=self._breaker_config.reset_timeout_s,
+            exclude=[_is_not_an_outage],
+            throw_new_error_on_trip=False,
+            name=self.name,
+        )
 
     @property
     def circuit_state(self) -> str:
@@ -229,6 +253,8 @@ class GuardedService:
     async def _call(
         self, operation: str, rpc: Callable[..., Awaitable[T]], request: Message, metadata: Metadata, start: float
     ) -> T:
+        import pybreaker  # loaded with ``breaker``; a dictionary lookup from now on
+
         if self._trial_in_flight:
             raise ServiceCallError(
                 self.name, operation, CIRCUIT_OPEN, "circuit half-open: a trial call is in flight", _elapsed_ms(start)
@@ -269,6 +295,8 @@ class HealthResult:
 
     def to_event(self) -> EventRow:
         """Describe this health result as an ``events`` row."""
+        from orchestrator.audit import EventRow
+
         return EventRow(
             service=self.service,
             operation="health_check",
@@ -397,9 +425,7 @@ class ServiceClients:
     RECONNECT_BACKOFF_MS = (100, 1000)
     """Min/max reconnect backoff: a restarted service is noticed within a second, not gRPC's default 2 min."""
 
-    def __init__(
-        self, config: HeistConfig, registry: ToolRegistry | None = None, tracer: Tracer | None = None
-    ) -> None:
+    def __init__(self, config: HeistConfig, registry: ToolRegistry | None = None, tracer: Tracer | None = None) -> None:
         self.config = config
         self.tracer = tracer
         """Where turns start their spans (None: tracing off; see ``orchestrator.tracing``)."""
@@ -422,16 +448,7 @@ class ServiceClients:
             ]
             target = channel_target(settings.replica_addresses)
             channel = tls.aio_channel(config, target, options, server_name=settings.host)
-            breaker = pybreaker.CircuitBreaker(
-                fail_max=breaker_config.failure_threshold,
-                reset_timeout=breaker_config.reset_timeout_s,
-                exclude=[_is_not_an_outage],
-                throw_new_error_on_trip=False,
-                name=name,
-            )
-            self.services[name] = GuardedService(
-                name, target, settings.deadline_s, channel, breaker, full_name
-            )
+            self.services[name] = GuardedService(name, target, settings.deadline_s, channel, breaker_config, full_name)
         self.tokens = TokenProvider(self.services["oauth"], config)
         self.memory = MemoryClient(
             self.services["memory"], self.tokens, config.session.oauth_client, config.session.memory.max_store_chars

@@ -23,6 +23,7 @@ from orchestrator.agent import ConversationMessage, CrewAgent, MemoryFetch, Sess
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.clients import HealthResult, ServiceClients
 from orchestrator.export import write_exports
+from orchestrator.health import check_health
 from orchestrator.llm import LLMClient
 from orchestrator.report import report_path, write_report
 from orchestrator.resume import ResumePoint, prepare_resume
@@ -33,7 +34,6 @@ __all__ = [
     "RunOptions",
     "SessionResult",
     "SessionRunner",
-    "check_health",
     "new_session_id",
     "resume_session",
     "run_session",
@@ -106,14 +106,6 @@ class SessionResult:
     def degraded_services(self) -> list[str]:
         """Services that were not SERVING at start."""
         return [result.service for result in self.health if not result.ok]
-
-
-async def check_health(clients: ServiceClients, llm: LLMClient, timeout_s: float) -> list[HealthResult]:
-    """Every gRPC service and the LLM endpoint, concurrently."""
-    services, llm_health = await asyncio.gather(
-        clients.check_health(timeout_s), llm.check_health(llm.config.health_timeout_s)
-    )
-    return [*services, llm_health]
 
 
 class SessionRunner:

@@ -37,7 +37,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from heist_common import tls
+from heist_common import dev_pki, tls
 from heist_common.config import HeistConfig
 from heist_common.credentials import (
     CLIENT_SECRET_ENV_PREFIX,
@@ -121,7 +121,7 @@ def _locked(config: HeistConfig, *, with_secrets: bool) -> Path:
         if with_secrets:
             _create_missing(config, folder)
         if tls.mtls(config) and not os.environ.get(tls.CA_FILE_ENV):
-            tls.ensure_dev_pki(config)
+            dev_pki.ensure_dev_pki(config)
     finally:
         os.close(lock_fd)
     return folder

@@ -37,7 +37,7 @@ from tests.bench.startup import cli_startup, first_turn
 from tests.bench.throughput import generator, load
 from tests.bench.turns import bench_config, parallel_sessions, percentiles, turn_overhead
 from tests.support.ports import free_port
-from tests.support.processes import REPO, stop_process
+from tests.support.processes import REPO, ProcessMesh, stop_process
 
 TARGETS = {
     "transcript_turn_p50_ms": 4.0,
@@ -242,10 +242,11 @@ def startup(mesh: BenchMesh, llm: HttpLLM, sizes: dict[str, int], work: Path) ->
     run_cli(
         ["--config", str(config_file), "run", "--turns", "3", "--session-id", "bench_startup", "--out", str(exports)]
     )
-    return {
-        "commands": cli_startup(config_file, "bench_startup", work, sizes["startup_repeats"]),
-        "run_first_turn": first_turn(config_file, llm, exports, sizes["startup_repeats"]),
-    }
+    secure_dir = work / "mtls"
+    secure_dir.mkdir(exist_ok=True)
+    with ProcessMesh(secure_dir, llm_base_url=llm.base_url, metrics=False) as secure:
+        commands = cli_startup(config_file, "bench_startup", work, sizes["startup_repeats"], secure.config_path)
+    return {"commands": commands, "run_first_turn": first_turn(config_file, llm, exports, sizes["startup_repeats"])}
 
 
 def throughput(mesh: BenchMesh, echo: EchoServer, sizes: dict[str, int], loadgen: str) -> dict[str, Any]:

@@ -19,8 +19,14 @@ from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import run_cli
 
 
-def cli_startup(config_file: Path, session_id: str, out_dir: Path, repeats: int) -> dict[str, Any]:
-    """Median wall and CPU time of each command that does not run a session (``repeats`` runs each, interleaved)."""
+def cli_startup(
+    config_file: Path, session_id: str, out_dir: Path, repeats: int, mtls_config_file: Path | None = None
+) -> dict[str, Any]:
+    """Median wall and CPU time of each command that does not run a session (``repeats`` runs each, interleaved).
+
+    ``mtls_config_file``: a mesh with the shipped transport (mTLS), for ``health`` as a user runs it
+    (the benchmark's own mesh is plaintext, for h2load).
+    """
     config = ["--config", str(config_file)]
     commands: dict[str, list[str]] = {
         "--help": ["--help"],
@@ -29,6 +35,8 @@ def cli_startup(config_file: Path, session_id: str, out_dir: Path, repeats: int)
         "export": [*config, "export", session_id, "--format", "md", "--out", str(out_dir / "export.md")],
         "health": [*config, "health"],
     }
+    if mtls_config_file is not None:
+        commands["health (mTLS)"] = ["--config", str(mtls_config_file), "health"]
     walls: dict[str, list[float]] = {name: [] for name in commands}
     cpus: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):

@@ -54,7 +54,7 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert all(row["median_us"] > 0 for row in layers.values())
 
     startup = results["startup"]
-    assert set(startup["commands"]) == {"--help", "sessions", "show", "export", "health"}
+    assert set(startup["commands"]) == {"--help", "sessions", "show", "export", "health", "health (mTLS)"}
     assert all(row["median_s"] > 0 for row in startup["commands"].values())
     assert 0 < startup["run_first_turn"]["median_s"] < 60
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 
-from heist_common import tls
+from heist_common import dev_pki, tls
 from heist_common.config import HeistConfig, load_config
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh
@@ -73,22 +73,22 @@ async def test_client_without_a_certificate_is_refused(mesh, calculator):
 
 
 async def test_expired_client_certificate_is_refused(mesh, calculator):
-    ca_cert, ca_key = tls.load_ca(mesh.config)
+    ca_cert, ca_key = dev_pki.load_ca(mesh.config)
     now = datetime.datetime.now(datetime.UTC)
-    cert, key = tls.issue_certificate(
+    cert, key = dev_pki.issue_certificate(
         ca_cert, ca_key, "orchestrator", not_before=now - datetime.timedelta(days=30),
         not_after=now - datetime.timedelta(days=1),
     )  # fmt: skip
     async with custom_client(mesh.config, calculator, cert, key) as channel:
         assert await check(channel) == grpc.StatusCode.UNAVAILABLE
-    fresh, fresh_key = tls.issue_certificate(ca_cert, ca_key, "orchestrator")  # same CA, valid: accepted
+    fresh, fresh_key = dev_pki.issue_certificate(ca_cert, ca_key, "orchestrator")  # same CA, valid: accepted
     async with custom_client(mesh.config, calculator, fresh, fresh_key) as channel:
         assert await check(channel) == grpc.StatusCode.OK
 
 
 async def test_certificate_from_another_ca_is_refused(mesh, calculator):
-    other_cert, other_key = tls.new_ca("someone else's CA")
-    cert, key = tls.issue_certificate(other_cert, other_key, "orchestrator")
+    other_cert, other_key = dev_pki.new_ca("someone else's CA")
+    cert, key = dev_pki.issue_certificate(other_cert, other_key, "orchestrator")
     async with custom_client(mesh.config, calculator, cert, key) as channel:
         assert await check(channel) == grpc.StatusCode.UNAVAILABLE
     assert "Evaluate" not in mesh.log.getvalue()

@@ -38,13 +38,10 @@ from heist_common.config import HeistConfig
 from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, contract_of
 from heist_common.credentials import client_secret
 from orchestrator.agent import TurnResult
-from orchestrator.audit import AuditStore
-from orchestrator.clients import ServiceClients
 from orchestrator.llm import LLMClient
-from orchestrator.runner import RunOptions, SessionRunner
 from orchestrator.tools import ToolRegistry
 from tests.bench.http_llm import ARGUMENTS, HttpLLM
-from tests.bench.turns import check_turns, percentiles
+from tests.bench.turns import check_turns, percentiles, run_sessions
 from tests.support.processes import REPO
 
 STYLES: dict[str, dict[str, Any]] = {
@@ -81,34 +78,16 @@ async def run_http_session(
     config: HeistConfig, turns: int, session_id: str, *, sessions: int = 1
 ) -> tuple[list[TurnResult], list[tuple[float, float]], float]:
     """``sessions`` sessions of ``turns`` turns with the real ``LLMClient``; (turns, (start, end) of each, wall s)."""
-    audit = AuditStore.open(config.database.url)
-    mesh = ServiceClients(config)
-    llm = LLMClient(config.llm)
     spans: list[tuple[float, float]] = []
 
     def ended(turn: TurnResult) -> None:
         now = time.perf_counter()
         spans.append((now - turn.total_ms / 1000.0, now))
 
-    try:
-        runners = [
-            SessionRunner(
-                config, mesh, llm, audit, RunOptions(turns=turns, session_id=f"{session_id}_{i}", export=False),
-                on_turn=ended,
-            )
-            for i in range(sessions)
-        ]  # fmt: skip
-        start = time.perf_counter()
-        results = await asyncio.gather(*(runner.run() for runner in runners))
-        wall_s = time.perf_counter() - start
-    finally:
-        await mesh.close()
-        await llm.close()
-        audit.close()
-    for result in results:
-        if result.status != "completed":
-            raise RuntimeError(f"benchmark session {result.session_id} {result.status}: {result.error}")
-    return [turn for result in results for turn in result.turns], spans, wall_s
+    turns_run, wall_s = await run_sessions(
+        config, sessions, turns, prefix=session_id, llm=LLMClient(config.llm), on_turn=ended
+    )
+    return turns_run, spans, wall_s
 
 
 class RawHTTP:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from heist_common.config import HeistConfig
 from orchestrator.agent import TurnResult
 from orchestrator.audit import AuditStore
 from orchestrator.clients import ServiceClients
+from orchestrator.llm import LLMClient
 from orchestrator.runner import RunOptions, SessionRunner
 from tests.bench.fake_llm import InstantLLM
 
@@ -33,19 +35,31 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 async def run_sessions(
-    config: HeistConfig, sessions: int, turns: int, *, delay_s: float = 0.0, prefix: str = "bench"
+    config: HeistConfig,
+    sessions: int,
+    turns: int,
+    *,
+    delay_s: float = 0.0,
+    prefix: str = "bench",
+    llm: LLMClient | None = None,
+    on_turn: Callable[[TurnResult], None] | None = None,
 ) -> tuple[list[TurnResult], float]:
-    """Run ``sessions`` sessions of ``turns`` turns at once on one shared mesh; return the turns and the wall time."""
+    """Run ``sessions`` sessions of ``turns`` turns at once on one shared mesh; return the turns and the wall time.
+
+    ``llm``: the client every session shares (closed at the end); default an in-process
+    ``InstantLLM`` answering after ``delay_s``.
+    """
     audit = AuditStore.open(config.database.url)
     mesh = ServiceClients(config)
-    llm = InstantLLM(config.llm, delay_s)
+    llm = llm or InstantLLM(config.llm, delay_s)
     try:
         runners = [
             SessionRunner(
-                config, mesh, llm, audit, RunOptions(turns=turns, session_id=f"{prefix}_{i}_{time.time_ns()}")
+                config, mesh, llm, audit,
+                RunOptions(turns=turns, session_id=f"{prefix}_{i}_{time.time_ns()}", export=False), on_turn=on_turn,
             )
             for i in range(sessions)
-        ]
+        ]  # fmt: skip
         start = time.perf_counter()
         results = await asyncio.gather(*(runner.run() for runner in runners))
         wall_s = time.perf_counter() - start

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -146,17 +146,25 @@ class LLMClient:
         return turn, span, (dict(turn.outgoing(span)) if span is not None else None)
 
     async def complete(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, final: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        final: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Completion:
-        """One chat completion; ``final`` forbids further tool calls. LLMError on any failure."""
+        """One chat completion; ``final`` forbids further tool calls. LLMError on any failure.
+
+        ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``).
+        """
         start = time.perf_counter()
         turn, span, headers = self._begin("chat")
         kwargs: dict[str, Any] = {"extra_headers": headers} if headers else {}
         if tools:
             kwargs["tools"] = tools
             kwargs["tool_choice"] = "none" if final else "auto"
-        if self._extra_body:
-            kwargs["extra_body"] = self._extra_body
+        if self._extra_body or extra_body:
+            kwargs["extra_body"] = {**(self._extra_body or {}), **(extra_body or {})}
         response = await self._request(
             self.client.chat.completions.create(
                 model=self.config.model,
@@ -180,15 +188,25 @@ class LLMClient:
         ]
         return Completion(content=(message.content or "").strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
 
-    async def complete_text(self, prompt: str, *, temperature_boost: float = 0.0) -> Completion:
+    async def complete_text(
+        self,
+        prompt: str,
+        *,
+        temperature_boost: float = 0.0,
+        extra_body: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
         """Continue a plain-text prompt (``/completions``) up to the end of the line; LLMError on any failure.
 
         For ``prompt_style: transcript``: a base model continues "Speaker:" with one
-        line, so a newline ends the turn.
+        line, so a newline ends the turn. ``extra_body`` is merged over the config's
+        sampling extras (e.g. a ``grammar``); ``max_tokens`` replaces the config's
+        (a constrained argument needs room to be finished).
         """
         start = time.perf_counter()
         turn, span, headers = self._begin("text_completion")
         extra = {key: value for key, value in (self._extra_body or {}).items() if key != "stop"}
+        extra.update(extra_body or {})
         response = await self._request(
             self.client.completions.create(
                 model=self.config.model,
@@ -197,7 +215,7 @@ class LLMClient:
                 # llama.cpp's server samples with a fixed seed unless told otherwise,
                 # which would make a resample return the very same line.
                 seed=random.randrange(2**31),
-                max_tokens=self.config.max_tokens,
+                max_tokens=max_tokens or self.config.max_tokens,
                 stop=["\n", *self.config.stop][:4],
                 extra_body=extra or None,
                 extra_headers=headers,

@@ -352,6 +352,8 @@ class CrewAgent:
         native: tools are offered as functions, results go back for a final answer.
         inline: no functions; ``[TOOL:name:argument]`` markers are executed and replaced by results.
         auto: functions are offered; if the reply has tool_calls it is native, otherwise markers are honoured.
+        Constraints (``llm.constrained_tools``): offered functions are strict definitions (json_schema);
+        without functions, the reply's markers are constrained by a whole-reply grammar (grammar).
         """
         llm_config = self.session.config.llm
         mode = llm_config.tool_calling
@@ -361,9 +363,15 @@ class CrewAgent:
         offer_functions = token is not None and mode in ("native", "auto") and bool(self._functions)
         functions = self._functions if offer_functions else None
         constrained = self.session.constrained
+        grammar: str | None = None
         if token is not None and offer_functions and constrained.active("json_schema"):
             functions = await constrained.strict_functions(self._methods, self.tools.listing_fetcher(token))
-        completion, functions = await self._chat_completion(turn_id, messages, functions, audit, result)
+        elif token is not None and inline and not offer_functions:
+            tools = [method.tool for method in self._inline_methods]
+            grammar = await constrained.chat_grammar(tools, self.tools.listing_fetcher(token))
+        completion, functions = await self._chat_completion(
+            turn_id, messages, functions, audit, result, grammar=grammar
+        )
         if completion.tool_calls:
             return await self._native_rounds(turn_id, messages, completion, functions, token, audit, result)
         if mode == "native":
@@ -410,22 +418,26 @@ class CrewAgent:
         result: TurnResult,
         *,
         final: bool = False,
+        grammar: str | None = None,
     ) -> tuple[Completion, list[dict[str, Any]] | None]:
-        """One chat request; strict function definitions the server rejects (``auto``) are sent again plain.
+        """One chat request; a constraint the server rejects (``auto``) is dropped and the request sent again.
 
         Returns the completion and the functions to offer from now on.
         """
         llm = self.session.llm
+        extra_body = {"grammar": grammar} if grammar is not None else None
         try:
-            return self._timed(result, await llm.complete(messages, functions, final=final)), functions
+            completion = await llm.complete(messages, functions, final=final, extra_body=extra_body)
+            return self._timed(result, completion), functions
         except LLMError as exc:
-            if functions is None or functions is self._functions:
+            strict = functions is not None and functions is not self._functions
+            if grammar is None and not strict:
                 raise
-            event = self.session.constrained.fall_back("json_schema", exc, turn_id, self.name)
+            event = self.session.constrained.fall_back("grammar" if grammar else "json_schema", exc, turn_id, self.name)
             result.llm_ms += exc.latency_ms
             if event is not None:
                 audit.events.append(event)
-        plain = self._functions
+        plain = self._functions if functions is not None else None
         return self._timed(result, await llm.complete(messages, plain, final=final)), plain
 
     async def _persist(self, turn_id: int, message: str, audit: TurnAudit, scope: TurnScope) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "accepts",
     "listing_changed",
     "rejects_field",
+    "reply_grammar",
     "strict_schema",
 ]
 
@@ -97,6 +98,46 @@ def strict_schema(schema: JsonSchema) -> JsonSchema:
     if isinstance(items, dict):
         result["items"] = strict_schema(items)
     return result
+
+
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[A-Za-z][A-Za-z0-9-]*|\s+|.')
+"""A GBNF body's tokens: string literals and character classes (left alone), rule names, anything else."""
+MAX_REPLY_MARKERS = 2
+"""Tool markers a constrained chat reply may contain."""
+
+
+def _prefixed(gbnf: str, prefix: str) -> str:
+    """Rename every rule of a grammar (one rule a line, as ``orchestrator.gbnf`` writes them) to ``prefix``-name."""
+    rules = [line.partition(" ::= ") for line in gbnf.splitlines() if " ::= " in line]
+    names = {name for name, _, _ in rules}
+    renamed = (
+        f"{prefix}{name} ::= "
+        + "".join(f"{prefix}{token}" if token in names else token for token in _GBNF_TOKEN.findall(body))
+        for name, _, body in rules
+    )
+    return "\n".join(renamed)
+
+
+def reply_grammar(constraints: list[ToolConstraint]) -> str:
+    """GBNF for a whole chat reply: free text with at most two ``[TOOL:<tool>:<argument>]`` markers, each constrained.
+
+    Why the whole reply: a chat server cannot be asked to continue from an open
+    marker, so the marker's constraint has to ride along from the first token.
+    Outside markers the text may say anything but ``[``, so that no marker
+    escapes its grammar.
+    """
+    tools = []
+    rules = []
+    for index, constraint in enumerate(constraints):
+        prefix = f"t{index}-"
+        rules.append(_prefixed(constraint.gbnf, prefix))
+        tools.append(f'"{constraint.tool}:" {prefix}root')
+    head = [
+        f"root ::= text (marker text){{0,{MAX_REPLY_MARKERS}}}",
+        "text ::= [^[]*",
+        f'marker ::= "[TOOL:" ({" | ".join(tools)})',
+    ]
+    return "\n".join([*head, *rules]) + "\n"
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,6 +209,13 @@ class ConstrainedTools:
         if not self.active("grammar"):
             return None
         return await self.cache.inline(tool, fetch)
+
+    async def chat_grammar(self, tools: list[str], fetch: ListingFetcher | None) -> str | None:
+        """Return the ``grammar`` for a chat reply that may call ``tools`` inline (None: nothing to constrain)."""
+        if not self.active("grammar"):
+            return None
+        constraints = [c for tool in tools if (c := await self.cache.inline(tool, fetch)) is not None]
+        return reply_grammar(constraints) if constraints else None
 
     async def strict_functions(self, methods: list[ToolMethod], fetch: ListingFetcher | None) -> list[dict[str, Any]]:
         """``tools=[...]`` with the derived schemas as strict definitions (``json_schema``), in ``methods``' order.

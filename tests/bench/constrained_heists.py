@@ -83,7 +83,7 @@ async def heist(config: HeistConfig, seed: int, turns: int) -> dict[str, Any]:
     database = sqlite3.connect(config.database.url.removeprefix("sqlite:///"))
     try:
         rows = database.execute(
-            "SELECT success, tool_name, params, status_code, tool_result FROM tool_usage"
+            "SELECT success, tool_name, tool_params, status_code, tool_result FROM tool_usage"
             " WHERE session_id = ? ORDER BY id",
             (session_id,),
         ).fetchall()

@@ -9,14 +9,18 @@ grammar is built from them); the tests only check that they arrived.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from heist_common.config import HeistConfig
-from orchestrator.constrained import FALLBACK_OPERATION, strict_schema
+from orchestrator.constrained import FALLBACK_OPERATION, reply_grammar, strict_schema
+from orchestrator.constraints import Listing, build_constraint
 from orchestrator.runner import RunOptions, run_session
+from orchestrator.tools import ToolRegistry
 from tests.support.inprocess import InProcessMesh, audit_rows
+from tests.support.llama_grammar import LlamaGrammarChecker
 from tests.support.scripted_llm import Reply, ScriptedLLM, http_error, text, tool_call
 
 DOCUMENTS = ("bank_layout.md", "guard_rotation_notes.md", "security_system.md", "vault_time_lock.md")
@@ -251,3 +255,42 @@ def test_strict_schema_requires_every_property_and_makes_optional_ones_nullable(
     assert strict["properties"]["b"]["type"] == ["integer", "null"]
     assert strict["properties"]["c"]["items"]["required"] == ["d"]
     assert schema["required"] == ["a"]  # the input is left alone
+
+
+async def test_inline_chat_replies_carry_a_whole_reply_grammar(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.script(text("Plan."), text("I will check [TOOL:file_reader:bank_layout.md] first."))
+    config = configured(mesh.config, prompt_style="chat", tool_calling="inline", constrained_tools="auto")
+    result = await run_session(config, RunOptions(turns=2))
+
+    planner, hacker = scripted_llm.chat_requests
+    assert "grammar" not in planner and "tools" not in hacker
+    grammar = hacker["grammar"]
+    assert '"[TOOL:"' in grammar and '"file_reader:"' in grammar and '"calculator:"' not in grammar
+    assert all(json.dumps(name) in grammar for name in DOCUMENTS)
+    assert tool_rows(config, result.session_id) == [("hacker", "file_reader", 1, "OK")]
+
+
+@pytest.fixture(scope="module")
+def checker() -> Iterator[LlamaGrammarChecker]:
+    chk = LlamaGrammarChecker()
+    yield chk
+    chk.close()
+
+
+def test_the_reply_grammar_lets_text_through_and_constrains_markers(checker: LlamaGrammarChecker) -> None:
+    registry = ToolRegistry.for_services(["file_reader", "calculator"])
+    listings = {"file_reader": Listing(names=DOCUMENTS), "calculator": None}
+    constraints = []
+    for tool, listing in listings.items():
+        method = registry.service(tool).inline_method
+        assert method is not None
+        constraints.append(build_constraint(tool, method.method, listing, max_bytes=60))
+    grammar = reply_grammar(constraints)
+    checker.parses(grammar)
+    both = "Sure.\nI will read [TOOL:file_reader:bank_layout.md] and add [TOOL:calculator:(2 + 3) * 4]."
+    assert checker.accepts(grammar, both)
+    assert checker.accepts(grammar, "No tools today.")
+    assert not checker.accepts(grammar, "Reading [TOOL:file_reader:nope.md] now.")
+    assert not checker.accepts(grammar, "Adding [TOOL:calculator:(2 + 3) * / 4] now.")
+    assert not checker.accepts(grammar, "[TOOL:database_query:SELECT 1]")
+    assert not checker.accepts(grammar, "[a] [b] [c]")  # text outside markers never opens a bracket

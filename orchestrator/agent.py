@@ -336,7 +336,9 @@ class CrewAgent:
                 audit.events.append(event)
             return None
         argument = self._timed(result, completion).content
-        return argument if argument.endswith("]") else argument + "]"
+        # Under the grammar it ends at its "]"; a server that ignored the field may have gone on (the rest is dropped).
+        closing = argument.find("]")
+        return argument[: closing + 1] if closing >= 0 else argument + "]"
 
     async def _chat_turn(
         self,

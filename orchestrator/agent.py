@@ -7,7 +7,8 @@ the turn carries on in a degraded way: no memory, no tools, or the error text as
 the message. Only an unwritable audit database stops the run, because then
 nothing could be trusted afterwards. Prompts are built by ``orchestrator.prompts``,
 tool calls made by ``orchestrator.tool_caller``, memory kept in step with the
-audit by ``orchestrator.memory_sync``.
+audit by ``orchestrator.memory_sync``; tool arguments are generated under the
+constraints ``orchestrator.constrained`` chooses (``llm.constrained_tools``).
 """
 
 from __future__ import annotations

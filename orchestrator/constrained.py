@@ -31,7 +31,7 @@ from typing import Any, Literal
 from heist_common.config import ConstrainedToolsMode
 from orchestrator.audit import EventRow
 from orchestrator.clients import ServiceCallError
-from orchestrator.constraints import ConstraintCache, ListingFetcher, ToolConstraint, argument_hint
+from orchestrator.constraints import ConstraintCache, ConstraintError, ListingFetcher, ToolConstraint, argument_hint
 from orchestrator.llm import LLMError
 from orchestrator.tools import JsonSchema, ToolMethod, ToolRegistry
 
@@ -174,6 +174,7 @@ class ConstrainedTools:
         self.registry = registry
         self.cache = ConstraintCache(registry, max_bytes=max_bytes)
         self._rejected: dict[Dialect, _Fallback] = {}
+        self._broken: set[str] = set()
 
     def active(self, dialect: Dialect) -> bool:
         """Whether requests should carry ``dialect`` (per the mode, and not rejected earlier in the run)."""
@@ -208,13 +209,36 @@ class ConstrainedTools:
         """Return the grammar for ``tool``'s inline argument when requests carry grammars now; else None."""
         if not self.active("grammar"):
             return None
-        return await self.cache.inline(tool, fetch)
+        return await self._hinted(tool, fetch)
+
+    async def _hinted(
+        self, tool: str, fetch: ListingFetcher | None, method: ToolMethod | None = None
+    ) -> ToolConstraint | None:
+        """Return ``method``'s constraint (default: ``tool``'s inline method) if its contract hints one; else None.
+
+        A method without a hint has nothing to add to its request's schema (and
+        its JSON grammar would need llama-cpp-python, which a container without
+        the embedded model lacks). A contract whose hint cannot be honoured is a
+        bug its tests catch; at run time it costs the constraint, not the turn.
+        """
+        method = method or self.registry.service(tool).inline_method
+        if method is None:
+            return None
+        try:
+            if argument_hint(method.method) is None:
+                return None
+            return await self.cache.get(tool, method.method.name, fetch)
+        except ConstraintError as exc:
+            if tool not in self._broken:
+                self._broken.add(tool)
+                log.warning("no constraint for %s.%s: %s", tool, method.method.name, exc)
+            return None
 
     async def chat_grammar(self, tools: list[str], fetch: ListingFetcher | None) -> str | None:
         """Return the ``grammar`` for a chat reply that may call ``tools`` inline (None: nothing to constrain)."""
         if not self.active("grammar"):
             return None
-        constraints = [c for tool in tools if (c := await self.cache.inline(tool, fetch)) is not None]
+        constraints = [c for tool in tools if (c := await self._hinted(tool, fetch)) is not None]
         return reply_grammar(constraints) if constraints else None
 
     async def strict_functions(self, methods: list[ToolMethod], fetch: ListingFetcher | None) -> list[dict[str, Any]]:
@@ -225,11 +249,8 @@ class ConstrainedTools:
         """
         functions = []
         for method in methods:
-            parameters = method.parameters
-            if argument_hint(method.method) is not None:
-                constraint = await self.cache.get(method.tool, method.method.name, fetch)
-                if constraint is not None:
-                    parameters = constraint.json_schema
+            constraint = await self._hinted(method.tool, fetch, method)
+            parameters = method.parameters if constraint is None else constraint.json_schema
             function = {
                 "name": method.function_name,
                 "description": method.description,

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from heist_common.config import HeistConfig
+from orchestrator import constrained
 from orchestrator.constrained import FALLBACK_OPERATION, reply_grammar, strict_schema
-from orchestrator.constraints import Listing, build_constraint
+from orchestrator.constraints import ConstraintError, Listing, build_constraint
 from orchestrator.runner import RunOptions, run_session
 from orchestrator.tools import ToolRegistry
 from tests.support.inprocess import InProcessMesh, audit_rows
@@ -294,3 +295,20 @@ def test_the_reply_grammar_lets_text_through_and_constrains_markers(checker: Lla
     assert not checker.accepts(grammar, "Adding [TOOL:calculator:(2 + 3) * / 4] now.")
     assert not checker.accepts(grammar, "[TOOL:database_query:SELECT 1]")
     assert not checker.accepts(grammar, "[a] [b] [c]")  # text outside markers never opens a bracket
+
+
+async def test_a_contract_hint_that_cannot_be_honoured_costs_the_constraint_not_the_turn(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(method: Any) -> None:
+        raise ConstraintError("listing_method 'ListNothing' is not a method of the service")
+
+    monkeypatch.setattr(constrained, "argument_hint", broken)
+    tools = constrained.ConstrainedTools("auto", ToolRegistry.for_services(["file_reader"]), max_bytes=60)
+    with caplog.at_level("WARNING", logger="heist.orchestrator.constrained"):
+        assert await tools.inline("file_reader", None) is None
+        assert await tools.inline("file_reader", None) is None
+        assert await tools.chat_grammar(["file_reader"], None) is None
+    assert [record.getMessage() for record in caplog.records] == [
+        "no constraint for file_reader.ReadFile: listing_method 'ListNothing' is not a method of the service"
+    ]

@@ -6,7 +6,9 @@ from the contract and the services' listings; this module decides, per
 
 * ``grammar``: llama.cpp's GBNF ``grammar`` field, for the argument of an open
   ``[TOOL:<tool>:`` marker in a transcript line (``CrewAgent`` generates the
-  argument alone under it, then lets the line continue freely);
+  argument alone under it, then lets the line continue freely), and for a chat
+  reply with inline markers (``reply_grammar``: a chat server cannot continue
+  from an open marker, so the whole reply carries it);
 * ``json_schema``: the derived schemas as strict tool definitions
   (``"strict": true``) for native function calling;
 * ``auto``: whichever fits the turn. A server that rejects the field (HTTP 400

@@ -30,7 +30,7 @@ LLAMA_WHEEL_DIR ?= $(HOME)/.cache/heist-mesh/wheels/llama-cpp-python-$(LLAMA_VER
 INSTALL_STAMP := $(VENV)/.project-installed
 GENERATED := generated/heist/__init__.py
 
-.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-mesh bench-metrics bench-smoke lint clean
+.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-mesh bench-metrics bench-smoke eval lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -130,6 +130,12 @@ bench-mesh: install ## Data plane: turn cost and Evaluate req/s with plaintext, 
 
 bench-metrics: install system-deps ## What Prometheus metrics cost: throughput and CPU per call with metrics on vs off
 	$(PY) -m tests.bench.metrics_cost --out var/bench/metrics_cost.json
+
+# SEEDS heists of TURNS turns per mode; about 30 s a heist on 2 cores.
+SEEDS ?= 20
+TURNS ?= 12
+eval: install ## Embedded-model heists, constrained tool arguments off vs auto: tool calls accepted, own words, turns/min
+	nice -n 10 $(PY) -m tests.bench.constrained_heists --seeds $(SEEDS) --turns $(TURNS) --out var/bench/constrained_heists.json
 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json

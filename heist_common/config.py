@@ -75,6 +75,12 @@ PromptStyle = Literal["chat", "transcript"]
 transcript: the meeting as a plain-text transcript to /completions, which the
 model continues with the speaker's next line (small base models such as the
 embedded Gemma 3 270M, which have no chat template)."""
+ConstrainedToolsMode = Literal["auto", "grammar", "json_schema", "off"]
+"""How tool-call arguments are constrained (``orchestrator.constrained``): ``grammar``
+sends llama.cpp's GBNF ``grammar`` field (transcript markers, inline chat markers),
+``json_schema`` sends the derived schemas as strict tool definitions (native
+function calling), ``auto`` uses whichever fits the turn and drops it for the rest
+of the run once the server rejects the field, ``off`` sends neither."""
 TurnStrategyName = Literal["round_robin", "random"]
 
 
@@ -174,6 +180,7 @@ class ServiceConfig(Section):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected a redis:// (or rediss://, unix://) URL, got {redact_url(value)!r}")
         return value
+
     """Validated by the service's ``Limits`` model (servers side), not here."""
 
     @field_validator("address")
@@ -263,6 +270,9 @@ class LLMConfig(Section):
     tool_calling: ToolCallingMode = "inline"
     prefill_tool_every: NotNegative = 0
     max_tool_rounds: AtLeastOne = 2
+    constrained_tools: ConstrainedToolsMode = "auto"
+    """Default ``auto``: a server that takes the constraint gets arguments the services accept,
+    one that does not costs one rejected request per run."""
     repeat_penalty: Annotated[float, Field(strict=True, ge=0)] | None = None
     top_p: Annotated[float, Field(strict=True, ge=0, le=1)] | None = None
     top_k: AtLeastOne | None = None

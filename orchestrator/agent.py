@@ -7,7 +7,8 @@ the turn carries on in a degraded way: no memory, no tools, or the error text as
 the message. Only an unwritable audit database stops the run, because then
 nothing could be trusted afterwards. Prompts are built by ``orchestrator.prompts``,
 tool calls made by ``orchestrator.tool_caller``, memory kept in step with the
-audit by ``orchestrator.memory_sync``.
+audit by ``orchestrator.memory_sync``; tool arguments are generated under the
+constraints ``orchestrator.constrained`` chooses (``llm.constrained_tools``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from heist_common.config import AgentConfig, HeistConfig
 from orchestrator import prompts
 from orchestrator.audit import AuditStore, EventRow, MessageRow, ToolUsageRow, TurnAudit
 from orchestrator.clients import ServiceCallError, ServiceClients, session_metadata
-from orchestrator.llm import Completion, LLMClient, LLMError
+from orchestrator.constrained import MARKER_OPENING, ConstrainedTools, accepts
+from orchestrator.constraints import ToolConstraint
+from orchestrator.llm import INLINE_TOOL_PATTERN, Completion, LLMClient, LLMError
 from orchestrator.memory_sync import MemoryFetch, MemorySync
 from orchestrator.prompts import ConversationMessage
 from orchestrator.tool_caller import ToolCaller
@@ -32,6 +35,8 @@ __all__ = ["ConversationMessage", "CrewAgent", "MemoryFetch", "SessionContext", 
 
 PARROT_RESAMPLE_BOOSTS = (0.3, 0.6)
 """Temperature added for each resample of a parroted reply (at most this many resamples)."""
+MAX_CONSTRAINED_MARKERS = 2
+"""Tool markers per transcript line whose argument is generated under the tool's grammar (two requests each)."""
 
 
 @dataclass(slots=True)
@@ -69,6 +74,10 @@ class SessionContext:
         self.audit = audit
         self.metadata = session_metadata(session_id)
         self.memory_sync = MemorySync(clients, audit, session_id, self.metadata)
+        # Grammars sized to a turn's max_tokens, so that a constrained argument always fits one request.
+        self.constrained = ConstrainedTools(
+            config.llm.constrained_tools, clients.registry, max_bytes=config.llm.max_tokens
+        )
 
 
 def _elapsed_ms(start: float) -> float:
@@ -84,10 +93,12 @@ class CrewAgent:
         registry = session.clients.registry
         self._scopes = tuple(sorted(set(config.scopes) | set(registry.scopes_for(config.tools))))
         self._functions = registry.functions_for(config.tools)
+        self._methods = [method for tool in config.tools for method in registry.service(tool).methods]
         inline_methods = tuple(
             method for tool in config.tools if (method := registry.service(tool).inline_method) is not None
         )
         self._inline_methods = inline_methods
+        self._inline_tools = frozenset(method.tool for method in inline_methods)
         self._system_prompt = prompts.system_prompt(config, ())
         self._system_prompt_inline = prompts.system_prompt(config, inline_methods)
         self._transcript_tools = prompts.transcript_tool_brief(config.name, inline_methods)
@@ -98,6 +109,7 @@ class CrewAgent:
             config.oauth_client,
             frozenset(config.tools),
             session.config.session.tool_result_max_chars,
+            constraints=session.constrained.cache,
         )
         self._turns_taken = 0
 
@@ -239,23 +251,95 @@ class CrewAgent:
         audit: TurnAudit,
         result: TurnResult,
     ) -> str:
+        """One transcript line; every tool marker it opens gets its argument under that tool's grammar.
+
+        A marker is open when the turn prefills it or the model writes one: the
+        line is cut right after ``[TOOL:<tool>:``, the argument is generated
+        under the grammar (ending in ``]``), and the line then continues freely
+        in a request of its own. Each request is a step of the turn.
+        """
         llm = self.session.llm
         prefill = self._tool_prefill() if token is not None else ""
         brief = self._transcript_tools if token is not None else ""
         prompt, spoken = prompts.transcript_prompt(self.config, self.session.config.session, history, memory, brief)
-        completion = self._timed(result, await llm.complete_text(prompt + prefill))
+        line, settled = prefill, 0
+        if not prefill:
+            line = await self._free_line(prompt, spoken, result)
+        constrain = token is not None and self.session.constrained.active("grammar")
+        for _ in range(MAX_CONSTRAINED_MARKERS if constrain else 0):
+            opening = self._open_marker(line, settled)
+            if opening is None or token is None:
+                break
+            start, tool = opening
+            constraint = await self.session.constrained.inline(tool, self.tools.listing_fetcher(token))
+            if constraint is None:  # nothing to name now, or the server rejected grammars
+                break
+            written = INLINE_TOOL_PATTERN.match(line, start)
+            if written is not None and accepts(constraint, written.group(2)):
+                settled = written.end()  # the model's own argument is already one the grammar allows
+                continue
+            opened = f"{line[:start]}[TOOL:{tool}:"
+            argument = await self._constrained_argument(turn_id, prompt + opened, constraint, audit, result)
+            if argument is None:  # the server rejected grammars (audited once)
+                break
+            settled_line = opened + argument
+            line, settled = settled_line, len(settled_line)
+            rest = self._timed(result, await llm.complete_text(prompt + settled_line))
+            said = prompts.last_full_sentence(rest.content) if rest.truncated else rest.content
+            if said:
+                line = f"{settled_line} {said}"
+        if prefill and not settled:  # the prefilled argument went unconstrained: the model continues it freely
+            completion = self._timed(result, await llm.complete_text(prompt + prefill))
+            line = prompts.close_prefill(prefill, completion.content)
+        elif settled and self.session.constrained.active("grammar"):
+            opening = self._open_marker(line, settled)
+            if opening is not None:  # one marker too many: keep what was said before it, not an unchecked call
+                line = line[: opening[0]]
+        reply = line.strip() or prompts.NO_REPLY
+        return await self.tools.inline(turn_id, reply, token, audit)
+
+    async def _free_line(self, prompt: str, spoken: Sequence[str], result: TurnResult) -> str:
+        """Sample the model's own line, hotter while it parrots an earlier one; returns " text" or ""."""
+        llm = self.session.llm
+        completion = self._timed(result, await llm.complete_text(prompt))
         for boost in PARROT_RESAMPLE_BOOSTS:
-            if prefill or not prompts.parrots(completion.content, spoken):
+            if not prompts.parrots(completion.content, spoken):
                 break
             # Tiny models often repeat an earlier line; a hotter resample usually breaks the loop.
             completion = self._timed(result, await llm.complete_text(prompt, temperature_boost=boost))
-        said = (
-            prompts.last_full_sentence(completion.content)
-            if completion.truncated and not prefill
-            else completion.content
-        )
-        reply = prompts.close_prefill(prefill, said) or prompts.NO_REPLY
-        return await self.tools.inline(turn_id, reply, token, audit)
+        said = prompts.last_full_sentence(completion.content) if completion.truncated else completion.content
+        return f" {said}" if said else ""
+
+    def _open_marker(self, line: str, after: int) -> tuple[int, str] | None:
+        """Return (start, tool) of the first marker opened at or after ``after`` for one of the agent's inline tools."""
+        for match in MARKER_OPENING.finditer(line, after):
+            if match.group(1) in self._inline_tools:
+                return match.start(), match.group(1)
+        return None
+
+    async def _constrained_argument(
+        self, turn_id: int, prompt: str, constraint: ToolConstraint, audit: TurnAudit, result: TurnResult
+    ) -> str | None:
+        """Generate the argument of the marker ``prompt`` ends with, under the grammar, through its ``]``.
+
+        None when the server rejected the grammar under ``auto`` (audited once).
+        """
+        constrained = self.session.constrained
+        max_tokens = max(self.session.config.llm.max_tokens, constraint.max_bytes or 0)
+        try:
+            completion = await self.session.llm.complete_text(
+                prompt, extra_body=constraint.completion_extra_body(), max_tokens=max_tokens
+            )
+        except LLMError as exc:
+            event = constrained.fall_back("grammar", exc, turn_id, self.name)  # re-raises any other error
+            result.llm_ms += exc.latency_ms
+            if event is not None:
+                audit.events.append(event)
+            return None
+        argument = self._timed(result, completion).content
+        # Under the grammar it ends at its "]"; a server that ignored the field may have gone on (the rest is dropped).
+        closing = argument.find("]")
+        return argument[: closing + 1] if closing >= 0 else argument + "]"
 
     async def _chat_turn(
         self,
@@ -271,6 +355,8 @@ class CrewAgent:
         native: tools are offered as functions, results go back for a final answer.
         inline: no functions; ``[TOOL:name:argument]`` markers are executed and replaced by results.
         auto: functions are offered; if the reply has tool_calls it is native, otherwise markers are honoured.
+        Constraints (``llm.constrained_tools``): offered functions are strict definitions (json_schema);
+        without functions, the reply's markers are constrained by a whole-reply grammar (grammar).
         """
         llm_config = self.session.config.llm
         mode = llm_config.tool_calling
@@ -279,9 +365,18 @@ class CrewAgent:
         messages = prompts.chat_messages(self.config, system, history, memory, self.session.config.session)
         offer_functions = token is not None and mode in ("native", "auto") and bool(self._functions)
         functions = self._functions if offer_functions else None
-        completion = self._timed(result, await self.session.llm.complete(messages, functions))
+        constrained = self.session.constrained
+        grammar: str | None = None
+        if token is not None and offer_functions and constrained.active("json_schema"):
+            functions = await constrained.strict_functions(self._methods, self.tools.listing_fetcher(token))
+        elif token is not None and inline and not offer_functions:
+            tools = [method.tool for method in self._inline_methods]
+            grammar = await constrained.chat_grammar(tools, self.tools.listing_fetcher(token))
+        completion, functions = await self._chat_completion(
+            turn_id, messages, functions, audit, result, grammar=grammar
+        )
         if completion.tool_calls:
-            return await self._native_rounds(turn_id, messages, completion, token, audit, result)
+            return await self._native_rounds(turn_id, messages, completion, functions, token, audit, result)
         if mode == "native":
             return completion.content
         return await self.tools.inline(turn_id, completion.content, token, audit)
@@ -291,11 +386,11 @@ class CrewAgent:
         turn_id: int,
         messages: list[dict[str, Any]],
         completion: Completion,
+        functions: list[dict[str, Any]] | None,
         token: str | None,
         audit: TurnAudit,
         result: TurnResult,
     ) -> str:
-        llm = self.session.llm
         max_rounds = self.session.config.llm.max_tool_rounds
         conversation = list(messages)
         rounds = 0
@@ -309,13 +404,44 @@ class CrewAgent:
                 {"role": "tool", "tool_call_id": call.call_id, "content": text}
                 for call, text in zip(completion.tool_calls, results, strict=True)
             )
-            completion = self._timed(
-                result, await llm.complete(conversation, self._functions, final=rounds >= max_rounds)
+            completion, functions = await self._chat_completion(
+                turn_id, conversation, functions or self._functions, audit, result, final=rounds >= max_rounds
             )
         if completion.content:
             return completion.content
         used = "; ".join(f"{row.tool_name}.{row.operation} -> {row.tool_result}" for row in audit.tool_usage)
         return f"(no text; tool results: {used})"
+
+    async def _chat_completion(
+        self,
+        turn_id: int,
+        messages: list[dict[str, Any]],
+        functions: list[dict[str, Any]] | None,
+        audit: TurnAudit,
+        result: TurnResult,
+        *,
+        final: bool = False,
+        grammar: str | None = None,
+    ) -> tuple[Completion, list[dict[str, Any]] | None]:
+        """One chat request; a constraint the server rejects (``auto``) is dropped and the request sent again.
+
+        Returns the completion and the functions to offer from now on.
+        """
+        llm = self.session.llm
+        extra_body = {"grammar": grammar} if grammar is not None else None
+        try:
+            completion = await llm.complete(messages, functions, final=final, extra_body=extra_body)
+            return self._timed(result, completion), functions
+        except LLMError as exc:
+            strict = functions is not None and functions is not self._functions
+            if grammar is None and not strict:
+                raise
+            event = self.session.constrained.fall_back("grammar" if grammar else "json_schema", exc, turn_id, self.name)
+            result.llm_ms += exc.latency_ms
+            if event is not None:
+                audit.events.append(event)
+        plain = self._functions if functions is not None else None
+        return self._timed(result, await llm.complete(messages, plain, final=final)), plain
 
     async def _persist(self, turn_id: int, message: str, audit: TurnAudit, scope: TurnScope) -> None:
         """Audit write (must succeed) concurrently with StoreMemory (may fail, then audited)."""

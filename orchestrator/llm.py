@@ -27,6 +27,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -196,15 +197,25 @@ class LLMClient:
         return turn, span, (dict(turn.outgoing(span)) if span is not None else None)
 
     async def complete(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, final: bool = False
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        final: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> Completion:
-        """One chat completion; ``final`` forbids further tool calls. LLMError on any failure."""
+        """One chat completion; ``final`` forbids further tool calls. LLMError on any failure.
+
+        ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``).
+        """
         start = time.perf_counter()
         fields = {"model": self._model, "messages": _to_json(messages), **self._chat_sampling}
         if tools:
             fields["tool_choice"] = '"none"' if final else '"auto"'
             fields["tools"] = _to_json(tools)
         fields.update(self._chat_extra)
+        if extra_body:
+            fields.update({key: _to_json(value) for key, value in extra_body.items()})
         data = await self._post(self._chat_url, _json_object(fields), start, "chat", "chat.completions")
         try:
             message = _first_choice(data)["message"]
@@ -220,17 +231,26 @@ class LLMClient:
             raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
         return Completion(content=content.strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
 
-    async def complete_text(self, prompt: str, *, temperature_boost: float = 0.0) -> Completion:
+    async def complete_text(
+        self,
+        prompt: str,
+        *,
+        temperature_boost: float = 0.0,
+        extra_body: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
         """Continue a plain-text prompt (``/completions``) up to the end of the line; LLMError on any failure.
 
         For ``prompt_style: transcript``: a base model continues "Speaker:" with one
-        line, so a newline ends the turn.
+        line, so a newline ends the turn. ``extra_body`` is merged over the config's
+        sampling extras (e.g. a ``grammar``); ``max_tokens`` replaces the config's
+        (a constrained argument needs room to be finished).
         """
         start = time.perf_counter()
         fields = {
             "model": self._model,
             "prompt": _to_json(prompt),
-            "max_tokens": self._max_tokens,
+            "max_tokens": _to_json(max_tokens) if max_tokens else self._max_tokens,
             # llama.cpp's server samples with a fixed seed unless told otherwise,
             # which would make a resample return the very same line.
             "seed": str(random.randrange(2**31)),
@@ -238,6 +258,8 @@ class LLMClient:
             "temperature": _to_json(min(self.config.temperature + temperature_boost, 2.0)),
             **self._text_extra,
         }
+        if extra_body:
+            fields.update({key: _to_json(value) for key, value in extra_body.items()})
         data = await self._post(self._text_url, _json_object(fields), start, "text_completion", "completions")
         try:
             choice = _first_choice(data)

@@ -13,11 +13,14 @@ import json
 import time
 from collections.abc import Awaitable
 
-from google.protobuf import json_format
+from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
 from orchestrator.audit import EventRow, ToolUsageRow, TurnAudit
 from orchestrator.clients import Metadata, ServiceCallError, ServiceClients, tool_metadata
+from orchestrator.constrained import listing_changed
+from orchestrator.constraints import ConstraintCache, ListingFetcher
 from orchestrator.llm import find_inline_tool_calls
 from orchestrator.tools import ToolArgumentError, ToolMethod, render_result
 
@@ -43,8 +46,11 @@ class ToolCaller:
         oauth_client: str,
         allowed: frozenset[str],
         result_max_chars: int,
+        *,
+        constraints: ConstraintCache | None = None,
     ) -> None:
         self._clients = clients
+        self._constraints = constraints
         self._session_id = session_id
         self._agent = agent_name
         self._oauth_client = oauth_client
@@ -96,6 +102,23 @@ class ToolCaller:
         audit.events.append(EventRow(tool, operation, code, reason, 0.0, turn_id, self._agent))
         return f"error: {reason}"
 
+    def listing_fetcher(self, token: str) -> ListingFetcher:
+        """Fetch a tool's listing (``ListFiles``, ``ListTables``) with the agent's token, for the constraint cache.
+
+        A step of the turn's timeline like any RPC, but no ``tool_usage`` row:
+        the model did not ask for it.
+        """
+
+        async def fetch(tool: str, method: MethodDescriptor) -> Message:
+            request = message_factory.GetMessageClass(method.input_type)()
+            rpc = getattr(self._clients.tool_stubs[tool], method.name)
+            response: Message = await self._clients.services[tool].call(
+                method.name, rpc, request, self._metadata_for(token)
+            )
+            return response
+
+        return fetch
+
     def _metadata_for(self, token: str) -> Metadata:
         cached = self._metadata
         if cached is None or cached[0] != token:
@@ -131,6 +154,8 @@ class ToolCaller:
         except ServiceCallError as exc:
             if exc.status_code == "UNAUTHENTICATED":
                 clients.tokens.invalidate(self._oauth_client)
+            if self._constraints is not None and listing_changed(exc):
+                self._constraints.invalidate(method.tool)  # the next constraint re-reads the listing
             reason = "circuit open" if exc.circuit_open else f"{exc.status_code}: {exc.detail}"
             latency = round(exc.latency_ms, 3)
             audit.tool_usage.append(

@@ -9,6 +9,7 @@ at once, and its reply completes the tool-marker prefill (``prefill_tool_every:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from heist_common.config import LLMConfig
@@ -31,8 +32,18 @@ class InstantLLM(LLMClient):
         self.delay_s = delay_s
         self.calls = 0
 
-    async def complete_text(self, prompt: str, *, temperature_boost: float = 0.0) -> Completion:
-        """Finish the prefilled tool marker at the end of ``prompt`` (or say something if there is none)."""
+    async def complete_text(
+        self,
+        prompt: str,
+        *,
+        temperature_boost: float = 0.0,
+        extra_body: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        """Finish the prefilled tool marker at the end of ``prompt`` (or say something if there is none).
+
+        A ``grammar`` in ``extra_body`` is not applied: the arguments are valid ones already.
+        """
         self.calls += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -42,7 +53,14 @@ class InstantLLM(LLMClient):
             return Completion(content=f"{ARGUMENTS.get(tool, '1+1')}] done.")
         return Completion(content=f"Noted, step {self.calls}.")
 
-    async def complete(self, messages: list[dict[str, Any]], tools: Any = None, *, final: bool = False) -> Completion:
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: Any = None,
+        *,
+        final: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> Completion:
         """Chat style is not used by the benchmarks; answer plainly."""
         self.calls += 1
         return Completion(content=f"Noted, step {self.calls}.")

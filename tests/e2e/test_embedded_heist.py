@@ -6,6 +6,7 @@ newcomer's `make run` leaves behind, not what the model says.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,6 +73,23 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
     ).fetchall()
     first_call_of = {agent: tool for agent, tool in reversed(tools)}
     assert first_call_of == {"hacker": "file_reader", "safecracker": "calculator", "mole": "database_query"}, tools
+    # llm.constrained_tools: auto (shipped): the llama.cpp server takes the grammar, so every argument of a
+    # marker for the agent's own tool was generated under it, and the services accept each one. (A marker
+    # naming another agent's tool is refused as NOT_ALLOWED: the grammar does not choose the tool.)
+    calls = audit.execute(
+        "SELECT agent_name, tool_name, tool_params, status_code, tool_result FROM tool_usage WHERE session_id = ?",
+        (session,),
+    ).fetchall()
+    own_tool_calls = [call for call in calls if call[3] != "NOT_ALLOWED"]
+    assert len(own_tool_calls) >= 3 and all(call[3] == "OK" for call in own_tool_calls), calls
+    assert not audit.execute(
+        "SELECT detail FROM events WHERE session_id = ? AND operation = 'constrained_tools'", (session,)
+    ).fetchall()
+    # A prefilled turn is two requests: the argument under the grammar, then the rest of the line.
+    hacker_steps = json.loads(
+        audit.execute("SELECT timings FROM messages WHERE session_id = ? AND turn_id = 2", (session,)).fetchone()[0]
+    )["steps"]
+    assert sum(step[0] == "llm" for step in hacker_steps) >= 2, hacker_steps
     llm_health = audit.execute(
         "SELECT status_code FROM events WHERE session_id = ? AND service = 'llm' AND operation = 'health_check'",
         (session,),

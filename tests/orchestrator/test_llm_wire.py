@@ -235,3 +235,31 @@ def test_health_probe_down_when_the_endpoint_cannot_complete(scripted_llm: Scrip
     result = asyncio.run(probe())
     assert result.status == "DOWN"
     assert ("HTTP 500: cannot complete" if status == 500 else "not a completion") in result.detail
+
+
+def test_per_request_grammar_and_max_tokens_are_byte_identical_to_create(
+    scripted_llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A constrained argument's request (``grammar`` and a larger ``max_tokens``) as ``create()`` would send it."""
+    config = llm_config(scripted_llm.base_url, prompt_style="transcript", **EXTRAS)
+    monkeypatch.setattr("orchestrator.llm.random.randrange", lambda _: 7654321)
+    prompt = "hacker: [TOOL:file_reader:"
+    grammar = {"grammar": 'root ::= "vault.md]"'}
+
+    async def both() -> None:
+        extra = {key: value for key, value in config.extra_body.items() if key != "stop"}
+        async with sdk_client(config) as sdk:
+            await sdk.completions.create(
+                model=config.model, prompt=prompt, temperature=config.temperature, seed=7654321, max_tokens=150,
+                stop=["\n", *config.stop][:4], extra_body={**extra, **grammar},
+            )  # fmt: skip
+        client = LLMClient(config)
+        try:
+            await client.complete_text(prompt, extra_body=grammar, max_tokens=150)
+        finally:
+            await client.close()
+
+    asyncio.run(both())
+    reference, ours = scripted_llm.requests
+    assert_same_request(ours, reference)
+    assert ours.body["grammar"] == grammar["grammar"] and ours.body["max_tokens"] == 150  # type: ignore[index]

@@ -59,9 +59,14 @@ async def test_every_turn_stores_where_its_time_went(mesh: InProcessMesh, script
     planner_llm = next(s for s in timelines[1][2]["steps"] if s["kind"] == "llm")
     assert planner_llm["name"] == "chat.completions" and planner_llm["ms"] >= 50  # the scripted delay
     first_tool_turn = timelines[2][2]["steps"]
-    assert [s["name"] for s in first_tool_turn if s["kind"] == "tool"] == ["file_reader.ReadFile"]
+    # The listing its argument's grammar is built from (llm.constrained_tools: auto) is a step too, once per 30 s.
+    tool_steps = [s["name"] for s in first_tool_turn if s["kind"] == "tool"]
+    assert tool_steps == ["file_reader.ListFiles", "file_reader.ReadFile"]
     assert any(s["name"] == "oauth.IssueToken" and s["kind"] == "token" for s in first_tool_turn)
     failed = [s for s in timelines[4][2]["steps"] if s["kind"] == "tool"]
-    assert [(s["name"], s["code"]) for s in failed] == [("database_query.Query", "INVALID_ARGUMENT")]
+    assert [(s["name"], s["code"]) for s in failed] == [
+        ("database_query.ListTables", "OK"),
+        ("database_query.Query", "INVALID_ARGUMENT"),
+    ]
     # The memory service is prefetched for the next speaker during a turn: that call is this turn's step.
     assert any(s["name"] == "memory.GetCompressedMemory" for s in timelines[1][2]["steps"])

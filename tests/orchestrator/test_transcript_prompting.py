@@ -17,8 +17,9 @@ from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, text
 
 
-def transcript_config(config: HeistConfig, prefill_tool_every: int = 0) -> HeistConfig:
-    llm = config.llm.model_copy(update=dict(prompt_style="transcript", prefill_tool_every=prefill_tool_every))
+def transcript_config(config: HeistConfig, prefill_tool_every: int = 0, constrained_tools: str = "auto") -> HeistConfig:
+    update = dict(prompt_style="transcript", prefill_tool_every=prefill_tool_every, constrained_tools=constrained_tools)
+    llm = config.llm.model_copy(update=update)
     return config.with_overrides(llm=llm)
 
 
@@ -51,6 +52,7 @@ async def test_transcript_prompt_ends_with_the_speaker_and_hides_tool_output(
 
 
 async def test_prefill_starts_every_nth_tool_turn_with_a_marker(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
+    # Unconstrained (the model continues the prefill freely); test_constrained_turns.py has it under the grammar.
     scripted_llm.script(
         text("Let's plan."),
         text("bank_layout.md]"),  # hacker, 1st turn: prefilled "[TOOL:file_reader:"
@@ -59,9 +61,11 @@ async def test_prefill_starts_every_nth_tool_turn_with_a_marker(mesh: InProcessM
         text("Next."),
         text("Nothing to read."),  # hacker, 2nd turn: no prefill
     )
-    result = await run_session(transcript_config(mesh.config, prefill_tool_every=2), RunOptions(turns=6))
+    config = transcript_config(mesh.config, prefill_tool_every=2, constrained_tools="off")
+    result = await run_session(config, RunOptions(turns=6))
 
     prompts = [body["prompt"] for body in scripted_llm.text_requests]
+    assert not any("grammar" in body for body in scripted_llm.text_requests)
     assert prompts[1].endswith("Hacker: [TOOL:file_reader:")
     assert prompts[2].endswith("Safecracker: [TOOL:calculator:")
     assert prompts[5].endswith("Hacker:")

@@ -45,11 +45,19 @@ from tests.bench.turns import check_turns, percentiles, run_sessions
 from tests.support.processes import REPO
 
 STYLES: dict[str, dict[str, Any]] = {
-    "transcript": {"prompt_style": "transcript", "tool_calling": "inline", "prefill_tool_every": 1},
+    "transcript": {
+        "prompt_style": "transcript", "tool_calling": "inline", "prefill_tool_every": 1, "constrained_tools": "off",
+    },
+    "transcript_grammar": {
+        "prompt_style": "transcript", "tool_calling": "inline", "prefill_tool_every": 1, "constrained_tools": "auto",
+    },
     "chat": {"prompt_style": "chat", "tool_calling": "native", "prefill_tool_every": 0},
-}
-"""The two prompt styles: transcript with inline markers (the default config), chat with native function calling."""
-LLM_REQUESTS_PER_TURN = {"transcript": 1, "chat": 2}
+}  # fmt: skip
+"""The prompt styles measured: transcript with inline markers and one request per turn (the issue's
+turn, ``constrained_tools: off``); the same under the default ``constrained_tools: auto``, where the
+prefilled argument is one request under the tool's grammar and the rest of the line another; chat
+with native function calling (strict tool schemas, the default), a tool round of two requests."""
+LLM_REQUESTS_PER_TURN = {"transcript": 1, "transcript_grammar": 2, "chat": 2}
 
 
 def style_llm(config: HeistConfig, style: str, base_url: str) -> dict[str, Any]:

@@ -333,7 +333,11 @@ def print_table(results: dict[str, Any]) -> None:
         print("\n1. whole turns through HTTP + the openai client (zero-latency endpoint, every service a process)")
         print(f"   {'':34s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s}")
         for style, row in real.items():
-            name = "transcript/inline" if style == "transcript" else "chat/native (2 LLM requests)"
+            name = {
+                "transcript": "transcript/inline",
+                "transcript_grammar": "transcript, grammar (2 requests)",
+                "chat": "chat/native (2 LLM requests)",
+            }[style]
             print(_row(f"{name}: turn", row["total_ms"]))
             print(_row("   of which in LLM requests", row["llm_ms"]))
             print(_row("   floor (same requests, no orchestration)", row["floor_ms"], 34))

@@ -128,6 +128,12 @@ async def parallel_sessions(
 
 
 def bench_config(config: HeistConfig) -> HeistConfig:
-    """The config with the LLM section the in-process LLM expects (transcript, a tool marker every turn)."""
-    llm = config.llm.model_copy(update=dict(prompt_style="transcript", prefill_tool_every=1, tool_calling="inline"))
+    """The config with the LLM section the in-process LLM expects (transcript, a tool marker every turn).
+
+    ``constrained_tools: off``: one LLM request per turn, so these rows stay the services-only
+    turn they have always been (the grammar's second request is measured in the real-path section).
+    """
+    llm = config.llm.model_copy(
+        update=dict(prompt_style="transcript", prefill_tool_every=1, tool_calling="inline", constrained_tools="off")
+    )
     return config.with_overrides(llm=llm)

@@ -91,7 +91,10 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Every mapping of the file: unknown keys are errors, values are immutable once loaded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a model's validator is compiled when the config is first validated, once for
+    # the whole tree, instead of once per section at import and again inside its parent
+    # (15 to 30 ms of CPU of every command's start-up, measured interleaved: 0.16 against 0.18 s).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -35,6 +35,20 @@ def credentials_dir(config: HeistConfig) -> Path:
     return Path(override) if override else config.mesh.credentials_dir
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by the owner only, without a window where it is world-readable.
+
+    Written to a temporary file first and renamed, so a reader never sees half a key;
+    ``chmod`` as well, because ``O_CREAT`` keeps the mode of a stale temporary file.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
 def client_secret_env_var(client_id: str) -> str:
     """Return the environment variable that overrides one client's secret."""
     return CLIENT_SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", client_id).upper()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from heist_common.config import HeistConfig
-from heist_common.credentials import CredentialsError
+from heist_common.credentials import CredentialsError, write_private
 from heist_common.tls import CLIENT_IDENTITIES, tls_dir
 
 __all__ = ["ensure_dev_pki", "issue_certificate", "load_ca", "new_ca", "server_names"]
@@ -126,14 +126,6 @@ def load_ca(config: HeistConfig) -> tuple[x509.Certificate, ec.EllipticCurvePriv
     return cert, key
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 def server_names(config: HeistConfig, service: str) -> list[str]:
     """SANs of a service's certificate: its configured host, the loopback names and the service name."""
     host = config.service(service).host
@@ -161,8 +153,8 @@ def ensure_dev_pki(config: HeistConfig) -> Path:
     os.chmod(folder, 0o700)
     if not (folder / "ca.crt").exists() or not (folder / "ca.key").exists():
         ca_cert, ca_key = new_ca()
-        _write_private(folder / "ca.key", _key_pem(ca_key))
-        _write_private(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+        write_private(folder / "ca.key", _key_pem(ca_key))
+        write_private(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
         for stale in folder.glob("*.crt"):
             if stale.name != "ca.crt":
                 stale.unlink()
@@ -174,6 +166,6 @@ def ensure_dev_pki(config: HeistConfig) -> Path:
         if cert_path.exists() and key_path.exists() and (not names or _covers(cert_path, names)):
             continue
         cert_pem, key_pem = issue_certificate(ca_cert, ca_key, name, server_names=names)
-        _write_private(key_path, key_pem)
-        _write_private(cert_path, cert_pem)
+        write_private(key_path, key_pem)
+        write_private(cert_path, cert_pem)
     return folder

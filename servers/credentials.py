@@ -47,6 +47,7 @@ from heist_common.credentials import (
     client_secret,
     client_secret_env_var,
     credentials_dir,
+    write_private,
 )
 
 __all__ = [
@@ -74,16 +75,6 @@ SIGNING_KEY_FILE_ENV = "HEIST_OAUTH_SIGNING_KEY_FILE"
 PUBLIC_KEY_FILE_ENV = "HEIST_OAUTH_PUBLIC_KEY_FILE"
 SIGNING_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "public_key.pem"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` readable by the owner only, without a window where it is world-readable."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 def signing_key_overridden() -> bool:
@@ -138,13 +129,13 @@ def _create_missing(config: HeistConfig, folder: Path) -> None:
     wanted = {cid: existing.get(cid) or secrets.token_urlsafe(32) for cid in config.oauth.clients}
     merged = {**existing, **wanted}
     if merged != existing or not clients_path.exists():
-        _write_private(clients_path, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
+        write_private(clients_path, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode())
 
     signing_path = folder / SIGNING_KEY_FILE
     public_path = folder / PUBLIC_KEY_FILE
     if not signing_path.exists():
         private = Ed25519PrivateKey.generate()
-        _write_private(
+        write_private(
             signing_path,
             private.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -153,7 +144,7 @@ def _create_missing(config: HeistConfig, folder: Path) -> None:
         public_path.unlink(missing_ok=True)
     if not public_path.exists():
         private_key = _load_private(signing_path)
-        _write_private(public_path, public_pem(private_key.public_key()).encode())
+        write_private(public_path, public_pem(private_key.public_key()).encode())
 
 
 def client_secrets(config: HeistConfig) -> dict[str, str]:

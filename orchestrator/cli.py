@@ -188,6 +188,27 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
         raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
 
 
+def _unknown_session(session_id: str) -> CommandError:
+    """Return the error for a session ID the audit does not know (exit 5), pointing at the list."""
+    return CommandError(f"unknown session {session_id!r} (see 'orchestrator sessions')", ExitCode.UNKNOWN_SESSION)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a container stop, kill) ends a run like Ctrl-C: the session is marked interrupted (and resumable).
+
+    Only the main thread may set signal handlers; elsewhere (tests call ``main`` in a worker) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def _credentials_checked() -> Iterator[None]:
     """Missing or unreadable certificates and secrets are a configuration problem (exit 3), never a traceback."""
@@ -290,19 +311,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         export_dir=args.out,
     )
     _open_store(config, create=True).close()  # a bad --db fails here, before any service is called
-    main_thread = threading.current_thread() is threading.main_thread()
-    # SIGTERM (a container stop, kill) ends a run like Ctrl-C: the session is marked interrupted.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
-        with _credentials_checked():
+        with _sigterm_interrupts(), _credentials_checked():
             result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
     except AuditError as exc:
         raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
     except ValueError as exc:  # invalid --session-id
         raise CommandError(str(exc), ExitCode.USAGE) from None
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
     _print_summary(result)
     return result.exit_code
 
@@ -325,11 +340,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         _check_writable(args.out)
     options = RunOptions(require_healthy=args.require_healthy, export_dir=args.out)
     _open_store(config, create=False).close()  # resume never creates an audit database
-    main_thread = threading.current_thread() is threading.main_thread()
-    # SIGTERM ends a resumed run like Ctrl-C, as for `run`: the session is marked interrupted (and resumable).
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
-        with _credentials_checked():
+        with _sigterm_interrupts(), _credentials_checked():
             result = asyncio.run(
                 resume_session(
                     config,
@@ -341,17 +353,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
                 )
             )
     except UnknownSessionError:
-        message = f"unknown session {args.session_id!r} (see 'orchestrator sessions')"
-        raise CommandError(message, ExitCode.UNKNOWN_SESSION) from None
+        raise _unknown_session(args.session_id) from None
     except NotResumableError as exc:
         raise CommandError(f"cannot resume: {exc}", ExitCode.NOT_RESUMABLE) from None
     except ResumeConflictError as exc:
         raise CommandError(f"cannot resume: {exc}", ExitCode.CONFIG) from None
     except AuditError as exc:
         raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
     _print_summary(result)
     if result.turns_before:
         print(f"Resumed:    after turn {result.turns_before}; {result.turns_before + len(result.turns)} turns in all")
@@ -423,8 +431,7 @@ def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> di
     try:
         return store.read_session_log(args.session_id)
     except UnknownSessionError:
-        message = f"unknown session {args.session_id!r} (see 'orchestrator sessions')"
-        raise CommandError(message, ExitCode.UNKNOWN_SESSION) from None
+        raise _unknown_session(args.session_id) from None
     finally:
         store.close()
 

@@ -23,7 +23,7 @@ from heist_common.config import AgentConfig, HeistConfig
 from orchestrator import prompts
 from orchestrator.audit import AuditStore, EventRow, MessageRow, ToolUsageRow, TurnAudit
 from orchestrator.clients import ServiceCallError, ServiceClients, session_metadata
-from orchestrator.constrained import MARKER_OPENING, ConstrainedTools, accepts
+from orchestrator.constrained import MARKER_OPENING, ConstrainedTools, Dialect, accepts
 from orchestrator.constraints import ToolConstraint
 from orchestrator.llm import INLINE_TOOL_PATTERN, Completion, LLMClient, LLMError
 from orchestrator.memory_sync import MemoryFetch, MemorySync
@@ -324,17 +324,13 @@ class CrewAgent:
 
         None when the server rejected the grammar under ``auto`` (audited once).
         """
-        constrained = self.session.constrained
         max_tokens = max(self.session.config.llm.max_tokens, constraint.max_bytes or 0)
         try:
             completion = await self.session.llm.complete_text(
                 prompt, extra_body=constraint.completion_extra_body(), max_tokens=max_tokens
             )
         except LLMError as exc:
-            event = constrained.fall_back("grammar", exc, turn_id, self.name)  # re-raises any other error
-            result.llm_ms += exc.latency_ms
-            if event is not None:
-                audit.events.append(event)
+            self._fall_back("grammar", exc, turn_id, audit, result)
             return None
         argument = self._timed(result, completion).content
         # Under the grammar it ends at its "]"; a server that ignored the field may have gone on (the rest is dropped).
@@ -412,6 +408,13 @@ class CrewAgent:
         used = "; ".join(f"{row.tool_name}.{row.operation} -> {row.tool_result}" for row in audit.tool_usage)
         return f"(no text; tool results: {used})"
 
+    def _fall_back(self, dialect: Dialect, exc: LLMError, turn_id: int, audit: TurnAudit, result: TurnResult) -> None:
+        """Drop a dialect the server rejected (audited once), counting the request; re-raise any other error."""
+        event = self.session.constrained.fall_back(dialect, exc, turn_id, self.name)
+        result.llm_ms += exc.latency_ms
+        if event is not None:
+            audit.events.append(event)
+
     async def _chat_completion(
         self,
         turn_id: int,
@@ -436,10 +439,7 @@ class CrewAgent:
             strict = functions is not None and functions is not self._functions
             if grammar is None and not strict:
                 raise
-            event = self.session.constrained.fall_back("grammar" if grammar else "json_schema", exc, turn_id, self.name)
-            result.llm_ms += exc.latency_ms
-            if event is not None:
-                audit.events.append(event)
+            self._fall_back("grammar" if grammar else "json_schema", exc, turn_id, audit, result)
         plain = self._functions if functions is not None else None
         return self._timed(result, await llm.complete(messages, plain, final=final)), plain
 

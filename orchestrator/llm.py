@@ -13,7 +13,8 @@ models. Our messages and tool schemas are already plain wire dicts, so the body
 is serialized here exactly as ``create()`` would serialize it (same keys, key
 order and separators; ``tests/orchestrator/test_llm_wire.py`` compares the
 bytes), posted with the SDK's own ``client.post`` (same headers, retries,
-errors), and the reply is read as JSON.
+errors; the headers are built once per client, ``orchestrator.llm_sdk``), and
+the reply is read as JSON.
 
 Why ``openai`` is imported on first use: importing it costs most of a second
 (its ``types`` package), and commands that never complete anything (``health``,
@@ -136,7 +137,7 @@ def _json_object(fields: dict[str, str]) -> bytes:
 
 
 class LLMClient:
-    """One ``openai.AsyncOpenAI`` client configured from the ``llm`` section, on one HTTP connection pool per run."""
+    """One ``openai`` client (``PreparedRequestOpenAI``) configured from the ``llm`` section, one HTTP pool per run."""
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
@@ -162,9 +163,9 @@ class LLMClient:
     def client(self) -> openai.AsyncOpenAI:
         """The SDK client (``openai`` is imported the first time it is needed)."""
         if self._client is None:
-            import openai
+            from orchestrator.llm_sdk import PreparedRequestOpenAI
 
-            self._client = openai.AsyncOpenAI(
+            self._client = PreparedRequestOpenAI(
                 base_url=self.config.base_url,
                 api_key=self.config.api_key,
                 timeout=self.config.timeout_s,

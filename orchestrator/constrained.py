@@ -177,6 +177,8 @@ class ConstrainedTools:
         self.cache = ConstraintCache(registry, max_bytes=max_bytes)
         self._rejected: dict[Dialect, _Fallback] = {}
         self._broken: set[str] = set()
+        self._strict: dict[tuple[str, ...], tuple[list[ToolConstraint | None], list[dict[str, Any]]]] = {}
+        """Per list of functions: the constraints the strict definitions were built from, and the definitions."""
 
     def active(self, dialect: Dialect) -> bool:
         """Whether requests should carry ``dialect`` (per the mode, and not rejected earlier in the run)."""
@@ -248,10 +250,17 @@ class ConstrainedTools:
 
         Methods without an argument hint keep their request's schema (their
         constraint would only repeat it), so no grammar converter is needed.
+        The list is built again only when a constraint changed (a new listing),
+        so every request of a run can carry the very same object (the LLM client
+        serializes it once); callers must not modify it.
         """
+        constraints = [await self._hinted(method.tool, fetch, method) for method in methods]
+        key = tuple(method.function_name for method in methods)
+        built = self._strict.get(key)
+        if built is not None and all(old is new for old, new in zip(built[0], constraints, strict=True)):
+            return built[1]
         functions = []
-        for method in methods:
-            constraint = await self._hinted(method.tool, fetch, method)
+        for method, constraint in zip(methods, constraints, strict=True):
             parameters = method.parameters if constraint is None else constraint.json_schema
             function = {
                 "name": method.function_name,
@@ -260,4 +269,5 @@ class ConstrainedTools:
                 "strict": True,
             }
             functions.append({"type": "function", "function": function})
+        self._strict[key] = (constraints, functions)
         return functions

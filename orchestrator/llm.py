@@ -68,6 +68,9 @@ LLM_DOWN = "DOWN"
 CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
 """The ``openai`` client's own default pool limits, for ``https://`` endpoints (we hand it our pool)."""
 
+MAX_SERIALIZED_TOOL_LISTS = 64
+"""Bound on the per-client cache of serialized ``tools`` lists (a few per agent; a new one per changed listing)."""
+
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 """What the SDK serializes request bodies with (``openai._utils._json.openapi_dumps``), built once."""
 
@@ -153,6 +156,8 @@ class LLMClient:
         self._model = _to_json(config.model)
         self._stop = _to_json(["\n", *config.stop][:4])
         self._max_tokens = _to_json(config.max_tokens)
+        self._tools_json: dict[int, tuple[list[dict[str, Any]], str]] = {}
+        """Serialized ``tools`` lists by identity (each agent sends the same list object turn after turn)."""
         # Absolute URLs: the SDK then parses the URL once instead of merging it with base_url on every call.
         self._chat_url = config.base_url + "/chat/completions"
         self._text_url = config.base_url + "/completions"
@@ -213,7 +218,7 @@ class LLMClient:
         fields = {"model": self._model, "messages": _to_json(messages), **self._chat_sampling}
         if tools:
             fields["tool_choice"] = '"none"' if final else '"auto"'
-            fields["tools"] = _to_json(tools)
+            fields["tools"] = self._serialized_tools(tools)
         fields.update(self._chat_extra)
         if extra_body:
             fields.update({key: _to_json(value) for key, value in extra_body.items()})
@@ -231,6 +236,17 @@ class LLMClient:
         except (LookupError, TypeError, AttributeError) as exc:
             raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
         return Completion(content=content.strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
+
+    def _serialized_tools(self, tools: list[dict[str, Any]]) -> str:
+        """``tools`` as JSON, serialized once per list object (the lists are built once and never modified)."""
+        known = self._tools_json.get(id(tools))
+        if known is not None and known[0] is tools:
+            return known[1]
+        if len(self._tools_json) >= MAX_SERIALIZED_TOOL_LISTS:
+            self._tools_json.clear()
+        serialized = _to_json(tools)
+        self._tools_json[id(tools)] = (tools, serialized)  # the list is kept, so its id is not reused
+        return serialized
 
     async def complete_text(
         self,

@@ -312,3 +312,32 @@ async def test_a_contract_hint_that_cannot_be_honoured_costs_the_constraint_not_
     assert [record.getMessage() for record in caplog.records] == [
         "no constraint for file_reader.ReadFile: listing_method 'ListNothing' is not a method of the service"
     ]
+
+
+async def test_strict_definitions_are_built_again_only_when_a_constraint_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every request may carry the same definitions object, until a listing brings a new document."""
+    registry = ToolRegistry.for_services(["file_reader"])
+    method = registry.service("file_reader").inline_method
+    assert method is not None
+    methods = list(registry.service("file_reader").methods)
+
+    async def cached(tool: str, method_name: str, fetch: Any) -> Any:
+        return current.get(method_name)
+
+    def build(names: tuple[str, ...]) -> dict[str, Any]:
+        return {method.method.name: build_constraint("file_reader", method.method, Listing(names=names), max_bytes=60)}
+
+    tools = constrained.ConstrainedTools("auto", registry, max_bytes=60)
+    monkeypatch.setattr(tools.cache, "get", cached)
+    current = build(DOCUMENTS)
+    first = await tools.strict_functions(methods, None)
+    assert await tools.strict_functions(methods, None) is first  # nothing changed: the very same object
+
+    current = build((*DOCUMENTS, "escape_route.md"))  # a new listing, so a new constraint
+    second = await tools.strict_functions(methods, None)
+    assert second is not first
+    read = {tool["function"]["name"]: tool["function"] for tool in second}["file_reader_read_file"]
+    assert sorted(read["parameters"]["properties"]["filename"]["enum"]) == sorted([*DOCUMENTS, "escape_route.md"])
+    assert await tools.strict_functions(methods, None) is second

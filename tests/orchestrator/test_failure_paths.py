@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, SessionHarness, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, hang, http_error, inline_tool, text, tool_call
 from tests.support.tokens import session_metadata
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_oauth_down_agent_speaks_without_tools(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
@@ -202,3 +206,22 @@ async def test_cancellation_marks_session_interrupted(mesh: InProcessMesh, scrip
     with pytest.raises(asyncio.CancelledError):
         await task
     assert audit_rows(mesh.config, "SELECT status, num_turns FROM sessions") == [("interrupted", 1)]
+
+
+@pytest.mark.parametrize("redis_first", [False, True], ids=["orchestrator alone", "redis already imported"])
+def test_circuits_do_not_load_redis_unless_the_process_already_has_it(redis_first: bool) -> None:
+    """pybreaker would import redis for a storage we do not use; a process that uses redis keeps pybreaker's support."""
+    code = (
+        "import sys\n"
+        f"if {redis_first}: import redis\n"
+        "from orchestrator.clients import _import_pybreaker\n"
+        "_import_pybreaker()\n"
+        "import pybreaker\n"
+        "breaker = pybreaker.CircuitBreaker(fail_max=1)\n"
+        "print(pybreaker.HAS_REDIS_SUPPORT, 'redis' in sys.modules)\n"
+        "import redis\n"  # still importable afterwards
+        "print(redis.Redis.__name__)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == [str(redis_first), str(redis_first), "Redis"]

@@ -364,10 +364,19 @@ def print_table(results: dict[str, Any]) -> None:
         print(_row("   of which tool RPC", turn["tool_rpc_ms"]))
     startup_results = results.get("startup")
     if startup_results:
-        print("\n3. CLI start-up (median wall time of a fresh process)")
-        for name, row in startup_results["commands"].items():
-            print(f"   orchestrator {name:28s} {row['median_s']:6.3f} s   (CPU {row['cpu_median_s']:.3f} s)")
-        print(f"   {'run: launch to first turn':41s} {startup_results['run_first_turn']['median_s']:6.3f} s")
+        print("\n3. CLI start-up (median wall time of a fresh process; floor: `python -c` of the libraries it needs)")
+        print(f"   {'':41s} {'median s':>8s} {'CPU s':>7s} {'floor s':>8s} {'over s':>7s}  floor imports")
+        first_turn_row = startup_results["run_first_turn"]
+        rows = [(f"orchestrator {name}", row) for name, row in startup_results["commands"].items()]
+        for label, row in [*rows, ("run: launch to first turn", first_turn_row)]:
+            cpu = f"{row['cpu_median_s']:7.3f}" if "cpu_median_s" in row else f"{'':7s}"
+            print(
+                f"   {label:41s} {row['median_s']:8.3f} {cpu} {row['floor_median_s']:8.3f} "
+                f"{row['over_floor_s']:7.3f}  {row['floor']}"
+            )
+        floors = {row["floor"]: row["floor_imports"] for _, row in [*rows, ("", first_turn_row)]}
+        for floor, imports in floors.items():
+            print(f"      {floor}: {imports}")
     if "throughput" in results:
         generators = {row.get("generator", "python") for row in results["throughput"].values()}
         how = {"h2load": "h2load: 4 connections x 16 streams", "python": "2 Python load-generator processes x 32"}

@@ -22,11 +22,13 @@ COPY pyproject.toml constraints.txt ./
 RUN python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(deps))' > requirements.txt \
  && pip install --no-cache-dir -c constraints.txt -r requirements.txt
 # Source (.dockerignore keeps out var/ with its dev credentials, .venv/, tests/,
-# deploy/ and a local generated/heist/), then the gRPC code generated from protos/.
+# deploy/ and a local generated/heist/), then the gRPC code generated from protos/,
+# and the bytecode of every package: the image runs with PYTHONDONTWRITEBYTECODE
+# and a read-only /app, so a module left out is compiled again by every process.
 COPY . .
 RUN python protos/generate.py \
  && python protos/generate.py --check \
- && python -m compileall -q servers orchestrator generated
+ && python -m compileall -q heist_common servers orchestrator generated
 
 # --- runtime: the venv and /app, owned by root and read-only for the service user ---
 FROM ${PYTHON_IMAGE}

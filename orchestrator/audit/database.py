@@ -10,10 +10,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import peewee
-from playhouse.db_url import connect, parse  # type: ignore[import-untyped]
-from playhouse.migrate import SchemaMigrator, migrate
 
 from orchestrator.audit.schema import MODELS
 
@@ -44,12 +43,14 @@ def _add_missing_columns(database: peewee.Database) -> None:
     from before a column existed (e.g. ``messages.trace_id``) would fail every
     insert; old rows simply get NULL there.
     """
-    migrator = SchemaMigrator.from_database(database)
     for model in MODELS:
         meta: Any = model._meta
         existing = {column.name for column in database.get_columns(meta.table_name)}
         missing = [f for f in meta.sorted_fields if f.column_name not in existing and f.null]
         if missing:
+            from playhouse.migrate import SchemaMigrator, migrate  # only an old file needs it
+
+            migrator = SchemaMigrator.from_database(database)
             migrate(*(migrator.add_column(meta.table_name, f.column_name, f) for f in missing))
 
 
@@ -78,11 +79,29 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _plain_sqlite_database(url: str) -> str | None:
+    """Return the database of a ``sqlite:///PATH`` URL with no host or query string (what the config writes), else None.
+
+    Why not ``playhouse.db_url`` for these: importing it imports every engine
+    it can register (pools, CockroachDB, the PostgreSQL and SQLite extensions),
+    about a tenth of ``orchestrator sessions``; for this form it would only call
+    ``peewee.SqliteDatabase(path)`` (``:memory:`` when the path is empty). Any
+    other URL, a query string included, still goes through ``playhouse.db_url``.
+    """
+    parts = urlparse(url)  # as playhouse.db_url parses it
+    if parts.scheme != "sqlite" or parts.netloc or parts.params or parts.query:
+        return None
+    return parts.path[1:] or ":memory:"
+
+
 def _sqlite_path(url: str) -> Path | None:
-    parsed = parse(url)
     if not url.startswith("sqlite"):
         return None
-    database = parsed.get("database")
+    database = _plain_sqlite_database(url)
+    if database is None:
+        from playhouse.db_url import parse  # type: ignore[import-untyped]
+
+        database = parse(url).get("database")
     if not isinstance(database, str) or not database or database == ":memory:":
         return None
     return Path(database)
@@ -109,6 +128,11 @@ def _open_database(url: str) -> peewee.Database:
         }
     if sqlite_file is not None:
         sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    plain = _plain_sqlite_database(url)
+    if plain is not None:
+        return peewee.SqliteDatabase(plain, **options)
+    from playhouse.db_url import connect
+
     database: peewee.Database = connect(url, **options)
     return database
 

@@ -9,7 +9,6 @@ on PostgreSQL the same transactions only lock the rows they touch.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -130,6 +129,8 @@ class AuditStore:
             self.database.close()
 
     async def _in_writer(self, work: Callable[[], T], what: str) -> T:
+        import asyncio  # here, not at the top: the CLI's synchronous readers never load it
+
         def guarded() -> T:
             try:
                 return work()

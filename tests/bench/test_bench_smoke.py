@@ -57,6 +57,11 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert set(startup["commands"]) == {"--help", "sessions", "show", "export", "health", "health (mTLS)"}
     assert all(row["median_s"] > 0 for row in startup["commands"].values())
     assert 0 < startup["run_first_turn"]["median_s"] < 60
+    for row in [*startup["commands"].values(), startup["run_first_turn"]]:
+        # every command has its floor from the same rounds, and the difference is reported against it
+        assert row["floor_imports"] and 0 < row["floor_median_s"] < 60
+        assert abs(row["over_floor_s"] - (row["median_s"] - row["floor_median_s"])) <= 0.0015
+    assert startup["commands"]["sessions"]["floor"] != startup["commands"]["health"]["floor"]
 
     turn = results["turn_overhead"]
     assert turn["turns"] >= 100

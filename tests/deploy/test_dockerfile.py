@@ -158,6 +158,22 @@ def test_protos_are_generated_at_build_time(stages: list[list[Instruction]]) -> 
     assert any(c.startswith("--from=build /app") for c in final_copies), "the generated code must reach the image"
 
 
+def test_every_package_is_compiled_to_bytecode_at_build_time(stages: list[list[Instruction]]) -> None:
+    """The image cannot write bytecode (PYTHONDONTWRITEBYTECODE, read-only /app): a package not compiled
+    at build time is compiled from source by every process that imports it (heist_common, the config
+    every command reads, cost each CLI command tens of milliseconds of start-up that way)."""
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    roots = {pattern.rstrip("*") for pattern in packages["include"]} - {"heist"}  # heist: the generated code
+    compiled: set[str] = set()
+    for instruction in stages[0]:
+        for command in instruction.arguments.split("&&") if instruction.keyword == "RUN" else ():
+            words = shlex.split(command)
+            if words[:3] == ["python", "-m", "compileall"]:
+                compiled |= {word.rstrip("/") for word in words[3:] if not word.startswith("-")}
+    missing = (roots | {"generated"}) - compiled
+    assert not missing, f"not compiled at build time: {sorted(missing)}"
+
+
 def test_entrypoint_runs_every_module_the_manifests_name(stages: list[list[Instruction]]) -> None:
     final = stages[-1]
     entrypoint = _last(final, "ENTRYPOINT")

@@ -113,6 +113,18 @@ def test_unreachable_sqlite_database_is_an_audit_error(tmp_path) -> None:
         AuditStore.open(f"sqlite:///{blocker / 'sub' / 'heist.db'}")
 
 
+def test_sqlite_url_with_a_query_string_opens_through_db_url_with_the_same_settings(tmp_path) -> None:
+    """Only a bare ``sqlite:///PATH`` skips ``playhouse.db_url``; any other form still gets WAL and foreign keys."""
+    url = f"sqlite:///{tmp_path / 'sub' / 'heist.db'}?timeout=1"
+    store = AuditStore.open(url)
+    try:
+        assert store.location == str(tmp_path / "sub" / "heist.db")
+        assert store.database.pragma("journal_mode") == "wal" and store.database.pragma("foreign_keys") == 1
+    finally:
+        store.close()
+    assert (tmp_path / "sub" / "heist.db").is_file()
+
+
 def test_unreachable_postgresql_server_is_an_audit_error_without_the_password() -> None:
     url = f"postgresql://heist:s3cret-pw@127.0.0.1:{free_port()}/heist"
     with pytest.raises(AuditError, match="cannot open audit database") as caught:

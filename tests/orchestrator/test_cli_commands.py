@@ -149,6 +149,36 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert "usage: orchestrator" in capsys.readouterr().out
 
 
+def test_inspection_commands_load_no_async_grpc_or_spare_database_engines(tmp_path: Path) -> None:
+    """``sessions``/``show``/``export`` on a SQLite file stay synchronous and SQLite-only (their start-up is the point).
+
+    asyncio, gRPC and ``playhouse.db_url`` (which imports every engine it knows) cost a command
+    that only reads one file a tenth of a second or more; ``playhouse.migrate`` only an old file needs.
+    """
+    from orchestrator.audit import AuditStore
+
+    config = write_heist_config(tmp_path)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    store = AuditStore.open(url)
+    try:
+        asyncio.run(store.create_session("heist_lean", strategy="round_robin", seed=None, model="m"))
+    finally:
+        store.close()
+    heavy = ("asyncio", "grpc", "playhouse.db_url", "playhouse.migrate", "orchestrator.llm")
+    for command in (["sessions"], ["show", "heist_lean"], ["export", "heist_lean", "--format", "md"]):
+        code = (
+            "import sys; from orchestrator.cli import main; code = main(sys.argv[1:]); "
+            f"print('loaded:', [name for name in {heavy!r} if name in sys.modules]); sys.exit(code)"
+        )
+        completed = subprocess.run(
+            [sys.executable, "-c", code, "--config", str(config), "--db", url, *command],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        assert "heist_lean" in completed.stdout
+        assert completed.stdout.rstrip().endswith("loaded: []"), (command, completed.stdout[-300:])
+
+
 def test_default_config_from_env(
     tmp_path: Path, config_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

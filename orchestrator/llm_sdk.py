@@ -20,6 +20,7 @@ completion is sent (see ``orchestrator.llm``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
@@ -32,12 +33,21 @@ _PER_REQUEST = frozenset({b"content-length", b"host"})
 """Headers ``httpx2.Request`` derives from the body and URL itself."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """What the SDK built for one request shape: its headers, their lower-case names, its extensions (timeouts)."""
+
+    headers: list[tuple[bytes, bytes]]
+    names: frozenset[str]
+    extensions: dict[str, Any]
+
+
 class PreparedRequestOpenAI(openai.AsyncOpenAI):
     """``AsyncOpenAI`` whose ``POST``s of prepared bytes reuse the headers the SDK built for the first one."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._request_templates: dict[tuple[object, ...], tuple[list[tuple[bytes, bytes]], dict[str, Any]]] = {}
+        self._request_templates: dict[tuple[object, ...], _Template] = {}
 
     @property
     def user_agent(self) -> str:
@@ -54,24 +64,22 @@ class PreparedRequestOpenAI(openai.AsyncOpenAI):
         if template is None:
             template = self._template(options, retries_taken)
             self._request_templates[key] = template
-        headers, extensions = template
+        headers = template.headers
         if custom:
-            names = {name.lower().encode() for name in custom}
-            if any(name.lower() in names for name, _ in headers):  # a caller's header replaces one of ours
+            if any(name.lower() in template.names for name in custom):  # a caller's header replaces one of ours
                 return super()._build_request(options, retries_taken=retries_taken)
             headers = headers + [(name.encode(), value.encode()) for name, value in custom.items()]
         if self._idempotency_header and options.idempotency_key:
             headers = [*headers, (self._idempotency_header.encode(), options.idempotency_key.encode())]
-        return httpx2.Request("POST", options.url, headers=headers, content=body, extensions=dict(extensions))
+        return httpx2.Request("POST", options.url, headers=headers, content=body, extensions=dict(template.extensions))
 
-    def _template(
-        self, options: FinalRequestOptions, retries_taken: int
-    ) -> tuple[list[tuple[bytes, bytes]], dict[str, Any]]:
+    def _template(self, options: FinalRequestOptions, retries_taken: int) -> _Template:
         """Build a request like ``options`` the SDK's way; keep its headers (minus per-request ones) and extensions."""
         bare = options.model_copy(update={"headers": {}, "idempotency_key": None, "content": b""})
         request = super()._build_request(bare, retries_taken=retries_taken)
         headers = [(name, value) for name, value in request.headers.raw if name.lower() not in _PER_REQUEST]
-        return headers, dict(request.extensions)
+        names = frozenset(name.decode("latin-1").lower() for name, _ in headers)
+        return _Template(headers, names, dict(request.extensions))
 
 
 def _prepared_post(options: FinalRequestOptions, custom_headers: dict[str, object]) -> bool:

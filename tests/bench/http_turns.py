@@ -279,20 +279,25 @@ def orchestrator_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator.cli"]
 
 
-def run_cli(args: list[str], *, timeout_s: float = 300.0) -> tuple[float, float, str, float]:
-    """Run the CLI once; (launch ``time.monotonic()``, wall seconds, stdout, CPU seconds). Raises if it fails.
+def timed_run(command: list[str], *, timeout_s: float) -> tuple[float, float, subprocess.CompletedProcess[str], float]:
+    """Run ``command`` from the repository once; (launch ``time.monotonic()``, wall s, the finished process, CPU s).
 
     The CPU seconds (user + system, from the reaped child's rusage) are what the command
-    itself costs; on a busy machine the wall time adds the wait for a core.
+    itself costs; on a busy machine the wall time adds the wait for a core. Output is
+    captured: with pipes the wait ends when the child does, while a bare
+    ``subprocess.run(timeout=...)`` polls with sleeps of up to 50 ms.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     launched = time.monotonic()
-    completed = subprocess.run(
-        [*orchestrator_command(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-    )  # fmt: skip
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     wall = time.monotonic() - launched
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return launched, wall, completed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def run_cli(args: list[str], *, timeout_s: float = 300.0) -> tuple[float, float, str, float]:
+    """Run the CLI once; (launch ``time.monotonic()``, wall seconds, stdout, CPU seconds). Raises if it fails."""
+    launched, wall, completed, cpu = timed_run([*orchestrator_command(), *args], timeout_s=timeout_s)
     if completed.returncode != 0:
         raise RuntimeError(f"orchestrator {' '.join(args)} exited {completed.returncode}:\n{completed.stderr[-2000:]}")
     return launched, wall, completed.stdout, cpu

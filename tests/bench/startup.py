@@ -17,16 +17,14 @@ the config's models, the database or the RPCs themselves).
 
 from __future__ import annotations
 
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from tests.bench.http_llm import HttpLLM
-from tests.bench.http_turns import run_cli
+from tests.bench.http_turns import run_cli, timed_run
 from tests.support.processes import REPO
 
 FLOORS = {
@@ -70,17 +68,10 @@ def compile_project() -> None:
 
 
 def floor_run(imports: str) -> tuple[float, float]:
-    """Wall and CPU seconds of one fresh ``python -c IMPORTS`` (same interpreter and site as the console script).
-
-    Output captured as ``run_cli`` captures it: with pipes the wait ends when the child does, while a
-    bare ``subprocess.run(timeout=...)`` polls with sleeps of up to 50 ms (measured: +30 ms of wall).
-    """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-c", imports], cwd=REPO, check=True, timeout=60, capture_output=True)
-    wall = time.monotonic() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    """Wall and CPU seconds of one fresh ``python -c IMPORTS`` (same interpreter and site as the console script)."""
+    _, wall, completed, cpu = timed_run([sys.executable, "-c", imports], timeout_s=60)
+    completed.check_returncode()
+    return wall, cpu
 
 
 def _floor_columns(median_s: float, floor: str, walls: list[float], cpus: list[float]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import signal
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from orchestrator.resume import ResumePoint
     from orchestrator.runner import SessionResult
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]
 
 
 class CommandError(Exception):
@@ -489,7 +490,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code (also usable from tests)."""
+    """Run one command and return its exit code (tests call this; the console script is ``console_main``)."""
     args = _parser().parse_args(argv)
     if not hasattr(args, "config"):
         args.config = None
@@ -507,5 +508,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def console_main() -> int:
+    """Run ``main()`` as the ``orchestrator`` console script, then exit without the final garbage collections.
+
+    Why: with gRPC, protobuf, pydantic and httpx2 loaded, CPython's shutdown runs
+    full garbage collections over some 40,000 objects, 60 to 100 ms of CPU on a
+    2-core VM, a fifth of a command meant to answer at once. ``gc.freeze()`` moves
+    every object to the permanent generation, so those collections skip them.
+    Nothing is lost: by then each command has closed what it opened (audit store,
+    channels, HTTP pool), and atexit handlers (the trace exporter's flush) still
+    run. Only the console script does this; tests that call ``main()`` keep
+    their collector.
+    """
+    try:
+        return main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

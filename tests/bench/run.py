@@ -134,7 +134,7 @@ def sizes_for(smoke: bool) -> dict[str, int]:
         "cli_short_turns": 2 if smoke else 20,
         "cli_long_turns": 6 if smoke else 220,
         "cli_repeats": 1 if smoke else 3,
-        "startup_repeats": 1 if smoke else 7,
+        "startup_repeats": 1 if smoke else 15,
         "turns": 100 if smoke else 1500,
         "warmup_turns": 15 if smoke else 90,
         "load_s": 1.0 if smoke else 10.0,

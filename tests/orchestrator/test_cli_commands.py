@@ -149,6 +149,43 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert "usage: orchestrator" in capsys.readouterr().out
 
 
+def test_console_script_freezes_the_heap_once_the_command_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The installed ``orchestrator`` is ``console_main``: main's exit code, then ``gc.freeze()`` (even on ``--help``).
+
+    Freezing after the command spares the interpreter's shutdown its full collections (the
+    start-up benchmark's floors end the same way); freezing before it, or in ``main``, would stop
+    the collector of a long session or of the tests that call ``main``.
+    """
+    import gc
+    import tomllib
+
+    from orchestrator import cli as cli_module
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["orchestrator"] == "orchestrator.cli:console_main"
+
+    steps: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: steps.append("freeze"))
+
+    def command() -> int:
+        steps.append("main")
+        return 6
+
+    monkeypatch.setattr(cli_module, "main", command)
+    assert cli_module.console_main() == 6
+    assert steps == ["main", "freeze"]
+
+    def usage() -> int:
+        steps.append("main")
+        raise SystemExit(0)
+
+    steps.clear()
+    monkeypatch.setattr(cli_module, "main", usage)
+    with pytest.raises(SystemExit):
+        cli_module.console_main()
+    assert steps == ["main", "freeze"]
+
+
 def test_inspection_commands_load_no_async_grpc_or_spare_database_engines(tmp_path: Path) -> None:
     """``sessions``/``show``/``export`` on a SQLite file stay synchronous and SQLite-only (their start-up is the point).
 

@@ -34,13 +34,14 @@ FLOORS = {
     "config + gRPC + HTTP": (
         "import asyncio, yaml, grpc, httpx2; from grpc_health.v1 import health_pb2_grpc; from pydantic import BaseModel"
     ),
-    "config + audit + gRPC + HTTP": (
-        "import asyncio, sqlite3, yaml, peewee, grpc, httpx2; from grpc_health.v1 import health_pb2_grpc; "
+    "config + audit + gRPC + HTTP + openai": (
+        "import asyncio, sqlite3, yaml, peewee, grpc, httpx2, openai; from grpc_health.v1 import health_pb2_grpc; "
         "from pydantic import BaseModel"
     ),
 }
 """What each kind of command cannot start without. ``from pydantic import BaseModel``, not ``import pydantic``:
-the package imports its models lazily, on first use."""
+the package imports its models lazily, on first use. ``run`` needs ``openai`` for its first completion, and
+``import openai`` loads the SDK's whole ``openai.types`` package (most of that floor)."""
 COMMAND_FLOORS = {
     "--help": "interpreter",
     "sessions": "config + audit",
@@ -48,7 +49,7 @@ COMMAND_FLOORS = {
     "export": "config + audit",
     "health": "config + gRPC + HTTP",
     "health (mTLS)": "config + gRPC + HTTP",
-    "run": "config + audit + gRPC + HTTP",
+    "run": "config + audit + gRPC + HTTP + openai",
 }
 
 

@@ -10,8 +10,9 @@ and of the LLM.
 
 Each command has a floor, measured in the same rounds: a fresh ``python -c``
 of this interpreter that only does what the command cannot do without
-(``FLOORS``: import the third-party libraries it needs and, for the config, build
-one pydantic model), then exits as the console script does (``FLOOR_EXIT``). A command can get no faster than its floor by
+(``FLOORS``: import the third-party libraries it needs and, for the config,
+build one pydantic model), then exits as the console script does
+(``FLOOR_EXIT``). A command can get no faster than its floor by
 changing our code; what it takes over the floor is ours (our imports, building
 the config's models, the database or the RPCs themselves).
 """

@@ -145,16 +145,18 @@ class Floor:
             memory = memory_pb2_grpc.MemoryServiceStub(channels["memory"])
             oauth = oauth_pb2_grpc.OAuthServiceStub(channels["oauth"])
             plain = ((SESSION_METADATA_KEY, session),)
+
+            async def bearer(client_id: str, scopes: list[str]) -> tuple[tuple[str, str], ...]:
+                """The session's metadata with a token the OAuth service issued to ``client_id`` for it."""
+                request = oauth_pb2.IssueTokenRequest(
+                    grant_type="client_credentials", client_id=client_id,
+                    client_secret=client_secret(config, client_id), scopes=scopes,
+                )  # fmt: skip
+                issued = await oauth.IssueToken(request, metadata=plain, timeout=5)
+                return (*plain, (AUTHORIZATION_METADATA_KEY, f"Bearer {issued.access_token}"))
+
             # Memory answers only a token bound to the session, issued to the orchestrator's own client.
-            memory_token = await oauth.IssueToken(
-                oauth_pb2.IssueTokenRequest(
-                    grant_type="client_credentials", client_id=config.session.oauth_client,
-                    client_secret=client_secret(config, config.session.oauth_client),
-                    scopes=list(contract_of("memory").scopes),
-                ),
-                metadata=plain, timeout=5,
-            )  # fmt: skip
-            auth = (*plain, (AUTHORIZATION_METADATA_KEY, f"Bearer {memory_token.access_token}"))
+            auth = await bearer(config.session.oauth_client, list(contract_of("memory").scopes))
             memory_config = config.session.memory
             calls = []
             for agent in self.crew:
@@ -162,20 +164,13 @@ class Floor:
                 method = service.inline_method
                 assert method is not None
                 scope = [method.required_scope] if method.required_scope else []
-                issued = await oauth.IssueToken(
-                    oauth_pb2.IssueTokenRequest(
-                        grant_type="client_credentials", client_id=agent.oauth_client,
-                        client_secret=client_secret(config, agent.oauth_client), scopes=scope,
-                    ),
-                    metadata=plain, timeout=5,
-                )  # fmt: skip
                 stub = service.stub_class(channels[service.name])
                 calls.append(
                     (
                         agent.name,
                         getattr(stub, method.method.name),
                         method.inline_request(ARGUMENTS[service.name]),
-                        (*plain, (AUTHORIZATION_METADATA_KEY, f"Bearer {issued.access_token}")),
+                        await bearer(agent.oauth_client, scope),
                         config.services[service.name].deadline_s,
                         memory_pb2.GetCompressedMemoryRequest(
                             agent_name=agent.name, recent_count=memory_config.recent_count,

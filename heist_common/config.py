@@ -76,7 +76,7 @@ transcript: the meeting as a plain-text transcript to /completions, which the
 model continues with the speaker's next line (small base models such as the
 embedded Gemma 3 270M, which have no chat template)."""
 ConstrainedToolsMode = Literal["auto", "grammar", "json_schema", "off"]
-"""How tool-call arguments are constrained (``orchestrator.constrained``): ``grammar``
+"""How tool-call arguments are constrained (``orchestrator.turn.constrained_tools``): ``grammar``
 sends llama.cpp's GBNF ``grammar`` field (transcript markers, inline chat markers),
 ``json_schema`` sends the derived schemas as strict tool definitions (native
 function calling), ``auto`` uses whichever fits the turn and drops it for the rest

@@ -3,7 +3,7 @@
 Both sides need this and nothing more of each other's credentials: the
 orchestrator reads its agents' client secrets to ask for tokens, the OAuth
 server reads every secret to check them. Signing keys stay with the servers
-(``servers.credentials``).
+(``servers.auth.credential_store``).
 
 - ``HEIST_OAUTH_CLIENT_SECRET_<CLIENT_ID>``: a client's secret; the client id is
   upper-cased and every non-alphanumeric character becomes ``_``

@@ -7,7 +7,7 @@ and every client verify the server's; ``plaintext`` is the explicit opt-out
 (e.g. behind a mesh sidecar that already does mTLS).
 
 Local development: ``heist_common.dev_pki.ensure_dev_pki`` (called by
-``servers.credentials`` on first ``make serve``) writes into
+``servers.auth.credential_store`` on first ``make serve``) writes into
 ``<run_dir>/credentials/tls/``:
 
 - ``ca.crt`` / ``ca.key``: the development CA (ECDSA P-256, 10 years)

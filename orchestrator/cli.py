@@ -28,11 +28,11 @@ from heist_common.exit_codes import ExitCode
 # completion is made (its import alone takes most of a second).
 if TYPE_CHECKING:
     from heist_common.config import HeistConfig
-    from orchestrator.agent import TurnResult
     from orchestrator.audit import AuditStore
-    from orchestrator.clients import HealthResult
-    from orchestrator.resume import ResumePoint
-    from orchestrator.runner import SessionResult
+    from orchestrator.mesh.clients import HealthResult
+    from orchestrator.session.resume import ResumePoint
+    from orchestrator.session.runner import SessionResult
+    from orchestrator.turn.agent import TurnResult
 
 __all__ = ["console_main", "main"]
 
@@ -296,7 +296,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from heist_common.config import redact_url
     from orchestrator.audit import AuditError
-    from orchestrator.runner import RunOptions, run_session
+    from orchestrator.session.runner import RunOptions, run_session
 
     config = _with_llm_flags(_load(args), args)
     allowed = config.session.max_turns_allowed
@@ -333,8 +333,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     from heist_common.config import redact_url
     from orchestrator.audit import AuditError, UnknownSessionError
-    from orchestrator.resume import NotResumableError, ResumeConflictError
-    from orchestrator.runner import RunOptions, resume_session
+    from orchestrator.session.resume import NotResumableError, ResumeConflictError
+    from orchestrator.session.runner import RunOptions, resume_session
 
     config = _with_llm_flags(_load(args), args)
     if args.out is not None:
@@ -381,9 +381,9 @@ def _check_writable(folder: Path) -> None:
 def _cmd_health(args: argparse.Namespace) -> int:
     import asyncio
 
-    from orchestrator.clients import ServiceClients
-    from orchestrator.health import check_health
-    from orchestrator.llm import LLMClient
+    from orchestrator.llm.client import LLMClient
+    from orchestrator.mesh.clients import ServiceClients
+    from orchestrator.session.health import check_health
 
     config = _load(args)
 
@@ -438,14 +438,14 @@ def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> di
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from orchestrator.export import render_markdown
+    from orchestrator.output.export import render_markdown
 
     print(printable(render_markdown(_read_log(args))), end="")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator.export import render_json, render_markdown
+    from orchestrator.output.export import render_json, render_markdown
 
     log = _read_log(args)
     text = render_json(log) if args.format == "json" else render_markdown(log)
@@ -462,7 +462,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import report_path, write_report
+    from orchestrator.output.report import report_path, write_report
 
     config = _load(args, calls_services=False)
     log = _read_log(args, config)

@@ -19,8 +19,8 @@ from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from pydantic import Field
 
 from heist_common.config import HeistConfig
-from servers import lifecycle
-from servers.lifecycle import ServiceDefinition
+from servers.runtime import lifecycle
+from servers.runtime.lifecycle import ServiceDefinition
 
 Number = int | float
 

@@ -31,8 +31,8 @@ from pydantic import Field, field_validator
 
 from heist_common.config import HeistConfig
 from heist_common.layout import anchored
-from servers import lifecycle
-from servers.lifecycle import ServiceDefinition
+from servers.runtime import lifecycle
+from servers.runtime.lifecycle import ServiceDefinition
 
 DEFAULT_DOCUMENTS_DIR = Path(__file__).resolve().parent / "data" / "documents"
 

@@ -38,8 +38,8 @@ from heist_common.contract import Catalogue, ContractError
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import REPO_ROOT
 from heist_common.telemetry import export_requested
-from servers import credentials
-from servers.lifecycle import service_limits
+from servers.auth import credential_store
+from servers.runtime.lifecycle import service_limits
 
 LLM_NAME = "llm"
 LLM_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -154,7 +154,7 @@ class Supervisor:
 
     def serve(self, llm: bool) -> int:
         """Start whatever is not running yet and wait until everything is healthy; return the exit code."""
-        credentials.ensure_dev_credentials(self.config)
+        credential_store.ensure_dev_credentials(self.config)
         processes = self.all_grpc_processes()
         if export_requested():
             print("tracing: every service exports spans over OTLP (OTEL_EXPORTER_OTLP_* is set)", file=self.out)

@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 
 from heist_common.config import HeistConfig, load_config
-from servers import credentials
-from servers.tokens import issue_token
+from servers.auth import credential_store
+from servers.auth.tokens import issue_token
 from tests.support.channels import channel
 from tests.support.config import write_heist_config
 from tests.support.ports import free_port
@@ -39,7 +39,7 @@ def write_config(folder: Path, limits: dict[str, Any]) -> Path:
 def bearer(settings: HeistConfig, scope: str) -> tuple[tuple[str, str], ...]:
     """Call metadata with a 10-minute token carrying ``scope``."""
     token = issue_token(
-        credentials.signing_key(settings),
+        credential_store.signing_key(settings),
         issuer=settings.oauth.issuer,
         audience=settings.oauth.audience,
         client_id="crew",
@@ -69,7 +69,7 @@ def start_service(folder: Path, name: str, scope: str, limits: dict[str, Any]) -
     folder.mkdir(parents=True, exist_ok=True)
     config_path = write_config(folder, limits)
     settings = load_config(config_path)
-    credentials.ensure_dev_credentials(settings)
+    credential_store.ensure_dev_credentials(settings)
     process = ServerProcess(name, load_config(config_path), free_port(), folder, START_TIMEOUT_S)
     try:
         process.start()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from servers.bank_db import build
-from servers.query_worker import BankQueries, WorkerLimits, answer
+from servers.database_query.bank_fixture import build
+from servers.database_query.worker import BankQueries, WorkerLimits, answer
 
 pytestmark = pytest.mark.abuse
 

@@ -16,7 +16,7 @@ Reported per mode:
   marker the model wrote or completed, as the services judged it);
 * own words: turns whose message, tool markers and results removed, is not
   empty, not "(says nothing)", not an LLM error, and not a parrot of a line
-  the turn's prompt showed (``orchestrator.prompts.parrots``);
+  the turn's prompt showed (``orchestrator.turn.prompts.parrots``);
 * turns per minute: turns over the summed wall time of the turns.
 
 Not a test: numbers on a shared machine are measurements.
@@ -38,11 +38,11 @@ from typing import Any
 
 from heist_common.config import HeistConfig, LLMConfig
 from orchestrator.audit import AuditStore
-from orchestrator.clients import ServiceClients
-from orchestrator.constrained import FALLBACK_OPERATION
-from orchestrator.llm import LLMClient
-from orchestrator.prompts import NO_REPLY, one_line, parrots
-from orchestrator.runner import RunOptions, SessionRunner
+from orchestrator.llm.client import LLMClient
+from orchestrator.mesh.clients import ServiceClients
+from orchestrator.session.runner import RunOptions, SessionRunner
+from orchestrator.turn.constrained_tools import FALLBACK_OPERATION
+from orchestrator.turn.prompts import NO_REPLY, one_line, parrots
 from tests.bench.llm_e2e import LlamaServer
 from tests.bench.procs import machine_info
 from tests.support.config import shipped
@@ -69,7 +69,7 @@ def own_words(message: str, spoken: list[str]) -> bool:
 
 async def heist(config: HeistConfig, seed: int, turns: int) -> dict[str, Any]:
     """One session; returns its counts (from the result and the audit database)."""
-    random.seed(seed)  # the requests' sampling seeds (orchestrator.llm) follow from it
+    random.seed(seed)  # the requests' sampling seeds (orchestrator.llm.client) follow from it
     audit = AuditStore.open(config.database.url)
     clients = ServiceClients(config)
     llm = LLMClient(config.llm)

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from heist_common.config import LLMConfig
-from orchestrator.clients import HealthResult
-from orchestrator.llm import Completion, LLMClient
+from orchestrator.llm.client import Completion, LLMClient
+from orchestrator.mesh.clients import HealthResult
 
 ARGUMENTS = {
     "calculator": "(120-15)*3",

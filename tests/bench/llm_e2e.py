@@ -30,9 +30,9 @@ import openai
 
 from heist_common.config import HeistConfig
 from orchestrator.audit import AuditStore
-from orchestrator.clients import ServiceClients
-from orchestrator.llm import LLMClient
-from orchestrator.runner import RunOptions, SessionRunner
+from orchestrator.llm.client import LLMClient
+from orchestrator.mesh.clients import ServiceClients
+from orchestrator.session.runner import RunOptions, SessionRunner
 from tests.support.ports import free_port
 from tests.support.processes import REPO, stop_process
 

@@ -32,9 +32,9 @@ import httpx2
 import openai
 
 from heist_common.config import LLMConfig
-from orchestrator.llm import LLMClient
-from orchestrator.llm_transport import PlainHTTPTransport
-from orchestrator.tools import ToolRegistry
+from orchestrator.llm.client import LLMClient
+from orchestrator.llm.transport import PlainHTTPTransport
+from orchestrator.tools.registry import ToolRegistry
 from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import RawHTTP
 

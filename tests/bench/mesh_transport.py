@@ -24,7 +24,7 @@ from typing import Any
 
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 
-from orchestrator.clients import ServiceClients, session_metadata
+from orchestrator.mesh.clients import ServiceClients, session_metadata
 from tests.bench.procs import BenchMesh, machine_info
 from tests.bench.turns import bench_config, percentiles, turn_overhead
 from tests.support.access_log import calls

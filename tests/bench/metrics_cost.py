@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from servers import credentials
+from servers.auth import credential_store
 from tests.bench.procs import BenchMesh, machine_info
 from tests.bench.throughput import generator, load
 from tests.support.access_log import access_entries
@@ -46,10 +46,10 @@ def _token(mesh: BenchMesh, kind: str, use: str) -> str:
         if use != "h2load":
             raise RuntimeError("the memory load needs h2load (apt-get install nghttp2-client)")
         return dict(session_metadata(mesh.config, f"h2load_{kind}"))["authorization"].removeprefix("Bearer ")
-    from servers.tokens import issue_token
+    from servers.auth.tokens import issue_token
 
     return issue_token(
-        credentials.signing_key(mesh.config), issuer=mesh.config.oauth.issuer, audience=mesh.config.oauth.audience,
+        credential_store.signing_key(mesh.config), issuer=mesh.config.oauth.issuer, audience=mesh.config.oauth.audience,
         client_id=spec[0], scopes=[spec[1]], ttl_s=3600,
     )  # fmt: skip
 
@@ -88,12 +88,12 @@ def cpu_seconds(pid: int) -> float:
 def instrument_ns_per_call(calls: int = 200_000) -> float:
     """What the middleware's metrics do for one OK call with a token (begin, end, auth verdict), in ns.
 
-    The same objects and calls as ``servers.middleware``: a bound method's series, then its end with a code and
+    The same objects and calls as ``servers.runtime.middleware``: a bound method's series, then its end with a code and
     a time, and an auth verdict. Measured alone it is free of the noise other processes put on throughput.
     """
     import grpc
 
-    from servers.metrics import ServerMetrics
+    from servers.runtime.metrics import ServerMetrics
 
     metrics = ServerMetrics("bench")
     counted = metrics.method("/heist.bench.v1.Bench/Call", False, False)
@@ -133,8 +133,8 @@ def wrapper_ns_per_call(metrics: bool, calls: int = 50_000, repeats: int = 5) ->
 
     import grpc
 
-    from servers.metrics import ServerMetrics
-    from servers.middleware import AccessLog, CallMiddleware
+    from servers.runtime.metrics import ServerMetrics
+    from servers.runtime.middleware import AccessLog, CallMiddleware
 
     async def behavior(request: object, context: object) -> object:
         return request
@@ -162,7 +162,7 @@ def scrape_cpu_ms(scrapes: int = 50) -> float:
     from prometheus_client import generate_latest
 
     from heist_common.contract import contract_of
-    from servers.metrics import ServerMetrics
+    from servers.runtime.metrics import ServerMetrics
 
     metrics = ServerMetrics("memory")
     contract = contract_of("memory")

@@ -25,8 +25,8 @@ from typing import Any
 
 import grpc
 
-from orchestrator.clients import ServiceClients
-from servers import credentials
+from orchestrator.mesh.clients import ServiceClients
+from servers.auth import credential_store
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import STYLES, http_turns, parallel_http, run_cli, whole_process, write_style_config
@@ -259,7 +259,7 @@ def throughput(mesh: BenchMesh, echo: EchoServer, sizes: dict[str, int], loadgen
     use = generator(loadgen)
     print(f"throughput (load generator: {use}) ...", flush=True)
     tokens = asyncio.run(tokens_for_load(mesh))
-    secret = credentials.client_secret(mesh.config, "safecracker")
+    secret = credential_store.client_secret(mesh.config, "safecracker")
     rows: dict[str, Any] = {}
     for kind, (service, spec) in KINDS.items():
         address = echo.address if service == "echo" else mesh.address(service)

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from heist_common.config import HeistConfig
-from orchestrator.agent import TurnResult
 from orchestrator.audit import AuditStore
-from orchestrator.clients import ServiceClients
-from orchestrator.llm import LLMClient
-from orchestrator.runner import RunOptions, SessionRunner
+from orchestrator.llm.client import LLMClient
+from orchestrator.mesh.clients import ServiceClients
+from orchestrator.session.runner import RunOptions, SessionRunner
+from orchestrator.turn.agent import TurnResult
 from tests.bench.fake_llm import InstantLLM
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from heist_common.config import ConfigError, load_config, resolve_database_url
 from heist_common.layout import REPO_ROOT
-from servers.lifecycle import service_limits
+from servers.runtime.lifecycle import service_limits
 from tests.support.config import CREW, shipped, write_heist_config
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from heist_common.config import ConfigError, load_config, replica_address
-from orchestrator.clients import channel_target, retry_service_config
+from orchestrator.mesh.clients import channel_target, retry_service_config
 from tests.support.config import write_heist_config
 
 

@@ -13,7 +13,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from heist.auth.v1 import options_pb2 as auth_options
 
 from heist_common.config import load_config
-from servers.credentials import (
+from servers.auth.credential_store import (
     CLIENTS_FILE,
     CREDENTIALS_DIR_ENV,
     PUBLIC_KEY_FILE,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from orchestrator.runner import RunOptions, run_session
+from orchestrator.session.runner import RunOptions, run_session
 from tests.drills.script import DrillScript, drill_resilience
 from tests.support.processes import REPO, ProcessMesh, session_memories
 from tests.support.scripted_llm import ScriptedLLM, hang, http_error, text

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from orchestrator.runner import RunOptions, run_session
+from orchestrator.session.runner import RunOptions, run_session
 from tests.drills.script import DrillScript, drill_resilience
 from tests.support.processes import ProcessMesh, session_memories
 from tests.support.scripted_llm import ScriptedLLM

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.clients import ServiceClients
-from orchestrator.runner import RunOptions, SessionResult, run_session
+from orchestrator.mesh.clients import ServiceClients
+from orchestrator.session.runner import RunOptions, SessionResult, run_session
 from tests.drills.script import TURN_ORDER, DrillScript, drill_resilience
 from tests.support.access_log import calls
 from tests.support.processes import ProcessMesh, ServerProcess

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.strategies import turn_schedule
+from orchestrator.session.schedule import turn_schedule
 from tests.drills.script import TURN_ORDER, DrillScript, drill_resilience
 from tests.support.access_log import access_entries
 from tests.support.processes import REPO, ProcessMesh, session_memories, stop_process

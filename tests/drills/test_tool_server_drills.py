@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from orchestrator.clients import ServiceClients
-from orchestrator.runner import RunOptions, SessionResult, run_session
+from orchestrator.mesh.clients import ServiceClients
+from orchestrator.session.runner import RunOptions, SessionResult, run_session
 from tests.drills.script import DrillScript, drill_resilience
 from tests.support.access_log import calls
 from tests.support.processes import ProcessMesh

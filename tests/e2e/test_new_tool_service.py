@@ -71,8 +71,8 @@ from heist.lockpick.v1 import lockpick_pb2, lockpick_pb2_grpc
 from pydantic import Field
 
 from heist_common.config import HeistConfig
-from servers import lifecycle
-from servers.lifecycle import ServiceDefinition
+from servers.runtime import lifecycle
+from servers.runtime.lifecycle import ServiceDefinition
 
 
 class Limits(lifecycle.Limits):

@@ -201,7 +201,7 @@ def test_inspection_commands_load_no_async_grpc_or_spare_database_engines(tmp_pa
         asyncio.run(store.create_session("heist_lean", strategy="round_robin", seed=None, model="m"))
     finally:
         store.close()
-    heavy = ("asyncio", "grpc", "playhouse.db_url", "playhouse.migrate", "orchestrator.llm")
+    heavy = ("asyncio", "grpc", "playhouse.db_url", "playhouse.migrate", "orchestrator.llm.client")
     for command in (["sessions"], ["show", "heist_lean"], ["export", "heist_lean", "--format", "md"]):
         code = (
             "import sys; from orchestrator.cli import main; code = main(sys.argv[1:]); "

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from heist_common.config import HeistConfig
-from orchestrator import constrained
-from orchestrator.constrained import FALLBACK_OPERATION, reply_grammar, strict_schema
-from orchestrator.constraints import ConstraintError, Listing, build_constraint
-from orchestrator.runner import RunOptions, run_session
-from orchestrator.tools import ToolRegistry
+from orchestrator.session.runner import RunOptions, run_session
+from orchestrator.tools.argument_grammars import ConstraintError, Listing, build_constraint
+from orchestrator.tools.registry import ToolRegistry
+from orchestrator.turn import constrained_tools
+from orchestrator.turn.constrained_tools import FALLBACK_OPERATION, reply_grammar, strict_schema
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.llama_grammar import LlamaGrammarChecker
 from tests.support.scripted_llm import Reply, ScriptedLLM, http_error, text, tool_call
@@ -303,8 +303,8 @@ async def test_a_contract_hint_that_cannot_be_honoured_costs_the_constraint_not_
     def broken(method: Any) -> None:
         raise ConstraintError("listing_method 'ListNothing' is not a method of the service")
 
-    monkeypatch.setattr(constrained, "argument_hint", broken)
-    tools = constrained.ConstrainedTools("auto", ToolRegistry.for_services(["file_reader"]), max_bytes=60)
+    monkeypatch.setattr(constrained_tools, "argument_hint", broken)
+    tools = constrained_tools.ConstrainedTools("auto", ToolRegistry.for_services(["file_reader"]), max_bytes=60)
     with caplog.at_level("WARNING", logger="heist.orchestrator.constrained"):
         assert await tools.inline("file_reader", None) is None
         assert await tools.inline("file_reader", None) is None
@@ -329,7 +329,7 @@ async def test_strict_definitions_are_built_again_only_when_a_constraint_changes
     def build(names: tuple[str, ...]) -> dict[str, Any]:
         return {method.method.name: build_constraint("file_reader", method.method, Listing(names=names), max_bytes=60)}
 
-    tools = constrained.ConstrainedTools("auto", registry, max_bytes=60)
+    tools = constrained_tools.ConstrainedTools("auto", registry, max_bytes=60)
     monkeypatch.setattr(tools.cache, "get", cached)
     current = build(DOCUMENTS)
     first = await tools.strict_functions(methods, None)

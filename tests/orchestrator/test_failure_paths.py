@@ -11,7 +11,7 @@ import pytest
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
 from heist_common.config import load_config
-from orchestrator.runner import RunOptions, SessionRunner, run_session
+from orchestrator.session.runner import RunOptions, SessionRunner, run_session
 from tests.support import channels
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, SessionHarness, audit_rows
@@ -214,7 +214,7 @@ def test_circuits_do_not_load_redis_unless_the_process_already_has_it(redis_firs
     code = (
         "import sys\n"
         f"if {redis_first}: import redis\n"
-        "from orchestrator.clients import _import_pybreaker\n"
+        "from orchestrator.mesh.clients import _import_pybreaker\n"
         "_import_pybreaker()\n"
         "import pybreaker\n"
         "breaker = pybreaker.CircuitBreaker(fail_max=1)\n"

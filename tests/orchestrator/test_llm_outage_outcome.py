@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from heist_common.config import load_config
-from orchestrator.agent import TurnResult
 from orchestrator.cli import main
-from orchestrator.runner import RunOptions, run_session
+from orchestrator.session.runner import RunOptions, run_session
+from orchestrator.turn.agent import TurnResult
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.ports import free_port

@@ -11,8 +11,8 @@ import pytest
 from openai._models import FinalRequestOptions
 
 from heist_common.config import LLMConfig
-from orchestrator.llm import LLMClient, LLMError
-from orchestrator.llm_sdk import PreparedRequestOpenAI
+from orchestrator.llm.client import LLMClient, LLMError
+from orchestrator.llm.sdk import PreparedRequestOpenAI
 from tests.support.scripted_llm import ScriptedLLM, http_error, text
 
 BASE_URL = "http://127.0.0.1:9/v1"

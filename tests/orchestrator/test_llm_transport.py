@@ -17,8 +17,8 @@ import httpx2
 import pytest
 
 from heist_common.config import LLMConfig
-from orchestrator.llm import LLMClient
-from orchestrator.llm_transport import PlainHTTPTransport
+from orchestrator.llm.client import LLMClient
+from orchestrator.llm.transport import PlainHTTPTransport
 from tests.support.scripted_llm import ScriptedLLM, tool_call
 
 Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[bool]]

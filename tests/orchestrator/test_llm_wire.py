@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from heist_common.config import LLMConfig
-from orchestrator.llm import LLMClient, LLMError
+from orchestrator.llm.client import LLMClient, LLMError
 from tests.support.config import write_heist_config
 from tests.support.scripted_llm import RecordedRequest, ScriptedLLM, text, tool_call
 
@@ -143,7 +143,7 @@ def test_text_request_is_byte_identical_to_create(
     scripted_llm: ScriptedLLM, extras: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = llm_config(scripted_llm.base_url, prompt_style="transcript", **extras)
-    monkeypatch.setattr("orchestrator.llm.random.randrange", lambda _: 1234567)
+    monkeypatch.setattr("orchestrator.llm.client.random.randrange", lambda _: 1234567)
     prompt = 'planner: "Café" at 9 — ✓\\nhacker: [TOOL:file_reader:'
 
     async def both() -> None:
@@ -242,7 +242,7 @@ def test_per_request_grammar_and_max_tokens_are_byte_identical_to_create(
 ) -> None:
     """A constrained argument's request (``grammar`` and a larger ``max_tokens``) as ``create()`` would send it."""
     config = llm_config(scripted_llm.base_url, prompt_style="transcript", **EXTRAS)
-    monkeypatch.setattr("orchestrator.llm.random.randrange", lambda _: 7654321)
+    monkeypatch.setattr("orchestrator.llm.client.random.randrange", lambda _: 7654321)
     prompt = "hacker: [TOOL:file_reader:"
     grammar = {"grammar": 'root ::= "vault.md]"'}
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from heist_common.config import AgentConfig, SessionConfig
-from orchestrator import prompts
-from orchestrator.prompts import ConversationMessage
-from orchestrator.tools import ToolRegistry
+from orchestrator.tools.registry import ToolRegistry
+from orchestrator.turn import prompts
+from orchestrator.turn.prompts import ConversationMessage
 from tests.support.config import TOOLS
 
 AGENT = AgentConfig(name="safecracker", role="Safecracker", system_prompt="You do the numbers.", tools=(TOOLS[0],))

@@ -11,8 +11,8 @@ import pytest
 
 from heist_common.exit_codes import ExitCode
 from orchestrator.cli import main
-from orchestrator.report import render_report, service_summary
-from orchestrator.runner import RunOptions, run_session
+from orchestrator.output.report import render_report, service_summary
+from orchestrator.session.runner import RunOptions, run_session
 from tests.support.browser import Chromium
 from tests.support.inprocess import InProcessMesh
 from tests.support.scripted_llm import ScriptedLLM, http_error, inline_tool, text

@@ -19,9 +19,9 @@ from heist_common.config import HeistConfig, load_config
 from heist_common.exit_codes import ExitCode
 from orchestrator.audit import AuditStore, MessageRow, SessionStatus, SessionTakenOverError, TurnAudit
 from orchestrator.cli import main
-from orchestrator.resume import NotResumableError, ResumeConflictError, judge_liveness, pid_alive, plan_resume
-from orchestrator.runner import RunOptions, SessionResult, resume_session, run_session
-from orchestrator.strategies import turn_schedule
+from orchestrator.session.resume import NotResumableError, ResumeConflictError, judge_liveness, pid_alive, plan_resume
+from orchestrator.session.runner import RunOptions, SessionResult, resume_session, run_session
+from orchestrator.session.schedule import turn_schedule
 from tests.support.audit_db import query
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from heist_common.config import load_config
-from orchestrator.runner import RunOptions, SessionRunner, run_session
+from orchestrator.session.runner import RunOptions, SessionRunner, run_session
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, SessionHarness, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, inline_tool, text, tool_call

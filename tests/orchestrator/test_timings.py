@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.runner import RunOptions, run_session
+from orchestrator.session.runner import RunOptions, run_session
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, inline_tool, text
 

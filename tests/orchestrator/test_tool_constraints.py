@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from heist.file_reader.v1 import file_reader_pb2
 from heist.tools.v1 import options_pb2 as tool_options
 
-from orchestrator.constraints import (
+from orchestrator.tools.argument_grammars import (
     ARGUMENT_RULE,
     ARITHMETIC_SHAPES,
     ColumnInfo,
@@ -38,8 +38,8 @@ from orchestrator.constraints import (
     listing_from_response,
     names_grammar,
 )
-from orchestrator.gbnf import Alt, Chars, Grammar, Lit, Node, Ref, Repeat, Seq
-from orchestrator.tools import ToolRegistry
+from orchestrator.tools.gbnf import Alt, Chars, Grammar, Lit, Node, Ref, Repeat, Seq
+from orchestrator.tools.registry import ToolRegistry
 from servers.file_reader import DEFAULT_DOCUMENTS_DIR
 from tests.support.llama_grammar import GrammarSyntaxError, LlamaGrammarChecker
 from tests.support.tool_arguments import TOOLS, ServiceLogic, generate, transcript_prompt
@@ -86,7 +86,7 @@ GOOD = {
     ],
     "file_reader": ["security_system.md]", " bank_layout.md]", "vault_time_lock.md]"],
     "database_query": [
-        # The example names a column `shift`; guards has shift_start/shift_end (servers/bank_db.py).
+        # The example names a column `shift`; guards has shift_start/shift_end (database_query/bank_fixture.py).
         "SELECT name, shift_start FROM guards WHERE shift_start = '22:00' LIMIT 5]",
         "SELECT * FROM cameras WHERE sweep_seconds > 0 ORDER BY sweep_seconds DESC]",
         "SELECT day_of_week, post FROM shifts WHERE guard_id = 2 AND post LIKE 'interior%']",
@@ -201,7 +201,7 @@ def test_arithmetic_length_bound_is_tight_and_accepted(checker: LlamaGrammarChec
     assert constraint.max_bytes is not None and constraint.max_bytes <= (max_bytes or 502)
     assert constraint.json_schema["properties"]["expression"]["maxLength"] == constraint.max_bytes - 2 <= 500
     # The bound is attained: the longest continuation is accepted by llama.cpp and is exactly max_bytes long.
-    from orchestrator.constraints import arithmetic_grammar
+    from orchestrator.tools.argument_grammars import arithmetic_grammar
 
     grammar = arithmetic_grammar(500, max_bytes=None if max_bytes is None else max_bytes - 2)
     longest = _longest(grammar, Ref(ARGUMENT_RULE))
@@ -211,7 +211,7 @@ def test_arithmetic_length_bound_is_tight_and_accepted(checker: LlamaGrammarChec
 
 
 def test_grammar_algebra_refuses_what_it_cannot_render(checker: LlamaGrammarChecker) -> None:
-    from orchestrator.gbnf import GrammarError
+    from orchestrator.tools.gbnf import GrammarError
 
     with pytest.raises(GrammarError, match="undefined rule 'nope'"):
         Grammar({"root": Ref("nope")})
@@ -224,7 +224,7 @@ def test_grammar_algebra_refuses_what_it_cannot_render(checker: LlamaGrammarChec
 
 
 def test_arithmetic_shapes_are_ordered_richest_first() -> None:
-    from orchestrator.constraints import _arithmetic
+    from orchestrator.tools.argument_grammars import _arithmetic
 
     sizes = [_arithmetic(shape).max_bytes(ARGUMENT_RULE) or 0 for shape in ARITHMETIC_SHAPES]
     assert sizes == sorted(sizes, reverse=True)
@@ -466,7 +466,7 @@ def test_cache_rebuilds_only_when_the_listing_changes(tmp_path: Path, checker: L
 def test_cache_sees_a_rebuilt_bank_database(tmp_path: Path) -> None:
     import sqlite3
 
-    from servers.bank_db import build
+    from servers.database_query.bank_fixture import build
 
     own = ServiceLogic(tmp_path)  # its own bank.db, rebuilt and altered below
     bank = own.bank_path

@@ -6,7 +6,7 @@ import re
 import sqlite3
 
 from orchestrator.audit import AuditStore, EventRow
-from orchestrator.runner import RunOptions, run_session
+from orchestrator.session.runner import RunOptions, run_session
 from orchestrator.tracing import current_trace_id, turn_scope
 from tests.support.access_log import access_entries
 from tests.support.inprocess import InProcessMesh, audit_rows

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from orchestrator.strategies import turn_schedule
+from orchestrator.session.schedule import turn_schedule
 
 CREW = ("planner", "hacker", "safecracker", "mole")
 

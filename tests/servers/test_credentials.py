@@ -7,12 +7,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from servers import credentials
+from servers.auth import credential_store
 
 
 def test_dev_credentials_are_private_and_stable(config, monkeypatch):
-    monkeypatch.delenv(credentials.CREDENTIALS_DIR_ENV, raising=False)
-    folder = credentials.ensure_dev_credentials(config)
+    monkeypatch.delenv(credential_store.CREDENTIALS_DIR_ENV, raising=False)
+    folder = credential_store.ensure_dev_credentials(config)
     assert folder == config.mesh.run_dir / "credentials"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     for name in ("clients.json", "signing_key.pem", "public_key.pem"):
@@ -20,38 +20,38 @@ def test_dev_credentials_are_private_and_stable(config, monkeypatch):
     secrets = json.loads((folder / "clients.json").read_text())
     assert set(secrets) == set(config.oauth.clients) and len(set(secrets.values())) == len(secrets)
     key_before = (folder / "signing_key.pem").read_bytes()
-    credentials.ensure_dev_credentials(config)
+    credential_store.ensure_dev_credentials(config)
     assert json.loads((folder / "clients.json").read_text()) == secrets
     assert (folder / "signing_key.pem").read_bytes() == key_before
-    assert credentials.client_secret(config, "mole") == secrets["mole"]
-    assert credentials.signing_key(config).public_key() == credentials.public_key(config)
+    assert credential_store.client_secret(config, "mole") == secrets["mole"]
+    assert credential_store.signing_key(config).public_key() == credential_store.public_key(config)
 
 
 def test_environment_wins_over_generated_files(config, tmp_path, monkeypatch):
-    credentials.ensure_dev_credentials(config)
+    credential_store.ensure_dev_credentials(config)
     monkeypatch.setenv("HEIST_OAUTH_CLIENT_SECRET_SAFECRACKER", "from-vault")
-    assert credentials.client_secret_env_var("my-client.v2") == "HEIST_OAUTH_CLIENT_SECRET_MY_CLIENT_V2"
-    assert credentials.client_secret(config, "safecracker") == "from-vault"
+    assert credential_store.client_secret_env_var("my-client.v2") == "HEIST_OAUTH_CLIENT_SECRET_MY_CLIENT_V2"
+    assert credential_store.client_secret(config, "safecracker") == "from-vault"
     key = Ed25519PrivateKey.generate()
     private_file = tmp_path / "prod_signing.pem"
     private_file.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     public_file = tmp_path / "prod_public.pem"
-    public_file.write_text(credentials.public_pem(key.public_key()))
+    public_file.write_text(credential_store.public_pem(key.public_key()))
     monkeypatch.setenv("HEIST_OAUTH_SIGNING_KEY_FILE", str(private_file))
     monkeypatch.setenv("HEIST_OAUTH_PUBLIC_KEY_FILE", str(public_file))
-    assert credentials.signing_key(config).public_key() == key.public_key()
-    assert credentials.public_key(config) == key.public_key()
+    assert credential_store.signing_key(config).public_key() == key.public_key()
+    assert credential_store.public_key(config) == key.public_key()
 
 
 def test_credentials_dir_can_be_moved(config, tmp_path, monkeypatch):
     monkeypatch.setenv("HEIST_CREDENTIALS_DIR", str(tmp_path / "elsewhere"))
-    assert credentials.ensure_dev_credentials(config) == tmp_path / "elsewhere"
+    assert credential_store.ensure_dev_credentials(config) == tmp_path / "elsewhere"
     assert (tmp_path / "elsewhere" / "clients.json").exists()
     assert not (config.mesh.run_dir / "credentials").exists()
 
 
 def test_missing_secret_says_how_to_provide_it(config):
-    with pytest.raises(credentials.CredentialsError, match="HEIST_OAUTH_CLIENT_SECRET_PLANNER"):
-        credentials.client_secret(config, "planner")
+    with pytest.raises(credential_store.CredentialsError, match="HEIST_OAUTH_CLIENT_SECRET_PLANNER"):
+        credential_store.client_secret(config, "planner")

@@ -5,7 +5,7 @@ import pytest
 from heist.database_query.v1 import database_query_pb2 as pb
 from heist.database_query.v1 import database_query_pb2_grpc
 
-from servers.bank_db import bank_db_path
+from servers.database_query.bank_fixture import bank_db_path
 
 TABLES = ["access_levels", "cameras", "employees", "guards", "shifts", "vaults"]
 

@@ -6,8 +6,8 @@ from heist.memory.v1 import memory_pb2 as pb
 from heist.memory.v1 import memory_pb2_grpc
 
 from heist_common.config import load_config
-from servers.memory import Limits
-from servers.memory_store import InProcessStore, QuotaError
+from servers.memory.local_store import InProcessStore, QuotaError
+from servers.memory.service import Limits
 from tests.servers.conftest import CONTRACT_LIMITS
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh
@@ -203,7 +203,7 @@ def quota_limits(**overrides: object) -> Limits:
 def make_store(request):
     def make(limits: Limits, clock=None):
         if request.param == "redis":
-            from servers.memory_redis import RedisStore
+            from servers.memory.redis_store import RedisStore
 
             url = request.getfixturevalue("redis_url")
             return RedisStore(url, limits, clock=clock) if clock else RedisStore(url, limits)

@@ -17,8 +17,8 @@ from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from heist_common.config import HeistConfig, load_config
-from servers import credentials
-from servers.metrics import GO_CODE_NAMES
+from servers.auth import credential_store
+from servers.runtime.metrics import GO_CODE_NAMES
 from tests.support.channels import aio_channel
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.inprocess import InProcessMesh
@@ -170,7 +170,7 @@ async def test_memory_reports_entries_bytes_and_quota_refusals(tmp_path: Path) -
 
 async def test_oauth_counts_tokens_issued_and_refused_by_reason(mesh: InProcessMesh) -> None:
     stub = oauth_pb2_grpc.OAuthServiceStub(await mesh.channel("oauth"))
-    secret = credentials.client_secret(mesh.config, "safecracker")
+    secret = credential_store.client_secret(mesh.config, "safecracker")
 
     def issue(client: str, secret: str, scopes: list[str]) -> oauth_pb2.IssueTokenRequest:
         return oauth_pb2.IssueTokenRequest(

@@ -95,9 +95,9 @@ async def test_certificate_from_another_ca_is_refused(mesh, calculator):
 
 
 def test_dev_pki_names_each_service_host_and_keeps_its_files(config):
-    from servers import credentials
+    from servers.auth import credential_store
 
-    credentials.ensure_dev_credentials(config)
+    credential_store.ensure_dev_credentials(config)
     folder = tls.tls_dir(config)
     before = {path.name: path.read_bytes() for path in folder.glob("*.crt")}
     assert {"ca.crt", "orchestrator.crt", "grpcurl.crt", "supervisor.crt"} <= set(before)
@@ -109,14 +109,14 @@ def test_dev_pki_names_each_service_host_and_keeps_its_files(config):
     assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1"}
     key = serialization.load_pem_private_key((folder / "calculator.key").read_bytes(), password=None)
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
-    credentials.ensure_dev_credentials(config)
+    credential_store.ensure_dev_credentials(config)
     assert {path.name: path.read_bytes() for path in folder.glob("*.crt")} == before, "a second serve keeps them"
 
 
 def test_plaintext_config_generates_no_certificates_and_serves_plaintext(tmp_path: Path):
-    from servers import credentials
+    from servers.auth import credential_store
 
     config = load_config(write_heist_config(tmp_path, transport="plaintext"))
-    credentials.ensure_dev_credentials(config)
+    credential_store.ensure_dev_credentials(config)
     assert not tls.tls_dir(config).exists()
     assert not tls.mtls(config)

@@ -5,7 +5,7 @@ from cryptography.hazmat.primitives import serialization
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
-from servers import credentials
+from servers.auth import credential_store
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ async def oauth(mesh):
 
 def grant(config, client_id="safecracker", scopes=(), secret=None, grant_type="client_credentials"):
     if secret is None:
-        secret = credentials.client_secret(config, client_id)
+        secret = credential_store.client_secret(config, client_id)
     return oauth_pb2.IssueTokenRequest(
         grant_type=grant_type, client_id=client_id, client_secret=secret, scopes=list(scopes)
     )
@@ -29,7 +29,7 @@ async def test_issued_token_has_the_documented_claims(config, oauth):
     header = jwt.get_unverified_header(response.access_token)
     assert header["alg"] == "EdDSA" and header["kid"]
     claims = jwt.decode(
-        response.access_token, credentials.public_key(config), algorithms=["EdDSA"], audience="heist-mesh"
+        response.access_token, credential_store.public_key(config), algorithms=["EdDSA"], audience="heist-mesh"
     )
     assert claims["iss"] == "heist-oauth" and claims["sub"] == "safecracker" and claims["scope"] == "calculator:use"
     assert claims["exp"] - claims["iat"] == 900 and claims["jti"]
@@ -67,7 +67,7 @@ async def test_bad_grants_are_refused(config, oauth, fails_with, overrides, code
 
 
 def introspect(config, token, client_id="admin"):
-    secret = credentials.client_secret(config, client_id)
+    secret = credential_store.client_secret(config, client_id)
     return oauth_pb2.IntrospectTokenRequest(token=token, client_id=client_id, client_secret=secret)
 
 
@@ -140,6 +140,6 @@ async def test_signing_keys_publish_the_verification_key(config, oauth):
     (key,) = response.keys
     assert key.algorithm == "EdDSA"
     published = serialization.load_pem_public_key(key.public_key_pem.encode())
-    assert published == credentials.public_key(config)
+    assert published == credential_store.public_key(config)
     token = (await oauth.IssueToken(grant(config))).access_token
     assert jwt.get_unverified_header(token)["kid"] == key.key_id

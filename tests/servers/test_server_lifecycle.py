@@ -17,8 +17,8 @@ from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
 from heist_common.layout import REPO_ROOT
-from servers import credentials
-from servers.lifecycle import start_service
+from servers.auth import credential_store
+from servers.runtime.lifecycle import start_service
 from tests.support import channels
 from tests.support.ports import free_port
 
@@ -115,7 +115,7 @@ async def test_no_bad_input_yields_unknown_or_internal(mesh):
 
 def test_process_entry_serves_and_exits_zero_on_sigterm(config, tmp_path: Path):
     port = free_port()
-    credentials.ensure_dev_credentials(config)  # as `make serve` does, so the client has its certificate now
+    credential_store.ensure_dev_credentials(config)  # as `make serve` does, so the client has its certificate now
     log = (tmp_path / "calculator.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "servers.calculator", "--config", str(config.config_path), "--port", str(port)],

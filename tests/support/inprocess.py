@@ -19,13 +19,13 @@ import grpc
 import yaml
 
 from heist_common.config import HeistConfig
-from orchestrator.agent import ConversationMessage, CrewAgent, SessionContext, TurnResult
 from orchestrator.audit import AuditStore
-from orchestrator.clients import ServiceClients
-from orchestrator.llm import LLMClient
-from servers import credentials
-from servers.lifecycle import RunningServer, start_service
-from servers.tokens import issue_token
+from orchestrator.llm.client import LLMClient
+from orchestrator.mesh.clients import ServiceClients
+from orchestrator.turn.agent import ConversationMessage, CrewAgent, SessionContext, TurnResult
+from servers.auth import credential_store
+from servers.auth.tokens import issue_token
+from servers.runtime.lifecycle import RunningServer, start_service
 from tests.support import channels
 
 
@@ -38,7 +38,7 @@ class InProcessMesh:
         self.ports: dict[str, int] = {}
         self.channels: list[grpc.aio.Channel] = []
         self.log = io.StringIO()
-        credentials.ensure_dev_credentials(config)
+        credential_store.ensure_dev_credentials(config)
 
     async def start(self, name: str) -> RunningServer:
         """Start one service (on its previous port if it ran before, so clients reconnect)."""
@@ -80,7 +80,7 @@ class InProcessMesh:
 
     def token(self, scopes: list[str], client_id: str = "crew", **overrides: Any) -> str:
         """A token signed with the mesh's key (``overrides``: key, issuer, audience, ttl_s, now)."""
-        key = overrides.pop("key", None) or credentials.signing_key(self.config)
+        key = overrides.pop("key", None) or credential_store.signing_key(self.config)
         return issue_token(
             key,
             issuer=overrides.pop("issuer", self.config.oauth.issuer),

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
 
 from heist_common.config import HeistConfig, load_config, split_address
-from servers import credentials
+from servers.auth import credential_store
 from tests.support import channels
 from tests.support.access_log import calls
 from tests.support.audit_db import query
@@ -206,7 +206,7 @@ class ProcessMesh:
             **sections,
         )
         self.config: HeistConfig = load_config(self.config_path)
-        credentials.ensure_dev_credentials(self.config)  # once, before several processes would race for it
+        credential_store.ensure_dev_credentials(self.config)  # once, before several processes would race for it
         self.log_dir = work_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
         self.replicas: dict[str, list[ServerProcess]] = {

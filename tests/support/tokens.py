@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from heist_common.config import HeistConfig
-from servers import credentials
-from servers.tokens import issue_token
+from servers.auth import credential_store
+from servers.auth.tokens import issue_token
 
 
 def session_metadata(
@@ -12,7 +12,7 @@ def session_metadata(
 ) -> tuple[tuple[str, str], ...]:
     """Call metadata of ``session_id`` with a bearer token bound to it (what the memory service requires)."""
     token = issue_token(
-        credentials.signing_key(config),
+        credential_store.signing_key(config),
         issuer=config.oauth.issuer,
         audience=config.oauth.audience,
         client_id="orchestrator",

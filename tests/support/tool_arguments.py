@@ -2,7 +2,7 @@
 
 Shared by the constrained-tools test and ``tests/bench/constrained_tools_eval.py``.
 
-* ``transcript_prompt`` is the agent's own prompt (``orchestrator.prompts``)
+* ``transcript_prompt`` is the agent's own prompt (``orchestrator.turn.prompts``)
   for a tool agent's turn from config/heist.yaml, after two earlier lines,
   ending in the ``[TOOL:<tool>:`` prefill the agent adds.
 * ``ServiceLogic`` judges an argument with the servers' own code, minus gRPC:
@@ -28,17 +28,18 @@ from heist.database_query.v1 import database_query_pb2
 from heist.file_reader.v1 import file_reader_pb2
 
 from heist_common.config import load_config
-from orchestrator.constraints import ONE_OF_LISTING, SQL_SELECT, Listing, listing_from_response
-from orchestrator.llm import find_inline_tool_calls
-from orchestrator.prompts import ConversationMessage, close_prefill, transcript_tool_brief
-from orchestrator.prompts import transcript_prompt as agent_transcript_prompt
-from orchestrator.tools import ToolRegistry
-from servers import calculator, database_query, file_reader
-from servers.bank_db import build as build_bank_db
+from orchestrator.llm.client import find_inline_tool_calls
+from orchestrator.tools.argument_grammars import ONE_OF_LISTING, SQL_SELECT, Listing, listing_from_response
+from orchestrator.tools.registry import ToolRegistry
+from orchestrator.turn.prompts import ConversationMessage, close_prefill, transcript_tool_brief
+from orchestrator.turn.prompts import transcript_prompt as agent_transcript_prompt
+from servers import calculator, file_reader
 from servers.calculator import CalculationError, Evaluator
-from servers.database_query import DatabaseQueryServicer, worker_limits
+from servers.database_query import service as database_query
+from servers.database_query.bank_fixture import build as build_bank_db
+from servers.database_query.service import DatabaseQueryServicer, worker_limits
+from servers.database_query.worker import BankQueries, QueryFailure
 from servers.file_reader import DocumentError, DocumentFolder, FileReaderServicer
-from servers.query_worker import BankQueries, QueryFailure
 from tests.support.processes import REPO
 
 TOOLS = ("calculator", "file_reader", "database_query")

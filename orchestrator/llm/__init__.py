@@ -1,0 +1,1 @@
+"""The OpenAI-compatible model endpoint, through the openai SDK."""

@@ -1,0 +1,407 @@
+"""The OpenAI-compatible LLM endpoint (embedded llama.cpp server, LM Studio, Ollama, vLLM, OpenAI).
+
+Requests go through the ``openai`` client, so its timeouts, retries, auth and
+error types are the ones we use; this module turns its exceptions into one
+``LLMError`` with a status the audit can group by, and parses the inline
+``[TOOL:name:argument]`` convention for models without native function calling.
+
+Why requests are prepared here rather than passed to ``create()``: the SDK's
+``create()`` walks every message and tool schema against its typed parameter
+definitions on every call (~8 ms for a request with tools, on a 2-core VM, more
+than the rest of a zero-latency turn), and parses each reply into pydantic
+models. Our messages and tool schemas are already plain wire dicts, so the body
+is serialized here exactly as ``create()`` would serialize it (same keys, key
+order and separators; ``tests/orchestrator/test_llm_wire.py`` compares the
+bytes), posted with the SDK's own ``client.post`` (same headers, retries,
+errors; the headers are built once per client, ``orchestrator.llm.sdk``), and
+the reply is read as JSON.
+
+Why ``openai`` is imported on first use: importing it costs most of a second
+(its ``types`` package), and commands that never complete anything (``health``,
+the inspection commands) must not pay that. The health probe is a plain
+``httpx2`` request on the same connection pool the SDK then uses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx2
+
+from heist_common.config import LLMConfig
+from orchestrator.llm.transport import PlainHTTPTransport
+from orchestrator.mesh.clients import HealthResult
+from orchestrator.tracing import TurnScope, current_turn, end_span
+
+if TYPE_CHECKING:
+    import openai
+    from openai._types import RequestOptions
+    from opentelemetry.trace import Span
+
+__all__ = [
+    "INLINE_TOOL_PATTERN",
+    "LLM_DOWN",
+    "PROBE_HEADER",
+    "Completion",
+    "InlineToolCall",
+    "LLMClient",
+    "LLMError",
+    "NativeToolCall",
+]
+
+INLINE_TOOL_PATTERN = re.compile(r"\[TOOL:\s*([A-Za-z_][\w-]*)\s*:\s*([^\]\n]*?)\s*\]")
+"""``[TOOL:calculator:(120-15)*3]``: tool name, then the argument up to the closing bracket."""
+
+
+PROBE_HEADER = "x-heist-probe"
+"""Marks the one-token health probe, so logs (and the scripted test endpoint) can tell it from a turn."""
+LLM_DOWN = "DOWN"
+"""Health status of an LLM endpoint that cannot complete (unreachable, erroring or too slow)."""
+
+CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+"""The ``openai`` client's own default pool limits, for ``https://`` endpoints (we hand it our pool)."""
+
+MAX_SERIALIZED_TOOL_LISTS = 64
+"""Bound on the per-client cache of serialized ``tools`` lists (a few per agent; a new one per changed listing)."""
+
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+"""What the SDK serializes request bodies with (``openai._utils._json.openapi_dumps``), built once."""
+
+
+class LLMError(Exception):
+    """The LLM call failed; ``status_code`` is e.g. ``HTTP 500``, ``TIMEOUT`` or ``UNAVAILABLE``."""
+
+    def __init__(self, status_code: str, detail: str, latency_ms: float) -> None:
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+        self.latency_ms = latency_ms
+
+
+@dataclass(frozen=True, slots=True)
+class NativeToolCall:
+    """One OpenAI ``tool_calls`` entry."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class InlineToolCall:
+    """One ``[TOOL:name:argument]`` marker found in a reply."""
+
+    marker: str
+    tool: str
+    argument: str
+
+
+@dataclass(slots=True)
+class Completion:
+    """What the model said: text and/or native tool calls."""
+
+    content: str
+    tool_calls: list[NativeToolCall] = field(default_factory=list)
+    latency_ms: float = 0.0
+    truncated: bool = False
+    """The model ran out of ``max_tokens`` mid-reply."""
+
+    def assistant_message(self) -> dict[str, Any]:
+        """Build the assistant turn to send back before the tool results (OpenAI protocol)."""
+        return {
+            "role": "assistant",
+            "content": self.content or None,
+            "tool_calls": [
+                {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls
+            ],
+        }
+
+
+def find_inline_tool_calls(text: str) -> list[InlineToolCall]:
+    """Every inline tool marker in ``text``, in order."""
+    return [InlineToolCall(m.group(0), m.group(1), m.group(2)) for m in INLINE_TOOL_PATTERN.finditer(text)]
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _json_object(fields: dict[str, str]) -> bytes:
+    """Join already serialized values into a JSON object, byte for byte what ``_to_json`` of the dict gives."""
+    return ("{" + ",".join(f"{_to_json(key)}:{value}" for key, value in fields.items()) + "}").encode()
+
+
+class LLMClient:
+    """One ``openai`` client (``PreparedRequestOpenAI``) configured from the ``llm`` section, one HTTP pool per run."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self.transport = PlainHTTPTransport(fallback=lambda: httpx2.AsyncHTTPTransport(limits=CONNECTION_LIMITS))
+        self.http = httpx2.AsyncClient(timeout=config.timeout_s, transport=self.transport, follow_redirects=True)
+        """One connection pool, the probe's and the SDK's (``http_client``): turns reuse the probe's connection."""
+        self._client: openai.AsyncOpenAI | None = None
+        extra = {key: _to_json(value) for key, value in config.extra_body.items()}
+        # Fields that are the same in every request, serialized once, in the order create() sends them.
+        self._chat_sampling = {"max_tokens": _to_json(config.max_tokens), "temperature": _to_json(config.temperature)}
+        self._chat_extra = extra
+        self._text_extra = {key: value for key, value in extra.items() if key != "stop"}
+        self._model = _to_json(config.model)
+        self._stop = _to_json(["\n", *config.stop][:4])
+        self._max_tokens = _to_json(config.max_tokens)
+        self._tools_json: dict[int, tuple[list[dict[str, Any]], str]] = {}
+        """Serialized ``tools`` lists by identity (each agent sends the same list object turn after turn)."""
+        # Absolute URLs: the SDK then parses the URL once instead of merging it with base_url on every call.
+        self._chat_url = config.base_url + "/chat/completions"
+        self._text_url = config.base_url + "/completions"
+        parts = urlsplit(config.base_url)
+        self._server = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client (``openai`` is imported the first time it is needed)."""
+        if self._client is None:
+            from orchestrator.llm.sdk import PreparedRequestOpenAI
+
+            self._client = PreparedRequestOpenAI(
+                base_url=self.config.base_url,
+                api_key=self.config.api_key,
+                timeout=self.config.timeout_s,
+                max_retries=self.config.max_retries,
+                http_client=self.http,
+            )
+        return self._client
+
+    def _begin(self, operation: str) -> tuple[TurnScope | None, Span | None, dict[str, str] | None]:
+        """Return the current turn, a CLIENT span for one request under it (tracing on), and the headers that carry it.
+
+        GenAI semantic conventions: span ``{operation} {model}``; a model server
+        that speaks OpenTelemetry (vLLM does) joins the turn's trace.
+        """
+        turn = current_turn()
+        if turn is None:
+            return None, None, None
+        span = turn.client_span(
+            f"{operation} {self.config.model}",
+            {
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": self.config.model,
+                "gen_ai.request.max_tokens": self.config.max_tokens,
+                "gen_ai.request.temperature": self.config.temperature,
+                "server.address": self._server[0],
+                "server.port": self._server[1],
+            },
+        )
+        return turn, span, (dict(turn.outgoing(span)) if span is not None else None)
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        final: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> Completion:
+        """One chat completion; ``final`` forbids further tool calls. LLMError on any failure.
+
+        ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``).
+        """
+        start = time.perf_counter()
+        fields = {"model": self._model, "messages": _to_json(messages), **self._chat_sampling}
+        if tools:
+            fields["tool_choice"] = '"none"' if final else '"auto"'
+            fields["tools"] = self._serialized_tools(tools)
+        fields.update(self._chat_extra)
+        if extra_body:
+            fields.update({key: _to_json(value) for key, value in extra_body.items()})
+        data = await self._post(self._chat_url, _json_object(fields), start, "chat", "chat.completions")
+        try:
+            message = _first_choice(data)["message"]
+            content = message.get("content") or ""
+            calls = [
+                NativeToolCall(call["id"], call["function"]["name"], _arguments(call["function"].get("arguments")))
+                for call in message.get("tool_calls") or ()
+                if call.get("type", "function") == "function"
+            ]
+            if not isinstance(content, str) or not all(isinstance(c.name, str) for c in calls):
+                raise TypeError("content and function names must be strings")
+        except (LookupError, TypeError, AttributeError) as exc:
+            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
+        return Completion(content=content.strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
+
+    def _serialized_tools(self, tools: list[dict[str, Any]]) -> str:
+        """``tools`` as JSON, serialized once per list object (the lists are built once and never modified)."""
+        known = self._tools_json.get(id(tools))
+        if known is not None and known[0] is tools:
+            return known[1]
+        if len(self._tools_json) >= MAX_SERIALIZED_TOOL_LISTS:
+            self._tools_json.clear()
+        serialized = _to_json(tools)
+        self._tools_json[id(tools)] = (tools, serialized)  # the list is kept, so its id is not reused
+        return serialized
+
+    async def complete_text(
+        self,
+        prompt: str,
+        *,
+        temperature_boost: float = 0.0,
+        extra_body: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        """Continue a plain-text prompt (``/completions``) up to the end of the line; LLMError on any failure.
+
+        For ``prompt_style: transcript``: a base model continues "Speaker:" with one
+        line, so a newline ends the turn. ``extra_body`` is merged over the config's
+        sampling extras (e.g. a ``grammar``); ``max_tokens`` replaces the config's
+        (a constrained argument needs room to be finished).
+        """
+        start = time.perf_counter()
+        fields = {
+            "model": self._model,
+            "prompt": _to_json(prompt),
+            "max_tokens": _to_json(max_tokens) if max_tokens else self._max_tokens,
+            # llama.cpp's server samples with a fixed seed unless told otherwise,
+            # which would make a resample return the very same line.
+            "seed": str(random.randrange(2**31)),
+            "stop": self._stop,
+            "temperature": _to_json(min(self.config.temperature + temperature_boost, 2.0)),
+            **self._text_extra,
+        }
+        if extra_body:
+            fields.update({key: _to_json(value) for key, value in extra_body.items()})
+        data = await self._post(self._text_url, _json_object(fields), start, "text_completion", "completions")
+        try:
+            choice = _first_choice(data)
+            text, finish_reason = choice["text"], choice.get("finish_reason")
+            if not isinstance(text, str):
+                raise TypeError(f"text is {type(text).__name__}")
+        except (LookupError, TypeError, AttributeError) as exc:
+            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
+        return Completion(content=text.strip(), latency_ms=_elapsed_ms(start), truncated=finish_reason == "length")
+
+    async def _post(self, url: str, body: bytes, start: float, operation: str, step: str) -> Any:
+        """POST a prepared JSON body as one step of the current turn (and its span); return the decoded reply.
+
+        Every failure is an LLMError; the turn records the step with its status either way.
+        """
+        turn, span, headers = self._begin(operation)
+        code, detail = "OK", ""
+        try:
+            data = await self._send(url, body, start, headers)
+        except LLMError as exc:
+            code, detail = exc.status_code, exc.detail
+            raise
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            if turn is not None:
+                turn.record("llm", step, start, code)
+            if code != "OK":
+                end_span(span, code, detail)
+        if span is not None:
+            usage = data.get("usage") if isinstance(data, dict) else None
+            if isinstance(usage, dict):
+                span.set_attribute("gen_ai.usage.input_tokens", int(usage.get("prompt_tokens") or 0))
+                span.set_attribute("gen_ai.usage.output_tokens", int(usage.get("completion_tokens") or 0))
+            span.end()
+        return data
+
+    async def _send(self, url: str, body: bytes, start: float, headers: dict[str, str] | None) -> Any:
+        """POST through the SDK's ``client.post`` (its headers, retries and errors) and decode the JSON reply."""
+        client = self.client
+        import openai  # already imported by ``client``
+
+        options: RequestOptions = {"security": {"bearer_auth": True}}
+        if headers:
+            options["headers"] = headers
+        try:
+            response = await client.post(url, cast_to=httpx2.Response, content=body, options=options)
+            return json.loads(response.content)
+        except openai.APITimeoutError as exc:
+            raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", _elapsed_ms(start)) from None
+        except openai.APIStatusError as exc:
+            detail = exc.message.split(" - ", 1)[1] if exc.message.startswith("Error code:") else exc.message
+            raise LLMError(f"HTTP {exc.status_code}", _short(detail), _elapsed_ms(start)) from None
+        except openai.APIConnectionError as exc:
+            raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", _elapsed_ms(start)) from None
+        except (openai.OpenAIError, ValueError) as exc:  # ValueError: the reply is not JSON
+            raise LLMError("BAD_RESPONSE", _short(str(exc)), _elapsed_ms(start)) from None
+
+    async def check_health(self, timeout_s: float) -> HealthResult:
+        """Ask for one token, with a short deadline and no retries: can the endpoint answer at all.
+
+        ``GET /models`` is not enough: a llama.cpp server whose CPU backend
+        crashes on the first matrix multiply lists its model happily. One token
+        costs a few milliseconds on the embedded model and a fraction of a cent
+        elsewhere, and it exercises the very endpoint the prompt style uses. It is
+        a plain HTTP request (no ``openai`` import, see the module docstring).
+        """
+        start = time.perf_counter()
+        config = self.config
+        request: dict[str, Any] = {"model": config.model, "max_tokens": 1, "temperature": 0.0}
+        if config.prompt_style == "transcript":
+            path, request["prompt"] = "/completions", "OK"
+        else:
+            path, request["messages"] = "/chat/completions", [{"role": "user", "content": "Say OK."}]
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.api_key}", PROBE_HEADER: "1"}
+        try:
+            response = await self.http.post(
+                config.base_url + path, content=_to_json(request).encode(), headers=headers, timeout=timeout_s
+            )
+        except httpx2.TimeoutException:
+            detail = f"no completion within {timeout_s:g}s"
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        except httpx2.HTTPError as exc:
+            detail = f"cannot reach {config.base_url}: {_short(str(exc) or type(exc).__name__, 160)}"
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        if response.status_code >= 400:
+            detail = f"completion failed: HTTP {response.status_code}: {_short(_error_message(response), 160)}"
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        try:
+            _first_choice(response.json())
+        except (ValueError, LookupError, TypeError, AttributeError):
+            detail = f"completion failed: not a completion: {_short(response.text, 160)}"
+            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+        return HealthResult("llm", config.base_url, "SERVING", _elapsed_ms(start))
+
+    async def close(self) -> None:
+        """Close the HTTP connection pool (the SDK client's too)."""
+        await self.http.aclose()
+
+
+def _first_choice(data: Any) -> dict[str, Any]:
+    """``choices[0]`` of a completion reply; LookupError/TypeError if the reply has none."""
+    choices = data["choices"]
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise LookupError("reply has no choices")
+    first: dict[str, Any] = choices[0]
+    return first
+
+
+def _arguments(value: object) -> str:
+    """Return a tool call's arguments as JSON text (some servers send an object instead of a string)."""
+    if isinstance(value, str):
+        return value or "{}"
+    return "{}" if value is None else _to_json(value)
+
+
+def _error_message(response: httpx2.Response) -> str:
+    """Return the ``error.message`` of an OpenAI-style error body, else the body text."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, LookupError, TypeError):
+        return response.text.strip() or response.reason_phrase
+    return str(message)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,1 @@
+"""The orchestrator's side of the gRPC mesh: channels, circuit breakers, tokens, typed calls, memory sync."""

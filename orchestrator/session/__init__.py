@@ -1,0 +1,1 @@
+"""A whole session: run or resume it, check the mesh's health first, and say who speaks when."""

@@ -1,0 +1,351 @@
+"""A whole heist session: health checks, the turn loop, the audit trail, the exports.
+
+``run_session`` is the programmatic entry point (the CLI, drills and benchmarks
+call it); ``SessionRunner`` is the same on an already open mesh, LLM client and
+audit store, so many sessions can share one set of channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from heist_common.config import HeistConfig
+from heist_common.contract import SESSION_ID_PATTERN
+from heist_common.exit_codes import ExitCode
+from heist_common.telemetry import OFF, Telemetry, setup_tracing
+from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
+from orchestrator.llm.client import LLMClient
+from orchestrator.mesh.clients import HealthResult, ServiceClients
+from orchestrator.output.export import write_exports
+from orchestrator.output.report import report_path, write_report
+from orchestrator.session.health import check_health
+from orchestrator.session.resume import ResumePoint, prepare_resume
+from orchestrator.session.schedule import iter_schedule
+from orchestrator.tracing import turn_scope
+from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext, TurnResult
+
+__all__ = [
+    "RunOptions",
+    "SessionResult",
+    "SessionRunner",
+    "new_session_id",
+    "resume_session",
+    "run_session",
+]
+
+
+TurnObserver = Callable[[TurnResult], None]
+ORCHESTRATOR_SERVICE_NAME = "heist-orchestrator"
+"""``service.name`` of the orchestrator's spans."""
+
+SEED_LIMIT = 2**31
+"""Generated seeds stay below this: they fit the INTEGER ``seed`` column of audit tables made before BIGINT."""
+
+
+class LLMBroken(Exception):
+    """The LLM's circuit breaker tripped: too many consecutive turns failed to get an answer."""
+
+
+def new_session_id(now: datetime | None = None) -> str:
+    """``heist_YYYYMMDD_HHMMSS_<16 hex>`` (UTC): sortable, and 64 random bits so nobody guesses a live one."""
+    moment = now or datetime.now(UTC)
+    return f"heist_{moment:%Y%m%d_%H%M%S}_{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-run choices that are not configuration (mostly CLI flags)."""
+
+    session_id: str | None = None
+    turns: int | None = None
+    seed: int | None = None
+    require_healthy: bool = False
+    export_dir: Path | None = None
+    export: bool = True
+
+
+@dataclass
+class SessionResult:
+    """What a session did, for the summary and for tests and benchmarks."""
+
+    session_id: str
+    status: str
+    exit_code: int
+    health: list[HealthResult] = field(default_factory=list)
+    turns: list[TurnResult] = field(default_factory=list)
+    database: str = ""
+    exports: list[Path] = field(default_factory=list)
+    report: Path | None = None
+    """The session's HTML report (``orchestrator report``), written beside the exports."""
+    error: str | None = None
+    turns_before: int = 0
+    """A resumed session's turns from earlier runs (``turns`` holds this run's only)."""
+
+    @property
+    def tool_calls_ok(self) -> int:
+        """Tool calls that returned a result."""
+        return sum(1 for turn in self.turns for row in turn.tool_usage if row.success)
+
+    @property
+    def tool_calls_failed(self) -> int:
+        """Tool calls that failed or were refused."""
+        return sum(1 for turn in self.turns for row in turn.tool_usage if not row.success)
+
+    @property
+    def errors(self) -> int:
+        """Service errors recorded during turns (health results not counted)."""
+        return sum(1 for turn in self.turns for event in turn.events if event.status_code != "OK")
+
+    @property
+    def degraded_services(self) -> list[str]:
+        """Services that were not SERVING at start."""
+        return [result.service for result in self.health if not result.ok]
+
+
+class SessionRunner:
+    """Runs one session on shared clients (open them once, run many sessions)."""
+
+    def __init__(
+        self,
+        config: HeistConfig,
+        clients: ServiceClients,
+        llm: LLMClient,
+        audit: AuditStore,
+        options: RunOptions | None = None,
+        *,
+        on_health: Callable[[list[HealthResult]], None] | None = None,
+        on_turn: TurnObserver | None = None,
+        resume: ResumePoint | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options or RunOptions()
+        self.resume_point = resume
+        """Set when continuing a session from the audit (``resume_session``); it is already claimed."""
+        self.turns = self.options.turns or config.session.max_turns
+        # A seed is always recorded, so a resumed random schedule continues exactly as it would have.
+        self.seed = self.options.seed if self.options.seed is not None else secrets.randbelow(SEED_LIMIT)
+        self.session_id = self.options.session_id or new_session_id()
+        if not SESSION_ID_PATTERN.match(self.session_id):
+            raise ValueError(f"invalid session ID {self.session_id!r} (letters, digits, '_', '.', '-'; max 128)")
+        self.context = SessionContext(self.session_id, config, clients, llm, audit)
+        self.agents = {agent.name: CrewAgent(agent, self.context) for agent in config.agents}
+        self._on_health = on_health
+        self._on_turn = on_turn
+
+    async def run(self) -> SessionResult:
+        """Play the session; a Ctrl-C (cancellation) marks it interrupted and re-raises."""
+        context = self.context
+        audit = context.audit
+        result = SessionResult(self.session_id, SessionStatus.ACTIVE, ExitCode.OK, database=audit.location)
+        result.health = await check_health(context.clients, context.llm, self.config.resilience.health_timeout_s)
+        if self._on_health is not None:
+            self._on_health(result.health)
+        try:
+            if self.resume_point is None:
+                await audit.create_session(
+                    self.session_id,
+                    strategy=self.config.session.strategy,
+                    seed=self.seed,
+                    model=self.config.llm.model,
+                    turns_planned=self.turns,
+                )
+            await audit.add_events(self.session_id, [health.to_event() for health in result.health])
+        except AuditError as exc:
+            return self._failed(result, str(exc))
+
+        llm_health = next((health for health in result.health if health.service == "llm"), None)
+        if llm_health is not None and not llm_health.ok:
+            # Every turn would only wait for the same failure; say so now instead.
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, self._llm_down(llm_health.detail))
+        if self.options.require_healthy and result.degraded_services:
+            message = f"required services unhealthy: {', '.join(result.degraded_services)}"
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.UNHEALTHY, message)
+        try:
+            await self._play(result)
+        except AuditError as exc:
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, str(exc))
+        except LLMBroken as exc:
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, self._llm_down(str(exc)))
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, ExitCode.INTERRUPTED, "interrupted"))
+            raise
+        answered_before = self.resume_point.answered_before if self.resume_point is not None else 0
+        if not answered_before and not any(turn.status == "ok" for turn in result.turns):
+            # A session in which the model never spoke did not happen, whatever else worked.
+            reason = self._llm_down("no turn was answered")
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, reason)
+        return await self._finish(result, SessionStatus.COMPLETED, ExitCode.OK, None)
+
+    def _llm_down(self, reason: str) -> str:
+        """Explain an LLM failure, pointing at the embedded model's log when we run it."""
+        message = f"the LLM at {self.config.llm.base_url} cannot answer: {reason}"
+        if self.config.llm.embedded:
+            message += f" (embedded model: see {self.config.mesh.log_dir / 'llm.log'}; 'make status')"
+        return message
+
+    async def _play(self, result: SessionResult) -> None:
+        session_config = self.config.session
+        schedule = iter_schedule(session_config.strategy, self.config.turn_order, self.turns, self.seed)
+        history = await self._pick_up(result) if self.resume_point is not None else []
+        for _ in history:  # the turns played before the session was resumed
+            next(schedule, None)
+        following = next(schedule, None)
+        prefetched: asyncio.Task[MemoryFetch] | None = None
+        failures_allowed = self.config.resilience.llm_max_consecutive_failures
+        failed_in_a_row = 0
+        try:
+            for index in itertools.count(len(history)):
+                if following is None:
+                    break
+                name, following = following, next(schedule, None)
+                agent = self.agents[name]
+                # The turn's trace is opened here, so its memory calls (this speaker's, and the prefetch
+                # for the next one, which runs during this turn) belong to it and not to traces of their own.
+                with turn_scope(self.context.clients.tracer, self.session_id, name, index + 1):
+                    memory = prefetched if prefetched is not None else asyncio.ensure_future(agent.fetch_memory())
+                    # The next speaker's memory cannot change during this turn unless it is the same agent.
+                    prefetched = (
+                        asyncio.ensure_future(self.agents[following].fetch_memory())
+                        if following is not None and following != name
+                        else None
+                    )
+                    turn = await agent.take_turn(index + 1, history, memory)
+                history.append(ConversationMessage(turn.turn_id, turn.agent_name, turn.agent_role, turn.message))
+                result.turns.append(turn)
+                if self._on_turn is not None:
+                    self._on_turn(turn)
+                failed_in_a_row = failed_in_a_row + 1 if turn.status == "llm_error" else 0
+                if failed_in_a_row >= failures_allowed:
+                    raise LLMBroken(f"{failed_in_a_row} turns in a row failed (last: {turn.message})")
+        finally:
+            if prefetched is not None and not prefetched.done():
+                prefetched.cancel()
+
+    async def _pick_up(self, result: SessionResult) -> list[ConversationMessage]:
+        """Continue a resumed session: its conversation from the audit, memory rebuilt from it, a ``resume`` event."""
+        assert self.resume_point is not None
+        point = self.resume_point
+        sync = self.context.memory_sync
+        for message in point.history:
+            sync.record_written(message.agent_name)
+        for name, agent in self.agents.items():
+            agent.continue_after(sync.per_agent.get(name, 0))
+        events = [EventRow("orchestrator", "resume", "OK", point.describe())]
+        # The memory service may have lost the session (restarted), or hold a turn the audit never got.
+        events += await sync.rebuild(fresh=True)
+        await self.context.audit.add_events(self.session_id, events)
+        result.turns_before = point.turns_done
+        return list(point.history)
+
+    async def _finish(self, result: SessionResult, status: str, exit_code: int, error: str | None) -> SessionResult:
+        result.status, result.exit_code, result.error = status, exit_code, error
+        try:
+            await self.context.audit.finish_session(self.session_id, status, error)
+        except AuditError as exc:
+            return self._failed(result, f"{error}; {exc}" if error else str(exc))
+        if self.options.export and status != SessionStatus.INTERRUPTED:
+            out_dir = self.options.export_dir or self.config.sessions_dir
+            try:
+                result.exports = await asyncio.get_running_loop().run_in_executor(
+                    None, write_exports, self.context.audit, self.session_id, out_dir
+                )
+                result.report = await asyncio.get_running_loop().run_in_executor(None, self._write_report, out_dir)
+            except (AuditError, OSError) as exc:
+                # The session itself is recorded as it ended; the run still failed to leave its logs.
+                result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
+                result.exit_code = result.exit_code or ExitCode.FAILED
+        return result
+
+    def _write_report(self, out_dir: Path) -> Path:
+        log = self.context.audit.read_session_log(self.session_id)
+        return write_report(log, report_path(out_dir, self.session_id))
+
+    @staticmethod
+    def _failed(result: SessionResult, error: str) -> SessionResult:
+        result.status, result.exit_code, result.error = SessionStatus.FAILED, ExitCode.FAILED, error
+        return result
+
+
+async def run_session(
+    config: HeistConfig,
+    options: RunOptions | None = None,
+    *,
+    on_health: Callable[[list[HealthResult]], None] | None = None,
+    on_turn: TurnObserver | None = None,
+) -> SessionResult:
+    """Open the audit store, channels and LLM client, run one session, close everything.
+
+    Raises AuditError if the audit database cannot be opened at all.
+    """
+    audit = AuditStore.open(config.database.url)
+    telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
+    clients = ServiceClients(config, tracer=telemetry.tracer)
+    llm = LLMClient(config.llm)
+    try:
+        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn)
+        return await runner.run()
+    finally:
+        await asyncio.shield(_close(clients, llm, audit, telemetry))
+
+
+async def resume_session(
+    config: HeistConfig,
+    session_id: str,
+    options: RunOptions | None = None,
+    *,
+    on_resume: Callable[[ResumePoint], None] | None = None,
+    on_health: Callable[[list[HealthResult]], None] | None = None,
+    on_turn: TurnObserver | None = None,
+) -> SessionResult:
+    """Continue an interrupted, failed or stale session from the audit alone (``orchestrator.session.resume``).
+
+    The session keeps its ID, strategy, seed and planned turns; the turns in
+    the audit are not played again. Raises AuditError if the database cannot be
+    opened or read, UnknownSessionError, and NotResumableError or
+    ResumeConflictError (nothing was changed then).
+    """
+    audit = AuditStore.open(config.database.url)
+    try:
+        point = await prepare_resume(audit, config, session_id)
+    except BaseException:
+        await asyncio.get_running_loop().run_in_executor(None, audit.close)
+        raise
+    if on_resume is not None:
+        on_resume(point)
+    # The session's own strategy, seed and length, whatever the config or flags say today.
+    config = config.with_overrides(session=config.session.model_copy(update={"strategy": point.strategy}))
+    given = options or RunOptions()
+    options = RunOptions(
+        session_id=session_id,
+        turns=point.turns_planned,
+        seed=point.seed,
+        require_healthy=given.require_healthy,
+        export_dir=given.export_dir,
+        export=given.export,
+    )
+    clients = ServiceClients(config)
+    llm = LLMClient(config.llm)
+    try:
+        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
+        return await runner.run()
+    finally:
+        await asyncio.shield(_close(clients, llm, audit))
+
+
+async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore, telemetry: Telemetry = OFF) -> None:
+    await clients.close()
+    await llm.close()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, audit.close)
+    await loop.run_in_executor(None, telemetry.shutdown)  # the last spans are exported before the process ends
+
+
+def health_events(results: list[HealthResult]) -> list[EventRow]:
+    """Health results as ``events`` rows."""
+    return [result.to_event() for result in results]

@@ -2,8 +2,7 @@
 
 Requests go through the ``openai`` client, so its timeouts, retries, auth and
 error types are the ones we use; this module turns its exceptions into one
-``LLMError`` with a status the audit can group by, and parses the inline
-``[TOOL:name:argument]`` convention for models without native function calling.
+``LLMError`` with a status the audit can group by.
 
 Why requests are prepared here rather than passed to ``create()``: the SDK's
 ``create()`` walks every message and tool schema against its typed parameter
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,19 +44,13 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 __all__ = [
-    "INLINE_TOOL_PATTERN",
     "LLM_DOWN",
     "PROBE_HEADER",
     "Completion",
-    "InlineToolCall",
     "LLMClient",
     "LLMError",
     "NativeToolCall",
 ]
-
-INLINE_TOOL_PATTERN = re.compile(r"\[TOOL:\s*([A-Za-z_][\w-]*)\s*:\s*([^\]\n]*?)\s*\]")
-"""``[TOOL:calculator:(120-15)*3]``: tool name, then the argument up to the closing bracket."""
-
 
 PROBE_HEADER = "x-heist-probe"
 """Marks the one-token health probe, so logs (and the scripted test endpoint) can tell it from a turn."""
@@ -94,15 +86,6 @@ class NativeToolCall:
     arguments: str
 
 
-@dataclass(frozen=True, slots=True)
-class InlineToolCall:
-    """One ``[TOOL:name:argument]`` marker found in a reply."""
-
-    marker: str
-    tool: str
-    argument: str
-
-
 @dataclass(slots=True)
 class Completion:
     """What the model said: text and/or native tool calls."""
@@ -124,10 +107,6 @@ class Completion:
             ],
         }
 
-
-def find_inline_tool_calls(text: str) -> list[InlineToolCall]:
-    """Every inline tool marker in ``text``, in order."""
-    return [InlineToolCall(m.group(0), m.group(1), m.group(2)) for m in INLINE_TOOL_PATTERN.finditer(text)]
 
 
 def _elapsed_ms(start: float) -> float:

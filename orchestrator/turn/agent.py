@@ -21,13 +21,14 @@ from typing import Any
 
 from heist_common.config import AgentConfig, HeistConfig
 from orchestrator.audit import AuditStore, EventRow, MessageRow, ToolUsageRow, TurnAudit
-from orchestrator.llm.client import INLINE_TOOL_PATTERN, Completion, LLMClient, LLMError
+from orchestrator.llm.client import Completion, LLMClient, LLMError
 from orchestrator.mesh.clients import ServiceCallError, ServiceClients, session_metadata
 from orchestrator.mesh.memory_sync import MemoryFetch, MemorySync
+from orchestrator.tools import markers
 from orchestrator.tools.argument_grammars import ToolConstraint
 from orchestrator.tracing import TurnScope, timings_json, turn_scope
 from orchestrator.turn import prompts
-from orchestrator.turn.constrained_tools import MARKER_OPENING, ConstrainedTools, Dialect, accepts
+from orchestrator.turn.constrained_tools import ConstrainedTools, Dialect, accepts
 from orchestrator.turn.prompts import ConversationMessage
 from orchestrator.turn.tool_calls import ToolCaller
 
@@ -240,7 +241,7 @@ class CrewAgent:
         self._turns_taken += 1
         if not every or not self._inline_methods or (self._turns_taken - 1) % every:
             return ""
-        return f" [TOOL:{self._inline_methods[0].tool}:"
+        return " " + markers.opening(self._inline_methods[0].tool)
 
     async def _transcript_turn(
         self,
@@ -274,11 +275,11 @@ class CrewAgent:
             constraint = await self.session.constrained.inline(tool, self.tools.listing_fetcher(token))
             if constraint is None:  # nothing to name now, or the server rejected grammars
                 break
-            written = INLINE_TOOL_PATTERN.match(line, start)
+            written = markers.PATTERN.match(line, start)
             if written is not None and accepts(constraint, written.group(2)):
                 settled = written.end()  # the model's own argument is already one the grammar allows
                 continue
-            opened = f"{line[:start]}[TOOL:{tool}:"
+            opened = line[:start] + markers.opening(tool)
             argument = await self._constrained_argument(turn_id, prompt + opened, constraint, audit, result)
             if argument is None:  # the server rejected grammars (audited once)
                 break
@@ -312,7 +313,7 @@ class CrewAgent:
 
     def _open_marker(self, line: str, after: int) -> tuple[int, str] | None:
         """Return (start, tool) of the first marker opened at or after ``after`` for one of the agent's inline tools."""
-        for match in MARKER_OPENING.finditer(line, after):
+        for match in markers.OPENING.finditer(line, after):
             if match.group(1) in self._inline_tools:
                 return match.start(), match.group(1)
         return None
@@ -334,8 +335,8 @@ class CrewAgent:
             return None
         argument = self._timed(result, completion).content
         # Under the grammar it ends at its "]"; a server that ignored the field may have gone on (the rest is dropped).
-        closing = argument.find("]")
-        return argument[: closing + 1] if closing >= 0 else argument + "]"
+        closing = argument.find(markers.CLOSE)
+        return argument[: closing + 1] if closing >= 0 else markers.close(argument)
 
     async def _chat_turn(
         self,

@@ -34,6 +34,7 @@ from heist_common.config import ConstrainedToolsMode
 from orchestrator.audit import EventRow
 from orchestrator.llm.client import LLMError
 from orchestrator.mesh.clients import ServiceCallError
+from orchestrator.tools import markers
 from orchestrator.tools.argument_grammars import (
     ConstraintCache,
     ConstraintError,
@@ -45,7 +46,6 @@ from orchestrator.tools.registry import JsonSchema, ToolMethod, ToolRegistry
 
 __all__ = [
     "FALLBACK_OPERATION",
-    "MARKER_OPENING",
     "ConstrainedTools",
     "Dialect",
     "accepts",
@@ -60,8 +60,6 @@ log = logging.getLogger("heist.orchestrator.constrained")
 Dialect = Literal["grammar", "json_schema"]
 FALLBACK_OPERATION = "constrained_tools"
 """``events.operation`` of the one row that says a session went on unconstrained."""
-MARKER_OPENING = re.compile(r"\[TOOL:\s*([A-Za-z_][\w-]*)\s*:")
-"""The opening of an inline marker, closed or not (``orchestrator.llm.client.INLINE_TOOL_PATTERN`` needs the ``]``)."""
 REJECTION_STATUSES = frozenset({"HTTP 400", "HTTP 422"})
 REJECTED_FIELDS: dict[Dialect, tuple[str, ...]] = {
     "grammar": ("grammar",),
@@ -143,7 +141,7 @@ def reply_grammar(constraints: list[ToolConstraint]) -> str:
     head = [
         f"root ::= text (marker text){{0,{MAX_REPLY_MARKERS}}}",
         "text ::= [^[]*",
-        f'marker ::= "[TOOL:" ({" | ".join(tools)})',
+        f'marker ::= "{markers.OPEN}" ({" | ".join(tools)})',
     ]
     return "\n".join([*head, *rules]) + "\n"
 

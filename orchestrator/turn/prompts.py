@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import difflib
 import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from heist_common.config import AgentConfig, SessionConfig
+from orchestrator.tools import markers
 from orchestrator.tools.registry import ToolMethod
 
 __all__ = [
@@ -56,10 +56,6 @@ def speaker_label(agent_name: str) -> str:
     return agent_name.replace("_", " ").title()
 
 
-_SUBSTITUTED_TOOL = re.compile(r"\[[\w-]+: .*? -> .*\]")
-"""A tool marker after the tool caller replaced it: ``[tool: argument -> outcome]``."""
-
-
 @functools.lru_cache(maxsize=4096)
 def one_line(text: str, limit: int = 240) -> str:
     """Flatten a message to one transcript line, without tool markers or their results.
@@ -70,7 +66,7 @@ def one_line(text: str, limit: int = 240) -> str:
     transcript keeps only what was said; the full results stay in the audit.
     Cached: every turn re-renders the same recent lines.
     """
-    flat = _SUBSTITUTED_TOOL.sub("", " ".join(text.split()))
+    flat = markers.SHOWN.sub("", " ".join(text.split()))
     flat = " ".join(flat.replace("[", " ").replace("]", " ").split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
@@ -93,9 +89,7 @@ def close_prefill(prefill: str, continuation: str) -> str:
     """Join a prefilled marker opening and the model's continuation, closing the marker if the line ended first."""
     if not prefill:
         return continuation
-    if "]" not in continuation:
-        continuation += "]"
-    return (prefill + continuation).strip()
+    return (prefill + markers.close(continuation)).strip()
 
 
 def _brief(agent: AgentConfig) -> str:
@@ -109,8 +103,8 @@ def system_prompt(agent: AgentConfig, inline_methods: Sequence[ToolMethod]) -> s
         return prompt
     lines = [f"- {method.tool}: {method.description}" for method in inline_methods]
     return (
-        f"{prompt}\nTo use a tool, write [TOOL:<tool>:<argument>] in your reply, "
-        f"for example [TOOL:{inline_methods[0].tool}:...]. Your tools:\n" + "\n".join(lines)
+        f"{prompt}\nTo use a tool, write {markers.written('<tool>', '<argument>')} in your reply, "
+        f"for example {markers.written(inline_methods[0].tool, '...')}. Your tools:\n" + "\n".join(lines)
     )
 
 
@@ -146,7 +140,7 @@ def transcript_tool_brief(agent_name: str, inline_methods: Sequence[ToolMethod])
         f"{speaker} uses tools by writing a marker, and the result appears in the transcript:\n"
         + "\n".join(f"{m.tool}: {m.description}" for m in inline_methods)
         + "\nFor example:\n"
-        + "\n".join(f"{speaker}: [TOOL:{m.tool}:{m.inline_example}]" for m in inline_methods)
+        + "\n".join(f"{speaker}: {markers.written(m.tool, m.inline_example)}" for m in inline_methods)
     )
 
 

@@ -18,8 +18,8 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
 from orchestrator.audit import EventRow, ToolUsageRow, TurnAudit
-from orchestrator.llm.client import find_inline_tool_calls
 from orchestrator.mesh.clients import Metadata, ServiceCallError, ServiceClients, tool_metadata
+from orchestrator.tools import markers
 from orchestrator.tools.argument_grammars import ConstraintCache, ListingFetcher
 from orchestrator.tools.registry import ToolArgumentError, ToolMethod, render_result
 from orchestrator.turn.constrained_tools import listing_changed
@@ -72,13 +72,13 @@ class ToolCaller:
 
     async def inline(self, turn_id: int, text: str, token: str | None, audit: TurnAudit) -> str:
         """Call every ``[TOOL:name:argument]`` marker in ``text`` (concurrently); replace each by its outcome."""
-        markers = find_inline_tool_calls(text)
-        if not markers:
+        found = markers.find(text)
+        if not found:
             return text
         registry = self._clients.registry
         outcomes: dict[int, str] = {}
         pending: dict[int, Awaitable[str]] = {}
-        for index, marker in enumerate(markers):
+        for index, marker in enumerate(found):
             service = registry.services.get(marker.tool)
             method = service.inline_method if service is not None else None
             if method is None:
@@ -90,8 +90,8 @@ class ToolCaller:
                 request = method.inline_request(marker.argument)
                 pending[index] = self.call(turn_id, method, request, token, audit, plain=True)
         outcomes.update(zip(pending, await asyncio.gather(*pending.values()), strict=True))
-        for index, marker in enumerate(markers):
-            text = text.replace(marker.marker, f"[{marker.tool}: {marker.argument} -> {outcomes[index]}]", 1)
+        for index, marker in enumerate(found):
+            text = text.replace(marker.marker, markers.shown(marker.tool, marker.argument, outcomes[index]), 1)
         return text
 
     def refuse(

@@ -12,7 +12,7 @@ Shared by the constrained-tools test and ``tests/bench/constrained_tools_eval.py
   service's default ``Limits``.
   What they accept, the services accept.
 * ``argument_of`` extracts the argument the way the agent does:
-  ``close_prefill`` then ``find_inline_tool_calls``.
+  ``close_prefill`` then ``markers.find``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from heist.database_query.v1 import database_query_pb2
 from heist.file_reader.v1 import file_reader_pb2
 
 from heist_common.config import load_config
-from orchestrator.llm.client import find_inline_tool_calls
+from orchestrator.tools import markers
 from orchestrator.tools.argument_grammars import ONE_OF_LISTING, SQL_SELECT, Listing, listing_from_response
 from orchestrator.tools.registry import ToolRegistry
 from orchestrator.turn.prompts import ConversationMessage, close_prefill, transcript_tool_brief
@@ -60,14 +60,14 @@ def transcript_prompt(tool: str, registry: ToolRegistry | None = None) -> tuple[
     history = [ConversationMessage(turn, name, role, text) for turn, (name, role, text) in enumerate(EARLIER_LINES, 1)]
     brief = transcript_tool_brief(agent.name, [method])
     prompt, _ = agent_transcript_prompt(agent, config.session, history, "", brief)
-    prefill = f" [TOOL:{tool}:"  # what IntegratedAgent._tool_prefill starts the line with
+    prefill = " " + markers.opening(tool)  # what CrewAgent._tool_prefill starts the line with
     return prompt + prefill, prefill
 
 
 def argument_of(prefill: str, continuation: str) -> str | None:
     """The argument the agent would send for this continuation (None: no marker survives)."""
-    markers = find_inline_tool_calls(close_prefill(prefill, continuation.strip()))
-    return markers[0].argument if markers else None
+    found = markers.find(close_prefill(prefill, continuation.strip()))
+    return found[0].argument if found else None
 
 
 class ServiceLogic:

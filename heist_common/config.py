@@ -93,7 +93,7 @@ class Section(BaseModel):
 
     # defer_build: a model's validator is compiled when the config is first validated, once for
     # the whole tree, instead of once per section at import and again inside its parent
-    # (15 to 30 ms of CPU of every command's start-up, measured interleaved: 0.16 against 0.18 s).
+    # (a part of every command's start-up: docs/performance.md).
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.resume import ResumePoint
     from orchestrator.session.runner import SessionResult
-    from orchestrator.turn.agent import TurnResult
+    from orchestrator.turn.turn import Turn
 
 __all__ = ["console_main", "main"]
 
@@ -248,7 +248,7 @@ def _print_health_verdict(results: Sequence[HealthResult]) -> None:
     print()
 
 
-def print_turn(turn: TurnResult) -> None:
+def print_turn(turn: Turn) -> None:
     """One turn as it happens."""
     # Long tool results (a whole document) would bury the conversation; `show` prints them in full.
     said = turn.message if len(turn.message) <= TURN_PRINT_CHARS else turn.message[: TURN_PRINT_CHARS - 3] + "..."
@@ -512,8 +512,8 @@ def console_main() -> int:
     """Run ``main()`` as the ``orchestrator`` console script, then exit without the final garbage collections.
 
     Why: with gRPC, protobuf, pydantic and httpx2 loaded, CPython's shutdown runs
-    full garbage collections over some 40,000 objects, 60 to 100 ms of CPU on a
-    2-core VM, a fifth of a command meant to answer at once. ``gc.freeze()`` moves
+    full garbage collections over tens of thousands of objects, a noticeable part
+    of a command meant to answer at once (docs/performance.md). ``gc.freeze()`` moves
     every object to the permanent generation, so those collections skip them.
     Nothing is lost: by then each command has closed what it opened (audit store,
     channels, HTTP pool), and atexit handlers (the trace exporter's flush) still

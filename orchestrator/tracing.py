@@ -53,6 +53,7 @@ __all__ = [
     "TurnScope",
     "current_trace_id",
     "current_turn",
+    "elapsed_ms",
     "read_timings",
     "step_kind",
     "timings_json",
@@ -62,6 +63,11 @@ __all__ = [
 TIMINGS_VERSION = 1
 STEP_FIELDS = ("kind", "name", "start_ms", "ms", "code")
 """What each step of ``messages.timings`` holds, in order (the JSON keeps them as arrays: compact, cheap to encode)."""
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()`` reading)."""
+    return (time.perf_counter() - started) * 1000.0
 
 
 def step_kind(service: str) -> str:

@@ -4,7 +4,7 @@ Why so many checks: the file name comes from a language model, so traversal
 (``../``), absolute paths and NUL bytes are refused before anything is opened.
 
 Why descriptors and no path checks: checking a path and then opening it is a
-race (a symlink swapped in between leaked an outside file in ~20% of reads).
+race (a symlink swapped in between can leak a file from outside the folder).
 So a document is opened once, one name at a time from a descriptor of the
 documents folder, with ``O_NOFOLLOW`` (a symbolic link anywhere on the way is
 refused, never followed), and everything else is decided on what was actually

@@ -75,8 +75,7 @@ class _PreparedInsert:
     """One model's INSERT for the fields of a row dataclass: SQL text built once, executed with fresh values.
 
     Why: building the statement is most of a turn's write cost with Peewee's
-    query builder (measured: about 70% of ``_write_turn``), while the SQL never
-    changes. Table, columns and value conversion still come from the model.
+    query builder, while the SQL never changes. Table, columns and value conversion still come from the model.
     """
 
     def __init__(self, database: peewee.Database, model: type[peewee.Model], row_type: type[Any]) -> None:

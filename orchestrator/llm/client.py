@@ -36,7 +36,7 @@ import httpx2
 from heist_common.config import LLMConfig
 from orchestrator.llm.transport import PlainHTTPTransport
 from orchestrator.mesh.clients import HealthResult
-from orchestrator.tracing import TurnScope, current_turn, end_span
+from orchestrator.tracing import TurnScope, current_turn, elapsed_ms, end_span
 
 if TYPE_CHECKING:
     import openai
@@ -108,9 +108,6 @@ class Completion:
         }
 
 
-
-def _elapsed_ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 def _json_object(fields: dict[str, str]) -> bytes:
@@ -213,8 +210,8 @@ class LLMClient:
             if not isinstance(content, str) or not all(isinstance(c.name, str) for c in calls):
                 raise TypeError("content and function names must be strings")
         except (LookupError, TypeError, AttributeError) as exc:
-            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
-        return Completion(content=content.strip(), tool_calls=calls, latency_ms=_elapsed_ms(start))
+            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), elapsed_ms(start)) from None
+        return Completion(content=content.strip(), tool_calls=calls, latency_ms=elapsed_ms(start))
 
     def _serialized_tools(self, tools: list[dict[str, Any]]) -> str:
         """``tools`` as JSON, serialized once per list object (the lists are built once and never modified)."""
@@ -263,8 +260,8 @@ class LLMClient:
             if not isinstance(text, str):
                 raise TypeError(f"text is {type(text).__name__}")
         except (LookupError, TypeError, AttributeError) as exc:
-            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), _elapsed_ms(start)) from None
-        return Completion(content=text.strip(), latency_ms=_elapsed_ms(start), truncated=finish_reason == "length")
+            raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), elapsed_ms(start)) from None
+        return Completion(content=text.strip(), latency_ms=elapsed_ms(start), truncated=finish_reason == "length")
 
     async def _post(self, url: str, body: bytes, start: float, operation: str, step: str) -> Any:
         """POST a prepared JSON body as one step of the current turn (and its span); return the decoded reply.
@@ -306,14 +303,14 @@ class LLMClient:
             response = await client.post(url, cast_to=httpx2.Response, content=body, options=options)
             return json.loads(response.content)
         except openai.APITimeoutError as exc:
-            raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", _elapsed_ms(start)) from None
+            raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", elapsed_ms(start)) from None
         except openai.APIStatusError as exc:
             detail = exc.message.split(" - ", 1)[1] if exc.message.startswith("Error code:") else exc.message
-            raise LLMError(f"HTTP {exc.status_code}", _short(detail), _elapsed_ms(start)) from None
+            raise LLMError(f"HTTP {exc.status_code}", _short(detail), elapsed_ms(start)) from None
         except openai.APIConnectionError as exc:
-            raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", _elapsed_ms(start)) from None
+            raise LLMError("UNAVAILABLE", f"cannot reach {self.config.base_url}: {exc}", elapsed_ms(start)) from None
         except (openai.OpenAIError, ValueError) as exc:  # ValueError: the reply is not JSON
-            raise LLMError("BAD_RESPONSE", _short(str(exc)), _elapsed_ms(start)) from None
+            raise LLMError("BAD_RESPONSE", _short(str(exc)), elapsed_ms(start)) from None
 
     async def check_health(self, timeout_s: float) -> HealthResult:
         """Ask for one token, with a short deadline and no retries: can the endpoint answer at all.
@@ -338,19 +335,19 @@ class LLMClient:
             )
         except httpx2.TimeoutException:
             detail = f"no completion within {timeout_s:g}s"
-            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+            return HealthResult("llm", config.base_url, LLM_DOWN, elapsed_ms(start), detail)
         except httpx2.HTTPError as exc:
             detail = f"cannot reach {config.base_url}: {_short(str(exc) or type(exc).__name__, 160)}"
-            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+            return HealthResult("llm", config.base_url, LLM_DOWN, elapsed_ms(start), detail)
         if response.status_code >= 400:
             detail = f"completion failed: HTTP {response.status_code}: {_short(_error_message(response), 160)}"
-            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
+            return HealthResult("llm", config.base_url, LLM_DOWN, elapsed_ms(start), detail)
         try:
             _first_choice(response.json())
         except (ValueError, LookupError, TypeError, AttributeError):
             detail = f"completion failed: not a completion: {_short(response.text, 160)}"
-            return HealthResult("llm", config.base_url, LLM_DOWN, _elapsed_ms(start), detail)
-        return HealthResult("llm", config.base_url, "SERVING", _elapsed_ms(start))
+            return HealthResult("llm", config.base_url, LLM_DOWN, elapsed_ms(start), detail)
+        return HealthResult("llm", config.base_url, "SERVING", elapsed_ms(start))
 
     async def close(self) -> None:
         """Close the HTTP connection pool (the SDK client's too)."""

@@ -41,7 +41,7 @@ from heist_common.contract import (
 )
 from heist_common.credentials import CredentialsError, client_secret
 from orchestrator.tools.registry import ToolRegistry
-from orchestrator.tracing import current_turn, end_span, step_kind
+from orchestrator.tracing import current_turn, elapsed_ms, end_span, step_kind
 
 if TYPE_CHECKING:
     import pybreaker
@@ -73,9 +73,6 @@ OUTAGE_CODES = frozenset(
 GRPC_CODE_VALUES = {code.name: code.value[0] for code in grpc.StatusCode}
 """Status name -> number, for the ``rpc.grpc.status_code`` span attribute."""
 
-
-def _elapsed_ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 class ServiceCallError(Exception):
@@ -175,8 +172,8 @@ def _import_pybreaker() -> None:
     pybreaker imports redis at import time, if installed, for its Redis-backed
     circuit storage. The orchestrator keeps its circuits in memory, and redis is
     installed only for the memory service's store; importing it (with the
-    OpenTelemetry metrics SDK it pulls in) costs ~0.12 s on a 2-core VM, on the
-    way to a run's first tool call. With ``redis`` marked missing in
+    OpenTelemetry metrics SDK it pulls in) is a noticeable cost on the way to a
+    run's first tool call. With ``redis`` marked missing in
     ``sys.modules`` for the duration of the import, pybreaker goes without it;
     the mark is removed at once, so a later ``import redis`` works as usual.
     """
@@ -281,7 +278,7 @@ class GuardedService:
 
         if self._trial_in_flight:
             raise ServiceCallError(
-                self.name, operation, CIRCUIT_OPEN, "circuit half-open: a trial call is in flight", _elapsed_ms(start)
+                self.name, operation, CIRCUIT_OPEN, "circuit half-open: a trial call is in flight", elapsed_ms(start)
             )
         try:
             with self.breaker.calling():
@@ -294,11 +291,11 @@ class GuardedService:
                         self._trial_in_flight = False
         except pybreaker.CircuitBreakerError:
             raise ServiceCallError(
-                self.name, operation, CIRCUIT_OPEN, "circuit open: service skipped during cool-down", _elapsed_ms(start)
+                self.name, operation, CIRCUIT_OPEN, "circuit open: service skipped during cool-down", elapsed_ms(start)
             ) from None
         except grpc.aio.AioRpcError as exc:
             raise ServiceCallError(
-                self.name, operation, exc.code().name, exc.details() or "", _elapsed_ms(start)
+                self.name, operation, exc.code().name, exc.details() or "", elapsed_ms(start)
             ) from None
 
 
@@ -358,7 +355,7 @@ class TokenProvider:
         try:
             secret = client_secret(self._config, client_id)
         except CredentialsError as exc:
-            raise ServiceCallError("oauth", "IssueToken", "CREDENTIALS", str(exc), _elapsed_ms(start)) from None
+            raise ServiceCallError("oauth", "IssueToken", "CREDENTIALS", str(exc), elapsed_ms(start)) from None
         request = oauth_pb2.IssueTokenRequest(
             grant_type="client_credentials", client_id=client_id, client_secret=secret, scopes=list(scopes)
         )
@@ -497,9 +494,9 @@ class ServiceClients:
         except grpc.aio.AioRpcError as exc:
             detail = exc.details() or ""
             status = "UNREACHABLE" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
-            return HealthResult(service.name, service.target, status, _elapsed_ms(start), detail)
+            return HealthResult(service.name, service.target, status, elapsed_ms(start), detail)
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-        return HealthResult(service.name, service.target, status, _elapsed_ms(start))
+        return HealthResult(service.name, service.target, status, elapsed_ms(start))
 
     async def close(self) -> None:
         """Close every channel (in-flight calls are cancelled)."""

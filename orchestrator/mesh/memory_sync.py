@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from orchestrator.audit import AuditStore, EventRow
 from orchestrator.mesh.clients import Metadata, ServiceCallError, ServiceClients
+from orchestrator.tracing import elapsed_ms
 
 __all__ = ["MemoryFetch", "MemorySync"]
 
@@ -90,7 +91,7 @@ class MemorySync:
         unexpected = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, ServiceCallError)]
         if unexpected:
             raise unexpected[0]
-        latency = (time.perf_counter() - start) * 1000.0
+        latency = elapsed_ms(start)
         if failures:
             # Back off (2, 4, 8, 16 turns) so a service that keeps refusing is not sent the whole session every turn.
             self.degraded = True

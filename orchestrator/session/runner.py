@@ -18,7 +18,7 @@ from pathlib import Path
 from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
-from heist_common.telemetry import OFF, Telemetry, setup_tracing
+from heist_common.telemetry import Telemetry, setup_tracing
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import HealthResult, ServiceClients
@@ -28,7 +28,8 @@ from orchestrator.session.health import check_health
 from orchestrator.session.resume import ResumePoint, prepare_resume
 from orchestrator.session.schedule import iter_schedule
 from orchestrator.tracing import turn_scope
-from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext, TurnResult
+from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
+from orchestrator.turn.turn import Turn
 
 __all__ = [
     "RunOptions",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 
-TurnObserver = Callable[[TurnResult], None]
+TurnObserver = Callable[[Turn], None]
 ORCHESTRATOR_SERVICE_NAME = "heist-orchestrator"
 """``service.name`` of the orchestrator's spans."""
 
@@ -78,7 +79,7 @@ class SessionResult:
     status: str
     exit_code: int
     health: list[HealthResult] = field(default_factory=list)
-    turns: list[TurnResult] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
     database: str = ""
     exports: list[Path] = field(default_factory=list)
     report: Path | None = None
@@ -216,7 +217,7 @@ class SessionRunner:
                         else None
                     )
                     turn = await agent.take_turn(index + 1, history, memory)
-                history.append(ConversationMessage(turn.turn_id, turn.agent_name, turn.agent_role, turn.message))
+                history.append(turn.as_message())
                 result.turns.append(turn)
                 if self._on_turn is not None:
                     self._on_turn(turn)
@@ -279,19 +280,11 @@ async def run_session(
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
 ) -> SessionResult:
-    """Open the audit store, channels and LLM client, run one session, close everything.
+    """Open the audit store, channels and LLM client, run one new session, close everything.
 
     Raises AuditError if the audit database cannot be opened at all.
     """
-    audit = AuditStore.open(config.database.url)
-    telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
-    clients = ServiceClients(config, tracer=telemetry.tracer)
-    llm = LLMClient(config.llm)
-    try:
-        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn)
-        return await runner.run()
-    finally:
-        await asyncio.shield(_close(clients, llm, audit, telemetry))
+    return await _open_and_run(config, options, None, on_health=on_health, on_turn=on_turn)
 
 
 async def resume_session(
@@ -310,35 +303,55 @@ async def resume_session(
     opened or read, UnknownSessionError, and NotResumableError or
     ResumeConflictError (nothing was changed then).
     """
+    return await _open_and_run(config, options, session_id, on_resume=on_resume, on_health=on_health, on_turn=on_turn)
+
+
+async def _open_and_run(
+    config: HeistConfig,
+    options: RunOptions | None,
+    resume_id: str | None,
+    *,
+    on_resume: Callable[[ResumePoint], None] | None = None,
+    on_health: Callable[[list[HealthResult]], None] | None = None,
+    on_turn: TurnObserver | None = None,
+) -> SessionResult:
+    """Open everything, run the session (new or resumed: one path for both), close everything."""
     audit = AuditStore.open(config.database.url)
+    point: ResumePoint | None = None
+    if resume_id is not None:
+        try:
+            point = await prepare_resume(audit, config, resume_id)
+        except BaseException:
+            await asyncio.get_running_loop().run_in_executor(None, audit.close)
+            raise
+        if on_resume is not None:
+            on_resume(point)
+        config, options = _resumed(config, options, point)
+    telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
+    clients = ServiceClients(config, tracer=telemetry.tracer)
+    llm = LLMClient(config.llm)
     try:
-        point = await prepare_resume(audit, config, session_id)
-    except BaseException:
-        await asyncio.get_running_loop().run_in_executor(None, audit.close)
-        raise
-    if on_resume is not None:
-        on_resume(point)
-    # The session's own strategy, seed and length, whatever the config or flags say today.
+        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
+        return await runner.run()
+    finally:
+        await asyncio.shield(_close(clients, llm, audit, telemetry))
+
+
+def _resumed(config: HeistConfig, options: RunOptions | None, point: ResumePoint) -> tuple[HeistConfig, RunOptions]:
+    """Give a resumed session its own strategy, seed and length, whatever the config or flags say today."""
     config = config.with_overrides(session=config.session.model_copy(update={"strategy": point.strategy}))
     given = options or RunOptions()
-    options = RunOptions(
-        session_id=session_id,
+    return config, RunOptions(
+        session_id=point.session_id,
         turns=point.turns_planned,
         seed=point.seed,
         require_healthy=given.require_healthy,
         export_dir=given.export_dir,
         export=given.export,
     )
-    clients = ServiceClients(config)
-    llm = LLMClient(config.llm)
-    try:
-        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
-        return await runner.run()
-    finally:
-        await asyncio.shield(_close(clients, llm, audit))
 
 
-async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore, telemetry: Telemetry = OFF) -> None:
+async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore, telemetry: Telemetry) -> None:
     await clients.close()
     await llm.close()
     loop = asyncio.get_running_loop()

@@ -61,8 +61,8 @@ def one_line(text: str, limit: int = 240) -> str:
     """Flatten a message to one transcript line, without tool markers or their results.
 
     A newline would end the speaker's turn, and a 270M model copies whatever
-    bracket syntax or tool output it sees in the lines before (measured: once
-    a result is in the transcript, most later turns parrot it). So the
+    bracket syntax or tool output it sees in the lines before (once a result is
+    in the transcript, later turns tend to parrot it). So the
     transcript keeps only what was said; the full results stay in the audit.
     Cached: every turn re-renders the same recent lines.
     """

@@ -17,12 +17,14 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
-from orchestrator.audit import EventRow, ToolUsageRow, TurnAudit
+from orchestrator.audit import ToolUsageRow
 from orchestrator.mesh.clients import Metadata, ServiceCallError, ServiceClients, tool_metadata
 from orchestrator.tools import markers
 from orchestrator.tools.argument_grammars import ConstraintCache, ListingFetcher
 from orchestrator.tools.registry import ToolArgumentError, ToolMethod, render_result
+from orchestrator.tracing import elapsed_ms
 from orchestrator.turn.constrained_tools import listing_changed
+from orchestrator.turn.turn import Turn
 
 __all__ = ["INVALID_ARGUMENT", "NOT_ALLOWED", "NO_TOKEN", "ToolCaller"]
 
@@ -30,9 +32,6 @@ NOT_ALLOWED = "NOT_ALLOWED"
 NO_TOKEN = "NO_TOKEN"
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 
-
-def _elapsed_ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 class ToolCaller:
@@ -58,19 +57,19 @@ class ToolCaller:
         self._result_max_chars = result_max_chars
         self._metadata: tuple[str, Metadata] | None = None
 
-    async def native(self, turn_id: int, function: str, arguments: str, token: str | None, audit: TurnAudit) -> str:
+    async def native(self, turn: Turn, function: str, arguments: str) -> str:
         """Call the method behind an OpenAI function name with the model's JSON arguments."""
         method = self._clients.registry.method_by_function(function)
         if method is None:
             reason = f"unknown tool function {function!r}"
-            return self.refuse(turn_id, function, function, arguments, NOT_ALLOWED, reason, audit)
+            return refuse(turn, function, function, arguments, NOT_ALLOWED, reason)
         try:
             request = method.parse_arguments(arguments)
         except ToolArgumentError as exc:
-            return self.refuse(turn_id, method.tool, method.method.name, arguments, INVALID_ARGUMENT, str(exc), audit)
-        return await self.call(turn_id, method, request, token, audit)
+            return refuse(turn, method.tool, method.method.name, arguments, INVALID_ARGUMENT, str(exc))
+        return await self.call(turn, method, request)
 
-    async def inline(self, turn_id: int, text: str, token: str | None, audit: TurnAudit) -> str:
+    async def inline(self, turn: Turn, text: str) -> str:
         """Call every ``[TOOL:name:argument]`` marker in ``text`` (concurrently); replace each by its outcome."""
         found = markers.find(text)
         if not found:
@@ -83,24 +82,14 @@ class ToolCaller:
             method = service.inline_method if service is not None else None
             if method is None:
                 reason = f"unknown tool {marker.tool!r}"
-                outcomes[index] = self.refuse(
-                    turn_id, marker.tool, "inline", marker.argument, NOT_ALLOWED, reason, audit
-                )
+                outcomes[index] = refuse(turn, marker.tool, "inline", marker.argument, NOT_ALLOWED, reason)
             else:
                 request = method.inline_request(marker.argument)
-                pending[index] = self.call(turn_id, method, request, token, audit, plain=True)
+                pending[index] = self.call(turn, method, request, plain=True)
         outcomes.update(zip(pending, await asyncio.gather(*pending.values()), strict=True))
         for index, marker in enumerate(found):
             text = text.replace(marker.marker, markers.shown(marker.tool, marker.argument, outcomes[index]), 1)
         return text
-
-    def refuse(
-        self, turn_id: int, tool: str, operation: str, params: str, code: str, reason: str, audit: TurnAudit
-    ) -> str:
-        """Record a tool call that was never sent (not allowed, bad arguments, no token)."""
-        audit.tool_usage.append(ToolUsageRow(turn_id, self._agent, tool, operation, params, reason, False, code, 0.0))
-        audit.events.append(EventRow(tool, operation, code, reason, 0.0, turn_id, self._agent))
-        return f"error: {reason}"
 
     def listing_fetcher(self, token: str) -> ListingFetcher:
         """Fetch a tool's listing (``ListFiles``, ``ListTables``) with the agent's token, for the constraint cache.
@@ -126,25 +115,17 @@ class ToolCaller:
             self._metadata = cached
         return cached[1]
 
-    async def call(
-        self,
-        turn_id: int,
-        method: ToolMethod,
-        request: Message,
-        token: str | None,
-        audit: TurnAudit,
-        *,
-        plain: bool = False,
-    ) -> str:
+    async def call(self, turn: Turn, method: ToolMethod, request: Message, *, plain: bool = False) -> str:
         """Call one tool RPC (if allowed and authorized) and record it in ``tool_usage``."""
         params = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True), ensure_ascii=False)
         operation = method.method.name
         if method.tool not in self._allowed:
             reason = f"{self._agent} is not allowed to use {method.tool}"
-            return self.refuse(turn_id, method.tool, operation, params, NOT_ALLOWED, reason, audit)
+            return refuse(turn, method.tool, operation, params, NOT_ALLOWED, reason)
+        token = turn.token
         if token is None:
             reason = f"{self._agent} has no OAuth token this turn"
-            return self.refuse(turn_id, method.tool, operation, params, NO_TOKEN, reason, audit)
+            return refuse(turn, method.tool, operation, params, NO_TOKEN, reason)
         clients = self._clients
         service = clients.services[method.tool]
         rpc = getattr(clients.tool_stubs[method.tool], operation)
@@ -158,16 +139,22 @@ class ToolCaller:
                 self._constraints.invalidate(method.tool)  # the next constraint re-reads the listing
             reason = "circuit open" if exc.circuit_open else f"{exc.status_code}: {exc.detail}"
             latency = round(exc.latency_ms, 3)
-            audit.tool_usage.append(
+            turn.tool_usage.append(
                 ToolUsageRow(
-                    turn_id, self._agent, method.tool, operation, params, reason, False, exc.status_code, latency
+                    turn.turn_id, self._agent, method.tool, operation, params, reason, False, exc.status_code, latency
                 )
             )
-            audit.events.append(exc.to_event(turn_id, self._agent))
+            turn.events.append(exc.to_event(turn.turn_id, self._agent))
             return f"error: {reason}"
         text = render_result(response, self._result_max_chars, plain=plain)
-        latency = round(_elapsed_ms(start), 3)
-        audit.tool_usage.append(
-            ToolUsageRow(turn_id, self._agent, method.tool, operation, params, text, True, "OK", latency)
+        latency = round(elapsed_ms(start), 3)
+        turn.tool_usage.append(
+            ToolUsageRow(turn.turn_id, self._agent, method.tool, operation, params, text, True, "OK", latency)
         )
         return text
+
+
+def refuse(turn: Turn, tool: str, operation: str, params: str, code: str, reason: str) -> str:
+    """Record a tool call that was never sent (not allowed, bad arguments, no token); return what the model reads."""
+    turn.refused(tool, operation, params, code, reason)
+    return f"error: {reason}"

@@ -123,8 +123,8 @@ class QueryWorker:
     async def spawn(cls, path: Path, limits: Limits) -> QueryWorker:
         """Start a worker for the database at ``path`` and wait until it is ready; UNAVAILABLE if it cannot start.
 
-        Why wait for "ready": Python's start-up (~30 ms idle, several hundred ms on
-        a busy machine) is the service's overhead and must not eat the query's time.
+        Why wait for "ready": Python's start-up (slow on a busy machine) is the
+        service's overhead and must not eat the query's time.
         """
         try:
             process = await asyncio.create_subprocess_exec(
@@ -342,7 +342,7 @@ class QueryWorkerPool:
         return worker
 
     def _keep_a_spare(self) -> None:
-        """Start a worker ahead of need, so a caller does not wait ~0.1 s for one while others run or were killed."""
+        """Start a worker ahead of need, so a caller does not wait for one to start while others run or were killed."""
         if self._closed or self._spare is not None or self._idle:
             return
         if len(self._busy) + self._starting >= self.limits.max_concurrent_queries:

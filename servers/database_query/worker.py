@@ -8,7 +8,7 @@ can stop a thread there, but a process can be killed at the deadline, and its
 memory is capped by ``RLIMIT_AS``, so the server's own memory and event loop
 stay untouched whatever one query does.
 
-Only the standard library is imported, so a fresh worker starts in ~30 ms;
+Only the standard library is imported, so a fresh worker starts fast;
 it dies with the server (PR_SET_PDEATHSIG), even when that is ``kill -9``.
 Status codes travel as gRPC status *names* (``"INVALID_ARGUMENT"``); the server
 maps them to ``grpc.StatusCode``.

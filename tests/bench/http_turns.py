@@ -39,7 +39,7 @@ from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_K
 from heist_common.credentials import client_secret
 from orchestrator.llm.client import LLMClient
 from orchestrator.tools.registry import ToolRegistry
-from orchestrator.turn.agent import TurnResult
+from orchestrator.turn.turn import Turn
 from tests.bench.http_llm import ARGUMENTS, HttpLLM
 from tests.bench.turns import check_turns, percentiles, run_sessions
 from tests.support.processes import REPO
@@ -84,11 +84,11 @@ def write_style_config(config_path: Path, style: str, base_url: str, config: Hei
 
 async def run_http_session(
     config: HeistConfig, turns: int, session_id: str, *, sessions: int = 1
-) -> tuple[list[TurnResult], list[tuple[float, float]], float]:
+) -> tuple[list[Turn], list[tuple[float, float]], float]:
     """``sessions`` sessions of ``turns`` turns with the real ``LLMClient``; (turns, (start, end) of each, wall s)."""
     spans: list[tuple[float, float]] = []
 
-    def ended(turn: TurnResult) -> None:
+    def ended(turn: Turn) -> None:
         now = time.perf_counter()
         spans.append((now - turn.total_ms / 1000.0, now))
 
@@ -204,7 +204,7 @@ class Floor:
             await asyncio.gather(*(channel.close(None) for channel in channels.values()))
 
 
-def turn_stats(turns: list[TurnResult]) -> dict[str, Any]:
+def turn_stats(turns: list[Turn]) -> dict[str, Any]:
     """Percentiles of whole turns and of the LLM requests in them."""
     return {
         "total_ms": percentiles([t.total_ms for t in turns]),
@@ -224,7 +224,7 @@ def http_turns(
     config = style_config(config, style, llm.base_url)
     asyncio.run(run_http_session(config, warmup, f"warm_{style}_{time.time_ns()}"))
     per_turn = LLM_REQUESTS_PER_TURN[style]
-    measured: list[TurnResult] = []
+    measured: list[Turn] = []
     floor: list[float] = []
     wall_s = 0.0
     cpu_s = floor_cpu_s = 0.0

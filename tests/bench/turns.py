@@ -13,7 +13,7 @@ from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.session.runner import RunOptions, SessionRunner
-from orchestrator.turn.agent import TurnResult
+from orchestrator.turn.turn import Turn
 from tests.bench.fake_llm import InstantLLM
 
 
@@ -42,8 +42,8 @@ async def run_sessions(
     delay_s: float = 0.0,
     prefix: str = "bench",
     llm: LLMClient | None = None,
-    on_turn: Callable[[TurnResult], None] | None = None,
-) -> tuple[list[TurnResult], float]:
+    on_turn: Callable[[Turn], None] | None = None,
+) -> tuple[list[Turn], float]:
     """Run ``sessions`` sessions of ``turns`` turns at once on one shared mesh; return the turns and the wall time.
 
     ``llm``: the client every session shares (closed at the end); default an in-process
@@ -73,7 +73,7 @@ async def run_sessions(
     return [turn for result in results for turn in result.turns], wall_s
 
 
-def check_turns(turns: list[TurnResult]) -> None:
+def check_turns(turns: list[Turn]) -> None:
     """Every measured turn must have made its one successful tool call (else the numbers mean nothing)."""
     bad = [t for t in turns if t.status != "ok" or len(t.tool_usage) != 1 or not t.tool_usage[0].success or t.events]
     if bad:
@@ -83,9 +83,9 @@ def check_turns(turns: list[TurnResult]) -> None:
         )
 
 
-def summarize_turns(turns: list[TurnResult]) -> dict[str, Any]:
+def summarize_turns(turns: list[Turn]) -> dict[str, Any]:
     """Percentiles of total_ms and service_ms, overall and per tool."""
-    by_tool: dict[str, list[TurnResult]] = {}
+    by_tool: dict[str, list[Turn]] = {}
     for turn in turns:
         by_tool.setdefault(turn.tool_usage[0].tool_name, []).append(turn)
     return {

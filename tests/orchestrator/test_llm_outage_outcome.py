@@ -17,7 +17,7 @@ import pytest
 from heist_common.config import load_config
 from orchestrator.cli import main
 from orchestrator.session.runner import RunOptions, run_session
-from orchestrator.turn.agent import TurnResult
+from orchestrator.turn.turn import Turn
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.ports import free_port
@@ -37,7 +37,7 @@ async def test_llm_dies_mid_run_fails_the_session(mesh: InProcessMesh, scripted_
     scripted_llm.responder = lambda body: text("We go on Friday.")
     died = threading.Event()
 
-    def kill_after_turn_2(turn: TurnResult) -> None:
+    def kill_after_turn_2(turn: Turn) -> None:
         if turn.turn_id == 2:  # the model server dies before turn 3 of 12
             scripted_llm.stop()
             died.set()

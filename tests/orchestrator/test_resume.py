@@ -25,6 +25,7 @@ from orchestrator.session.schedule import turn_schedule
 from tests.support.audit_db import query
 from tests.support.config import write_heist_config
 from tests.support.inprocess import InProcessMesh
+from tests.support.otlp import OTLPReceiver
 from tests.support.processes import session_memories
 from tests.support.scripted_llm import ScriptedLLM, text
 
@@ -261,6 +262,26 @@ async def test_resume_rebuilds_a_memory_service_that_lost_everything(
     result = await resume_session(config, sid)
     assert result.status == "completed"
     assert await asyncio.to_thread(session_memories, mesh.config, sid) == 6
+
+
+async def test_a_resumed_session_exports_its_turns_spans_like_a_new_one(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM, audit_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = random_config(mesh, audit_url, 5)
+    sid = "heist_resume_traced"
+    await interrupted_after(config, 2, sid)
+    with OTLPReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        result = await resume_session(config, sid)  # returns once its spans are flushed
+        traces = receiver.traces()
+    assert result.status == "completed" and [t.turn_id for t in result.turns] == [3, 4, 5]
+    resumed = query(audit_url, "SELECT turn_id, agent_name, trace_id FROM messages WHERE turn_id > 2 ORDER BY turn_id")
+    assert {trace for _, _, trace in resumed} <= set(traces)
+    for turn_id, agent, trace_id in resumed:
+        roots = [(span.service, span.name) for span in traces[trace_id] if span.is_root]
+        assert roots == [("heist-orchestrator", f"turn {turn_id} {agent}")]
+        assert any(span.attributes.get("gen_ai.operation.name") for span in traces[trace_id])
 
 
 # The CLI ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from heist_common.config import HeistConfig
 from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
-from orchestrator.turn.agent import ConversationMessage, CrewAgent, SessionContext, TurnResult
+from orchestrator.turn.agent import ConversationMessage, CrewAgent, SessionContext
+from orchestrator.turn.turn import Turn
 from servers.auth import credential_store
 from servers.auth.tokens import issue_token
 from servers.runtime.lifecycle import RunningServer, start_service
@@ -134,7 +135,7 @@ class SessionHarness:
         await self.audit.create_session(self.session_id, strategy="manual", seed=None, model=self.config.llm.model)
         return self
 
-    async def turn(self, agent: str) -> TurnResult:
+    async def turn(self, agent: str) -> Turn:
         self.turn_id += 1
         result = await self.agents[agent].take_turn(self.turn_id, self.history)
         self.history.append(ConversationMessage(result.turn_id, agent, result.agent_role, result.message))

@@ -60,7 +60,7 @@ def transcript_prompt(tool: str, registry: ToolRegistry | None = None) -> tuple[
     history = [ConversationMessage(turn, name, role, text) for turn, (name, role, text) in enumerate(EARLIER_LINES, 1)]
     brief = transcript_tool_brief(agent.name, [method])
     prompt, _ = agent_transcript_prompt(agent, config.session, history, "", brief)
-    prefill = " " + markers.opening(tool)  # what CrewAgent._tool_prefill starts the line with
+    prefill = " " + markers.opening(tool)  # what TranscriptStyle._tool_prefill starts the line with
     return prompt + prefill, prefill
 
 

@@ -1,0 +1,76 @@
+"""One agent turn as one value: what it started from, what it did, and what it cost.
+
+Why one value: a turn used to travel as a bundle of six arguments (its id, the
+history, the memory, the token, the rows it wrote, its result) and exist in
+three shapes copied field by field. The pipeline fills a ``Turn``; the audit
+rows, the next turn's conversation line and the session summary are derived
+from it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from orchestrator.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
+from orchestrator.llm.client import Completion
+from orchestrator.turn.prompts import ConversationMessage
+
+__all__ = ["Turn"]
+
+
+@dataclass(slots=True)
+class Turn:
+    """One agent's turn, filled in as it runs; its rows are committed in one transaction at its end."""
+
+    turn_id: int
+    agent_name: str
+    agent_role: str
+    history: Sequence[ConversationMessage] = ()
+    """The conversation before this turn (read only)."""
+    memory: str = ""
+    """The agent's compressed notes, as the memory service returned them ("" when it could not)."""
+    token: str | None = None
+    """The agent's OAuth token for its tools; None: it speaks without tools this turn."""
+    message: str = ""
+    status: str = "ok"
+    tool_usage: list[ToolUsageRow] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
+    llm_ms: float = 0.0
+    """Time spent waiting for the model (the sum of its requests, which are sequential)."""
+    total_ms: float = 0.0
+    trace_id: str = ""
+
+    @property
+    def service_ms(self) -> float:
+        """Time spent outside the LLM: memory, OAuth, tools, audit and StoreMemory."""
+        return self.total_ms - self.llm_ms
+
+    def spent(self, completion: Completion) -> Completion:
+        """Count a completion's latency as LLM time, and hand it back."""
+        self.llm_ms += completion.latency_ms
+        return completion
+
+    def refused(self, tool: str, operation: str, params: str, code: str, reason: str) -> None:
+        """Record a tool call that was never sent (not allowed, bad arguments, no token)."""
+        agent = self.agent_name
+        self.tool_usage.append(ToolUsageRow(self.turn_id, agent, tool, operation, params, reason, False, code, 0.0))
+        self.events.append(EventRow(tool, operation, code, reason, 0.0, self.turn_id, agent))
+
+    def as_message(self) -> ConversationMessage:
+        """Return the line this turn adds to the conversation."""
+        return ConversationMessage(self.turn_id, self.agent_name, self.agent_role, self.message)
+
+    def audit_rows(self, latency_ms: float, timings: str) -> TurnAudit:
+        """Return everything the turn writes: its message, its tool calls and its events."""
+        message = MessageRow(
+            self.turn_id,
+            self.agent_name,
+            self.agent_role,
+            self.message,
+            self.status,
+            round(latency_ms, 3),
+            trace_id=self.trace_id,
+            timings=timings,
+        )
+        return TurnAudit(message, self.tool_usage, self.events)

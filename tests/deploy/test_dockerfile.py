@@ -185,7 +185,8 @@ def test_entrypoint_runs_every_module_the_manifests_name(stages: list[list[Instr
     modules = {str(spec["containers"][0]["args"][0]) for _, spec in workloads(load_resources())}
     assert {"servers.oauth", "orchestrator.cli"} <= modules
     for module in modules:
-        path = REPO / (module.replace(".", "/") + ".py")
+        base = REPO / module.replace(".", "/")
+        path = base / "__main__.py" if base.is_dir() else base.with_suffix(".py")  # a package runs its __main__
         assert path.is_file(), f"python -m {module}: no {path}"
         assert not _ignored(path.relative_to(REPO).as_posix()), f"{module} is kept out of the build context"
 

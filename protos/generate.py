@@ -13,6 +13,7 @@ import hashlib
 import shutil
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -39,10 +40,26 @@ def sources_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def plugin(name: str) -> Path:
+    """Find the protoc plugin script ``name`` installed with the importable mypy-protobuf.
+
+    Why not only next to ``sys.executable``: in pip's isolated build of the wheel
+    (setup.py runs this module) mypy-protobuf and its scripts live in a
+    temporary prefix of their own, not in the interpreter's folder.
+    """
+    try:
+        files = metadata.distribution("mypy-protobuf").files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == name and Path(str(file.locate())).is_file():
+            return Path(str(file.locate())).resolve()
+    return Path(sys.executable).parent / name
+
+
 def generate(output_root: Path) -> None:
     """Run grpcio-tools (with mypy-protobuf plugins) into ``output_root``."""
     well_known = Path(protoc.__file__).parent / "_proto"
-    plugin_dir = Path(sys.executable).parent
     package_dir = output_root / PACKAGE
     if package_dir.exists():
         shutil.rmtree(package_dir)
@@ -51,8 +68,8 @@ def generate(output_root: Path) -> None:
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
-        f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
-        f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={output_root}",
         f"--grpc_python_out={output_root}",
         f"--mypy_out=quiet:{output_root}",

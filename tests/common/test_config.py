@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from heist_common.config import ConfigError, load_config, resolve_database_url
-from heist_common.layout import REPO_ROOT
+from heist_common.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, located, resolve_database_url
+from heist_common.layout import IN_CHECKOUT, REPO_ROOT, shipped_config_path
 from servers.runtime.lifecycle import service_limits
 from tests.support.config import CREW, shipped, write_heist_config
 
@@ -186,6 +186,15 @@ def test_unreadable_files_are_config_errors_not_tracebacks(tmp_path: Path, conte
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_checkout_uses_its_own_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packaged copy is for installed wheels only (tests/packaging): a checkout never falls back to it."""
+    assert IN_CHECKOUT and shipped_config_path() == REPO_ROOT / "config" / "heist.yaml"
+    monkeypatch.chdir(tmp_path)  # no config/ here
+    assert located(DEFAULT_CONFIG_PATH) == DEFAULT_CONFIG_PATH
+    with pytest.raises(ConfigError, match=r"^config/heist\.yaml: cannot read config"):
+        load_config(DEFAULT_CONFIG_PATH)
 
 
 def test_relative_sqlite_url_is_anchored_at_repository_root() -> None:

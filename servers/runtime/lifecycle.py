@@ -147,7 +147,7 @@ class RunningServer:
             await self.definition.on_stop()
         await self.access_log.stop()
         if self.metrics is not None:
-            self.metrics.stop()
+            await self.metrics.stop()
         self.telemetry.shutdown()
 
     async def wait_for_termination(self) -> None:
@@ -247,7 +247,14 @@ async def start(
         telemetry.shutdown()
         raise OSError(f"{definition.name}: cannot listen on {address} (port in use?)")
     try:
-        endpoint = MetricsEndpoint(metrics.registry, metrics_address) if metrics and metrics_address else None
+        endpoint = None
+        if metrics is not None and metrics_address:
+            endpoint = await MetricsEndpoint.start(
+                metrics.registry,
+                metrics_address,
+                max_connections=bounds.metrics_max_connections,
+                timeout_s=bounds.metrics_timeout_s,
+            )
     except OSError as exc:
         telemetry.shutdown()
         await server.stop(None)

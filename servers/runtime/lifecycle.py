@@ -232,6 +232,7 @@ async def start(
     reflected = [contract.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]  # fmt: skip
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_aio.ReflectionServicer(reflected), registrar)
+    server.add_generic_rpc_handlers((middleware.unknown_methods(),))  # last: only methods nobody else has
     server_credentials = None
     if tls.mtls(config):  # before the bind: a missing certificate is not a busy port
         credential_store.ensure_dev_tls(config)

@@ -5,7 +5,8 @@ Names and labels are those of go-grpc-prometheus (``grpc_server_started_total``,
 counters), with ``grpc_code`` spelled as Go spells status codes (``OK``,
 ``InvalidArgument``, ``Unauthenticated``...), so the usual gRPC dashboards and
 alerts work unchanged. Labels never carry a session ID, a client-chosen value or
-anything else unbounded: one time series per method and code, known at start.
+anything else unbounded: one time series per method and code, known at start;
+calls to methods the server does not have share one ``unknown`` method.
 
 Why a registry per server, not the process-wide default: tests and benchmarks
 run several servers in one process, and each must expose only its own series.
@@ -34,6 +35,7 @@ from heist_common.config import split_address
 __all__ = [
     "GO_CODE_NAMES",
     "LATENCY_BUCKETS",
+    "UNKNOWN",
     "AuthMetrics",
     "MethodMetrics",
     "MetricsEndpoint",
@@ -72,6 +74,10 @@ AUTH_REASONS = (
     "missing_scope", "no_session", "other_session", "no_verifier",
 )  # fmt: skip
 """Why a token check can fail (``runtime.middleware``, ``auth.tokens``); a fixed set, so a fixed cardinality."""
+
+
+UNKNOWN = "unknown"
+"""``grpc_type``, ``grpc_service`` and ``grpc_method`` of calls to methods the server does not have."""
 
 
 def go_code(code: grpc.StatusCode) -> str:
@@ -163,6 +169,15 @@ class ServerMetrics(Collector):
         counted = MethodMetrics(
             (rpc_type(request_streaming, response_streaming), service, method), request_streaming or response_streaming
         )
+        self.methods.append(counted)
+        return counted
+
+    def unknown_methods(self) -> MethodMetrics:
+        """Create the one set of counts every call to a method this server does not have is counted in.
+
+        Labelled ``unknown`` (type, service and method) whatever the caller asked for, so a caller cannot add series.
+        """
+        counted = MethodMetrics((UNKNOWN, UNKNOWN, UNKNOWN), streaming=True)
         self.methods.append(counted)
         return counted
 

@@ -1,9 +1,10 @@
-"""Every server's side doors under a hostile local client: the metrics port.
+"""Every server's side doors under a hostile local client: the metrics port and methods that do not exist.
 
-Against a real calculator process with a metrics port (any server has one).
+Against a real calculator process with a metrics port (any server has both).
 A flood of half-open connections on the metrics port must cost the server a
-bounded number of threads and descriptors and never reach its gRPC port.
-Every loop is bounded in count and time; measurements are printed (``pytest -s``).
+bounded number of threads and descriptors and never reach its gRPC port; calls
+to unknown methods must be counted under one bounded label and logged. Every
+loop is bounded in count and time; measurements are printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.abuse.harness import RunningService
+from tests.support.access_log import access_entries
 from tests.support.channels import channel
 
 pytestmark = pytest.mark.abuse
@@ -35,6 +38,9 @@ DESCRIPTOR_LIMIT = 128
 EXTRA_THREADS = 4
 """Threads the server may add during the flood (before: one per connection)."""
 GRPC_DEADLINE_S = 2.0
+CALCULATOR = "/heist.calculator.v1.CalculatorService"
+Series = tuple[str, tuple[tuple[str, str], ...]]
+"""A sample's name and its sorted labels."""
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +72,14 @@ def scrape_within(url: str, seconds: float) -> str:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"/metrics did not answer within {seconds} s: {exc}") from None
         time.sleep(0.2)
+
+
+def samples(url: str) -> dict[Series, float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scrape(url))
+        for sample in family.samples
+    }
 
 
 def evaluate(calc: RunningService, target: grpc.Channel) -> float:
@@ -132,3 +146,52 @@ def test_a_half_open_flood_on_the_metrics_port_never_reaches_grpc(calc: RunningS
     assert flood_fds < DESCRIPTOR_LIMIT // 2
     assert "grpc_server_handled_total" in during and "grpc_server_handled_total" in after
     assert len(sockets) == FLOOD_SOCKETS, "every connection was accepted (and closed or held) promptly"
+
+
+def grpc_series(found: dict[Series, float]) -> set[Series]:
+    return {key for key in found if key[0].startswith("grpc_server_")}
+
+
+def unknown(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    everything = {"grpc_type": "unknown", "grpc_service": "unknown", "grpc_method": "unknown", **labels}
+    return tuple(sorted(everything.items()))
+
+
+def test_unknown_methods_are_counted_under_one_label_and_logged(calc: RunningService) -> None:
+    before = samples(calc.metrics_url)
+    names = [f"{CALCULATOR}/Nothing{index}" for index in range(50)]
+    names += ["/no.such.Service/" + "x" * 1000, "/no-slash-at-all", f"{CALCULATOR}/Evaluate\" \"forged"]
+    for name in names:
+        method = calc.channel.unary_unary(name, request_serializer=bytes, response_deserializer=bytes)
+        with pytest.raises(grpc.RpcError) as caught:
+            method(b"\x0a\x03abc", metadata=calc.metadata, timeout=5.0)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED, (name[:60], caught.value.details())
+        assert len(caught.value.details() or "") < 200
+    streaming = calc.channel.unary_stream(f"{CALCULATOR}/Stream", request_serializer=bytes, response_deserializer=bytes)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(streaming(b"", timeout=5.0))  # no token either: still UNIMPLEMENTED, nothing else said
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    calls = len(names) + 1
+    after = samples(calc.metrics_url)
+    print(f"\n{calls} calls to unknown methods: grpc series {len(grpc_series(before))} -> {len(grpc_series(after))}")
+    assert grpc_series(after) == grpc_series(before), "no label set was added by a caller's method name"
+    started = ("grpc_server_started_total", unknown({}))
+    handled = ("grpc_server_handled_total", unknown({"grpc_code": "Unimplemented"}))
+    assert after[started] - before.get(started, 0) == calls
+    assert after[handled] - before.get(handled, 0) == calls
+    values = {value for _, labels in after for _, value in labels}
+    assert not any("Nothing" in value or "xxxx" in value for value in values)
+
+    deadline = time.monotonic() + 5.0
+    logged: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        logged = [entry for entry in access_entries(calc.process.log()) if entry["code"] == "UNIMPLEMENTED"]
+        if len(logged) >= calls:
+            break
+        time.sleep(0.2)
+    assert len(logged) == calls
+    methods = [str(entry["method"]) for entry in logged]
+    assert methods[:50] == names[:50]
+    assert all(len(method) <= 131 for method in methods)
+    assert methods[50].startswith("/no.such.Service/xxx") and methods[50].endswith("...")
+    assert names[-1] in methods  # the quote stays inside its JSON string

@@ -147,6 +147,11 @@ class ServerConfig(Section):
     """Keepalive pings more frequent than this count as abuse (two strikes close the connection)."""
     max_receive_bytes: AtLeastOne = 1024 * 1024
     """Largest request message."""
+    metrics_max_connections: AtLeastOne = 16
+    """Connections open at once on the metrics port (``metrics_address``); a newcomer replaces the oldest one that
+    has not sent its request yet, or is closed at once."""
+    metrics_timeout_s: Positive = 5.0
+    """A metrics connection is closed this long after it opened, answered or not."""
 
 
 REPLICA_PORT_STEP = 100

@@ -12,7 +12,10 @@ machine can run far past any interrupt, so a query that outlives its time is
 killed, not asked to stop; that also keeps its memory out of this process and
 the event loop free for every other caller. At most
 ``max_concurrent_queries`` run at once and ``max_waiting_queries`` wait; a
-caller beyond that gets RESOURCE_EXHAUSTED at once.
+caller beyond that gets RESOURCE_EXHAUSTED at once. Workers are shared fairly
+(``servers/database_query/fair_queue.py``): one caller (a token's client) runs
+at most ``max_queries_per_caller`` queries and has at most
+``max_waiting_per_caller`` waiting, and waiting callers get workers in turn.
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ from google.protobuf import struct_pb2
 from heist.database_query.v1 import database_query_pb2 as pb
 from heist.database_query.v1 import database_query_pb2_grpc as pb_grpc
 from prometheus_client import Counter, Histogram
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from heist_common.config import HeistConfig
 from servers.database_query.bank_fixture import ensure_bank_db
+from servers.database_query.fair_queue import FairQueue, Refused
 from servers.database_query.worker import READY, WorkerLimits, clip, worker_arguments
 from servers.runtime import lifecycle
 from servers.runtime.lifecycle import ServiceDefinition
+from servers.runtime.middleware import CALLER
 
 
 class Limits(lifecycle.Limits):
@@ -59,6 +64,36 @@ class Limits(lifecycle.Limits):
     """Callers waiting for a free worker; more get RESOURCE_EXHAUSTED at once."""
     max_worker_memory_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024 * 1024, strict=True)
     """RLIMIT_AS of each query worker process (SQLite's heap is capped at half of it)."""
+    max_queries_per_caller: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Queries one caller (the client of its token) may run at once. Unset: "
+        "max_concurrent_queries - 1 (at least 1), so one caller never holds every worker.",
+    )
+    max_waiting_per_caller: int = Field(
+        8,
+        ge=0,
+        strict=True,
+        description="Queries one caller may have waiting for a worker (within max_waiting_queries); "
+        "more get RESOURCE_EXHAUSTED at once.",
+    )
+
+    @model_validator(mode="after")
+    def _share_fits(self) -> Limits:
+        if self.max_queries_per_caller is not None and self.max_queries_per_caller > self.max_concurrent_queries:
+            raise ValueError(
+                f"max_queries_per_caller ({self.max_queries_per_caller}) cannot be more than "
+                f"max_concurrent_queries ({self.max_concurrent_queries})"
+            )
+        return self
+
+    @property
+    def caller_share(self) -> int:
+        """Workers one caller may hold at once."""
+        if self.max_queries_per_caller is not None:
+            return self.max_queries_per_caller
+        return max(1, self.max_concurrent_queries - 1)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 STOP_MARGIN_S = 0.05
@@ -69,12 +104,13 @@ WORKER_START_TIMEOUT_S = 10.0
 
 
 class QueryError(Exception):
-    """A query that cannot be answered; carries the status code to return."""
+    """A query that cannot be answered; carries the status code to return (and a refusal reason, if not its code's)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
 
 
 def to_value(value: Any) -> pb.Value:
@@ -219,24 +255,29 @@ class QueryWorker:
 
 
 class QueryWorkerPool:
-    """At most ``max_concurrent_queries`` workers, started on demand and reused; waiting callers are bounded."""
+    """At most ``max_concurrent_queries`` workers, started on demand and reused, shared fairly between callers."""
 
     def __init__(self, path: Path, limits: Limits) -> None:
         self.path = path
         self.limits = limits
-        self._slots: asyncio.Semaphore | None = None
+        self._slots = FairQueue(
+            limits.max_concurrent_queries, limits.caller_share, limits.max_waiting_queries,
+            limits.max_waiting_per_caller,
+        )  # fmt: skip
         self._idle: list[QueryWorker] = []
         self._busy: set[QueryWorker] = set()
-        self._waiting = 0
         self._starting = 0
         self._spare: asyncio.Task[None] | None = None
         self._reaping: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def query(self, sql: str, caller_remaining_s: float | None) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run one SELECT; (columns, rows) or QueryError.
+    async def query(
+        self, sql: str, caller_remaining_s: float | None, caller: str = ""
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one SELECT for ``caller`` (a token's client); (columns, rows) or QueryError.
 
-        Bounds: waiting for a slot at most ``query_timeout_s``; running at most
+        Bounds: the caller's share of the workers and of the waiting room;
+        waiting for a slot at most ``query_timeout_s``; running at most
         ``query_timeout_s``; everything, worker start-up included, within the
         caller's deadline when there is one.
         """
@@ -248,7 +289,7 @@ class QueryWorkerPool:
         loop = asyncio.get_running_loop()
         caller_deadline = None if caller_remaining_s is None else loop.time() + caller_remaining_s
         try:
-            async with asyncio.timeout_at(caller_deadline), self._slot(self.limits.query_timeout_s):
+            async with asyncio.timeout_at(caller_deadline), self._slot(caller, self.limits.query_timeout_s):
                 try:
                     reply = await self._run(sql, caller_deadline, reuse_idle=True)
                 except WorkerGone:  # an idle worker had died (killed, out of memory): one retry on a fresh one
@@ -289,35 +330,18 @@ class QueryWorkerPool:
             self._give_back(worker, answered)
 
     @contextlib.asynccontextmanager
-    async def _slot(self, wait_s: float) -> AsyncIterator[None]:
-        """Hold one of the ``max_concurrent_queries`` slots; RESOURCE_EXHAUSTED if none frees up in time."""
+    async def _slot(self, caller: str, wait_s: float) -> AsyncIterator[None]:
+        """Hold a worker slot within ``caller``'s share; RESOURCE_EXHAUSTED if it may not wait or none frees in time."""
         if self._closed:
             raise QueryError(grpc.StatusCode.UNAVAILABLE, "the database query service is stopping")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.limits.max_concurrent_queries)
-        slots = self._slots
-        running, capacity = self.limits.max_concurrent_queries, self.limits.max_waiting_queries
-        if slots.locked() and self._waiting >= capacity:
-            raise QueryError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many queries: {running} running and {self._waiting} waiting "
-                "(max_concurrent_queries, max_waiting_queries); try again shortly",
-            )
-        self._waiting += 1
         try:
-            async with asyncio.timeout(wait_s):
-                await slots.acquire()
-        except TimeoutError:
-            raise QueryError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"all {running} query slots (max_concurrent_queries) stayed busy for {wait_s:.2g} s; try again",
-            ) from None
-        finally:
-            self._waiting -= 1
+            await self._slots.acquire(caller, wait_s)
+        except Refused as refused:
+            raise QueryError(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message, refused.reason) from None
         try:
             yield
         finally:
-            slots.release()
+            self._slots.release(caller)
 
     async def _take_worker(self, reuse_idle: bool) -> QueryWorker:
         """Take an idle worker, else the spare being started, else a new one (each caller holds a slot)."""
@@ -420,7 +444,8 @@ REFUSALS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
-"""``heist_database_query_refused_total{reason}``: why a Query was refused, by its status code."""
+"""``heist_database_query_refused_total{reason}``: why a Query was refused, by its status code (``caller_share``:
+the caller's own share of the workers or of the waiting room was full; ``other``: anything else)."""
 
 
 class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
@@ -439,10 +464,13 @@ class DatabaseQueryServicer(pb_grpc.DatabaseQueryServiceServicer):
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.QueryResponse:
         """Run the caller's single SELECT."""
         started = time.perf_counter()
+        claims = CALLER.get()
         try:
-            columns, rows = await self.pool.query(request.sql, caller_time_remaining(context))
+            columns, rows = await self.pool.query(
+                request.sql, caller_time_remaining(context), claims.client_id if claims is not None else ""
+            )
         except QueryError as exc:
-            self.refused.labels(REFUSALS.get(exc.code, "other")).inc()
+            self.refused.labels(exc.reason or REFUSALS.get(exc.code, "other")).inc()
             await context.abort(exc.code, clip(exc.message, 600))
         finally:
             self.seconds.observe(time.perf_counter() - started)

@@ -147,7 +147,7 @@ class RunningServer:
             await self.definition.on_stop()
         await self.access_log.stop()
         if self.metrics is not None:
-            self.metrics.stop()
+            await self.metrics.stop()
         self.telemetry.shutdown()
 
     async def wait_for_termination(self) -> None:
@@ -232,6 +232,7 @@ async def start(
     reflected = [contract.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]  # fmt: skip
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_aio.ReflectionServicer(reflected), registrar)
+    server.add_generic_rpc_handlers((middleware.unknown_methods(),))  # last: only methods nobody else has
     server_credentials = None
     if tls.mtls(config):  # before the bind: a missing certificate is not a busy port
         credential_store.ensure_dev_tls(config)
@@ -247,7 +248,14 @@ async def start(
         telemetry.shutdown()
         raise OSError(f"{definition.name}: cannot listen on {address} (port in use?)")
     try:
-        endpoint = MetricsEndpoint(metrics.registry, metrics_address) if metrics and metrics_address else None
+        endpoint = None
+        if metrics is not None and metrics_address:
+            endpoint = await MetricsEndpoint.start(
+                metrics.registry,
+                metrics_address,
+                max_connections=bounds.metrics_max_connections,
+                timeout_s=bounds.metrics_timeout_s,
+            )
     except OSError as exc:
         telemetry.shutdown()
         await server.stop(None)

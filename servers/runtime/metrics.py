@@ -5,7 +5,8 @@ Names and labels are those of go-grpc-prometheus (``grpc_server_started_total``,
 counters), with ``grpc_code`` spelled as Go spells status codes (``OK``,
 ``InvalidArgument``, ``Unauthenticated``...), so the usual gRPC dashboards and
 alerts work unchanged. Labels never carry a session ID, a client-chosen value or
-anything else unbounded: one time series per method and code, known at start.
+anything else unbounded: one time series per method and code, known at start;
+calls to methods the server does not have share one ``unknown`` method.
 
 Why a registry per server, not the process-wide default: tests and benchmarks
 run several servers in one process, and each must expose only its own series.
@@ -16,16 +17,17 @@ numbers: a call then pays for a few additions and no lookup or lock (see
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
 from heist_common.config import split_address
@@ -33,6 +35,7 @@ from heist_common.config import split_address
 __all__ = [
     "GO_CODE_NAMES",
     "LATENCY_BUCKETS",
+    "UNKNOWN",
     "AuthMetrics",
     "MethodMetrics",
     "MetricsEndpoint",
@@ -71,6 +74,10 @@ AUTH_REASONS = (
     "missing_scope", "no_session", "other_session", "no_verifier",
 )  # fmt: skip
 """Why a token check can fail (``runtime.middleware``, ``auth.tokens``); a fixed set, so a fixed cardinality."""
+
+
+UNKNOWN = "unknown"
+"""``grpc_type``, ``grpc_service`` and ``grpc_method`` of calls to methods the server does not have."""
 
 
 def go_code(code: grpc.StatusCode) -> str:
@@ -165,6 +172,15 @@ class ServerMetrics(Collector):
         self.methods.append(counted)
         return counted
 
+    def unknown_methods(self) -> MethodMetrics:
+        """Create the one set of counts every call to a method this server does not have is counted in.
+
+        Labelled ``unknown`` (type, service and method) whatever the caller asked for, so a caller cannot add series.
+        """
+        counted = MethodMetrics((UNKNOWN, UNKNOWN, UNKNOWN), streaming=True)
+        self.methods.append(counted)
+        return counted
+
     def describe(self) -> Iterator[Metric]:
         """Nothing up front (the registry then collects to check names, which is cheap here)."""
         return iter(())
@@ -213,30 +229,123 @@ class ServerMetrics(Collector):
         yield verdicts
 
 
-class MetricsEndpoint:
-    """``GET /metrics`` of one server on its own HTTP address, served by prometheus_client on a daemon thread.
+MAX_REQUEST_HEAD_BYTES = 8192
+"""Longest request line and headers the metrics endpoint reads; a longer head closes the connection."""
 
-    A thread, not the server's event loop: a scrape then never delays a call's
-    coroutine, and encoding the text takes the GIL only for a moment.
+
+class MetricsEndpoint:
+    """``GET /metrics`` of one server on its own HTTP address, served from the server's event loop.
+
+    Why not prometheus_client's ``start_http_server``: it spends a thread and a
+    descriptor on every connection for as long as the client likes, so a flood
+    of half-open connections took the process's threads and descriptors and,
+    with them, its gRPC port. Here a connection is a coroutine; at most
+    ``max_connections`` are open (a newcomer takes the place of the oldest one
+    that has not sent its request yet, else it is closed at once), and each is
+    closed after ``timeout_s`` whatever it did. The text is encoded on one
+    thread of its own, so a scrape never holds up a call's coroutine for long.
+    One request per connection (``Connection: close``).
     """
 
-    def __init__(self, registry: CollectorRegistry, address: str) -> None:
-        host, port = split_address(address)
-        try:
-            self._httpd: WSGIServer
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
-        except OSError as exc:
-            raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
-        self.port = int(self._httpd.server_address[1])
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}/metrics"
+    def __init__(
+        self, registry: CollectorRegistry, host: str, max_connections: int, timeout_s: float
+    ) -> None:
+        self.registry = registry
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        self.port = 0
+        self.url = ""
+        self._host = host
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self._reading: dict[asyncio.StreamWriter, None] = {}
+        """Open connections that have not sent their request head yet, oldest first."""
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heist-metrics")
 
-    def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-        self._httpd.server_close()
+    @classmethod
+    async def start(
+        cls, registry: CollectorRegistry, address: str, *, max_connections: int = 16, timeout_s: float = 5.0
+    ) -> MetricsEndpoint:
+        """Listen on ``address`` (port 0: any free port) in the running event loop; OSError naming it if it cannot."""
+        host, port = split_address(address)
+        endpoint = cls(registry, host, max_connections, timeout_s)
+        try:
+            endpoint._server = await asyncio.start_server(
+                endpoint._connection, host, port, limit=MAX_REQUEST_HEAD_BYTES
+            )
+        except OSError as exc:
+            endpoint._encoder.shutdown(wait=False)
+            raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        endpoint.port = int(endpoint._server.sockets[0].getsockname()[1])
+        endpoint.url = f"http://{f'[{host}]' if ':' in host else host}:{endpoint.port}/metrics"
+        return endpoint
 
     @property
-    def thread(self) -> threading.Thread:
-        """The serving thread (tests check it ends)."""
-        return self._thread
+    def connections(self) -> int:
+        """Connections open now (tests check the cap)."""
+        return len(self._open)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection (idempotent)."""
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+        self._encoder.shutdown(wait=False, cancel_futures=True)
+
+    def _make_room(self) -> bool:
+        """Close the oldest connection still sending its request (a scraper sends at once); False if none is."""
+        for writer in self._reading:
+            del self._reading[writer]
+            self._open.discard(writer)
+            writer.transport.abort()
+            return True
+        return False
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= self.max_connections and not self._make_room():
+            writer.transport.abort()
+            return
+        self._open.add(writer)
+        self._reading[writer] = None
+        answered = False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+                if self._reading.pop(writer, writer) is writer:
+                    return  # closed to make room while its last bytes were being read
+                writer.write(await self._response(head))
+                writer.transport.set_write_buffer_limits(high=0)  # drain() now waits until all is sent
+                await writer.drain()
+                answered = True
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            self._reading.pop(writer, None)
+            self._open.discard(writer)
+            if answered:
+                writer.close()
+            else:
+                writer.transport.abort()
+
+    async def _response(self, head: bytes) -> bytes:
+        """Build the whole HTTP response to one request head: the metrics, 404 or 405."""
+        method, _, rest = head.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD"):
+            return _http(b"405 Method Not Allowed", b"text/plain; charset=utf-8", b"only GET and HEAD\n")
+        if path not in (b"/metrics", b"/"):
+            return _http(b"404 Not Found", b"text/plain; charset=utf-8", b"metrics are at /metrics\n")
+        body = await asyncio.get_running_loop().run_in_executor(self._encoder, generate_latest, self.registry)
+        return _http(b"200 OK", CONTENT_TYPE_PLAIN_0_0_4.encode(), body, head_only=method == b"HEAD")
+
+
+def _http(status: bytes, content_type: bytes, body: bytes, *, head_only: bool = False) -> bytes:
+    """Build an HTTP/1.1 response that closes its connection."""
+    head = (
+        b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+    )  # fmt: skip
+    return head if head_only else head + body

@@ -216,6 +216,7 @@ class CallMiddleware:
         self._auth_metrics = metrics.auth if metrics is not None else None
         self._tracer = tracer
         self._cache: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._unknown = metrics.unknown_methods() if metrics is not None else None
 
     def wrapped(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         """Return ``handler`` of ``method`` (a ``/package.Service/Method`` path) wrapped; cached per method."""
@@ -224,6 +225,30 @@ class CallMiddleware:
             cached = self._wrap(method, handler)
             self._cache[method] = cached
         return cached
+
+    def unknown_methods(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """Return a generic handler for every method: registered last, it answers only methods nobody else has."""
+        return _UnknownMethods(self)
+
+    def unimplemented(self, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        """Return a handler that answers UNIMPLEMENTED for ``method``, counted as ``unknown``, logged with the name cut.
+
+        Made per call and never cached: the method name is the caller's choice, so keeping one per name would let
+        a caller grow the server's memory (and a label per name its metrics).
+        """
+
+        async def refuse(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            started = time.perf_counter()
+            counted = self._unknown
+            if counted is not None:
+                counted.begin()
+            metadata = call_metadata(context)
+            try:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"this server has no method {shown(method)}")
+            finally:
+                self._log(_field(method), context, metadata, started, {}, grpc.StatusCode.UNIMPLEMENTED, counted, None)
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         scope = self._scopes.get(method)
@@ -537,6 +562,17 @@ class _WrappedGenericHandler(_GenericHandler):
         if handler is None:
             return None
         return self._handlers.wrapped(handler_call_details.method, handler)
+
+
+class _UnknownMethods(_GenericHandler):
+    """Answers any method (registered last, it sees only those no servicer has): UNIMPLEMENTED, counted, logged."""
+
+    def __init__(self, handlers: CallMiddleware) -> None:
+        self._handlers = handlers
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str | bytes = handler_call_details.method
+        return self._handlers.unimplemented(method.decode("utf-8", "replace") if isinstance(method, bytes) else method)
 
 
 class WrappingRegistrar:

@@ -31,18 +31,18 @@ START_TIMEOUT_S = 20.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def write_config(folder: Path, limits: dict[str, Any]) -> Path:
+def write_config(folder: Path, limits: dict[str, Any], metrics_addresses: dict[str, str] | None = None) -> Path:
     """A complete config in ``folder`` whose services get ``limits`` (``{service: {key: value}}``)."""
-    return write_heist_config(folder, limits=limits)
+    return write_heist_config(folder, limits=limits, metrics_addresses=metrics_addresses)
 
 
-def bearer(settings: HeistConfig, scope: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata with a 10-minute token carrying ``scope``."""
+def bearer(settings: HeistConfig, scope: str, client_id: str = "crew") -> tuple[tuple[str, str], ...]:
+    """Call metadata with a 10-minute token of ``client_id`` carrying ``scope``."""
     token = issue_token(
         credential_store.signing_key(settings),
         issuer=settings.oauth.issuer,
         audience=settings.oauth.audience,
-        client_id="crew",
+        client_id=client_id,
         scopes=[scope],
         ttl_s=600,
         now=time.time(),
@@ -63,11 +63,20 @@ class RunningService:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def metrics_url(self) -> str:
+        """``http://127.0.0.1:port/metrics`` (only for a service started with ``metrics=True``)."""
+        url = self.settings.service(self.process.name).metrics_url
+        assert url is not None, f"{self.process.name} was started without a metrics address"
+        return url
 
-def start_service(folder: Path, name: str, scope: str, limits: dict[str, Any]) -> RunningService:
-    """Start ``name`` as a real process with ``limits``; the caller must ``stop_service`` it."""
+
+def start_service(
+    folder: Path, name: str, scope: str, limits: dict[str, Any], *, metrics: bool = False
+) -> RunningService:
+    """Start ``name`` as a real process with ``limits`` (and a metrics port); the caller must ``stop_service`` it."""
     folder.mkdir(parents=True, exist_ok=True)
-    config_path = write_config(folder, limits)
+    config_path = write_config(folder, limits, {name: f"127.0.0.1:{free_port()}"} if metrics else None)
     settings = load_config(config_path)
     credential_store.ensure_dev_credentials(settings)
     process = ServerProcess(name, load_config(config_path), free_port(), folder, START_TIMEOUT_S)

@@ -26,7 +26,7 @@ import pytest
 from heist.database_query.v1 import database_query_pb2 as pb
 from heist.database_query.v1 import database_query_pb2_grpc as pb_grpc
 
-from tests.abuse.harness import PeakRss, RunningService, cpu_used_over, mib, process_tree, rss_bytes
+from tests.abuse.harness import PeakRss, RunningService, bearer, cpu_used_over, mib, process_tree, rss_bytes
 
 pytestmark = pytest.mark.abuse
 
@@ -63,12 +63,23 @@ def db(service_factory: Callable[..., RunningService]) -> RunningService:
     return service_factory("database_query", "database_query:use", LIMITS)
 
 
-def call(db: RunningService, sql: str, timeout: float | None = 10.0) -> tuple[grpc.StatusCode, str, float]:
-    """(code, details, seconds) of one Query."""
+@pytest.fixture(scope="module")
+def other_caller(db: RunningService) -> tuple[tuple[str, str], ...]:
+    """Call metadata of a second client (``mole``): another caller than the ``crew`` token of ``db.metadata``."""
+    return bearer(db.settings, "database_query:use", client_id="mole")
+
+
+def call(
+    db: RunningService,
+    sql: str,
+    timeout: float | None = 10.0,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+) -> tuple[grpc.StatusCode, str, float]:
+    """(code, details, seconds) of one Query (by default with the ``crew`` client's token)."""
     stub = pb_grpc.DatabaseQueryServiceStub(db.channel)
     started = time.monotonic()
     try:
-        stub.Query(pb.QueryRequest(sql=sql), metadata=db.metadata, timeout=timeout)
+        stub.Query(pb.QueryRequest(sql=sql), metadata=metadata or db.metadata, timeout=timeout)
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or "", time.monotonic() - started
     return grpc.StatusCode.OK, "", time.monotonic() - started
@@ -262,14 +273,14 @@ def test_without_a_call_deadline_query_timeout_s_ends_the_work(db: RunningServic
 
 @pytest.mark.parametrize("sql", [MANY_CHEAP_STEPS, ONE_LONG_STEP], ids=["many-cheap-steps", "one-long-step"])
 def test_other_callers_are_not_slowed_by_an_expensive_query(
-    db: RunningService, in_background: Callable[[str], None], sql: str
+    db: RunningService, other_caller: tuple[tuple[str, str], ...], in_background: Callable[[str], None], sql: str
 ) -> None:
-    call(db, "SELECT 1")
+    call(db, "SELECT 1", metadata=other_caller)
     in_background(sql)
     time.sleep(0.2)
     latencies = []
     for _ in range(20):
-        code, details, elapsed = call(db, "SELECT 1", timeout=2.0)
+        code, details, elapsed = call(db, "SELECT 1", timeout=2.0, metadata=other_caller)
         assert code == grpc.StatusCode.OK, details
         latencies.append(elapsed)
         time.sleep(0.03)
@@ -296,6 +307,66 @@ def test_a_caller_beyond_the_waiting_room_is_refused_at_once(db: RunningService)
         grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED
     }
     assert call(db, "SELECT 1")[0] == grpc.StatusCode.OK
+    assert_idle(db)
+
+
+FLOOD_STREAMS = 8
+"""Concurrent slow-query streams of one caller: more than every worker and the whole waiting room."""
+FLOOD_CALLS_PER_STREAM = 40
+FLOOD_BOUND_S = 15.0
+"""A stream stops after this long whatever happens (it normally stops when the measurement ends)."""
+VICTIM_CALLS = 20
+
+
+def flood_stream(db: RunningService, stop: threading.Event, outcomes: list[grpc.StatusCode]) -> None:
+    """One attacker stream: slow queries back to back (a short pause after a refusal), bounded in count and time."""
+    deadline = time.monotonic() + FLOOD_BOUND_S
+    for _ in range(FLOOD_CALLS_PER_STREAM):
+        if stop.is_set() or time.monotonic() > deadline:
+            return
+        code, _, _ = call(db, MANY_CHEAP_STEPS, timeout=10.0)
+        outcomes.append(code)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            time.sleep(0.05)
+
+
+def victim_calls(db: RunningService, metadata: tuple[tuple[str, str], ...]) -> list[tuple[grpc.StatusCode, str, float]]:
+    outcomes = []
+    for _ in range(VICTIM_CALLS):
+        outcomes.append(call(db, "SELECT 1", timeout=5.0, metadata=metadata))
+        time.sleep(0.05)
+    return outcomes
+
+
+def test_one_callers_flood_of_slow_queries_leaves_another_caller_fast_and_never_refused(
+    db: RunningService, other_caller: tuple[tuple[str, str], ...]
+) -> None:
+    assert call(db, "SELECT 1", metadata=other_caller)[0] == grpc.StatusCode.OK
+    idle = victim_calls(db, other_caller)
+    assert {code for code, _, _ in idle} == {grpc.StatusCode.OK}
+    stop = threading.Event()
+    attacker: list[grpc.StatusCode] = []
+    with ThreadPoolExecutor(max_workers=FLOOD_STREAMS) as pool:
+        streams = [pool.submit(flood_stream, db, stop, attacker) for _ in range(FLOOD_STREAMS)]
+        try:
+            time.sleep(0.5)  # the attacker now holds what it can: workers and waiting places
+            flooded = victim_calls(db, other_caller)
+        finally:
+            stop.set()
+        for stream in streams:
+            stream.result(timeout=FLOOD_BOUND_S + 15)
+    idle_p50 = statistics.median(elapsed for _, _, elapsed in idle)
+    flooded_p50 = statistics.median(elapsed for _, _, elapsed in flooded)
+    refused = [(code.name, details) for code, details, _ in flooded if code != grpc.StatusCode.OK]
+    print(f"\nSELECT 1 of another caller: idle p50 {idle_p50 * 1000:.1f} ms; beside {FLOOD_STREAMS} slow-query "
+          f"streams of one caller p50 {flooded_p50 * 1000:.1f} ms, max "
+          f"{max(elapsed for _, _, elapsed in flooded) * 1000:.1f} ms, {len(refused)} of {VICTIM_CALLS} refused; "
+          f"attacker: {dict(sorted((code.name, attacker.count(code)) for code in set(attacker)))}")
+    assert not refused, refused
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in attacker, "the attacker's slow queries ran"
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in attacker, "the attacker was held to its share"
+    # A few times the idle median, plus a little for the CPU the attacker's worker takes on a busy machine.
+    assert flooded_p50 < 4 * idle_p50 + 0.02
     assert_idle(db)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -207,10 +209,15 @@ async def test_the_endpoint_stops_with_the_server(config: HeistConfig) -> None:
     assert server.metrics is not None
     port = server.metrics.port
     assert listening(port)
+    await asyncio.to_thread(scrape, server.metrics.url)  # the encoding thread has started
     await mesh.stop_all()
     assert not listening(port)
-    server.metrics.thread.join(timeout=2)
-    assert not server.metrics.thread.is_alive()
+    assert server.metrics.connections == 0
+    for _ in range(40):
+        if not any(thread.name.startswith("heist-metrics") for thread in threading.enumerate()):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(thread.name.startswith("heist-metrics") for thread in threading.enumerate())
 
 
 async def test_without_a_metrics_address_there_is_no_endpoint(tmp_path: Path) -> None:
@@ -243,3 +250,47 @@ def test_a_server_process_whose_metrics_port_is_taken_exits_saying_so(tmp_path: 
     assert completed.returncode == 1, completed.stderr
     assert f"cannot serve metrics on 127.0.0.1:{metrics_port}" in completed.stderr
     assert not listening(grpc_port)
+
+
+async def raw_http(port: int, request: bytes) -> tuple[bytes, float]:
+    """Send ``request`` on a fresh connection; (everything the server sent before closing, seconds it took)."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+    except ConnectionResetError:  # closed with our bytes unread: nothing was answered
+        answer = b""
+    finally:
+        writer.close()
+    return answer, time.monotonic() - started
+
+
+async def test_the_endpoint_caps_connections_times_them_out_and_answers_only_get_metrics(tmp_path: Path) -> None:
+    bounds = {"metrics_max_connections": 2, "metrics_timeout_s": 0.3}
+    path = write_heist_config(tmp_path, metrics_addresses={"calculator": "127.0.0.1:0"}, server_bounds=bounds)
+    mesh = InProcessMesh(load_config(path))
+    try:
+        server = await mesh.start("calculator")
+        assert server.metrics is not None
+        port = server.metrics.port
+        silent, took = await raw_http(port, b"")  # sends nothing: closed at the timeout
+        assert silent == b"" and 0.25 < took < 2.0
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert server.metrics.connections == 2, "the third took the place of the first"
+        answer, _ = await raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # at the cap: still served
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"grpc_server_started_total" in answer
+        assert b"Content-Type: text/plain; version=0.0.4" in answer
+        for _, writer in held:
+            writer.close()
+        head, _ = await raw_http(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+        assert (await raw_http(port, b"GET /other HTTP/1.1\r\n\r\n"))[0].startswith(b"HTTP/1.1 404 ")
+        assert (await raw_http(port, b"POST /metrics HTTP/1.1\r\n\r\n"))[0].startswith(b"HTTP/1.1 405 ")
+        too_long, _ = await raw_http(port, b"GET /" + b"x" * 10_000 + b" HTTP/1.1\r\n\r\n")
+        assert too_long == b""
+    finally:
+        await mesh.stop_all()

@@ -5,7 +5,7 @@
 # No model inside: llm.base_url points at an external OpenAI-compatible endpoint
 # (llama-cpp-python, the `llm` extra, is not installed). No secret inside: the
 # OAuth keys, client secrets and the audit database URL come from Kubernetes
-# Secrets at run time (deploy/k8s, README "Deploying on Kubernetes").
+# Secrets at run time (deploy/k8s, docs/deployment.md).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: dependencies into /opt/venv, the source into /app, generated protos ---

@@ -30,7 +30,7 @@ LLAMA_WHEEL_DIR ?= $(HOME)/.cache/heist-mesh/wheels/llama-cpp-python-$(LLAMA_VER
 INSTALL_STAMP := $(VENV)/.project-installed
 GENERATED := generated/heist/__init__.py
 
-.PHONY: system-deps llama-wheel help install protos serve stop status run test drills bench bench-mesh bench-metrics bench-smoke eval lint clean
+.PHONY: system-deps llama-wheel help install protos docs serve stop status run test drills bench bench-mesh bench-metrics bench-smoke eval lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -82,6 +82,9 @@ install: $(INSTALL_STAMP) ## Create .venv, install pinned dependencies, generate
 
 protos: $(GENERATED) ## Generate Python modules and .pyi stubs from protos/ into generated/
 
+docs: install ## Regenerate docs/configuration.md and the tables in docs/cli.md from the code
+	$(PY) docs/generate.py
+
 serve: install ## Start all services in the background (LLM=off: gRPC services only); waits until each is SERVING
 	$(PY) -m servers.supervisor serve --config $(CONFIG) --llm $(LLM)
 
@@ -93,7 +96,7 @@ status: install ## Health table of every service
 
 run: install ## Serve everything and run one heist on the embedded model, then print the summary and the report's path
 	$(MAKE) --no-print-directory serve CONFIG=$(CONFIG) LLM=on
-	@echo "Services keep running after the heist: probe them (README, 'Probing with grpcurl') or stop them with 'make stop'."
+	@echo "Services keep running after the heist: probe them (docs/transport-and-credentials.md) or stop them with 'make stop'."
 	@# The summary ends with "Report: <path>.html", the session's page (orchestrator report).
 	$(VENV)/bin/orchestrator run --config $(CONFIG) $(ARGS)
 
@@ -122,7 +125,7 @@ drills: install ## Run only the failure drills
 # Sections of `make bench`, e.g. BENCH_ONLY=real,startup (default: all of real, services, startup,
 # throughput, parallel, embedded).
 BENCH_ONLY ?=
-bench: install system-deps ## Benchmarks: whole turns through HTTP with their floor, CLI start-up, throughput, parallel sessions, embedded LLM (README, 'Performance')
+bench: install system-deps ## Benchmarks: whole turns through HTTP with their floor, CLI start-up, throughput, parallel sessions, embedded LLM (docs/performance.md)
 	$(PY) -m tests.bench.run --out var/bench/results.json $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
 
 bench-mesh: install ## Data plane: turn cost and Evaluate req/s with plaintext, mTLS, two calculator replicas
@@ -140,10 +143,18 @@ eval: install ## Embedded-model heists, constrained tool arguments off vs auto: 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json
 
+<<<<<<< HEAD
 lint: install ## ruff on everything, mypy --strict on the code and the build scripts, buf lint on protos/ (buf.yaml)
 	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos setup.py
 	$(VENV)/bin/mypy heist_common servers orchestrator protos/generate.py setup.py
 	$(VENV)/bin/buf lint
+=======
+lint: install ## ruff on everything, mypy --strict on heist_common/, servers/, orchestrator/, protos/ and docs/ generators
+	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos docs
+	$(VENV)/bin/mypy heist_common servers orchestrator protos/generate.py
+	@# A second run: both generators are modules named `generate`.
+	$(VENV)/bin/mypy docs/generate.py
+>>>>>>> docs
 
 clean: stop ## Remove the run folder and generated code (keeps .venv)
 	rm -rf var generated/heist

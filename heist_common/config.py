@@ -114,8 +114,15 @@ def split_address(address: str) -> tuple[str, int]:
 class MeshConfig(Section, RunFolder):
     """Mesh-wide settings: the run folder (see ``RunFolder`` for its layout) and the drain grace period."""
 
-    run_dir: Path = Path("var")
-    shutdown_grace_s: Positive = 2.0
+    run_dir: Path = Field(
+        default=Path("var"),
+        description="Git-ignored folder for pid files, logs, generated dev credentials, the audit database, "
+        "the assembled model and exported session logs (relative: under the repository root).",
+    )
+    shutdown_grace_s: Positive = Field(
+        default=2.0,
+        description="Seconds a server lets calls in flight finish after SIGTERM (it reports NOT_SERVING first).",
+    )
 
     @field_validator("run_dir")
     @classmethod
@@ -131,27 +138,41 @@ class ServerConfig(Section):
     time) never comes near them.
     """
 
-    max_connections: AtLeastOne = 512
-    """Accepted connections at once (gRPC's ``grpc.max_allowed_incoming_connections``)."""
-    max_concurrent_rpcs: AtLeastOne = 256
-    """Calls in progress at once; more get RESOURCE_EXHAUSTED."""
-    max_concurrent_streams: AtLeastOne = 1000
-    """Calls at once on one connection (a burst above this on a fresh connection is refused, not queued)."""
-    handshake_timeout_s: Positive = 5.0
-    """A connection that has not finished its HTTP/2 handshake by then is closed."""
-    max_connection_idle_s: Positive = 300.0
-    """A connection with no call for this long is closed (clients reconnect transparently)."""
-    max_connection_age_s: Positive = 1800.0
-    """Every connection is recycled after this long (lets clients rebalance), with a 10 s grace."""
-    min_ping_interval_s: Positive = 10.0
-    """Keepalive pings more frequent than this count as abuse (two strikes close the connection)."""
-    max_receive_bytes: AtLeastOne = 1024 * 1024
-    """Largest request message."""
-    metrics_max_connections: AtLeastOne = 16
-    """Connections open at once on the metrics port (``metrics_address``); a newcomer replaces the oldest one that
-    has not sent its request yet, or is closed at once."""
-    metrics_timeout_s: Positive = 5.0
-    """A metrics connection is closed this long after it opened, answered or not."""
+    max_connections: AtLeastOne = Field(
+        default=512, description="Accepted connections at once (gRPC's `grpc.max_allowed_incoming_connections`)."
+    )
+    max_concurrent_rpcs: AtLeastOne = Field(
+        default=256, description="Calls in progress at once; more get RESOURCE_EXHAUSTED."
+    )
+    max_concurrent_streams: AtLeastOne = Field(
+        default=1000,
+        description="Calls at once on one connection (a burst above this on a fresh connection is refused, "
+        "not queued).",
+    )
+    handshake_timeout_s: Positive = Field(
+        default=5.0, description="A connection that has not finished its HTTP/2 handshake by then is closed."
+    )
+    max_connection_idle_s: Positive = Field(
+        default=300.0,
+        description="A connection with no call for this long is closed (clients reconnect transparently).",
+    )
+    max_connection_age_s: Positive = Field(
+        default=1800.0,
+        description="Every connection is recycled after this long (lets clients rebalance), with a 10 s grace.",
+    )
+    min_ping_interval_s: Positive = Field(
+        default=10.0,
+        description="Keepalive pings more frequent than this count as abuse (two strikes close the connection).",
+    )
+    max_receive_bytes: AtLeastOne = Field(default=1024 * 1024, description="Largest request message, in bytes.")
+    metrics_max_connections: AtLeastOne = Field(
+        default=16,
+        description="Connections open at once on the metrics port (`metrics_address`); a newcomer replaces the "
+        "oldest one that has not sent its request yet, or is closed at once.",
+    )
+    metrics_timeout_s: Positive = Field(
+        default=5.0, description="A metrics connection is closed this long after it opened, answered or not."
+    )
 
 
 REPLICA_PORT_STEP = 100
@@ -172,16 +193,33 @@ def replica_address(address: str, index: int) -> str:
 class ServiceConfig(Section):
     """One gRPC service: where it listens (and is dialled), the callers' deadline, its own limits."""
 
-    address: NonEmpty
-    deadline_s: Positive = 2.0
-    replicas: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
-    """Processes serving this service, replica ``i`` on ``port + 100*i`` (stateless services only)."""
-    metrics_address: str | None = None
-    """Where the server serves Prometheus metrics over HTTP (``GET /metrics``); unset: no metrics endpoint."""
-    server: ServerConfig = ServerConfig()
-    store: str | None = None
-    """Where a stateful service keeps its state (memory: ``redis://host:port/db``; unset: in the process)."""
-    limits: dict[str, Any] = Field(default_factory=dict)
+    address: NonEmpty = Field(
+        description="`host:port` the server listens on and the orchestrator dials (replicas need an IP-literal host)."
+    )
+    deadline_s: Positive = Field(
+        default=2.0, description="Deadline of every call the orchestrator makes to this service."
+    )
+    replicas: Annotated[int, Field(strict=True, ge=1, le=16)] = Field(
+        default=1,
+        description="Processes serving this service, replica `i` on `port + 100*i` "
+        "(stateless services only; memory needs `store`).",
+    )
+    metrics_address: str | None = Field(
+        default=None,
+        description="`host:port` where the server serves Prometheus metrics (`GET /metrics`); "
+        "unset: no metrics endpoint.",
+    )
+    server: ServerConfig = Field(default=ServerConfig(), description="Transport bounds of this service's gRPC server.")
+    store: str | None = Field(
+        default=None,
+        description="Where a stateful service keeps its state (memory: `redis://host:port/db`, `rediss://` or "
+        "`unix://`); unset: in the server process.",
+    )
+    limits: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The service's own bounds, validated by its `Limits` model when it starts "
+        "(`make serve` checks them all first).",
+    )
 
     @field_validator("store")
     @classmethod
@@ -189,8 +227,6 @@ class ServiceConfig(Section):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected a redis:// (or rediss://, unix://) URL, got {redact_url(value)!r}")
         return value
-
-    """Validated by the service's ``Limits`` model (servers side), not here."""
 
     @field_validator("address")
     @classmethod
@@ -237,23 +273,42 @@ class ServiceConfig(Section):
 class OAuthConfig(Section):
     """Token issuer identity and the registered clients with the scopes each may be granted."""
 
-    issuer: NonEmpty = "heist-oauth"
-    audience: NonEmpty = "heist-mesh"
-    token_ttl_s: AtLeastOne = 900
-    clients: dict[NonEmpty, tuple[NonEmpty, ...]] = Field(default_factory=dict)
+    issuer: NonEmpty = Field(
+        default="heist-oauth", description="JWT `iss` of every token; servers check it on every token they verify."
+    )
+    audience: NonEmpty = Field(
+        default="heist-mesh", description="JWT `aud` of every token; servers check it on every token they verify."
+    )
+    token_ttl_s: AtLeastOne = Field(
+        default=900, description="Token lifetime in seconds (the orchestrator fetches a new one after 80 % of it)."
+    )
+    clients: dict[NonEmpty, tuple[NonEmpty, ...]] = Field(
+        default_factory=dict,
+        description="OAuth client id -> the scopes it may be granted; each client's secret comes from "
+        "`HEIST_OAUTH_CLIENT_SECRET_<ID>` or the generated dev credentials, never from this file.",
+    )
 
 
 class AgentConfig(Section):
     """One crew member: who it is, which tool services it may use, and which OAuth client it is."""
 
-    name: NonEmpty
-    role: NonEmpty
-    system_prompt: NonEmpty
-    tools: tuple[NonEmpty, ...] = ()
-    oauth_client: str = ""
-    """Defaults to the agent's name."""
-    scopes: tuple[NonEmpty, ...] = ()
-    is_saboteur: Flag = False
+    name: NonEmpty = Field(description="Unique name; the transcript's speaker and the audit's `agent_name`.")
+    role: NonEmpty = Field(description="Role shown beside the name in prompts and transcripts.")
+    system_prompt: NonEmpty = Field(description="Who the agent is and how it speaks.")
+    tools: tuple[NonEmpty, ...] = Field(
+        default=(), description="Tool services (keys of `services`, not oauth or memory) the agent may call."
+    )
+    oauth_client: str = Field(
+        default="",
+        description="OAuth client whose tokens the agent uses (must be in `oauth.clients` when it has tools); "
+        "empty: the agent's name.",
+    )
+    scopes: tuple[NonEmpty, ...] = Field(
+        default=(), description="Scopes asked for beyond those its tools' protos require."
+    )
+    is_saboteur: Flag = Field(
+        default=False, description="Adds a secret brief to the system prompt: steer the crew towards mistakes."
+    )
 
     @model_validator(mode="after")
     def _default_client(self) -> AgentConfig:
@@ -265,28 +320,63 @@ class AgentConfig(Section):
 class LLMConfig(Section):
     """The OpenAI-compatible endpoint and how to talk to it."""
 
-    embedded: Flag = True
-    base_url: NonEmpty = "http://127.0.0.1:1234/v1"
-    model: NonEmpty = "gemma-3-270m"
-    api_key_env: NonEmpty = "HEIST_LLM_API_KEY"
-    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] = 0.7
-    max_tokens: AtLeastOne = 256
-    timeout_s: Positive = 60.0
-    health_timeout_s: Positive = 10.0
-    """Deadline of the one-token health probe (a cold model's first token takes a while)."""
-    max_retries: NotNegative = 1
-    prompt_style: PromptStyle = "chat"
-    tool_calling: ToolCallingMode = "inline"
-    prefill_tool_every: NotNegative = 0
-    max_tool_rounds: AtLeastOne = 2
-    constrained_tools: ConstrainedToolsMode = "auto"
-    """Default ``auto``: a server that takes the constraint gets arguments the services accept,
-    one that does not costs one rejected request per run."""
-    repeat_penalty: Annotated[float, Field(strict=True, ge=0)] | None = None
-    top_p: Annotated[float, Field(strict=True, ge=0, le=1)] | None = None
-    top_k: AtLeastOne | None = None
-    stop: tuple[Annotated[str, Field(strict=True, min_length=1)], ...] = ()
-    """Extra stop sequences (a newline always ends a transcript turn)."""
+    embedded: Flag = Field(
+        default=True, description="`make serve` starts the llama.cpp server with Gemma 3 270M (`LLM=off` skips it)."
+    )
+    base_url: NonEmpty = Field(
+        default="http://127.0.0.1:1234/v1",
+        description="The OpenAI-compatible endpoint (`--llm-base-url` overrides it).",
+    )
+    model: NonEmpty = Field(
+        default="gemma-3-270m", description="Model name sent with every request (`--model` overrides it)."
+    )
+    api_key_env: NonEmpty = Field(
+        default="HEIST_LLM_API_KEY",
+        description="Environment variable holding the API key (unset: a placeholder, which local servers ignore).",
+    )
+    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] = Field(
+        default=0.7, description="Sampling temperature."
+    )
+    max_tokens: AtLeastOne = Field(default=256, description="Most tokens one reply may have.")
+    timeout_s: Positive = Field(default=60.0, description="Timeout of one LLM request (the openai client's own).")
+    health_timeout_s: Positive = Field(
+        default=10.0, description="Deadline of the one-token health probe (a cold model's first token takes a while)."
+    )
+    max_retries: NotNegative = Field(
+        default=1, description="Retries of a failed LLM request (the openai client's own)."
+    )
+    prompt_style: PromptStyle = Field(
+        default="chat",
+        description="`chat`: system and user messages to `/chat/completions` (instruction-tuned models); "
+        "`transcript`: the meeting as plain text to `/completions`, continued one line per turn (base models).",
+    )
+    tool_calling: ToolCallingMode = Field(
+        default="inline",
+        description="`native`: OpenAI function calling (chat only); `inline`: `[TOOL:name:argument]` markers; "
+        "`auto`: native if the reply has tool_calls, else markers.",
+    )
+    prefill_tool_every: NotNegative = Field(
+        default=0,
+        description="Transcript only: start every N-th line of an agent with tools with its marker's opening, "
+        "`[TOOL:<tool>:` (0: never).",
+    )
+    max_tool_rounds: AtLeastOne = Field(default=2, description="Native function-calling rounds per turn.")
+    constrained_tools: ConstrainedToolsMode = Field(
+        default="auto",
+        description="Tool arguments under a constraint derived from the proto: `grammar` (llama.cpp GBNF), "
+        "`json_schema` (strict tool definitions), `auto` (whichever fits; dropped for the run, and audited, "
+        "if the server rejects it), `off`.",
+    )
+    repeat_penalty: Annotated[float, Field(strict=True, ge=0)] | None = Field(
+        default=None, description="Sampling extra (llama.cpp, vLLM); servers that do not know it ignore it."
+    )
+    top_p: Annotated[float, Field(strict=True, ge=0, le=1)] | None = Field(
+        default=None, description="Nucleus sampling (sent as an extra)."
+    )
+    top_k: AtLeastOne | None = Field(default=None, description="Sampling extra; servers that do not know it ignore it.")
+    stop: tuple[Annotated[str, Field(strict=True, min_length=1)], ...] = Field(
+        default=(), description="Extra stop sequences (a newline always ends a transcript turn)."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -325,33 +415,51 @@ class LLMConfig(Section):
 class MemoryContextConfig(Section):
     """How much of an agent's own memory goes back into its prompt."""
 
-    recent_count: AtLeastOne = 5
-    max_chars: AtLeastOne = 100
-    max_store_chars: AtLeastOne = 2000
-    """Longest message the orchestrator stores as memory (a huge reply is cut, never re-sent every turn)."""
+    recent_count: AtLeastOne = Field(default=5, description="The agent's own last N memories in its prompt.")
+    max_chars: AtLeastOne = Field(default=100, description="Each of those memories cut to this many characters.")
+    max_store_chars: AtLeastOne = Field(
+        default=2000,
+        description="Longest message the orchestrator stores as memory (a huge reply is cut, never re-sent "
+        "every turn).",
+    )
 
 
 class SessionConfig(Section):
     """Shape of one heist conversation."""
 
-    max_turns: AtLeastOne = 8
-    max_turns_allowed: AtLeastOne = 10_000
-    """The most turns a run may ask for (``--turns``), so a typo cannot start an endless run."""
-    turn_order: tuple[NonEmpty, ...] = ()
-    """Empty: the crew in the order of ``agents``."""
-    strategy: TurnStrategyName = "round_robin"
-    context_messages: NotNegative = 5
-    objective: NonEmpty = "Plan the First Meridian Bank vault job. Share what you know and propose the next step."
-    tool_result_max_chars: AtLeastOne = 1500
-    memory: MemoryContextConfig = MemoryContextConfig()
-    oauth_client: NonEmpty = "orchestrator"
-    """The OAuth client the orchestrator itself is, for session-wide calls (the memory service)."""
-    stale_after_s: Positive = 600.0
-    """``orchestrator resume``: an ``active`` session with no committed turn for this long counts as dead.
-
-    Must exceed the slowest possible turn (LLM timeout and retries, tool
-    deadlines); a session whose process is gone on this machine is stale at once.
-    """
+    max_turns: AtLeastOne = Field(default=8, description="Agent turns per run (`--turns` overrides it).")
+    max_turns_allowed: AtLeastOne = Field(
+        default=10_000,
+        description="The most turns a run may ask for (`--turns`), so a typo cannot start an endless run.",
+    )
+    turn_order: tuple[NonEmpty, ...] = Field(
+        default=(), description="Who speaks in which order; every agent exactly once. Empty: the order of `agents`."
+    )
+    strategy: TurnStrategyName = Field(
+        default="round_robin",
+        description="`round_robin`, or `random`: the planner (else the first of the order) opens, then a random "
+        "other agent, never the same twice in a row (`--seed` reproduces it).",
+    )
+    context_messages: NotNegative = Field(default=5, description="Last N conversation messages in each prompt.")
+    objective: NonEmpty = Field(
+        default="Plan the First Meridian Bank vault job. Share what you know and propose the next step.",
+        description="The briefing every agent sees.",
+    )
+    tool_result_max_chars: AtLeastOne = Field(
+        default=1500, description="A tool result given back to the model is cut to this many characters."
+    )
+    memory: MemoryContextConfig = Field(
+        default=MemoryContextConfig(), description="How much of an agent's own memory goes into its prompt."
+    )
+    oauth_client: NonEmpty = Field(
+        default="orchestrator",
+        description="The OAuth client the orchestrator itself is, for session-wide calls (the memory service).",
+    )
+    stale_after_s: Positive = Field(
+        default=600.0,
+        description="`orchestrator resume`: an `active` session with no committed turn for this long counts as "
+        "dead (at once if its process on this machine is gone). Keep it above the slowest possible turn.",
+    )
 
 
 AUDIT_URL_SCHEMES = ("sqlite", "postgresql", "postgres")
@@ -360,7 +468,11 @@ AUDIT_URL_SCHEMES = ("sqlite", "postgresql", "postgres")
 class DatabaseConfig(Section):
     """Where the audit trail lives (a ``playhouse.db_url`` URL; default: a SQLite file in the run folder)."""
 
-    url: NonEmpty
+    url: NonEmpty = Field(
+        description="`sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB` (the password comes from `PGPASSWORD` or "
+        "`~/.pgpass`, never the URL). Unset: `sqlite:///<mesh.run_dir>/audit/heist.db`; a relative SQLite path "
+        "is under the repository root. `--db` overrides it."
+    )
 
     @field_validator("url")
     @classmethod
@@ -376,35 +488,52 @@ class DatabaseConfig(Section):
 class GrpcRetryConfig(Section):
     """GRPC's built-in retryPolicy for UNAVAILABLE (applied through the channel's service config)."""
 
-    max_attempts: Annotated[int, Field(strict=True, ge=2, le=5, description="gRPC caps attempts at 5")] = 3
-    initial_backoff_s: Positive = 0.05
-    max_backoff_s: Positive = 0.5
-    backoff_multiplier: Positive = 2.0
+    max_attempts: Annotated[int, Field(strict=True, ge=2, le=5)] = Field(
+        default=3, description="Attempts per call, the first included (gRPC caps them at 5)."
+    )
+    initial_backoff_s: Positive = Field(default=0.05, description="Back-off before the first retry.")
+    max_backoff_s: Positive = Field(default=0.5, description="Longest back-off between two attempts.")
+    backoff_multiplier: Positive = Field(default=2.0, description="Each back-off is this many times the previous one.")
 
 
 class CircuitBreakerConfig(Section):
     """When a service is considered down and how long to leave it alone."""
 
-    failure_threshold: AtLeastOne = 3
-    reset_timeout_s: Positive = 10.0
+    failure_threshold: AtLeastOne = Field(
+        default=3,
+        description="Consecutive outage failures (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN) that open "
+        "the circuit.",
+    )
+    reset_timeout_s: Positive = Field(
+        default=10.0, description="Seconds an open circuit skips calls before one trial call may go through."
+    )
 
 
 class ResilienceConfig(Section):
     """Retry and circuit-breaker numbers, the health-check deadline and the LLM's breaker."""
 
-    grpc_retry: GrpcRetryConfig = GrpcRetryConfig()
-    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
-    health_timeout_s: Positive = 1.0
-    llm_max_consecutive_failures: AtLeastOne = 3
-    """This many failed turns in a row end the session as failed."""
+    grpc_retry: GrpcRetryConfig = Field(
+        default=GrpcRetryConfig(), description="gRPC's own retry policy, for UNAVAILABLE only."
+    )
+    circuit_breaker: CircuitBreakerConfig = Field(
+        default=CircuitBreakerConfig(), description="One circuit breaker per service."
+    )
+    health_timeout_s: Positive = Field(
+        default=1.0, description="Deadline of the start-up health check of each service."
+    )
+    llm_max_consecutive_failures: AtLeastOne = Field(
+        default=3, description="This many turns in a row without an LLM answer end the session `failed` (exit 1)."
+    )
 
 
 class SecurityConfig(Section):
     """Transport security of every gRPC hop (``heist_common.tls``)."""
 
-    transport: Literal["mtls", "plaintext"] = "mtls"
-    """mtls: servers require a client certificate from the mesh CA, clients verify the server's.
-    plaintext: explicit opt-out (e.g. behind a mesh sidecar that terminates mTLS)."""
+    transport: Literal["mtls", "plaintext"] = Field(
+        default="mtls",
+        description="`mtls`: every server requires a client certificate from the mesh CA and clients verify the "
+        "server's; `plaintext`: the explicit opt-out (e.g. behind a sidecar mesh that does mTLS).",
+    )
 
 
 STATEFUL_SERVICES = ("memory",)
@@ -417,15 +546,20 @@ REQUIRED_SERVICES = ("oauth", "memory")
 class HeistConfig(Section):
     """The whole file."""
 
-    mesh: MeshConfig = MeshConfig()
-    services: dict[NonEmpty, ServiceConfig]
-    oauth: OAuthConfig = OAuthConfig()
-    agents: tuple[AgentConfig, ...] = Field(min_length=1)
-    llm: LLMConfig = LLMConfig()
-    session: SessionConfig = SessionConfig()
-    database: DatabaseConfig
-    resilience: ResilienceConfig = ResilienceConfig()
-    security: SecurityConfig = SecurityConfig()
+    mesh: MeshConfig = Field(default=MeshConfig(), description="The run folder and the drain grace period.")
+    services: dict[NonEmpty, ServiceConfig] = Field(
+        description="Every gRPC service by name: `oauth` and `memory`, and each tool service. A service `<name>` "
+        "has its contract in `protos/heist/<name>/v1/<name>.proto` and its servicer in `servers.<name>`."
+    )
+    oauth: OAuthConfig = Field(default=OAuthConfig(), description="Token issuer identity and the registered clients.")
+    agents: tuple[AgentConfig, ...] = Field(min_length=1, description="The crew, at least one agent.")
+    llm: LLMConfig = Field(default=LLMConfig(), description="The OpenAI-compatible endpoint and how to talk to it.")
+    session: SessionConfig = Field(default=SessionConfig(), description="Shape of one heist conversation.")
+    database: DatabaseConfig = Field(description="Where the audit trail lives.")
+    resilience: ResilienceConfig = Field(
+        default=ResilienceConfig(), description="Retries, circuit breakers, health-check deadline, the LLM's breaker."
+    )
+    security: SecurityConfig = Field(default=SecurityConfig(), description="Transport security of every gRPC hop.")
     _source: Path = PrivateAttr(default=DEFAULT_CONFIG_PATH)
 
     @model_validator(mode="before")

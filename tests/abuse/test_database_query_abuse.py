@@ -6,7 +6,7 @@ huge values (SQLITE_LIMIT_LENGTH), huge results (max_response_bytes), memory
 the caller's deadline, whichever is first, even inside one long SQLite step),
 other callers (unaffected while that runs), saturation (RESOURCE_EXHAUSTED at
 once), and "no input yields UNKNOWN or INTERNAL". Every loop is bounded in
-count and time; measurements are printed (``pytest -s``) for the README.
+count and time; measurements are printed (``pytest -s``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def tls_flags(run_dir: Path | None) -> list[str]:
-    """Return grpcurl's mTLS flags for the ``grpcurl`` client certificate (the README's ``$TLS``); None: plaintext."""
+    """Return grpcurl's mTLS flags for the ``grpcurl`` client certificate (the docs' ``$TLS``); None: plaintext."""
     if run_dir is None:
         return ["-plaintext"]
     folder = run_dir / "credentials" / "tls"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from heist_common.layout import REPO_ROOT
 from tests.e2e.harness import GRPCURL, SERVICES, Mesh, grpcurl, make, server_pids
@@ -101,6 +103,35 @@ def test_tool_calls_with_the_right_scope(mesh):
     )  # fmt: skip
     assert elsewhere.returncode != 0 and "Code: PermissionDenied" in elsewhere.stderr
     assert json.loads(stored.stdout) == {"agent_memory_count": 1}
+
+
+def readme_probe() -> str:
+    """The README tour's grpcurl block, the one that says this test runs it."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
+    return next(block for block in blocks if "tests/e2e/test_grpcurl.py runs this block" in block)
+
+
+def test_the_readme_probe_runs_as_written_against_this_mesh(mesh, tmp_path):
+    probe = readme_probe()
+    assert "-d @" in probe and "client_secret" in probe  # the secret goes in on stdin
+    assert not re.search(r"client_secret\W+\$", probe), "a client secret on grpcurl's command line"
+    # The same commands, pointed at this test's run folder and ports instead of the shipped ones.
+    shipped = yaml.safe_load((REPO_ROOT / "config" / "heist.yaml").read_text())["services"]
+    script = probe.replace("var/", f"{mesh.run_dir}/")
+    for name in SERVICES:
+        script = script.replace(shipped[name]["address"], mesh.address(name))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "grpcurl").symlink_to(GRPCURL)
+    (bin_dir / "python").symlink_to(sys.executable)  # `python` as the activated venv has it
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    ran = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert SERVICES["calculator"] in ran.stdout and '"status": "SERVING"' in ran.stdout
+    assert '"value": 45' in ran.stdout, ran.stdout
 
 
 def test_wrong_scope_is_permission_denied_and_no_token_is_unauthenticated(mesh):

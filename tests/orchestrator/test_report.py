@@ -88,7 +88,7 @@ async def test_the_report_renders_in_headless_chromium(
     assert loaded.screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(loaded.screenshot) > 20_000
     shot = tmp_path / "report.png"
     shot.write_bytes(loaded.screenshot)
-    if os.environ.get("HEIST_REPORT_SCREENSHOT"):  # to look at it (README's screenshot comes from here)
+    if os.environ.get("HEIST_REPORT_SCREENSHOT"):  # to look at it (docs/report.png comes from here)
         shutil.copy(shot, os.environ["HEIST_REPORT_SCREENSHOT"])
 
 

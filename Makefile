@@ -143,18 +143,12 @@ eval: install ## Embedded-model heists, constrained tool arguments off vs auto: 
 bench-smoke: install ## Tiny benchmark run that only proves the benchmarks still work (CI)
 	$(PY) -m tests.bench.run --smoke --out var/bench/smoke.json
 
-<<<<<<< HEAD
-lint: install ## ruff on everything, mypy --strict on the code and the build scripts, buf lint on protos/ (buf.yaml)
-	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos setup.py
+lint: install ## ruff on everything, mypy --strict on the code, the build scripts and the docs generator, buf lint on protos/
+	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos docs setup.py
 	$(VENV)/bin/mypy heist_common servers orchestrator protos/generate.py setup.py
-	$(VENV)/bin/buf lint
-=======
-lint: install ## ruff on everything, mypy --strict on heist_common/, servers/, orchestrator/, protos/ and docs/ generators
-	$(VENV)/bin/ruff check heist_common servers orchestrator tests protos docs
-	$(VENV)/bin/mypy heist_common servers orchestrator protos/generate.py
 	@# A second run: both generators are modules named `generate`.
 	$(VENV)/bin/mypy docs/generate.py
->>>>>>> docs
+	$(VENV)/bin/buf lint
 
 clean: stop ## Remove the run folder and generated code (keeps .venv)
 	rm -rf var generated/heist

@@ -38,10 +38,16 @@ _BINARY_OPERATORS: dict[type[ast.operator], tuple[str, Callable[[Any, Any], Any]
 class Limits(lifecycle.Limits):
     """``services.calculator.limits``: bounds that keep one expression from eating the CPU or memory."""
 
-    max_expression_chars: int = Field(500, ge=1, strict=True)
-    max_exponent: int = Field(1024, ge=1, strict=True)
-    max_integer_digits: int = Field(300, ge=1, strict=True)
-    max_nodes: int = Field(200, ge=1, strict=True)
+    max_expression_chars: int = Field(500, ge=1, strict=True, description="Longest expression Evaluate accepts.")
+    max_exponent: int = Field(1024, ge=1, strict=True, description="Largest exponent of a power (`**`).")
+    max_integer_digits: int = Field(
+        300, ge=1, strict=True,
+        description="Most digits of any integer along the way, the result included.",
+    )
+    max_nodes: int = Field(
+        200, ge=1, strict=True,
+        description="Most parts (numbers and operators) one expression may have.",
+    )
 
 
 class CalculationError(ValueError):

@@ -42,7 +42,10 @@ class Limits(lifecycle.Limits):
 
     documents_dir: Path = DEFAULT_DOCUMENTS_DIR
     """Relative paths are under the repository root."""
-    max_file_bytes: int = Field(256 * 1024, ge=1, strict=True)
+    max_file_bytes: int = Field(
+        256 * 1024, ge=1, strict=True,
+        description="Largest document ReadFile returns; a larger one is RESOURCE_EXHAUSTED.",
+    )
     max_listed_entries: int = Field(2000, ge=1, strict=True)
     """Entries (files and folders) ListFiles examines before it gives up with RESOURCE_EXHAUSTED."""
     max_folder_depth: int = Field(8, ge=0, strict=True)

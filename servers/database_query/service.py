@@ -51,9 +51,15 @@ from servers.runtime.middleware import CALLER
 class Limits(lifecycle.Limits):
     """``services.database_query.limits``: row, time, size, memory and concurrency bounds on queries."""
 
-    max_rows: int = Field(200, ge=1, strict=True)
-    query_timeout_s: float = Field(2.0, gt=0, strict=True)
-    max_sql_chars: int = Field(4000, ge=1, strict=True)
+    max_rows: int = Field(
+        200, ge=1, strict=True,
+        description="Most rows a query may return; past it the caller is told to add a LIMIT.",
+    )
+    query_timeout_s: float = Field(
+        2.0, gt=0, strict=True,
+        description="Longest a query may run (or the caller's deadline, if sooner); also the longest wait for a worker.",
+    )
+    max_sql_chars: int = Field(4000, ge=1, strict=True, description="Longest SQL text a query may have.")
     max_value_bytes: int = Field(64 * 1024, ge=1024, strict=True)
     """SQLITE_LIMIT_LENGTH: the longest string or blob any expression may build."""
     max_response_bytes: int = Field(1024 * 1024, ge=1024, strict=True)

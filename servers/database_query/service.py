@@ -57,7 +57,7 @@ class Limits(lifecycle.Limits):
     )
     query_timeout_s: float = Field(
         2.0, gt=0, strict=True,
-        description="Longest a query may run (or the caller's deadline, if sooner); also the longest wait for a worker.",
+        description="Longest a query may run (or the caller's deadline, if sooner); also the longest wait for one.",
     )
     max_sql_chars: int = Field(4000, ge=1, strict=True, description="Longest SQL text a query may have.")
     max_value_bytes: int = Field(64 * 1024, ge=1024, strict=True)

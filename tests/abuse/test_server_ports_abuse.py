@@ -92,9 +92,13 @@ def evaluate(calc: RunningService, target: grpc.Channel) -> float:
     return time.monotonic() - started
 
 
-def open_flood(host: str, port: int) -> list[socket.socket]:
-    """Connections that send nothing (even ones) or half a request line and headers (odd ones)."""
+def open_flood(host: str, port: int) -> tuple[list[socket.socket], OSError | None]:
+    """Connections that send nothing (even ones) or half a request line and headers (odd ones).
+
+    Returns them, and the error that stopped the flood early if a connection could not be made.
+    """
     sockets: list[socket.socket] = []
+    refused: OSError | None = None
     deadline = time.monotonic() + FLOOD_BOUND_S
     try:
         for index in range(FLOOD_SOCKETS):
@@ -102,7 +106,8 @@ def open_flood(host: str, port: int) -> list[socket.socket]:
                 break
             try:
                 flood = socket.create_connection((host, port), timeout=2.0)
-            except OSError:  # the server no longer accepts (out of descriptors): the flood is as big as it gets
+            except OSError as exc:  # the server no longer accepts (out of descriptors, backlog full)
+                refused = exc
                 break
             sockets.append(flood)
             if index % 2:
@@ -111,7 +116,7 @@ def open_flood(host: str, port: int) -> list[socket.socket]:
     except BaseException:
         close_all(sockets)
         raise
-    return sockets
+    return sockets, refused
 
 
 def close_all(sockets: list[socket.socket]) -> None:
@@ -128,7 +133,7 @@ def test_a_half_open_flood_on_the_metrics_port_never_reaches_grpc(calc: RunningS
     resource.prlimit(calc.pid, resource.RLIMIT_NOFILE, (DESCRIPTOR_LIMIT, DESCRIPTOR_LIMIT))
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
-    sockets = open_flood(parts.hostname, parts.port)
+    sockets, refused = open_flood(parts.hostname, parts.port)
     try:
         time.sleep(0.5)  # the server has seen every connection
         flood_threads, flood_fds = threads(calc.pid), descriptors(calc.pid)
@@ -145,7 +150,10 @@ def test_a_half_open_flood_on_the_metrics_port_never_reaches_grpc(calc: RunningS
     assert flood_threads <= baseline_threads + EXTRA_THREADS
     assert flood_fds < DESCRIPTOR_LIMIT // 2
     assert "grpc_server_handled_total" in during and "grpc_server_handled_total" in after
-    assert len(sockets) == FLOOD_SOCKETS, "every connection was accepted (and closed or held) promptly"
+    # Every connection was accepted (and closed or held) promptly; on a loaded machine the time bound may end the
+    # flood before FLOOD_SOCKETS, which is still a flood several times the descriptor limit.
+    assert refused is None, f"connection {len(sockets) + 1} to the metrics port failed: {refused}"
+    assert len(sockets) >= FLOOD_SOCKETS // 2
 
 
 def grpc_series(found: dict[Series, float]) -> set[Series]:

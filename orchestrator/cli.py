@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from heist_common.exit_codes import ExitCode
+from heist_common.layout import use_private_umask
 
 # Each command imports what it uses, when it runs: `--help`, `sessions`, `show` and
 # `export` never load gRPC or the LLM client, and nothing loads `openai` before a
@@ -157,6 +158,7 @@ def _load(args: argparse.Namespace, *, calls_services: bool = True) -> HeistConf
         config = load_config(path, check_contracts=calls_services)
     except ConfigError as exc:
         raise CommandError(f"configuration error: {exc}", ExitCode.CONFIG) from None
+    config.mesh.make_private()
     if getattr(args, "db", None):
         try:
             database = DatabaseConfig(url=resolve_database_url(args.db, config.mesh.run_dir))
@@ -178,7 +180,7 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
 
     url = config.database.url
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
-    default = f"sqlite:///{config.mesh.run_dir / 'audit' / 'heist.db'}"
+    default = f"sqlite:///{config.mesh.audit_dir / 'heist.db'}"
     if path is not None and not create and not path.exists():
         raise CommandError(f"no audit database at {path} (nothing has run yet?)", ExitCode.DATABASE)
     if path is not None and create and url != default and not path.parent.is_dir():
@@ -494,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not hasattr(args, "config"):
         args.config = None
+    # The audit, the session logs and reports hold every conversation: the owner's only, in --out folders too.
+    umask = use_private_umask()
     try:
         return COMMANDS[args.command](args)
     except CommandError as exc:
@@ -506,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `orchestrator sessions | head`: the reader left; not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        os.umask(umask)  # tests call main() in their own process
 
 
 def console_main() -> int:

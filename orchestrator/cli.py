@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
 import signal
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import use_private_umask
+from orchestrator.output.text import CONTROL_CHARACTERS
 
 # Each command imports what it uses, when it runs: `--help`, `sessions`, `show` and
 # `export` never load gRPC or the LLM client, and nothing loads `openai` before a
@@ -221,9 +221,6 @@ def _credentials_checked() -> Iterator[None]:
         yield
     except CredentialsError as exc:
         raise CommandError(f"credentials: {exc}", ExitCode.CONFIG) from None
-
-
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
@@ -442,7 +439,7 @@ def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> di
 def _cmd_show(args: argparse.Namespace) -> int:
     from orchestrator.output.export import render_markdown
 
-    print(printable(render_markdown(_read_log(args))), end="")
+    print(printable(render_markdown(_read_log(args), escaped=False)), end="")
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.audit import AuditStore
+from orchestrator.output.text import markdown_text
 
 __all__ = ["render_json", "render_markdown", "write_exports"]
 
@@ -16,26 +17,38 @@ def render_json(log: dict[str, Any]) -> str:
     return json.dumps(log, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
-def _cell(value: object) -> str:
-    text = "" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
+def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
+    """Render a readable transcript: turns in order, each with its tool calls and errors.
 
+    Every text from the audit is escaped (``markdown_text``), so the model's
+    words render literally in any Markdown viewer, never as HTML, a link or an
+    image. ``escaped=False`` keeps them as written, for ``orchestrator show``,
+    which makes the whole page safe for the terminal instead.
+    """
 
-def render_markdown(log: dict[str, Any]) -> str:
-    """Render a readable transcript: turns in order, each with its tool calls and errors."""
+    def text(value: object) -> str:
+        """Escape a few words that stand in the middle of a line."""
+        raw = "" if value is None else str(value)
+        return markdown_text(raw, inline=True) if escaped else raw
+
+    def cell(value: object) -> str:
+        """Escape a value for one line: a list item, a table cell (where "|" would end the cell)."""
+        line = ("" if value is None else str(value)).replace("\n", " ")
+        return markdown_text(line, inline=True) if escaped else line.replace("|", "\\|")
+
     session = log["session"]
     lines = [
-        f"# Heist session {session['session_id']}",
+        f"# Heist session {text(session['session_id'])}",
         "",
-        f"- status: {session['status']}",
-        f"- started: {session['start_time']}",
-        f"- ended: {session.get('end_time') or '-'}",
-        f"- turns: {session['num_turns']}",
-        f"- strategy: {session.get('strategy') or '-'}, seed: {session.get('seed')}",
-        f"- model: {session.get('model') or '-'}",
+        f"- status: {text(session['status'])}",
+        f"- started: {text(session['start_time'])}",
+        f"- ended: {text(session.get('end_time') or '-')}",
+        f"- turns: {text(session['num_turns'])}",
+        f"- strategy: {text(session.get('strategy') or '-')}, seed: {text(session.get('seed'))}",
+        f"- model: {text(session.get('model') or '-')}",
     ]
     if session.get("error"):
-        lines.append(f"- error: {session['error']}")
+        lines.append(f"- error: {cell(session['error'])}")
     lines += ["", "## Transcript", ""]
     tools_by_turn: dict[int, list[dict[str, Any]]] = {}
     for row in log["tool_usage"]:
@@ -45,16 +58,21 @@ def render_markdown(log: dict[str, Any]) -> str:
         events_by_turn.setdefault(row["turn_id"], []).append(row)
     for message in log["messages"]:
         turn = message["turn_id"]
-        lines.append(f"### Turn {turn}: {message['agent_name']} ({message['agent_role']})")
-        lines += ["", message["message"], ""]
+        lines.append(f"### Turn {turn}: {text(message['agent_name'])} ({text(message['agent_role'])})")
+        said = str(message["message"] or "")
+        lines += ["", markdown_text(said) if escaped else said, ""]
         for row in tools_by_turn.get(turn, []):
-            outcome = "ok" if row["success"] else f"FAILED ({row['status_code']})"
+            outcome = "ok" if row["success"] else f"FAILED ({text(row['status_code'])})"
+            result = str(row["tool_result"] or "")
             lines.append(
-                f"- tool `{row['tool_name']}.{row['operation']}` {row['tool_params']} -> {outcome}: "
-                f"{_cell(row['tool_result'])[:300]}"
+                f"- tool {text(row['tool_name'])}.{text(row['operation'])} {cell(row['tool_params'])} -> {outcome}: "
+                f"{cell(result[:300])}"
             )
         for row in events_by_turn.get(turn, []):
-            lines.append(f"- event {row['service']}.{row['operation']} {row['status_code']}: {_cell(row['detail'])}")
+            lines.append(
+                f"- event {text(row['service'])}.{text(row['operation'])} {text(row['status_code'])}: "
+                f"{cell(row['detail'])}"
+            )
         lines.append("")
     lines += [
         "## Events",
@@ -64,8 +82,12 @@ def render_markdown(log: dict[str, Any]) -> str:
     ]
     for row in log["events"]:
         lines.append(
-            f"| {row['timestamp']} | {_cell(row['turn_id'])} | {row['service']} | {row['operation']} | "
-            f"{row['status_code']} | {_cell(row['latency_ms'])} | {_cell(row['detail'])} |"
+            "| "
+            + " | ".join(
+                cell(row[key])
+                for key in ("timestamp", "turn_id", "service", "operation", "status_code", "latency_ms", "detail")
+            )
+            + " |"
         )
     return "\n".join(lines) + "\n"
 

@@ -273,6 +273,8 @@ def _print_summary(result: SessionResult) -> None:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
     if result.report is not None:
         print(f"Report:     {result.report}")
+    for path, reason in result.export_failures.items():
+        print(f"Not written: {path} ({reason})")
     if result.error:
         print(printable(f"Error:      {redact_url(result.error)}"), file=sys.stderr)
 
@@ -444,6 +446,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.output.atomic import write_atomically
     from orchestrator.output.export import render_json, render_markdown
 
     log = _read_log(args)
@@ -453,7 +456,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        write_atomically(args.out, text)
     except OSError as exc:
         raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", ExitCode.FAILED) from None
     print(f"wrote {args.out}")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.audit import AuditStore
+from orchestrator.output.atomic import write_atomically
+from orchestrator.output.report import render_report, report_path
 from orchestrator.output.text import markdown_text
 
-__all__ = ["render_json", "render_markdown", "write_exports"]
+__all__ = ["SessionFiles", "render_json", "render_markdown", "write_session_files"]
 
 
 def render_json(log: dict[str, Any]) -> str:
@@ -92,12 +95,46 @@ def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_exports(audit: AuditStore, session_id: str, out_dir: Path) -> list[Path]:
-    """Write ``<session>.json`` and ``<session>.md`` into ``out_dir``; return both paths."""
-    log = audit.read_session_log(session_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{session_id}.json"
-    md_path = out_dir / f"{session_id}.md"
-    json_path.write_text(render_json(log), encoding="utf-8")
-    md_path.write_text(render_markdown(log), encoding="utf-8")
-    return [json_path, md_path]
+@dataclass
+class SessionFiles:
+    """What ``write_session_files`` left: the files written whole, and why the others were not written."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+    """Path that was not written -> the reason (``No space left on device``)."""
+
+    def describe_failures(self) -> str:
+        """One line for the session's error: which files, and why."""
+        return "; ".join(f"{path.name} not written ({reason})" for path, reason in self.failed.items())
+
+
+def write_session_files(log: dict[str, Any], out_dir: Path) -> SessionFiles:
+    """Write ``<session>.json``, ``<session>.md`` and the HTML report into ``out_dir``, each whole or not at all.
+
+    One file failing does not stop the others (a short Markdown log may fit
+    where the report does not); every failure is returned with its reason.
+    """
+    session_id = str(log["session"]["session_id"])
+    renderers: list[tuple[Path, Callable[[dict[str, Any]], str]]] = [
+        (out_dir / f"{session_id}.json", render_json),
+        (out_dir / f"{session_id}.md", render_markdown),
+        (report_path(out_dir, session_id), render_report),
+    ]
+    files = SessionFiles()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        files.failed = {path: _reason(exc) for path, _ in renderers}
+        return files
+    for path, render in renderers:
+        try:
+            write_atomically(path, render(log))
+        except OSError as exc:
+            files.failed[path] = _reason(exc)
+        else:
+            files.written.append(path)
+    return files
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)

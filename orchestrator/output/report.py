@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from orchestrator.output.atomic import write_atomically
 from orchestrator.output.text import strip_controls
 from orchestrator.tracing import Step, read_timings
 
@@ -349,7 +350,7 @@ def report_path(out_dir: Path, session_id: str) -> Path:
 
 
 def write_report(log: dict[str, Any], path: Path) -> Path:
-    """Write the page; return its path."""
+    """Write the page, whole or not at all (``write_atomically``); return its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(log), encoding="utf-8")
+    write_atomically(path, render_report(log))
     return path

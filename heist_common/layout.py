@@ -8,6 +8,7 @@ database and session logs there; this module is the one place that says where.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
@@ -52,10 +53,52 @@ def shipped_config_path() -> Path:
     return Path(__file__).resolve().parent / "shipped" / "heist.yaml"
 
 
+PRIVATE_UMASK = 0o077
+"""Files 0600 and folders 0700: the run folder holds conversations, logs and credentials of one user."""
+
+
+def use_private_umask() -> int:
+    """Make what this process and its children create readable by the owner only; return the previous umask.
+
+    Every entry point that writes into the run folder calls this first (the
+    orchestrator CLI, the supervisor, each server process); the processes they
+    start inherit it.
+    """
+    return os.umask(PRIVATE_UMASK)
+
+
+def make_private(path: Path) -> None:
+    """Take the group and other permissions away from a file or folder we own, if it exists.
+
+    Left alone: a symbolic link, something another user owns, a folder with the
+    sticky bit (shared on purpose, like ``/tmp``), and a read-only file system
+    (a mounted volume: nothing new can be written there either).
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+        return
+    if stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & PRIVATE_UMASK:
+        try:
+            os.chmod(path, mode & ~PRIVATE_UMASK)
+        except OSError:
+            return
+
+
 class RunFolder:
     """Paths inside ``run_dir`` (mixed into the config's ``mesh`` section)."""
 
     run_dir: Path
+
+    @property
+    def audit_dir(self) -> Path:
+        """The default SQLite audit database (``database.url`` unset)."""
+        return self.run_dir / "audit"
 
     @property
     def credentials_dir(self) -> Path:
@@ -86,3 +129,17 @@ class RunFolder:
     def sessions_dir(self) -> Path:
         """Exported session logs (JSON and Markdown)."""
         return self.run_dir / "sessions"
+
+    def make_private(self) -> None:
+        """Tighten the run folder and every folder directly in it to 0700 (an older version made them 0755).
+
+        New files and folders are private through ``use_private_umask``; a
+        private folder also hides whatever older, looser files it still holds.
+        """
+        make_private(self.run_dir)
+        try:
+            children = [child for child in self.run_dir.iterdir() if child.is_dir() and not child.is_symlink()]
+        except OSError:  # not there yet, or not ours to list
+            return
+        for child in children:
+            make_private(child)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
 import signal
 import sys
 import threading
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from heist_common.exit_codes import ExitCode
+from heist_common.layout import use_private_umask
+from orchestrator.output.text import CONTROL_CHARACTERS
 
 # Each command imports what it uses, when it runs: `--help`, `sessions`, `show` and
 # `export` never load gRPC or the LLM client, and nothing loads `openai` before a
@@ -157,6 +158,7 @@ def _load(args: argparse.Namespace, *, calls_services: bool = True) -> HeistConf
         config = load_config(path, check_contracts=calls_services)
     except ConfigError as exc:
         raise CommandError(f"configuration error: {exc}", ExitCode.CONFIG) from None
+    config.mesh.make_private()
     if getattr(args, "db", None):
         try:
             database = DatabaseConfig(url=resolve_database_url(args.db, config.mesh.run_dir))
@@ -178,7 +180,7 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
 
     url = config.database.url
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
-    default = f"sqlite:///{config.mesh.run_dir / 'audit' / 'heist.db'}"
+    default = f"sqlite:///{config.mesh.audit_dir / 'heist.db'}"
     if path is not None and not create and not path.exists():
         raise CommandError(f"no audit database at {path} (nothing has run yet?)", ExitCode.DATABASE)
     if path is not None and create and url != default and not path.parent.is_dir():
@@ -219,9 +221,6 @@ def _credentials_checked() -> Iterator[None]:
         yield
     except CredentialsError as exc:
         raise CommandError(f"credentials: {exc}", ExitCode.CONFIG) from None
-
-
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
@@ -274,6 +273,8 @@ def _print_summary(result: SessionResult) -> None:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
     if result.report is not None:
         print(f"Report:     {result.report}")
+    for path, reason in result.export_failures.items():
+        print(f"Not written: {path} ({reason})")
     if result.error:
         print(printable(f"Error:      {redact_url(result.error)}"), file=sys.stderr)
 
@@ -440,11 +441,12 @@ def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> di
 def _cmd_show(args: argparse.Namespace) -> int:
     from orchestrator.output.export import render_markdown
 
-    print(printable(render_markdown(_read_log(args))), end="")
+    print(printable(render_markdown(_read_log(args), escaped=False)), end="")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.output.atomic import write_atomically
     from orchestrator.output.export import render_json, render_markdown
 
     log = _read_log(args)
@@ -454,7 +456,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        write_atomically(args.out, text)
     except OSError as exc:
         raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", ExitCode.FAILED) from None
     print(f"wrote {args.out}")
@@ -494,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not hasattr(args, "config"):
         args.config = None
+    # The audit, the session logs and reports hold every conversation: the owner's only, in --out folders too.
+    umask = use_private_umask()
     try:
         return COMMANDS[args.command](args)
     except CommandError as exc:
@@ -506,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `orchestrator sessions | head`: the reader left; not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        os.umask(umask)  # tests call main() in their own process
 
 
 def console_main() -> int:

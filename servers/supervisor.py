@@ -36,7 +36,7 @@ from heist_common import tls
 from heist_common.config import ConfigError, HeistConfig, load_config, replica_address, split_address
 from heist_common.contract import Catalogue, ContractError
 from heist_common.exit_codes import ExitCode
-from heist_common.layout import REPO_ROOT
+from heist_common.layout import REPO_ROOT, make_private, use_private_umask
 from heist_common.telemetry import export_requested
 from servers.auth import credential_store
 from servers.runtime.lifecycle import service_limits
@@ -220,6 +220,7 @@ class Supervisor:
         """Start one process in its own session, logging to its log file, and record its pid."""
         log_path = self.log_file(process.name)
         with log_path.open("ab") as log:
+            make_private(log_path)  # written 0644 by an older version
             log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(process.command)}\n".encode())
             log.flush()
             child = subprocess.Popen(
@@ -427,8 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default="config/heist.yaml", help="mesh config file (default: %(default)s)")
     parser.add_argument("--llm", choices=["on", "off"], default="off", help="also run the embedded LLM (serve)")
     args = parser.parse_args(argv)
+    use_private_umask()  # pid files, logs, the model and everything the services write: the owner's only
     try:
         config = load_config(args.config)
+        config.mesh.make_private()
         supervisor = Supervisor(config)
         if args.command == "serve":  # every service's own limits, before anything starts
             for name in config.services:

@@ -7,6 +7,8 @@ file, so concurrent writers need nothing special there).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from urllib.parse import urlparse
 
 import peewee
 
+from heist_common.layout import make_private
 from orchestrator.audit.schema import MODELS
 
 BUSY_TIMEOUT_MS = 5000
@@ -128,6 +131,7 @@ def _open_database(url: str) -> peewee.Database:
         }
     if sqlite_file is not None:
         sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite_file(sqlite_file)
     plain = _plain_sqlite_database(url)
     if plain is not None:
         return peewee.SqliteDatabase(plain, **options)
@@ -135,6 +139,21 @@ def _open_database(url: str) -> peewee.Database:
 
     database: peewee.Database = connect(url, **options)
     return database
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Make the audit file (every conversation) the owner's only, whoever opens it and with whatever umask.
+
+    A new file is created empty with mode 0600 (SQLite takes an empty file as a
+    new database) and an older one is tightened; SQLite gives its ``-wal`` and
+    ``-shm`` files the database file's mode, and leftovers of an older version
+    are tightened too.
+    """
+    if not path.exists():  # a reader of a read-only folder never tries to create anything
+        with contextlib.suppress(FileExistsError):  # another process was quicker
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        make_private(file)
 
 
 _DB_ERRORS = (peewee.PeeweeException, sqlite3.Error, OSError)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.audit import AuditStore
+from orchestrator.output.atomic import write_atomically
+from orchestrator.output.report import render_report, report_path
+from orchestrator.output.text import markdown_text
 
-__all__ = ["render_json", "render_markdown", "write_exports"]
+__all__ = ["SessionFiles", "render_json", "render_markdown", "write_session_files"]
 
 
 def render_json(log: dict[str, Any]) -> str:
@@ -16,26 +20,38 @@ def render_json(log: dict[str, Any]) -> str:
     return json.dumps(log, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
-def _cell(value: object) -> str:
-    text = "" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
+def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
+    """Render a readable transcript: turns in order, each with its tool calls and errors.
 
+    Every text from the audit is escaped (``markdown_text``), so the model's
+    words render literally in any Markdown viewer, never as HTML, a link or an
+    image. ``escaped=False`` keeps them as written, for ``orchestrator show``,
+    which makes the whole page safe for the terminal instead.
+    """
 
-def render_markdown(log: dict[str, Any]) -> str:
-    """Render a readable transcript: turns in order, each with its tool calls and errors."""
+    def text(value: object) -> str:
+        """Escape a few words that stand in the middle of a line."""
+        raw = "" if value is None else str(value)
+        return markdown_text(raw, inline=True) if escaped else raw
+
+    def cell(value: object) -> str:
+        """Escape a value for one line: a list item, a table cell (where "|" would end the cell)."""
+        line = ("" if value is None else str(value)).replace("\n", " ")
+        return markdown_text(line, inline=True) if escaped else line.replace("|", "\\|")
+
     session = log["session"]
     lines = [
-        f"# Heist session {session['session_id']}",
+        f"# Heist session {text(session['session_id'])}",
         "",
-        f"- status: {session['status']}",
-        f"- started: {session['start_time']}",
-        f"- ended: {session.get('end_time') or '-'}",
-        f"- turns: {session['num_turns']}",
-        f"- strategy: {session.get('strategy') or '-'}, seed: {session.get('seed')}",
-        f"- model: {session.get('model') or '-'}",
+        f"- status: {text(session['status'])}",
+        f"- started: {text(session['start_time'])}",
+        f"- ended: {text(session.get('end_time') or '-')}",
+        f"- turns: {text(session['num_turns'])}",
+        f"- strategy: {text(session.get('strategy') or '-')}, seed: {text(session.get('seed'))}",
+        f"- model: {text(session.get('model') or '-')}",
     ]
     if session.get("error"):
-        lines.append(f"- error: {session['error']}")
+        lines.append(f"- error: {cell(session['error'])}")
     lines += ["", "## Transcript", ""]
     tools_by_turn: dict[int, list[dict[str, Any]]] = {}
     for row in log["tool_usage"]:
@@ -45,16 +61,21 @@ def render_markdown(log: dict[str, Any]) -> str:
         events_by_turn.setdefault(row["turn_id"], []).append(row)
     for message in log["messages"]:
         turn = message["turn_id"]
-        lines.append(f"### Turn {turn}: {message['agent_name']} ({message['agent_role']})")
-        lines += ["", message["message"], ""]
+        lines.append(f"### Turn {turn}: {text(message['agent_name'])} ({text(message['agent_role'])})")
+        said = str(message["message"] or "")
+        lines += ["", markdown_text(said) if escaped else said, ""]
         for row in tools_by_turn.get(turn, []):
-            outcome = "ok" if row["success"] else f"FAILED ({row['status_code']})"
+            outcome = "ok" if row["success"] else f"FAILED ({text(row['status_code'])})"
+            result = str(row["tool_result"] or "")
             lines.append(
-                f"- tool `{row['tool_name']}.{row['operation']}` {row['tool_params']} -> {outcome}: "
-                f"{_cell(row['tool_result'])[:300]}"
+                f"- tool {text(row['tool_name'])}.{text(row['operation'])} {cell(row['tool_params'])} -> {outcome}: "
+                f"{cell(result[:300])}"
             )
         for row in events_by_turn.get(turn, []):
-            lines.append(f"- event {row['service']}.{row['operation']} {row['status_code']}: {_cell(row['detail'])}")
+            lines.append(
+                f"- event {text(row['service'])}.{text(row['operation'])} {text(row['status_code'])}: "
+                f"{cell(row['detail'])}"
+            )
         lines.append("")
     lines += [
         "## Events",
@@ -64,18 +85,56 @@ def render_markdown(log: dict[str, Any]) -> str:
     ]
     for row in log["events"]:
         lines.append(
-            f"| {row['timestamp']} | {_cell(row['turn_id'])} | {row['service']} | {row['operation']} | "
-            f"{row['status_code']} | {_cell(row['latency_ms'])} | {_cell(row['detail'])} |"
+            "| "
+            + " | ".join(
+                cell(row[key])
+                for key in ("timestamp", "turn_id", "service", "operation", "status_code", "latency_ms", "detail")
+            )
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
 
-def write_exports(audit: AuditStore, session_id: str, out_dir: Path) -> list[Path]:
-    """Write ``<session>.json`` and ``<session>.md`` into ``out_dir``; return both paths."""
-    log = audit.read_session_log(session_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{session_id}.json"
-    md_path = out_dir / f"{session_id}.md"
-    json_path.write_text(render_json(log), encoding="utf-8")
-    md_path.write_text(render_markdown(log), encoding="utf-8")
-    return [json_path, md_path]
+@dataclass
+class SessionFiles:
+    """What ``write_session_files`` left: the files written whole, and why the others were not written."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+    """Path that was not written -> the reason (``No space left on device``)."""
+
+    def describe_failures(self) -> str:
+        """One line for the session's error: which files, and why."""
+        return "; ".join(f"{path.name} not written ({reason})" for path, reason in self.failed.items())
+
+
+def write_session_files(log: dict[str, Any], out_dir: Path) -> SessionFiles:
+    """Write ``<session>.json``, ``<session>.md`` and the HTML report into ``out_dir``, each whole or not at all.
+
+    One file failing does not stop the others (a short Markdown log may fit
+    where the report does not); every failure is returned with its reason.
+    """
+    session_id = str(log["session"]["session_id"])
+    renderers: list[tuple[Path, Callable[[dict[str, Any]], str]]] = [
+        (out_dir / f"{session_id}.json", render_json),
+        (out_dir / f"{session_id}.md", render_markdown),
+        (report_path(out_dir, session_id), render_report),
+    ]
+    files = SessionFiles()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        files.failed = {path: _reason(exc) for path, _ in renderers}
+        return files
+    for path, render in renderers:
+        try:
+            write_atomically(path, render(log))
+        except OSError as exc:
+            files.failed[path] = _reason(exc)
+        else:
+            files.written.append(path)
+    return files
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)

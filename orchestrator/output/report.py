@@ -5,7 +5,7 @@ waterfalls from ``messages.timings`` (``orchestrator.tracing``). The page loads
 nothing: styles are inline, the charts are SVG drawn here, there is no script,
 and a Content-Security-Policy forbids the browser to fetch anything at all, so
 it opens the same from a mail attachment, an air-gapped laptop or a CI artifact.
-Every text from the model or a caller is escaped.
+Every text from the model or a caller is escaped, its control characters dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from orchestrator.output.atomic import write_atomically
+from orchestrator.output.text import strip_controls
 from orchestrator.tracing import Step, read_timings
 
 __all__ = ["render_report", "report_path", "write_report"]
@@ -75,7 +77,8 @@ AXIS_HEIGHT = 22
 
 
 def _text(value: object) -> str:
-    return escape("" if value is None else str(value))
+    """Every text on the page: escaped, and without the control characters a browser or a copy would carry."""
+    return escape(strip_controls("" if value is None else str(value)))
 
 
 def _ms(value: float | None) -> str:
@@ -347,7 +350,7 @@ def report_path(out_dir: Path, session_id: str) -> Path:
 
 
 def write_report(log: dict[str, Any], path: Path) -> Path:
-    """Write the page; return its path."""
+    """Write the page, whole or not at all (``write_atomically``); return its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(log), encoding="utf-8")
+    write_atomically(path, render_report(log))
     return path

@@ -22,8 +22,7 @@ from heist_common.telemetry import Telemetry, setup_tracing
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import HealthResult, ServiceClients
-from orchestrator.output.export import write_exports
-from orchestrator.output.report import report_path, write_report
+from orchestrator.output.export import SessionFiles, write_session_files
 from orchestrator.session.health import check_health
 from orchestrator.session.resume import ResumePoint, prepare_resume
 from orchestrator.session.schedule import iter_schedule
@@ -82,8 +81,11 @@ class SessionResult:
     turns: list[Turn] = field(default_factory=list)
     database: str = ""
     exports: list[Path] = field(default_factory=list)
+    """The JSON and Markdown logs that were written (whole)."""
     report: Path | None = None
     """The session's HTML report (``orchestrator report``), written beside the exports."""
+    export_failures: dict[Path, str] = field(default_factory=dict)
+    """Session files that could not be written, and why (nothing is left at their path)."""
     error: str | None = None
     turns_before: int = 0
     """A resumed session's turns from earlier runs (``turns`` holds this run's only)."""
@@ -252,20 +254,26 @@ class SessionRunner:
             return self._failed(result, f"{error}; {exc}" if error else str(exc))
         if self.options.export and status != SessionStatus.INTERRUPTED:
             out_dir = self.options.export_dir or self.config.sessions_dir
+            failure: str | None = None
             try:
-                result.exports = await asyncio.get_running_loop().run_in_executor(
-                    None, write_exports, self.context.audit, self.session_id, out_dir
-                )
-                result.report = await asyncio.get_running_loop().run_in_executor(None, self._write_report, out_dir)
-            except (AuditError, OSError) as exc:
+                files = await asyncio.get_running_loop().run_in_executor(None, self._write_files, out_dir)
+            except AuditError as exc:
+                files = SessionFiles()
+                failure = f"export failed: cannot read the session back from the audit: {exc}"
+            else:
+                if files.failed:
+                    failure = f"export failed: {files.describe_failures()}"
+            result.exports = [path for path in files.written if path.suffix != ".html"]
+            result.report = next((path for path in files.written if path.suffix == ".html"), None)
+            result.export_failures = files.failed
+            if failure is not None:
                 # The session itself is recorded as it ended; the run still failed to leave its logs.
-                result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
+                result.error = f"{result.error + '; ' if result.error else ''}{failure}"
                 result.exit_code = result.exit_code or ExitCode.FAILED
         return result
 
-    def _write_report(self, out_dir: Path) -> Path:
-        log = self.context.audit.read_session_log(self.session_id)
-        return write_report(log, report_path(out_dir, self.session_id))
+    def _write_files(self, out_dir: Path) -> SessionFiles:
+        return write_session_files(self.context.audit.read_session_log(self.session_id), out_dir)
 
     @staticmethod
     def _failed(result: SessionResult, error: str) -> SessionResult:

@@ -46,6 +46,7 @@ from heist_common.config import (
 from heist_common.contract import ContractError, ServiceContract, contract_of
 from heist_common.credentials import CredentialsError
 from heist_common.exit_codes import ExitCode
+from heist_common.layout import use_private_umask
 from heist_common.telemetry import Telemetry, setup_tracing
 from servers.auth import credential_store
 from servers.auth.tokens import TokenVerifier
@@ -353,9 +354,11 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     """
     service_name = str(module_spec.name).removesuffix(".__main__").rpartition(".")[2]
     args = parse_args(service_name, argv)
+    use_private_umask()  # what a service writes (credentials, the bank database) and its query workers
     configure_logging()
     try:
         config = load_config(args.config)
+        config.mesh.make_private()
         address = resolve_address(config, service_name, args)
         if args.metrics_address:
             split_address(args.metrics_address)

@@ -33,12 +33,8 @@ class ExitCode(IntEnum):
     NOT_RESUMABLE = 7
     """``resume`` refused: the session is completed or degraded, still running, or another resume just took it."""
     DEGRADED = 8
-    """The session ran every turn, but the crew could not use a service it needed.
-
-    Every call it tried to make to that service failed (the rule:
-    ``orchestrator.session.runner.unusable_services``); the summary names the
-    service and the cause. The session ended ``degraded``, which cannot be
-    resumed (it has no turn left): run a new one once the service works.
-    """
+    """The session ran every turn and ended ``degraded``: the crew could not use a service, every call it tried
+    to make to it failed (``orchestrator.session.runner.unusable_services``); the summary names the service and the
+    cause. Not resumable (no turn is left): run a new session once the service works."""
     INTERRUPTED = 130
     """Ctrl-C, or SIGTERM during ``run`` and ``resume``: the session is marked ``interrupted`` and can be resumed."""

@@ -36,6 +36,7 @@ __all__ = [
     "CircuitBreakerConfig",
     "ConfigError",
     "DatabaseConfig",
+    "FailedSecretsConfig",
     "GrpcRetryConfig",
     "HeistConfig",
     "LLMConfig",
@@ -270,6 +271,30 @@ class ServiceConfig(Section):
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
+class FailedSecretsConfig(Section):
+    """How the OAuth server slows down secret guessing (``servers.oauth.service.FailedSecrets``).
+
+    Failures are counted per client id *and caller*: the client certificate's
+    identity under mTLS, else the peer's host (an IPv6 peer by its /64), never
+    the port, so new connections buy no new attempts. Why per caller: a lock on
+    the client id alone let anyone who knows a client's name lock its owner out.
+    """
+
+    free_failures: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
+        default=3, description="Failed secrets a caller may send for one client before it has to wait."
+    )
+    max_lockout_s: Annotated[float, Field(strict=True, gt=0, le=3600)] = Field(
+        default=60.0,
+        description="Longest wait: the first failure past the free ones waits 1 s, each further one twice as long, "
+        "up to this.",
+    )
+    tracked: Annotated[int, Field(strict=True, ge=100, le=1_000_000)] = Field(
+        default=10_000,
+        description="Failure records kept, one per (client id, caller); the least recently failed are forgotten "
+        "first, so memory stays bounded whatever callers send.",
+    )
+
+
 class OAuthConfig(Section):
     """Token issuer identity and the registered clients with the scopes each may be granted."""
 
@@ -286,6 +311,11 @@ class OAuthConfig(Section):
         default_factory=dict,
         description="OAuth client id -> the scopes it may be granted; each client's secret comes from "
         "`HEIST_OAUTH_CLIENT_SECRET_<ID>` or the generated dev credentials, never from this file.",
+    )
+    failed_secrets: FailedSecretsConfig = Field(
+        default=FailedSecretsConfig(),
+        description="How guessing client secrets is slowed down: per client and caller, so a guesser never makes "
+        "another caller's right secret wait.",
     )
 
 

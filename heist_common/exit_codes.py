@@ -31,6 +31,10 @@ class ExitCode(IntEnum):
     status``; a gRPC service for ``run`` or ``resume --require-healthy``, before any turn (an LLM that cannot
     answer is exit 1)."""
     NOT_RESUMABLE = 7
-    """``resume`` refused: the session is completed, still running, or was just taken over by another resume."""
+    """``resume`` refused: the session is completed or degraded, still running, or another resume just took it."""
+    DEGRADED = 8
+    """The session ran every turn and ended ``degraded``: the crew could not use a service, every call it tried
+    to make to it failed (``orchestrator.session.runner.unusable_services``); the summary names the service and the
+    cause. Not resumable (no turn is left): run a new session once the service works."""
     INTERRUPTED = 130
     """Ctrl-C, or SIGTERM during ``run`` and ``resume``: the session is marked ``interrupted`` and can be resumed."""

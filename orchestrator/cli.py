@@ -4,7 +4,9 @@ Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
 (the session ended ``failed``, a file could not be written); 2 bad arguments;
 3 bad configuration; 4 audit database unreachable; 5 unknown session;
 6 unhealthy (``health`` when something is down, ``run --require-healthy``);
-7 not resumable (``resume`` of a completed or still running session); 130 interrupted.
+7 not resumable (``resume`` of a completed, degraded or still running session);
+8 degraded (every turn ran, but the crew could not use a service: every call to it
+failed; the summary names it); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ turns; the conversation and the memory service are rebuilt from the audit.
 
 exit codes: 0 completed; 1 failed; 3 the config no longer gives the session's
 schedule; 4 audit database unreachable; 5 unknown session; 6 unhealthy with
---require-healthy; 7 not resumable (completed, or still running); 130 interrupted.
+--require-healthy; 7 not resumable (completed, degraded, or still running);
+8 degraded (a service never worked during the resumed turns); 130 interrupted.
 """
 
 
@@ -275,8 +278,15 @@ def _print_summary(result: SessionResult) -> None:
         print(f"Report:     {result.report}")
     for path, reason in result.export_failures.items():
         print(f"Not written: {path} ({reason})")
-    if result.error:
-        print(printable(f"Error:      {redact_url(result.error)}"), file=sys.stderr)
+    error = result.error
+    if result.unusable:
+        # The crew could not work: say which service and why, where the eye lands (not as an error's tail).
+        for service in result.unusable:
+            print(printable(f"Degraded:   {redact_url(service.describe())}"))
+        described = "; ".join(service.describe() for service in result.unusable)
+        error = error.removeprefix(described).removeprefix("; ") if error else error
+    if error:
+        print(printable(f"Error:      {redact_url(error)}"), file=sys.stderr)
 
 
 def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfig:

@@ -55,6 +55,7 @@ __all__ = [
     "current_turn",
     "elapsed_ms",
     "read_timings",
+    "rpc_service",
     "step_kind",
     "timings_json",
     "turn_scope",
@@ -91,6 +92,18 @@ class Step(NamedTuple):
     ms: float
     code: str = "OK"
     """gRPC status name, ``CIRCUIT_OPEN``, ``HTTP 500``, ``TIMEOUT``... (``OK`` when it worked)."""
+
+
+RPC_KINDS = frozenset({"token", "memory", "tool"})
+"""Step kinds that are calls to a mesh service (``step_kind``)."""
+
+
+def rpc_service(step: Step) -> str | None:
+    """Return the service an RPC step called (RPC steps are named ``service.Method``); None for any other step."""
+    if step.kind not in RPC_KINDS:
+        return None
+    service, dot, _ = step.name.partition(".")
+    return service if dot else None  # "token (cached)": no call was made
 
 
 @dataclass(slots=True)

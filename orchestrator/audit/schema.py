@@ -19,6 +19,8 @@ class SessionStatus:
 
     ACTIVE = "active"
     COMPLETED = "completed"
+    DEGRADED = "degraded"
+    """Every turn was played, but a service the crew needed never worked (``orchestrator.session.runner``)."""
     FAILED = "failed"
     INTERRUPTED = "interrupted"
 

@@ -271,6 +271,16 @@ class GuardedService:
                     span.set_attribute("rpc.grpc.status_code", GRPC_CODE_VALUES[code])
                 end_span(span, code, detail)
 
+    def unsent(self, operation: str, code: str) -> None:
+        """Put a call that could not be sent (no token) on the turn's timeline, a failed attempt like a circuit skip.
+
+        Why: the session's outcome (``orchestrator.session.runner``) counts every
+        call the crew tried to make; a call without a token was tried, and failed.
+        """
+        turn = current_turn()
+        if turn is not None:
+            turn.record(self._kind, f"{self.name}.{operation}", time.perf_counter(), code)
+
     async def _call(
         self, operation: str, rpc: Callable[..., Awaitable[T]], request: Message, metadata: Metadata, start: float
     ) -> T:
@@ -390,6 +400,7 @@ class MemoryClient:
         try:
             token = await self._tokens.token(self._client_id, self._scopes, metadata)
         except ServiceCallError as exc:
+            self.service.unsent(operation, exc.status_code)
             detail = f"no token: {exc.detail}"
             raise ServiceCallError("memory", operation, exc.status_code, detail, exc.latency_ms) from None
         return (*metadata, (AUTHORIZATION_METADATA_KEY, f"Bearer {token}"))

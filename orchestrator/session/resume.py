@@ -7,8 +7,10 @@ transaction, so a killed process leaves whole turns only; the resume replays
 none of them and continues with the next turn number.
 
 **The stale rule.** A session ``interrupted`` or ``failed`` can always be
-resumed, a ``completed`` one never. An ``active`` one is still running unless it
-is stale, which is the case when either
+resumed, a ``completed`` or ``degraded`` one never: both played every planned
+turn, so a resume would play none (a ``degraded`` session's crew could not use
+a service; once it works, run a new session). An ``active`` one is still
+running unless it is stale, which is the case when either
 
 1. it is owned by a process on this machine (``sessions.host`` is this host
    name) and that process (``sessions.pid``) no longer exists or is a zombie:
@@ -158,6 +160,11 @@ def plan_resume(
     stale_reason: str | None = None
     if status == SessionStatus.COMPLETED:
         raise NotResumableError(f"session {session_id} is completed: nothing to resume")
+    if status == SessionStatus.DEGRADED:
+        raise NotResumableError(
+            f"session {session_id} is degraded: it played every turn, but a service never worked "
+            f"({row.get('error') or 'see its events'}); nothing to resume: run a new session once the service works"
+        )
     if status == SessionStatus.ACTIVE:
         stale_after_s = config.session.stale_after_s
         verdict = judge_liveness(row, host=host, stale_after_s=stale_after_s, now=now, alive=alive)

@@ -3,6 +3,11 @@
 ``run_session`` is the programmatic entry point (the CLI, drills and benchmarks
 call it); ``SessionRunner`` is the same on an already open mesh, LLM client and
 audit store, so many sessions can share one set of channels.
+
+How a session that played all its turns ends: ``failed`` when the model never
+answered; else ``degraded`` (exit 8) when the crew could not use a service it
+needed (``unusable_services``: a service the turns tried to call at least once,
+and not once with an answer); else ``completed``.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,12 +27,12 @@ from heist_common.exit_codes import ExitCode
 from heist_common.telemetry import Telemetry, setup_tracing
 from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
 from orchestrator.llm.client import LLMClient
-from orchestrator.mesh.clients import HealthResult, ServiceClients
+from orchestrator.mesh.clients import CIRCUIT_OPEN, HealthResult, ServiceClients
 from orchestrator.output.export import SessionFiles, write_session_files
 from orchestrator.session.health import check_health
 from orchestrator.session.resume import ResumePoint, prepare_resume
 from orchestrator.session.schedule import iter_schedule
-from orchestrator.tracing import turn_scope
+from orchestrator.tracing import rpc_service, turn_scope
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
 from orchestrator.turn.turn import Turn
 
@@ -34,9 +40,11 @@ __all__ = [
     "RunOptions",
     "SessionResult",
     "SessionRunner",
+    "UnusableService",
     "new_session_id",
     "resume_session",
     "run_session",
+    "unusable_services",
 ]
 
 
@@ -46,6 +54,67 @@ ORCHESTRATOR_SERVICE_NAME = "heist-orchestrator"
 
 SEED_LIMIT = 2**31
 """Generated seeds stay below this: they fit the INTEGER ``seed`` column of audit tables made before BIGINT."""
+
+
+ANSWERED = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION", "ALREADY_EXISTS"})
+"""Outcomes of a call that show its service working: a result, or a judgement on the request itself."""
+CONSEQUENCES = frozenset({CIRCUIT_OPEN})
+"""Failures that follow from earlier ones (the breaker skipping a service), never shown as the cause."""
+CAUSE_CHARS = 200
+"""How much of a failure's message the summary and ``sessions.error`` keep."""
+
+
+@dataclass(frozen=True)
+class UnusableService:
+    """A service the crew tried to call during the session and never got an answer from."""
+
+    service: str
+    attempts: int
+    code: str
+    """Status of the first failure (the cause; later ones, such as the breaker's skips, follow from it)."""
+    detail: str = ""
+
+    def describe(self) -> str:
+        """``memory: 0 of 12 calls succeeded (UNAVAILABLE: ...)``."""
+        detail = self.detail if len(self.detail) <= CAUSE_CHARS else self.detail[: CAUSE_CHARS - 3] + "..."
+        cause = f"{self.code}: {detail}" if detail else self.code
+        return f"{self.service}: 0 of {self.attempts} calls succeeded ({cause})"
+
+
+def unusable_services(turns: Iterable[Turn], order: Sequence[str] = ()) -> list[UnusableService]:
+    """Return the services the crew could not use at all in these turns: what makes a session ``degraded``.
+
+    A call is every RPC a turn tried to make (``Turn.steps``): sent, skipped by an
+    open circuit, or not sent for want of an OAuth token. A service is unusable
+    when it was called at least once and no call was answered (``ANSWERED``:
+    a request error such as NOT_FOUND still shows the service working). Tool
+    calls refused before any RPC (not allowed, bad arguments) say nothing about
+    a service and are not calls. A resumed session is judged by this run's turns.
+    ``order`` lists services in the order to report them (the config's).
+    """
+    attempts: Counter[str] = Counter()
+    answered: set[str] = set()
+    first_failure: dict[str, str] = {}
+    details: dict[tuple[str, str], str] = {}
+    for turn in turns:
+        for step in turn.steps:
+            service = rpc_service(step)
+            if service is None:
+                continue
+            attempts[service] += 1
+            if step.code in ANSWERED:
+                answered.add(service)
+            elif step.code not in CONSEQUENCES:
+                first_failure.setdefault(service, step.code)
+        for event in turn.events:
+            details.setdefault((event.service, event.status_code), event.detail)
+    rank = {name: index for index, name in enumerate(order)}
+    unusable = sorted((s for s in attempts if s not in answered), key=lambda s: (rank.get(s, len(rank)), s))
+    found = []
+    for service in unusable:
+        code = first_failure.get(service, CIRCUIT_OPEN)
+        found.append(UnusableService(service, attempts[service], code, details.get((service, code), "")))
+    return found
 
 
 class LLMBroken(Exception):
@@ -89,6 +158,8 @@ class SessionResult:
     error: str | None = None
     turns_before: int = 0
     """A resumed session's turns from earlier runs (``turns`` holds this run's only)."""
+    unusable: list[UnusableService] = field(default_factory=list)
+    """Why a session ended ``degraded`` (``unusable_services``); empty otherwise."""
 
     @property
     def tool_calls_ok(self) -> int:
@@ -183,6 +254,10 @@ class SessionRunner:
             # A session in which the model never spoke did not happen, whatever else worked.
             reason = self._llm_down("no turn was answered")
             return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, reason)
+        result.unusable = unusable_services(result.turns, list(self.config.services))
+        if result.unusable:
+            reason = "; ".join(service.describe() for service in result.unusable)
+            return await self._finish(result, SessionStatus.DEGRADED, ExitCode.DEGRADED, reason)
         return await self._finish(result, SessionStatus.COMPLETED, ExitCode.OK, None)
 
     def _llm_down(self, reason: str) -> str:

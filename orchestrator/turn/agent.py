@@ -88,7 +88,7 @@ class CrewAgent:
         """
         session = self.session
         with turn_scope(session.clients.tracer, session.session_id, self.name, turn_id) as scope:
-            turn = Turn(turn_id, self.name, self.config.role, history, trace_id=scope.trace_id)
+            turn = Turn(turn_id, self.name, self.config.role, history, trace_id=scope.trace_id, steps=scope.steps)
             return await self._take_turn(turn, memory, scope)
 
     async def _take_turn(self, turn: Turn, memory: Awaitable[MemoryFetch] | None, scope: TurnScope) -> Turn:

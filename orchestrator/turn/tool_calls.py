@@ -122,12 +122,13 @@ class ToolCaller:
         if method.tool not in self._allowed:
             reason = f"{self._agent} is not allowed to use {method.tool}"
             return refuse(turn, method.tool, operation, params, NOT_ALLOWED, reason)
+        clients = self._clients
+        service = clients.services[method.tool]
         token = turn.token
         if token is None:
             reason = f"{self._agent} has no OAuth token this turn"
+            service.unsent(operation, NO_TOKEN)
             return refuse(turn, method.tool, operation, params, NO_TOKEN, reason)
-        clients = self._clients
-        service = clients.services[method.tool]
         rpc = getattr(clients.tool_stubs[method.tool], operation)
         start = time.perf_counter()
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
 from orchestrator.llm.client import Completion
+from orchestrator.tracing import Step
 from orchestrator.turn.prompts import ConversationMessage
 
 __all__ = ["Turn"]
@@ -40,6 +41,12 @@ class Turn:
     """Time spent waiting for the model (the sum of its requests, which are sequential)."""
     total_ms: float = 0.0
     trace_id: str = ""
+    steps: list[Step] = field(default_factory=list)
+    """The turn's timeline: every RPC (also those skipped or sent without a token) and LLM request, with its outcome.
+
+    The same list its ``TurnScope`` records into, so a call that ends after the
+    turn (the next speaker's memory prefetch) still lands here.
+    """
 
     @property
     def service_ms(self) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from heist_common.exit_codes import ExitCode
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.session.runner import RunOptions, SessionResult, run_session
 from tests.drills.script import DrillScript, drill_resilience
@@ -82,7 +83,9 @@ async def test_sigstop_tool_server_deadline_exceeded_within_deadline(
     scripted_llm.responder = DrillScript().at(3, calculator.freeze)
     result = await run_session(mesh.config, RunOptions(turns=TURNS, session_id="heist_drill_sigstop"))
 
-    assert result.status == "completed" and len(result.turns) == TURNS
+    # Frozen before its first call, the calculator never answered: the session ran, but honestly degraded.
+    assert result.status == "degraded" and result.exit_code == ExitCode.DEGRADED and len(result.turns) == TURNS
+    assert [(u.service, u.attempts, u.code) for u in result.unusable] == [("calculator", 3, "DEADLINE_EXCEEDED")]
     calc = calls_of(result, "calculator")
     assert [(turn, code) for turn, code, _ in calc] == [(3, "DEADLINE_EXCEEDED"), (7, "DEADLINE_EXCEEDED"),
                                                          (11, "CIRCUIT_OPEN")]

@@ -126,6 +126,8 @@ def test_plan_continues_after_the_last_committed_turn(config: HeistConfig) -> No
     ("fields", "agents", "message"),
     [
         ({"status": "completed"}, [], "is completed: nothing to resume"),
+        ({"status": "degraded", "error": "memory: 0 of 16 calls succeeded (UNAVAILABLE)"}, [],
+         "is degraded: it played every turn, but a service never worked (memory: 0 of 16"),
         ({}, [], "is still running (pid 4242 on this-host"),
         ({"status": "failed", "seed": None}, [], "without a recorded seed"),
         ({"status": "failed", "strategy": "manual"}, [], "strategy 'manual'"),

@@ -5,7 +5,10 @@ from cryptography.hazmat.primitives import serialization
 from heist.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 
+from heist_common.config import FailedSecretsConfig
 from servers.auth import credential_store
+from servers.oauth.service import FailedSecrets, peer_host
+from tests.support import channels
 
 
 @pytest.fixture
@@ -120,6 +123,51 @@ async def test_repeated_failed_secrets_make_the_client_wait(config, oauth, fails
     await fails_with(oauth.IssueToken(grant(config)), grpc.StatusCode.RESOURCE_EXHAUSTED, "retry in")
     other = await oauth.IssueToken(grant(config, client_id="hacker"))
     assert other.access_token, "another client is not affected"
+
+
+async def test_one_callers_failed_secrets_never_make_another_caller_wait(config, mesh, oauth, fails_with):
+    for _ in range(6):  # this caller (the orchestrator's certificate) guesses until it must wait
+        with pytest.raises(grpc.aio.AioRpcError):
+            await oauth.IssueToken(grant(config, secret="guess"))
+    await fails_with(oauth.IssueToken(grant(config)), grpc.StatusCode.RESOURCE_EXHAUSTED, "from this caller")
+    server = mesh.servers["oauth"]
+    async with channels.aio_channel(config, server.address, identity="grpcurl") as channel:
+        other_caller = oauth_pb2_grpc.OAuthServiceStub(channel)
+        assert (await other_caller.IssueToken(grant(config))).access_token, "the right secret from another caller"
+        await fails_with(other_caller.IssueToken(grant(config, secret="guess")), grpc.StatusCode.UNAUTHENTICATED)
+    # ...and its success forgot nothing of the guesser's failures.
+    await fails_with(oauth.IssueToken(grant(config)), grpc.StatusCode.RESOURCE_EXHAUSTED, "retry in")
+
+
+@pytest.mark.parametrize(
+    ("peer", "caller"),
+    [
+        ("ipv4:10.0.0.7:51234", "ipv4:10.0.0.7"),
+        ("ipv4:10.0.0.7:60001", "ipv4:10.0.0.7"),  # another connection (port) is the same caller
+        ("ipv6:[2001:db8:1:2:aaaa::1]:443", "ipv6:2001:db8:1:2::/64"),
+        ("ipv6:%5B2001:db8:1:2:ffff::9%5D:443", "ipv6:2001:db8:1:2::/64"),  # the /64 is one caller, escaped or not
+        ("ipv6:[::ffff:10.0.0.7]:443", "ipv4:10.0.0.7"),
+        ("unix:/run/heist/oauth.sock", "unix"),
+        ("", "unknown"),
+    ],
+)
+def test_a_caller_is_its_host_not_its_connection(peer, caller):
+    assert peer_host(peer) == caller
+
+
+def test_failed_secrets_are_per_caller_bounded_and_doubling():
+    failures = FailedSecrets(FailedSecretsConfig(free_failures=2, max_lockout_s=5.0, tracked=100))
+    assert [failures.failed("mole", "ipv4:10.0.0.7", 0.0) for _ in range(3)] == [False, False, True]
+    assert failures.wait_s("mole", "ipv4:10.0.0.7", 0.0) == 1.0
+    assert failures.wait_s("mole", "ipv4:10.0.0.8", 0.0) == 0.0 and failures.wait_s("hacker", "ipv4:10.0.0.7", 0) == 0
+    for now in (1.0, 3.0, 7.0, 12.0, 17.0):  # after each wait, one more failure: 2, 4, then capped at 5 s
+        failures.failed("mole", "ipv4:10.0.0.7", now)
+    assert failures.wait_s("mole", "ipv4:10.0.0.7", 17.0) == 5.0
+    for index in range(500):  # many unknown client ids
+        failures.failed(f"stranger-{index}", "ipv4:10.0.0.9", 0.0)
+    assert len(failures) == 100, "the oldest records are forgotten"
+    failures.succeeded("mole", "ipv4:10.0.0.7")
+    assert failures.wait_s("mole", "ipv4:10.0.0.7", 17.0) == 0.0
 
 
 async def test_attacker_input_is_not_echoed_at_length(config, oauth, fails_with):

@@ -19,7 +19,7 @@ from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
 from heist_common.telemetry import Telemetry, setup_tracing
-from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
+from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import HealthResult, ServiceClients
 from orchestrator.output.export import write_exports
@@ -27,6 +27,7 @@ from orchestrator.output.report import report_path, write_report
 from orchestrator.session.health import check_health
 from orchestrator.session.resume import ResumePoint, prepare_resume
 from orchestrator.session.schedule import iter_schedule
+from orchestrator.session.unrecorded import record_later, settle_unrecorded, unrecorded_dir
 from orchestrator.tracing import turn_scope
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
 from orchestrator.turn.turn import Turn
@@ -87,6 +88,8 @@ class SessionResult:
     error: str | None = None
     turns_before: int = 0
     """A resumed session's turns from earlier runs (``turns`` holds this run's only)."""
+    settled: list[str] = field(default_factory=list)
+    """Earlier sessions whose end the database had missed, recorded when this run opened it."""
 
     @property
     def tool_calls_ok(self) -> int:
@@ -248,8 +251,10 @@ class SessionRunner:
         result.status, result.exit_code, result.error = status, exit_code, error
         try:
             await self.context.audit.finish_session(self.session_id, status, error)
-        except AuditError as exc:
+        except SessionTakenOverError as exc:
             return self._failed(result, f"{error}; {exc}" if error else str(exc))
+        except AuditError as exc:
+            return self._failed(result, self._keep_end(status, error, exc))
         if self.options.export and status != SessionStatus.INTERRUPTED:
             out_dir = self.options.export_dir or self.config.sessions_dir
             try:
@@ -262,6 +267,22 @@ class SessionRunner:
                 result.error = f"{result.error + '; ' if result.error else ''}export failed: {exc}"
                 result.exit_code = result.exit_code or ExitCode.FAILED
         return result
+
+    def _keep_end(self, status: str, error: str | None, exc: AuditError) -> str:
+        """Keep the end the database missed for the next run or resume; return the error saying so."""
+        ended = "" if status == SessionStatus.FAILED else f" ({status})"
+        message = f"{error + '; ' if error else ''}the session's end{ended} could not be recorded: {exc}"
+        try:
+            kept = record_later(
+                unrecorded_dir(self.config.mesh.run_dir), self.context.audit, self.session_id, SessionStatus.FAILED,
+                message,
+            )  # fmt: skip
+        except OSError as file_error:
+            return (
+                f"{message}; nor kept for later ({file_error.strerror or file_error}): the session stays active "
+                "until 'orchestrator resume' takes it over as stale"
+            )
+        return f"{message}; kept in {kept}, recorded as failed by the next 'orchestrator run' or 'resume' on it"
 
     def _write_report(self, out_dir: Path) -> Path:
         log = self.context.audit.read_session_log(self.session_id)
@@ -318,12 +339,15 @@ async def _open_and_run(
     """Open everything, run the session (new or resumed: one path for both), close everything."""
     audit = AuditStore.open(config.database.url)
     point: ResumePoint | None = None
-    if resume_id is not None:
-        try:
+    try:
+        # Before anything else: a resume of such a session then sees how it really ended.
+        settled = await settle_unrecorded(audit, unrecorded_dir(config.mesh.run_dir))
+        if resume_id is not None:
             point = await prepare_resume(audit, config, resume_id)
-        except BaseException:
-            await asyncio.get_running_loop().run_in_executor(None, audit.close)
-            raise
+    except BaseException:
+        await asyncio.get_running_loop().run_in_executor(None, audit.close)
+        raise
+    if point is not None:
         if on_resume is not None:
             on_resume(point)
         config, options = _resumed(config, options, point)
@@ -332,7 +356,9 @@ async def _open_and_run(
     llm = LLMClient(config.llm)
     try:
         runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
-        return await runner.run()
+        result = await runner.run()
+        result.settled = settled
+        return result
     finally:
         await asyncio.shield(_close(clients, llm, audit, telemetry))
 

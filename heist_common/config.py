@@ -11,6 +11,7 @@ opaque here and validated by that service's ``Limits`` model when it starts
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,6 +54,7 @@ __all__ = [
     "load_config",
     "located",
     "redact_url",
+    "redact_urls",
     "replica_address",
     "resolve_database_url",
     "split_address",
@@ -701,6 +703,19 @@ def redact_url(url: str) -> str:
     if not sep or not at or ":" not in credentials:
         return url
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+_URL_PASSWORD = re.compile(r"(?P<start>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s/@]*@")
+
+
+def redact_urls(text: str) -> str:
+    """Return ``text`` with the password of every URL in it replaced by ``***``; nothing else changes.
+
+    For messages that may quote URLs (errors naming a database): ``redact_url``
+    takes one whole URL, and on a longer text would cut what lies between its
+    first "://" and its last "@".
+    """
+    return _URL_PASSWORD.sub(r"\g<start>:***@", text)
 
 
 def resolve_database_url(url: str | None, run_dir: Path) -> str:

@@ -178,7 +178,7 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
     already have its folder, so a typo in ``--db`` fails instead of silently
     starting a new, empty audit trail somewhere else.
     """
-    from heist_common.config import redact_url
+    from heist_common.config import redact_urls
     from orchestrator.audit import AuditError, AuditStore
 
     url = config.database.url
@@ -191,7 +191,7 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
     try:
         return AuditStore.open(url)
     except AuditError as exc:
-        raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
+        raise CommandError(redact_urls(str(exc)), ExitCode.DATABASE) from None
 
 
 def _unknown_session(session_id: str) -> CommandError:
@@ -264,7 +264,7 @@ def print_turn(turn: Turn) -> None:
 
 
 def _print_summary(result: SessionResult) -> None:
-    from heist_common.config import redact_url
+    from heist_common.config import redact_url, redact_urls
 
     print()
     print(f"Session:    {result.session_id} ({result.status})")
@@ -278,15 +278,17 @@ def _print_summary(result: SessionResult) -> None:
         print(f"Report:     {result.report}")
     for path, reason in result.export_failures.items():
         print(f"Not written: {path} ({reason})")
+    for session_id in result.settled:
+        print(f"Recorded:   {session_id} ended failed (its end was kept while the database was unreachable)")
     error = result.error
     if result.unusable:
         # The crew could not work: say which service and why, where the eye lands (not as an error's tail).
         for service in result.unusable:
-            print(printable(f"Degraded:   {redact_url(service.describe())}"))
+            print(printable(f"Degraded:   {redact_urls(service.describe())}"))
         described = "; ".join(service.describe() for service in result.unusable)
         error = error.removeprefix(described).removeprefix("; ") if error else error
     if error:
-        print(printable(f"Error:      {redact_url(error)}"), file=sys.stderr)
+        print(printable(f"Error:      {redact_urls(error)}"), file=sys.stderr)
 
 
 def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfig:
@@ -305,7 +307,7 @@ def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfi
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from heist_common.config import redact_url
+    from heist_common.config import redact_urls
     from orchestrator.audit import AuditError
     from orchestrator.session.runner import RunOptions, run_session
 
@@ -327,7 +329,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with _sigterm_interrupts(), _credentials_checked():
             result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
     except AuditError as exc:
-        raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
+        raise CommandError(redact_urls(str(exc)), ExitCode.DATABASE) from None
     except ValueError as exc:  # invalid --session-id
         raise CommandError(str(exc), ExitCode.USAGE) from None
     _print_summary(result)
@@ -342,7 +344,7 @@ def _print_resume(point: ResumePoint) -> None:
 def _cmd_resume(args: argparse.Namespace) -> int:
     import asyncio
 
-    from heist_common.config import redact_url
+    from heist_common.config import redact_urls
     from orchestrator.audit import AuditError, UnknownSessionError
     from orchestrator.session.resume import NotResumableError, ResumeConflictError
     from orchestrator.session.runner import RunOptions, resume_session
@@ -371,7 +373,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     except ResumeConflictError as exc:
         raise CommandError(f"cannot resume: {exc}", ExitCode.CONFIG) from None
     except AuditError as exc:
-        raise CommandError(redact_url(str(exc)), ExitCode.DATABASE) from None
+        raise CommandError(redact_urls(str(exc)), ExitCode.DATABASE) from None
     _print_summary(result)
     if result.turns_before:
         print(f"Resumed:    after turn {result.turns_before}; {result.turns_before + len(result.turns)} turns in all")

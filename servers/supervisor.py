@@ -3,8 +3,15 @@
 Why pid files plus health checks: a pid alone can be stale or reused, and an
 open port alone can belong to anything; a service counts as running only when
 its recorded process is alive *and* answers grpc.health.v1 for its own service
-name (the embedded LLM: HTTP ``GET <base_url>/models``). That makes ``serve``
+name (the embedded LLM: a one-token completion). That makes ``serve``
 idempotent (nothing is started twice) and ``stop`` safe (only our processes).
+
+A pid file holds ``<pid> <start time>``: the process's start time in clock
+ticks since boot (``/proc/<pid>/stat`` field 22), read when it was started. A
+pid is reused by the kernel, a (pid, start time) pair is not, so a different
+process on a reused pid is stale: never reported running, never signalled. A
+pid file of an older version (the pid alone) cannot be verified: it is not
+trusted either, and ``stop`` says which pid it leaves alone.
 
 Usage: ``python -m servers.supervisor serve|status|stop --config PATH [--llm on|off]``
 """
@@ -35,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist_common import tls
 from heist_common.config import ConfigError, HeistConfig, load_config, replica_address, split_address
 from heist_common.contract import Catalogue, ContractError
+from heist_common.credentials import CredentialsError
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import REPO_ROOT, make_private, use_private_umask
 from heist_common.telemetry import export_requested
@@ -131,13 +139,26 @@ class Supervisor:
         ]  # fmt: skip
         return ManagedProcess(LLM_NAME, f"{host}:{port}", command, LLM_START_TIMEOUT_S)
 
-    def read_pid(self, name: str) -> int | None:
-        """Return the recorded pid of ``name`` if that process is alive and is ours, else None."""
+    def read_record(self, name: str) -> PidRecord | None:
+        """Return what the pid file of ``name`` says (None: no file, or not a pid file)."""
         try:
-            pid = int(self.pid_file(name).read_text().strip())
-        except (OSError, ValueError):
+            return parse_pid_file(self.pid_file(name).read_text())
+        except OSError:
             return None
-        return pid if process_matches(pid, service_of(name)) else None
+
+    def read_pid(self, name: str) -> int | None:
+        """Return the recorded pid of ``name`` if that very process (pid and start time) is alive, else None."""
+        record = self.read_record(name)
+        if record is None or record.start_time is None:
+            return None
+        return record.pid if process_matches(record, service_of(name)) else None
+
+    def unverifiable(self, name: str) -> int | None:
+        """Return the pid of an older pid file (no start time) whose process is alive: maybe ours, maybe not."""
+        record = self.read_record(name)
+        if record is None or record.start_time is not None or not pid_alive(record.pid):
+            return None
+        return record.pid
 
     # -- health ------------------------------------------------------------------------------
 
@@ -175,6 +196,7 @@ class Supervisor:
             if pid is not None:
                 print(f"{process.name}: already running (pid {pid}) on {process.address}", file=self.out)
                 continue
+            self.warn_unverifiable(process.name)
             self.pid_file(process.name).unlink(missing_ok=True)
             addresses = (process.address, process.metrics_address)
             busy = next((address for address in addresses if address and address_in_use(address)), None)
@@ -231,8 +253,21 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.pid_file(process.name).write_text(f"{child.pid}\n")
+        start_time = process_start_time(child.pid)  # fixed at fork: no race with the exec
+        record = f"{child.pid} {start_time}" if start_time is not None else str(child.pid)
+        self.pid_file(process.name).write_text(record + "\n")
         return child
+
+    def warn_unverifiable(self, name: str) -> None:
+        """Say that an older pid file's process is left alone (it may be ours, or a stranger on a reused pid)."""
+        pid = self.unverifiable(name)
+        if pid is not None:
+            print(
+                f"{name}: {self.pid_file(name)} holds pid {pid} without a start time (written by an older "
+                f"version): cannot tell whether it is {name}, so it is not signalled; if it is, stop it "
+                f"yourself (kill {pid})",
+                file=self.out,
+            )
 
     def wait_healthy(self, process: ManagedProcess, child: subprocess.Popen[bytes] | None) -> str | None:
         """Poll until ``process`` is SERVING; return why not if it exits or times out."""
@@ -273,10 +308,13 @@ class Supervisor:
         """
         rows = [("SERVICE", "ADDRESS", "PID", "STATUS", "LATENCY", "METRICS")]
         crashed: list[str] = []
+        unverified: list[str] = []
         for process in self.known_processes():
             pid = self.read_pid(process.name)
             status, latency = self.probe(process.name, process.address)
-            if pid is None and self.pid_file(process.name).exists():
+            if pid is None and self.unverifiable(process.name) is not None:
+                unverified.append(process.name)
+            elif pid is None and self.pid_file(process.name).exists():
                 status, crashed = "DOWN (exited)", [*crashed, process.name]
             metrics = f"http://{process.metrics_address}/metrics" if process.metrics_address else "-"
             rows.append((process.name, process.address, str(pid or "-"), status, f"{latency:.1f} ms", metrics))
@@ -286,6 +324,8 @@ class Supervisor:
         for name in crashed:
             print(f"\n{name} exited; last lines of {self.log_file(name)} ('make serve' restarts it):", file=self.out)
             print(tail(self.log_file(name), 10), file=self.out)
+        for name in unverified:
+            self.warn_unverifiable(name)
         return ExitCode.OK if all(row[3] == "SERVING" for row in rows[1:]) else ExitCode.UNHEALTHY
 
     def stop(self) -> int:
@@ -293,22 +333,30 @@ class Supervisor:
         # Every replica a pid file may exist for, also ones a smaller ``replicas`` no longer names.
         names = [replica_name(name, index) for name in self.config.services for index in range(MAX_REPLICAS)]
         names.append(LLM_NAME)
-        targets = {name: pid for name in names if (pid := self.read_pid(name)) is not None}
-        for pid in targets.values():
-            signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.mesh.shutdown_grace_s + 3.0
-        while time.monotonic() < deadline and any(pid_alive(pid) for pid in targets.values()):
-            time.sleep(POLL_INTERVAL_S)
-        for name, pid in targets.items():
-            if pid_alive(pid):
-                print(f"{name}: did not stop in time, killing pid {pid}", file=self.out)
-                signal_group(pid, signal.SIGKILL)
+        targets: dict[str, PidRecord] = {}
         for name in names:
-            self.pid_file(name).unlink(missing_ok=True)
-        for name, pid in targets.items():
-            print(f"{name}: stopped (pid {pid})", file=self.out)
+            record = self.read_record(name)
+            if record is not None and process_matches(record, service_of(name)):
+                targets[name] = record
+        kept = {name for name in names if self.unverifiable(name) is not None}  # its warning repeats until it ends
+        for name in sorted(kept):
+            self.warn_unverifiable(name)
+        for record in targets.values():
+            signal_group(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.mesh.shutdown_grace_s + 3.0
+        while time.monotonic() < deadline and any(same_process_alive(record) for record in targets.values()):
+            time.sleep(POLL_INTERVAL_S)
+        for name, record in targets.items():
+            if same_process_alive(record):  # not a newcomer that took the pid while we waited
+                print(f"{name}: did not stop in time, killing pid {record.pid}", file=self.out)
+                signal_group(record.pid, signal.SIGKILL)
+        for name in names:
+            if name not in kept:
+                self.pid_file(name).unlink(missing_ok=True)
+        for name, record in targets.items():
+            print(f"{name}: stopped (pid {record.pid})", file=self.out)
         if not targets:
-            print("nothing running", file=self.out)
+            print("nothing running" + (" that this supervisor can verify" if kept else ""), file=self.out)
         return ExitCode.OK
 
 
@@ -337,14 +385,50 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def process_matches(pid: int, name: str) -> bool:
-    """Whether ``pid`` is alive and its command line is the one we start for ``name`` (guards pid reuse)."""
-    if not pid_alive(pid):
+@dataclass(frozen=True)
+class PidRecord:
+    """A pid file's content: the pid, and the process's start time (None in an older pid file)."""
+
+    pid: int
+    start_time: int | None
+
+
+def parse_pid_file(text: str) -> PidRecord | None:
+    """``<pid> <start time>`` (or an older ``<pid>``); None for anything else."""
+    fields = text.split()
+    if not 1 <= len(fields) <= 2 or not all(field.isdigit() for field in fields):
+        return None
+    return PidRecord(int(fields[0]), int(fields[1]) if len(fields) == 2 else None)
+
+
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if unreadable.
+
+    The command name (field 2) may hold spaces and parentheses, so fields are counted after its last ")".
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            after_name = stat.read().rsplit(")", 1)[1].split()
+        return int(after_name[19])  # after_name[0] is field 3
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def same_process_alive(record: PidRecord) -> bool:
+    """Whether the recorded process itself still runs (a reused pid has another start time)."""
+    if record.start_time is None or not pid_alive(record.pid):
+        return False
+    return process_start_time(record.pid) == record.start_time
+
+
+def process_matches(record: PidRecord, name: str) -> bool:
+    """Whether the recorded process still runs: same pid, same start time, and our command line for ``name``."""
+    if not same_process_alive(record):
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return True  # no /proc: trust the pid file
+        return False
     module = b"llama_cpp.server" if name == LLM_NAME else f"servers.{name}".encode()
     return module in cmdline
 
@@ -439,11 +523,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ContractError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    if args.command == "serve":
-        return supervisor.serve(llm=args.llm == "on")
-    if args.command == "status":
-        return supervisor.status()
-    return supervisor.stop()
+    try:
+        if args.command == "serve":
+            return supervisor.serve(llm=args.llm == "on")
+        if args.command == "status":
+            return supervisor.status()
+        return supervisor.stop()
+    except CredentialsError as exc:  # e.g. 'make status' before any 'make serve' made the dev certificates
+        print(f"error: credentials: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
 
 
 if __name__ == "__main__":

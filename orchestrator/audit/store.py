@@ -262,6 +262,35 @@ class AuditStore:
 
         await self._in_writer(work, f"finish session {session_id}")
 
+    async def settle_session(
+        self, session_id: str, status: str, error: str, end_time: str, owner: tuple[int, str], event: EventRow
+    ) -> bool:
+        """Record the end a session's own process could not write; return whether the row was still waiting for it.
+
+        Only a row still ``active`` and owned by ``owner`` (pid, host) is
+        changed: one resumed or finished since then is left as it is. The
+        ``event`` is recorded with it, in the same transaction.
+        """
+
+        def work() -> bool:
+            pid, host = owner
+            with self.database.atomic():
+                updated = (
+                    SessionRecord.update(status=status, end_time=end_time, error=error)
+                    .where(
+                        (SessionRecord.session_id == session_id)
+                        & (SessionRecord.status == SessionStatus.ACTIVE)
+                        & (SessionRecord.pid == pid)
+                        & (SessionRecord.host == host)
+                    )
+                    .execute()
+                )
+                if updated == 1:
+                    EventRecord.insert({"session": session_id, **asdict(event)}).execute()
+            return int(updated) == 1
+
+        return await self._in_writer(work, f"record the end of session {session_id}")
+
     async def session_state(self, session_id: str) -> tuple[dict[str, Any], list[tuple[int, str, str, str, str]]]:
         """Read the ``sessions`` row and ``(turn_id, agent_name, agent_role, message, status)`` in turn order.
 

@@ -25,13 +25,14 @@ from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
 from heist_common.telemetry import Telemetry, setup_tracing
-from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus
+from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import CIRCUIT_OPEN, HealthResult, ServiceClients
 from orchestrator.output.export import SessionFiles, write_session_files
 from orchestrator.session.health import check_health
 from orchestrator.session.resume import ResumePoint, prepare_resume
 from orchestrator.session.schedule import iter_schedule
+from orchestrator.session.unrecorded import record_later, settle_unrecorded, unrecorded_dir
 from orchestrator.tracing import rpc_service, turn_scope
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
 from orchestrator.turn.turn import Turn
@@ -160,6 +161,8 @@ class SessionResult:
     """A resumed session's turns from earlier runs (``turns`` holds this run's only)."""
     unusable: list[UnusableService] = field(default_factory=list)
     """Why a session ended ``degraded`` (``unusable_services``); empty otherwise."""
+    settled: list[str] = field(default_factory=list)
+    """Earlier sessions whose end the database had missed, recorded when this run opened it."""
 
     @property
     def tool_calls_ok(self) -> int:
@@ -325,8 +328,10 @@ class SessionRunner:
         result.status, result.exit_code, result.error = status, exit_code, error
         try:
             await self.context.audit.finish_session(self.session_id, status, error)
-        except AuditError as exc:
+        except SessionTakenOverError as exc:
             return self._failed(result, f"{error}; {exc}" if error else str(exc))
+        except AuditError as exc:
+            return self._failed(result, self._keep_end(status, error, exc))
         if self.options.export and status != SessionStatus.INTERRUPTED:
             out_dir = self.options.export_dir or self.config.sessions_dir
             failure: str | None = None
@@ -349,6 +354,22 @@ class SessionRunner:
 
     def _write_files(self, out_dir: Path) -> SessionFiles:
         return write_session_files(self.context.audit.read_session_log(self.session_id), out_dir)
+
+    def _keep_end(self, status: str, error: str | None, exc: AuditError) -> str:
+        """Keep the end the database missed for the next run or resume; return the error saying so."""
+        ended = "" if status == SessionStatus.FAILED else f" ({status})"
+        message = f"{error + '; ' if error else ''}the session's end{ended} could not be recorded: {exc}"
+        try:
+            kept = record_later(
+                unrecorded_dir(self.config.mesh.run_dir), self.context.audit, self.session_id, SessionStatus.FAILED,
+                message,
+            )  # fmt: skip
+        except OSError as file_error:
+            return (
+                f"{message}; nor kept for later ({file_error.strerror or file_error}): the session stays active "
+                "until 'orchestrator resume' takes it over as stale"
+            )
+        return f"{message}; kept in {kept}, recorded as failed by the next 'orchestrator run' or 'resume' on it"
 
     @staticmethod
     def _failed(result: SessionResult, error: str) -> SessionResult:
@@ -401,12 +422,15 @@ async def _open_and_run(
     """Open everything, run the session (new or resumed: one path for both), close everything."""
     audit = AuditStore.open(config.database.url)
     point: ResumePoint | None = None
-    if resume_id is not None:
-        try:
+    try:
+        # Before anything else: a resume of such a session then sees how it really ended.
+        settled = await settle_unrecorded(audit, unrecorded_dir(config.mesh.run_dir))
+        if resume_id is not None:
             point = await prepare_resume(audit, config, resume_id)
-        except BaseException:
-            await asyncio.get_running_loop().run_in_executor(None, audit.close)
-            raise
+    except BaseException:
+        await asyncio.get_running_loop().run_in_executor(None, audit.close)
+        raise
+    if point is not None:
         if on_resume is not None:
             on_resume(point)
         config, options = _resumed(config, options, point)
@@ -415,7 +439,9 @@ async def _open_and_run(
     llm = LLMClient(config.llm)
     try:
         runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
-        return await runner.run()
+        result = await runner.run()
+        result.settled = settled
+        return result
     finally:
         await asyncio.shield(_close(clients, llm, audit, telemetry))
 

@@ -132,6 +132,9 @@ class InProcessStore:
     async def close(self) -> None:
         """Nothing to release."""
 
+    async def ping(self) -> None:
+        """Return at once: a store in this process is reachable while the process runs."""
+
     def totals(self) -> tuple[int, int, int] | None:
         """Return (memories, bytes, sessions), read without a lock (a scrape may be one call behind)."""
         return self._total, self._total_bytes, len(self._sessions)

@@ -5,19 +5,31 @@ atomic even with several memory replicas writing to one Redis. Keys carry the
 session (``heist:mem:s:<session>:...``); a sorted set of sessions by last use
 drives the idle-session expiry, and every session key also gets a Redis TTL of
 twice the idle time as a backstop when no memory service is running.
+
+When Redis cannot be reached every call raises ``StoreUnavailable`` (the
+servicer answers UNAVAILABLE, which callers retry) after at most one retry on
+a fresh connection, so an outage costs a caller one refused call, not a wait.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis as redis_sync
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from heist_common.config import redact_url
 from servers.memory.limits import Limits
-from servers.memory.store import SWEEP_INTERVAL_S, QuotaError, StoreStats
+from servers.memory.store import PROBE_TIMEOUT_S, SWEEP_INTERVAL_S, QuotaError, StoreStats, StoreUnavailable
 
 PREFIX = "heist:mem"
 SESSIONS = f"{PREFIX}:sessions"
@@ -80,6 +92,11 @@ return removed
 """
 
 
+RETRIES = 1
+"""A call is retried once on a new connection: enough for a pooled connection Redis closed when it restarted."""
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
 def _session_keys(session: str, agent: str = "") -> tuple[str, str, str]:
     base = f"{PREFIX}:s:{session}"
     return f"{base}:a:{agent}", f"{base}:meta", f"{base}:agents"
@@ -89,14 +106,35 @@ class RedisStore:
     """The memory store on one Redis database (``redis://host:port/db``)."""
 
     def __init__(self, url: str, limits: Limits, clock: Any = time.time) -> None:
-        self._client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), retries=RETRIES)
+        self._client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0, retry=retry
+        )
         self._url = url
+        self._where = redact_url(url)
         self._metrics_client: redis_sync.Redis | None = None
         self._limits = limits
         self._clock = clock
         self._store = self._client.register_script(STORE)
         self._forget = self._client.register_script(FORGET)
         self._swept_at = 0.0
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn "cannot reach Redis" into StoreUnavailable, saying where and why (no traceback for an outage)."""
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise StoreUnavailable(f"the memory store (Redis at {self._where}) is unreachable: {reason}") from None
+
+    async def ping(self) -> None:
+        """Return if Redis answers PING within ``PROBE_TIMEOUT_S``; StoreUnavailable otherwise."""
+        with self._reachable():
+            try:
+                await asyncio.wait_for(self._client.ping(), PROBE_TIMEOUT_S)
+            except TimeoutError:
+                raise RedisTimeoutError(f"no answer to PING within {PROBE_TIMEOUT_S:g} s") from None
 
     async def _sweep(self) -> None:
         """Forget sessions idle longer than ``idle_session_ttl_s`` (at most once a second per replica)."""
@@ -113,6 +151,10 @@ class RedisStore:
 
     async def store(self, session: str, agent: str, turn: int, message: str, size: int) -> int:
         """Store (or replace) one turn's message; QuotaError when a quota would be exceeded."""
+        with self._reachable():
+            return await self._store_one(session, agent, turn, message, size)
+
+    async def _store_one(self, session: str, agent: str, turn: int, message: str, size: int) -> int:
         await self._sweep()
         limits = self._limits
         turns, meta, agents_of_session = _session_keys(session, agent)
@@ -133,23 +175,25 @@ class RedisStore:
 
     async def recent(self, session: str, agent: str, count: int) -> tuple[list[tuple[int, str]], int]:
         """Return the agent's last ``count`` (turn, message) pairs in turn order, and its total."""
-        await self._sweep()
-        await self._touch(session)
-        stored = await self._client.hgetall(_session_keys(session, agent)[0])  # decode_responses: str keys and values
+        with self._reachable():
+            await self._sweep()
+            await self._touch(session)
+            stored = await self._client.hgetall(_session_keys(session, agent)[0])  # decode_responses: str values
         turns = sorted((int(turn), str(message)) for turn, message in stored.items())
         return turns[-count:], len(turns)
 
     async def stats(self, session: str) -> StoreStats:
         """Return global counts plus those of ``session``."""
-        await self._sweep()
         _, meta, agents_of_session = _session_keys(session)
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hlen(AGENTS)
-            pipe.zcard(SESSIONS)
-            pipe.hget(TOTALS, "memories")
-            pipe.hget(meta, "count")
-            pipe.scard(agents_of_session)
-            agents, sessions, memories, session_memories, session_agents = await pipe.execute()
+        with self._reachable():
+            await self._sweep()
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hlen(AGENTS)
+                pipe.zcard(SESSIONS)
+                pipe.hget(TOTALS, "memories")
+                pipe.hget(meta, "count")
+                pipe.scard(agents_of_session)
+                agents, sessions, memories, session_memories, session_agents = await pipe.execute()
         return StoreStats(
             agents=int(agents),
             sessions=int(sessions),
@@ -160,13 +204,15 @@ class RedisStore:
 
     async def clear_session(self, session: str) -> int:
         """Forget one session; return how many memories were removed."""
-        return int(await self._forget(keys=[SESSIONS, AGENTS, TOTALS], args=[session, PREFIX]))
+        with self._reachable():
+            return int(await self._forget(keys=[SESSIONS, AGENTS, TOTALS], args=[session, PREFIX]))
 
     async def clear_all(self) -> int:
         """Forget every session; return how many memories were removed."""
         removed = 0
-        for session in await self._client.zrange(SESSIONS, 0, -1):
-            removed += int(await self._forget(keys=[SESSIONS, AGENTS, TOTALS], args=[str(session), PREFIX]))
+        with self._reachable():
+            for session in await self._client.zrange(SESSIONS, 0, -1):
+                removed += int(await self._forget(keys=[SESSIONS, AGENTS, TOTALS], args=[str(session), PREFIX]))
         return removed
 
     async def close(self) -> None:

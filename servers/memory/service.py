@@ -5,12 +5,16 @@ sits on every agent turn. The store is in this process by default (each call
 costs microseconds) or Redis (``services.memory.store: redis://...``), which
 keeps no session state in the process, so replicas share it and a restart loses
 nothing; both enforce the same quotas (``servers.memory.local_store``).
+
+The server's grpc.health.v1 status follows the store: NOT_SERVING while Redis
+cannot be reached (a PING every ``PROBE_INTERVAL_S``), SERVING again when it
+answers; calls meanwhile fail UNAVAILABLE with the reason, which callers retry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from heist.memory.v1 import memory_pb2, memory_pb2_grpc
@@ -21,15 +25,15 @@ from prometheus_client.registry import Collector
 from heist_common.config import HeistConfig
 from servers.memory.limits import Limits
 from servers.memory.local_store import InProcessStore
-from servers.memory.store import MemoryStore, QuotaError
-from servers.runtime.lifecycle import ServiceDefinition
+from servers.memory.store import PROBE_INTERVAL_S, MemoryStore, QuotaError, StoreUnavailable
+from servers.runtime.lifecycle import HealthProbe, ServiceDefinition
 from servers.runtime.middleware import CALLER, session_id
 
 TRUNCATION_MARK = "..."
 ADMIN_SCOPE = "memory:admin"
 """Reads and wipes any session; never granted to agents (the dev config gives it to the grpcurl client)."""
 
-
+T = TypeVar("T")
 
 
 def compress(memories: list[tuple[int, str]], max_chars: int) -> str:
@@ -87,6 +91,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             )
         return session
 
+    @staticmethod
+    async def _reach(work: Awaitable[T], context: grpc.aio.ServicerContext[Any, Any]) -> T:
+        """Await a store call; an unreachable store is UNAVAILABLE with its reason (retryable, not INTERNAL)."""
+        try:
+            return await work
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise  # abort raises; this line only tells the type checker
+
     async def _check_agent(self, agent_name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if not agent_name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_name is required")
@@ -113,7 +126,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"message is larger than the limit of {limit} bytes"
             )
         try:
-            count = await self._store.store(session, request.agent_name, request.turn_id, message, size)
+            count = await self._reach(
+                self._store.store(session, request.agent_name, request.turn_id, message, size), context
+            )
         except QuotaError as exc:
             self.quota_refusals.inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -136,7 +151,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             )
         count = request.recent_count or self._limits.default_recent_count
         max_chars = request.max_chars or self._limits.default_max_chars
-        memories, total = await self._store.recent(session, request.agent_name, count)
+        memories, total = await self._reach(self._store.recent(session, request.agent_name, count), context)
         return memory_pb2.GetCompressedMemoryResponse(
             summary=compress(memories, max_chars), included_count=len(memories), total_count=total
         )
@@ -145,7 +160,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self, request: memory_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> memory_pb2.GetStatsResponse:
         """Return global and calling-session counts."""
-        stats = await self._store.stats(await self._require_session(context))
+        stats = await self._reach(self._store.stats(await self._require_session(context)), context)
         return memory_pb2.GetStatsResponse(**stats._asdict())
 
     async def ClearMemories(
@@ -158,9 +173,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"clearing every session needs the {ADMIN_SCOPE!r} scope"
                 )
-            return memory_pb2.ClearMemoriesResponse(cleared=await self._store.clear_all())
+            return memory_pb2.ClearMemoriesResponse(cleared=await self._reach(self._store.clear_all(), context))
         session = await self._require_session(context)
-        return memory_pb2.ClearMemoriesResponse(cleared=await self._store.clear_session(session))
+        cleared = await self._reach(self._store.clear_session(session), context)
+        return memory_pb2.ClearMemoriesResponse(cleared=cleared)
 
 
 def open_store(url: str | None, limits: Limits) -> MemoryStore:
@@ -172,9 +188,29 @@ def open_store(url: str | None, limits: Limits) -> MemoryStore:
     return RedisStore(url, limits)
 
 
+def store_probe(store: MemoryStore) -> Callable[[], Awaitable[str | None]]:
+    """Return the server's health probe: None while the store answers, else why it does not."""
+
+    async def probe() -> str | None:
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            return str(exc)
+        return None
+
+    return probe
+
+
 def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition:
     """Build the memory servicer on the configured store (``services.memory.store``; unset: in this process)."""
-    store = open_store(config.service("memory").store, limits)
+    url = config.service("memory").store
+    store = open_store(url, limits)
     servicer = MemoryServicer(limits, store)
-    return ServiceDefinition("memory", servicer, on_stop=store.close, collectors=servicer.collectors)
+    return ServiceDefinition(
+        "memory",
+        servicer,
+        on_stop=store.close,
+        collectors=servicer.collectors,
+        health_probe=HealthProbe(store_probe(store), PROBE_INTERVAL_S) if url is not None else None,
+    )
 

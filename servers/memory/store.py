@@ -1,4 +1,4 @@
-"""What the memory servicer needs from a store, whichever it has: the protocol, its stats and its quota error."""
+"""What the memory servicer needs from a store, whichever it has: the protocol, its stats and its errors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from typing import NamedTuple, Protocol
 
 SWEEP_INTERVAL_S = 1.0
 """Idle sessions are looked for at most this often."""
+PROBE_INTERVAL_S = 1.0
+"""How often the server asks its store whether it is reachable (grpc.health.v1 follows the answer)."""
+PROBE_TIMEOUT_S = 0.5
+"""A store that does not answer a probe within this is unreachable (a hung Redis, not only a dead one)."""
 
 
 class StoreStats(NamedTuple):
@@ -39,6 +43,9 @@ class MemoryStore(Protocol):
     async def close(self) -> None:
         """Release connections."""
 
+    async def ping(self) -> None:
+        """Return if the store answers now; StoreUnavailable (saying why) if it does not."""
+
     def totals(self) -> tuple[int, int, int] | None:
         """Return (memories, bytes, sessions) over every session, for metrics; None if they cannot be read now.
 
@@ -48,3 +55,7 @@ class MemoryStore(Protocol):
 
 class QuotaError(Exception):
     """Storing would exceed a quota; the message says which."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (Redis down or hung); the message says where and why. Worth retrying."""

@@ -5,7 +5,9 @@ its ``limits`` section with the module's own ``Limits`` model, and serves its
 servicer with what every service gets alike: grpc.health.v1 (NOT_SERVING until
 started and again while draining), server reflection (so grpcurl needs no
 .proto files), the per-call middleware (``servers.runtime.middleware``), and
-SIGTERM/SIGINT handling with a grace period. ``main`` is the process entry point
+SIGTERM/SIGINT handling with a grace period. A service that depends on
+something outside its process (the memory service on Redis) hands in a
+``HealthProbe``: its health follows the probe while it runs. ``main`` is the process entry point
 behind ``python -m servers.<name>``. When ``services.<name>.metrics_address`` is
 set, the server also serves Prometheus metrics there (``servers.runtime.metrics``); when
 the standard ``OTEL_EXPORTER_OTLP_*`` variables are set, it exports a span per
@@ -69,6 +71,20 @@ class Limits(BaseModel):
 
 
 @dataclass(frozen=True)
+class HealthProbe:
+    """A service's own readiness check, run every ``interval_s`` while it serves.
+
+    ``check`` returns None when the service can do its work, else why not (one
+    line, logged when the status changes). grpc.health.v1 reports NOT_SERVING
+    while it fails, and Watch subscribers hear of every change. A check that
+    takes longer than ``interval_s`` counts as failed.
+    """
+
+    check: Callable[[], Awaitable[str | None]]
+    interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class ServiceDefinition:
     """What a service module hands the lifecycle: its servicer, and what to do after the server stopped."""
 
@@ -78,6 +94,8 @@ class ServiceDefinition:
     collectors: tuple[Any, ...] = field(default=())
     """The service's own Prometheus metrics (``prometheus_client`` collectors, created with ``registry=None``);
     registered beside the gRPC series when the server has a metrics address."""
+    health_probe: HealthProbe | None = None
+    """What grpc.health.v1 follows beyond "the process listens" (None: SERVING while it runs)."""
 
     @property
     def contract(self) -> ServiceContract:
@@ -126,6 +144,7 @@ class RunningServer:
     definition: ServiceDefinition
     metrics: MetricsEndpoint | None = None
     telemetry: Telemetry = field(default_factory=Telemetry)
+    prober: asyncio.Task[None] | None = None
     _stopped: bool = dataclasses.field(default=False, repr=False)
 
     @property
@@ -135,6 +154,8 @@ class RunningServer:
 
     async def drain(self) -> None:
         """Report NOT_SERVING to health checks and watchers (load balancers stop sending calls)."""
+        if self.prober is not None:
+            self.prober.cancel()
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float = 0.5) -> None:
@@ -171,6 +192,40 @@ def register_servicer(contract: ServiceContract, servicer: object, server: Any) 
         contract.add_servicer(servicer, server)
     else:
         guarded_registration(contract.descriptor)(servicer, server)
+
+
+async def run_probe(name: str, probe: HealthProbe) -> str | None:
+    """One probe, bounded by its interval; None if healthy, else why not."""
+    try:
+        return await asyncio.wait_for(probe.check(), probe.interval_s)
+    except TimeoutError:
+        return f"its health probe did not answer within {probe.interval_s:g} s"
+    except Exception as exc:  # a broken probe makes the service unhealthy, it does not stop the probing
+        log.error("%s: health probe failed: %s: %s", name, type(exc).__name__, exc)
+        return f"its health probe failed: {type(exc).__name__}"
+
+
+async def set_health(health: HealthServicer, services: Sequence[str], reason: str | None) -> None:
+    """Set SERVING (reason None) or NOT_SERVING for every name the server answers health checks for."""
+    for service in services:
+        await health.set(service, SERVING if reason is None else NOT_SERVING)
+
+
+async def follow_probe(
+    name: str, probe: HealthProbe, health: HealthServicer, services: Sequence[str], reason: str | None
+) -> None:
+    """Probe every ``interval_s`` and move health along; ``reason`` is the status already set (None: SERVING)."""
+    while True:
+        await asyncio.sleep(probe.interval_s)
+        now = await run_probe(name, probe)
+        if (now is None) == (reason is None):
+            continue
+        await set_health(health, services, now)
+        if now is None:
+            log.info("%s: SERVING again: its health probe passes", name)
+        else:
+            log.warning("%s: NOT_SERVING: %s", name, now)
+        reason = now
 
 
 def server_options(bounds: ServerConfig) -> list[tuple[str, int]]:
@@ -263,8 +318,16 @@ async def start(
         raise OSError(f"{definition.name}: {exc}") from None
     await server.start()
     access_log.start()
-    for service in ("", contract.full_name):
-        await health.set(service, SERVING)
+    services = ("", contract.full_name)
+    prober = None
+    reason = None
+    if definition.health_probe is not None:
+        reason = await run_probe(definition.name, definition.health_probe)
+        if reason is not None:
+            log.warning("%s: NOT_SERVING: %s", definition.name, reason)
+        follow = follow_probe(definition.name, definition.health_probe, health, services, reason)
+        prober = asyncio.get_running_loop().create_task(follow, name=f"{definition.name}-health-probe")
+    await set_health(health, services, reason)
     bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     log.info("%s listening on %s (%s)", definition.name, bound, config.security.transport)
     if endpoint is not None:
@@ -272,7 +335,7 @@ async def start(
     if telemetry.enabled:
         log.info("%s exports spans over OTLP", definition.name)
     return RunningServer(
-        definition.name, bound, port, server, health, access_log, definition, endpoint, telemetry
+        definition.name, bound, port, server, health, access_log, definition, endpoint, telemetry, prober
     )
 
 

@@ -209,3 +209,17 @@ def test_copies_keep_their_source_file(tmp_path: Path) -> None:
     moved = config.with_service_address("memory", "127.0.0.1:7")
     assert moved.service("memory").address == "127.0.0.1:7" and config.service("memory").address != "127.0.0.1:7"
     assert moved.config_path == config.config_path == (tmp_path / "heist.yaml").resolve()
+
+
+def test_redact_urls_hides_only_passwords_in_a_message() -> None:
+    from heist_common.config import redact_urls
+
+    message = (
+        "audit database postgresql://bob@db:5432/heist: cannot write a turn: gone; "
+        "audit database postgresql://bob:hunter2@db:5432/heist: cannot finish: refused; redis://:pw@cache:6379/0"
+    )
+    assert redact_urls(message) == (
+        "audit database postgresql://bob@db:5432/heist: cannot write a turn: gone; "
+        "audit database postgresql://bob:***@db:5432/heist: cannot finish: refused; redis://:***@cache:6379/0"
+    )
+    assert redact_urls("http://127.0.0.1:9/v1 and sqlite:////tmp/a.db") == "http://127.0.0.1:9/v1 and sqlite:////tmp/a.db"

@@ -261,3 +261,35 @@ async def test_with_redis_a_restart_loses_nothing(tmp_path, redis_url):
         assert summary.summary == "Turn 1: kept"
     finally:
         await mesh.stop_all()
+
+
+async def test_redis_unreachable_at_start_is_not_serving_and_every_call_unavailable(tmp_path, caplog):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.support.ports import free_port
+
+    config = load_config(write_heist_config(tmp_path, memory_store=f"redis://127.0.0.1:{free_port()}/0"))
+    mesh = InProcessMesh(config)
+    try:
+        channel = await mesh.channel("memory")
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "heist.memory.v1.MemoryService"):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = memory_pb2_grpc.MemoryServiceStub(channel)
+        metadata = mesh.session_auth("heist_no_redis")
+        calls = [
+            stub.StoreMemory(store(turn=1, message="x"), metadata=metadata),
+            stub.GetCompressedMemory(pb.GetCompressedMemoryRequest(agent_name="planner"), metadata=metadata),
+            stub.GetStats(pb.GetStatsRequest(), metadata=metadata),
+            stub.ClearMemories(pb.ClearMemoriesRequest(), metadata=metadata),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "memory store (Redis at" in refused.value.details()
+        assert not [record for record in caplog.records if record.exc_info], "an outage is no traceback"
+        assert "memory: NOT_SERVING: the memory store (Redis at" in caplog.text
+    finally:
+        await mesh.stop_all()

@@ -134,6 +134,18 @@ class PostgresCluster:
         if restarted.returncode != 0:
             raise RuntimeError(f"pg_ctl restart failed:\n{restarted.stdout}{restarted.stderr}\n{self.log()}")
 
+    def halt(self) -> None:
+        """Stop the server (fast: open connections are cut) but keep its data, for ``start_again``."""
+        stopped = self._pg_ctl("stop")
+        if stopped.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed:\n{stopped.stdout}{stopped.stderr}\n{self.log()}")
+
+    def start_again(self) -> None:
+        """Start a halted server on the same port, with its data."""
+        started = self._pg_ctl("start")
+        if started.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed:\n{started.stdout}{started.stderr}\n{self.log()}")
+
     def log(self) -> str:
         """The server's log (empty before the first start)."""
         path = self.root / "server.log" if self.root is not None else None

@@ -51,15 +51,15 @@ __all__ = [
     "CERT_FILE_ENV",
     "CLIENT_IDENTITIES",
     "KEY_FILE_ENV",
+    "SERVICE_DOMAIN",
     "TlsMaterial",
     "aio_channel",
     "channel_credentials",
     "client_material",
     "mtls",
-    "SERVICE_DOMAIN",
-    "server_name",
     "server_credentials",
     "server_material",
+    "server_name",
     "ssl_client_context",
     "sync_channel",
     "tls_dir",
@@ -75,9 +75,10 @@ SERVICE_DOMAIN = "heist.internal"
 
 
 def server_name(service: str) -> str:
-    """The name ``service``'s certificate carries and its clients expect (``file_reader`` -> ``file-reader.heist.internal``).
+    """Return the name ``service``'s certificate carries and its clients expect.
 
-    Underscores become hyphens: a DNS label may not have them, and TLS name checks follow DNS rules.
+    ``file_reader`` -> ``file-reader.heist.internal``. Underscores become hyphens:
+    a DNS label may not have them, and TLS name checks follow DNS rules.
     """
     return f"{service.replace('_', '-')}.{SERVICE_DOMAIN}"
 

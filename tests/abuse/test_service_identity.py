@@ -48,7 +48,7 @@ class RecordingOAuth(oauth_pb2_grpc.OAuthServiceServicer):
     def __init__(self) -> None:
         self.requests: list[oauth_pb2.IssueTokenRequest] = []
 
-    async def IssueToken(  # noqa: N802 (the gRPC method name)
+    async def IssueToken(
         self, request: oauth_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext
     ) -> oauth_pb2.IssueTokenResponse:
         self.requests.append(request)

@@ -39,7 +39,7 @@ STOP_GRACE_S = 5.0
 
 
 def health_status(config: HeistConfig, name: str, address: str, timeout_s: float = 0.3, grpc_service: str = "") -> str:
-    """grpc.health.v1 status of service ``name`` at ``address`` for ``grpc_service`` ("DOWN" when it does not answer)."""
+    """grpc.health.v1 status of service ``name`` at ``address`` for ``grpc_service`` (DOWN when nothing answers)."""
     with channels.channel(config, name, address) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(

@@ -126,12 +126,14 @@ def test_wrong_scope_is_permission_denied_and_no_token_is_unauthenticated(mesh):
 
 
 def readme_recipe() -> str:
-    """The bash block of the "Probing with grpcurl" section, in the README or the docs page it moved to."""
+    """The bash blocks of the "Probing with grpcurl" section, in the README or the docs page it moved to, in order."""
     for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]:
-        found = re.search(r"^#+ Probing with grpcurl\n.*?^```bash\n(.*?)^```", path.read_text(), re.S | re.M)
-        if found:
-            return found.group(1)
-    raise AssertionError("no 'Probing with grpcurl' section with a bash block in README.md or docs/")
+        section = re.search(r"^(#+) Probing with grpcurl\n(.*?)(?=^\1 |\Z)", path.read_text(), re.S | re.M)
+        if section:
+            blocks = re.findall(r"^```bash\n(.*?)^```", section.group(2), re.S | re.M)
+            assert blocks, f"no bash block in 'Probing with grpcurl' of {path}"
+            return "\n".join(blocks)
+    raise AssertionError("no 'Probing with grpcurl' section in README.md or docs/")
 
 
 def recipe_for(mesh: Mesh, work: Path) -> str:

@@ -14,6 +14,10 @@ LLM ?= on
 ARGS ?=
 # Extra arguments for pytest, e.g. PYTEST_ARGS="-k memory -x".
 PYTEST_ARGS ?=
+# `make token`: the OAuth client, its scopes (space-separated) and an optional session the token is bound to.
+CLIENT ?= grpcurl
+SCOPES ?= calculator:use
+SESSION ?=
 
 PROTOS := $(shell find protos -name '*.proto' | sort)
 DEPS_STAMP := $(VENV)/.deps-installed
@@ -30,7 +34,7 @@ LLAMA_WHEEL_DIR ?= $(HOME)/.cache/heist-mesh/wheels/llama-cpp-python-$(LLAMA_VER
 INSTALL_STAMP := $(VENV)/.project-installed
 GENERATED := generated/heist/__init__.py
 
-.PHONY: system-deps llama-wheel help install protos docs serve stop status run test drills bench bench-mesh bench-metrics bench-smoke eval lint clean
+.PHONY: system-deps llama-wheel help install protos docs serve stop status token run test drills bench bench-mesh bench-metrics bench-smoke eval lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -93,6 +97,9 @@ stop: ## Stop every service started by `make serve` (graceful, idempotent)
 
 status: install ## Health table of every service
 	$(PY) -m servers.supervisor status --config $(CONFIG)
+
+token: install ## Print an OAuth token for CLIENT (default grpcurl) with SCOPES, bound to SESSION if given; the secret never goes on a command line
+	@$(PY) -m orchestrator.cli --config $(CONFIG) token --client $(CLIENT) $(foreach scope,$(SCOPES),--scope $(scope)) $(if $(SESSION),--session $(SESSION))
 
 run: install ## Serve everything and run one heist on the embedded model, then print the summary and the report's path
 	$(MAKE) --no-print-directory serve CONFIG=$(CONFIG) LLM=on

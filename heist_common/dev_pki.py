@@ -21,13 +21,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from heist_common.config import HeistConfig
 from heist_common.credentials import CredentialsError, write_private
-from heist_common.tls import CLIENT_IDENTITIES, tls_dir
+from heist_common.tls import CLIENT_IDENTITIES, server_name, tls_dir
 
 __all__ = ["ensure_dev_pki", "issue_certificate", "load_ca", "new_ca", "server_names"]
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 LEAF_VALIDITY = datetime.timedelta(days=365)
-LOCAL_NAMES = ("localhost", "127.0.0.1")
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -126,24 +125,29 @@ def load_ca(config: HeistConfig) -> tuple[x509.Certificate, ec.EllipticCurvePriv
     return cert, key
 
 
-def server_names(config: HeistConfig, service: str) -> list[str]:
-    """SANs of a service's certificate: its configured host, the loopback names and the service name."""
-    host = config.service(service).host
-    names = [*LOCAL_NAMES, service]
-    if host not in ("0.0.0.0", "::", ""):
-        names.insert(0, host)
-    return names
+def server_names(service: str) -> list[str]:
+    """SANs of a service's certificate: its own name only (``heist_common.tls.server_name``).
+
+    No address and no ``localhost``: every service runs on the same hosts, so a
+    name they share would let any service's certificate pass for any other.
+    """
+    return [server_name(service)]
 
 
-def _covers(cert_path: Path, names: Sequence[str]) -> bool:
-    """Whether an existing server certificate still names every host it must (the config may have moved it)."""
+def _names_exactly(cert_path: Path, names: Sequence[str]) -> bool:
+    """Whether an existing server certificate carries exactly ``names``.
+
+    A certificate from an older version (SANs ``127.0.0.1``, ``localhost``...,
+    which every service shared) or for a renamed service fails this and is
+    reissued by our own CA on the next start.
+    """
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
     have = {str(v) for v in sans.get_values_for_type(x509.IPAddress)} | set(sans.get_values_for_type(x509.DNSName))
-    return set(names) <= have
+    return have == set(names)
 
 
 def ensure_dev_pki(config: HeistConfig) -> Path:
@@ -159,11 +163,11 @@ def ensure_dev_pki(config: HeistConfig) -> Path:
             if stale.name != "ca.crt":
                 stale.unlink()
     ca_cert, ca_key = load_ca(config)
-    leaves: dict[str, list[str]] = {name: server_names(config, name) for name in config.services}
+    leaves: dict[str, list[str]] = {name: server_names(name) for name in config.services}
     leaves.update({name: [] for name in CLIENT_IDENTITIES})
     for name, names in leaves.items():
         cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-        if cert_path.exists() and key_path.exists() and (not names or _covers(cert_path, names)):
+        if cert_path.exists() and key_path.exists() and (not names or _names_exactly(cert_path, names)):
             continue
         cert_pem, key_pem = issue_certificate(ca_cert, ca_key, name, server_names=names)
         write_private(key_path, key_pem)

@@ -11,14 +11,25 @@ Local development: ``heist_common.dev_pki.ensure_dev_pki`` (called by
 ``<run_dir>/credentials/tls/``:
 
 - ``ca.crt`` / ``ca.key``: the development CA (ECDSA P-256, 10 years)
-- ``<service>.crt`` / ``<service>.key``: one server certificate per service, with
-  SANs for its configured host, ``localhost``, ``127.0.0.1`` and the service name
+- ``<service>.crt`` / ``<service>.key``: one server certificate per service, whose
+  only SAN is the service's own name (``server_name``: ``file_reader`` ->
+  ``file-reader.heist.internal``)
 - ``orchestrator``, ``grpcurl``, ``supervisor`` ``.crt`` / ``.key``: client certificates
+
+Service identity: a certificate from the mesh CA is not enough, it must be the
+certificate of the service dialled. Every client names the service it calls
+(``service=`` below) and gRPC checks the server certificate against
+``server_name(service)`` (``grpc.ssl_target_name_override``), never against
+the address: otherwise any service's certificate (all of them are on the same
+hosts) would pass for any other, and a fake OAuth server with the file
+reader's certificate would receive the agents' client secrets.
 
 Production: mount your own and point at them; each variable wins over the files:
 
 - ``HEIST_TLS_CA_FILE``: CA bundle that peers' certificates must chain to
 - ``HEIST_TLS_CERT_FILE`` / ``HEIST_TLS_KEY_FILE``: this process's own certificate and key
+
+(a server's certificate must carry the DNS SAN ``server_name(service)``).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ __all__ = [
     "CERT_FILE_ENV",
     "CLIENT_IDENTITIES",
     "KEY_FILE_ENV",
+    "SERVICE_DOMAIN",
     "TlsMaterial",
     "aio_channel",
     "channel_credentials",
@@ -47,6 +59,7 @@ __all__ = [
     "mtls",
     "server_credentials",
     "server_material",
+    "server_name",
     "ssl_client_context",
     "sync_channel",
     "tls_dir",
@@ -57,6 +70,17 @@ CERT_FILE_ENV = "HEIST_TLS_CERT_FILE"
 KEY_FILE_ENV = "HEIST_TLS_KEY_FILE"
 CLIENT_IDENTITIES = ("orchestrator", "grpcurl", "supervisor")
 """Client certificates the dev PKI issues: the orchestrator, grpcurl by hand, ``make serve/status`` probes."""
+SERVICE_DOMAIN = "heist.internal"
+"""DNS suffix of the names services' certificates carry; never resolved, only checked against the certificate."""
+
+
+def server_name(service: str) -> str:
+    """Return the name ``service``'s certificate carries and its clients expect.
+
+    ``file_reader`` -> ``file-reader.heist.internal``. Underscores become hyphens:
+    a DNS label may not have them, and TLS name checks follow DNS rules.
+    """
+    return f"{service.replace('_', '-')}.{SERVICE_DOMAIN}"
 
 
 @dataclass(frozen=True)
@@ -120,9 +144,8 @@ def channel_credentials(config: HeistConfig, identity: str = "orchestrator") -> 
     return grpc.ssl_channel_credentials(material.ca, material.key, material.cert)
 
 
-def _options(options: Sequence[tuple[str, Any]], server_name: str | None) -> list[tuple[str, Any]]:
-    extra = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return [*options, *extra]
+def _options(options: Sequence[tuple[str, Any]], service: str) -> list[tuple[str, Any]]:
+    return [*options, ("grpc.ssl_target_name_override", server_name(service))]
 
 
 def aio_channel(
@@ -130,18 +153,18 @@ def aio_channel(
     target: str,
     options: Sequence[tuple[str, Any]] = (),
     *,
+    service: str,
     identity: str = "orchestrator",
-    server_name: str | None = None,
 ) -> grpc.aio.Channel:
-    """Open an asyncio channel to ``target`` with the config's transport.
+    """Open an asyncio channel to ``service`` at ``target`` with the config's transport.
 
-    ``server_name`` is the name the server certificate must carry, needed when
-    ``target`` is not a plain ``host:port`` (a multi-address ``ipv4:`` list).
+    Under mTLS the server must present ``service``'s own certificate (``server_name``),
+    whatever address ``target`` names (a host, or a multi-address ``ipv4:`` list).
     """
     if not mtls(config):
         return grpc.aio.insecure_channel(target, options=list(options))
     creds = channel_credentials(config, identity)
-    return grpc.aio.secure_channel(target, creds, options=_options(options, server_name))
+    return grpc.aio.secure_channel(target, creds, options=_options(options, service))
 
 
 def sync_channel(
@@ -149,18 +172,22 @@ def sync_channel(
     target: str,
     options: Sequence[tuple[str, Any]] = (),
     *,
+    service: str,
     identity: str = "orchestrator",
-    server_name: str | None = None,
 ) -> grpc.Channel:
-    """Open a blocking channel to ``target`` with the config's transport (see ``aio_channel``)."""
+    """Open a blocking channel to ``service`` at ``target`` with the config's transport (see ``aio_channel``)."""
     if not mtls(config):
         return grpc.insecure_channel(target, options=list(options))
     creds = channel_credentials(config, identity)
-    return grpc.secure_channel(target, creds, options=_options(options, server_name))
+    return grpc.secure_channel(target, creds, options=_options(options, service))
 
 
 def ssl_client_context(config: HeistConfig, identity: str = "orchestrator") -> ssl.SSLContext:
-    """Build a Python ``ssl`` context for raw HTTP/2 clients (ALPN h2, mesh CA, client certificate)."""
+    """Build a Python ``ssl`` context for raw HTTP/2 clients (ALPN h2, mesh CA, client certificate).
+
+    Wrap sockets with ``server_hostname=server_name(service)``: the host name check is what ties the
+    certificate to the service.
+    """
     folder = tls_dir(config)
     cafile = os.environ.get(CA_FILE_ENV) or folder / "ca.crt"
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)

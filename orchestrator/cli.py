@@ -72,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="health table of every service", description="Check every service.")
     health.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
 
+    token = commands.add_parser(
+        "token",
+        help="print an OAuth access token",
+        description="Print an access token for an OAuth client (for grpcurl and other manual calls). The "
+        "client's secret is read from the credentials (clients.json, or HEIST_OAUTH_CLIENT_SECRET_<CLIENT_ID>), "
+        "never from the command line, where any local user could read it.",
+    )
+    token.add_argument("--client", default="grpcurl", help="OAuth client id (default: grpcurl)")
+    token.add_argument("--scope", dest="scopes", action="append", required=True, help="a scope to ask for (repeat)")
+    token.add_argument("--session", default="", help="bind the token to this session ID (x-session-id)")
+    token.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+
     sessions = commands.add_parser("sessions", help="list sessions", description="List the audited sessions.")
     sessions.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     sessions.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
@@ -414,6 +426,33 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return ExitCode.OK if all(r.ok for r in results) else ExitCode.UNHEALTHY
 
 
+def _cmd_token(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from orchestrator.mesh.clients import ServiceCallError, ServiceClients, session_metadata
+
+    config = _load(args)
+
+    async def issue() -> str:
+        clients = ServiceClients(config)
+        try:
+            metadata = session_metadata(args.session) if args.session else ()
+            return await clients.tokens.token(args.client, args.scopes, metadata)
+        finally:
+            await clients.close()
+
+    with _credentials_checked():
+        try:
+            token = asyncio.run(issue())
+        except ServiceCallError as exc:
+            if exc.status_code == "CREDENTIALS":
+                raise CommandError(f"credentials: {exc.detail}", ExitCode.CONFIG) from None
+            message = f"no token for {args.client!r}: {exc.status_code}: {exc.detail}"
+            raise CommandError(message, ExitCode.FAILED) from None
+    print(token)
+    return ExitCode.OK
+
+
 def _cmd_sessions(args: argparse.Namespace) -> int:
     config = _load(args, calls_services=False)
     url = config.database.url
@@ -495,6 +534,7 @@ TURN_PRINT_CHARS = 300
 COMMANDS = {
     "run": _cmd_run,
     "health": _cmd_health,
+    "token": _cmd_token,
     "sessions": _cmd_sessions,
     "show": _cmd_show,
     "export": _cmd_export,

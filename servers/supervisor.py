@@ -168,7 +168,8 @@ class Supervisor:
         if name == LLM_NAME:
             status = llm_completes(self.llm.base_url, self.llm.model, max(timeout_s, LLM_PROBE_TIMEOUT_S))
         else:
-            status = grpc_health(self.config, address, self.catalogue[service_of(name)].full_name, timeout_s)
+            service = service_of(name)
+            status = grpc_health(self.config, service, address, self.catalogue[service].full_name, timeout_s)
         return status, (time.perf_counter() - started) * 1000.0
 
     # -- serve -------------------------------------------------------------------------------
@@ -465,12 +466,15 @@ def address_in_use(address: str) -> bool:
     return False
 
 
-def grpc_health(config: HeistConfig, address: str, service: str, timeout_s: float) -> str:
-    """Ask grpc.health.v1 about ``service`` as the ``supervisor`` client; DOWN if nothing (or else) answers."""
-    with tls.sync_channel(config, address, identity="supervisor") as channel:
+def grpc_health(config: HeistConfig, name: str, address: str, grpc_service: str, timeout_s: float) -> str:
+    """Ask service ``name`` at ``address`` about ``grpc_service`` as the ``supervisor`` client.
+
+    DOWN if nothing answers, or something that cannot prove it is ``name`` (another service's certificate).
+    """
+    with tls.sync_channel(config, address, service=name, identity="supervisor") as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+                health_pb2.HealthCheckRequest(service=grpc_service), timeout=timeout_s
             )
         except grpc.RpcError:
             return "DOWN"

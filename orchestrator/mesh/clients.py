@@ -479,7 +479,7 @@ class ServiceClients:
                 ("grpc.max_reconnect_backoff_ms", self.RECONNECT_BACKOFF_MS[1]),
             ]
             target = channel_target(settings.replica_addresses)
-            channel = tls.aio_channel(config, target, options, server_name=settings.host)
+            channel = tls.aio_channel(config, target, options, service=name)
             self.services[name] = GuardedService(name, target, settings.deadline_s, channel, breaker_config, full_name)
         self.tokens = TokenProvider(self.services["oauth"], config)
         self.memory = MemoryClient(

@@ -85,7 +85,7 @@ def start_service(
     except BaseException:
         process.stop()
         raise
-    return RunningService(process, channel(settings, process.address), bearer(settings, scope), settings)
+    return RunningService(process, channel(settings, name, process.address), bearer(settings, scope), settings)
 
 
 def stop_service(service: RunningService) -> None:

@@ -52,7 +52,7 @@ def open_fds(pid: int) -> int:
 
 
 def memory_stub(mesh: ProcessMesh) -> memory_pb2_grpc.MemoryServiceStub:
-    return memory_pb2_grpc.MemoryServiceStub(channels.channel(mesh.config, mesh.address("memory")))
+    return memory_pb2_grpc.MemoryServiceStub(channels.channel(mesh.config, "memory", mesh.address("memory")))
 
 
 def code_of(call: object) -> grpc.StatusCode:
@@ -123,7 +123,7 @@ def test_memory_quotas_hold_and_the_server_stays_small(mesh: ProcessMesh) -> Non
 
 
 def test_oauth_echoes_are_bounded_and_introspection_needs_a_client(mesh: ProcessMesh) -> None:
-    oauth = oauth_pb2_grpc.OAuthServiceStub(channels.channel(mesh.config, mesh.address("oauth")))
+    oauth = oauth_pb2_grpc.OAuthServiceStub(channels.channel(mesh.config, "oauth", mesh.address("oauth")))
     request = oauth_pb2.IssueTokenRequest(grant_type="g" * 1_000_000, client_id="planner", client_secret="x")
     with pytest.raises(grpc.RpcError) as caught:
         oauth.IssueToken(request)
@@ -134,7 +134,7 @@ def test_oauth_echoes_are_bounded_and_introspection_needs_a_client(mesh: Process
 
 
 def test_repeated_bad_secrets_are_slowed_down(mesh: ProcessMesh) -> None:
-    oauth = oauth_pb2_grpc.OAuthServiceStub(channels.channel(mesh.config, mesh.address("oauth")))
+    oauth = oauth_pb2_grpc.OAuthServiceStub(channels.channel(mesh.config, "oauth", mesh.address("oauth")))
     secret = json.loads((mesh.config.mesh.credentials_dir / "clients.json").read_text())["mole"]
     codes = []
     for _ in range(20):
@@ -150,7 +150,7 @@ def test_a_connection_flood_neither_exhausts_the_server_nor_stops_its_callers(me
     address = mesh.address("calculator")
     host, port = address.rsplit(":", 1)
     pid = mesh.servers["calculator"].pid
-    channel = channels.channel(mesh.config, address)
+    channel = channels.channel(mesh.config, "calculator", address)
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
     fds_before = open_fds(pid)
@@ -167,7 +167,7 @@ def test_a_connection_flood_neither_exhausts_the_server_nor_stops_its_callers(me
         assert time.monotonic() - started < 1.0, "a caller already connected is served at once"
         time.sleep(1.5)  # past the 1 s handshake timeout, the half-open connections are gone
         assert open_fds(pid) - fds_before <= 10
-        fresh = health_pb2_grpc.HealthStub(channels.channel(mesh.config, address))
+        fresh = health_pb2_grpc.HealthStub(channels.channel(mesh.config, "calculator", address))
         assert fresh.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1
     finally:
         for sock in flood:

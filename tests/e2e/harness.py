@@ -11,6 +11,7 @@ import yaml
 
 from heist_common.contract import contract_of
 from heist_common.layout import REPO_ROOT
+from heist_common.tls import server_name
 from tests.support.config import SERVICES as CONFIGURED
 from tests.support.ports import free_ports
 
@@ -31,18 +32,33 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def tls_flags(run_dir: Path | None) -> list[str]:
-    """Return grpcurl's mTLS flags for the ``grpcurl`` client certificate (the docs' ``$TLS``); None: plaintext."""
+def tls_flags(run_dir: Path | None, service: str) -> list[str]:
+    """grpcurl's flags to call ``service`` over mTLS as the ``grpcurl`` client (the docs' ``$TLS`` plus
+    ``-authority``, the name the service's certificate carries); ``run_dir`` None: plaintext."""
     if run_dir is None:
         return ["-plaintext"]
     folder = run_dir / "credentials" / "tls"
     files = {"-cacert": "ca.crt", "-cert": "grpcurl.crt", "-key": "grpcurl.key"}
-    return [part for flag, name in files.items() for part in (flag, str(folder / name))]
+    flags = [part for flag, name in files.items() for part in (flag, str(folder / name))]
+    return [*flags, "-authority", server_name(service)]
 
 
-def grpcurl(*args: str, run_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run grpcurl over mTLS as the ``grpcurl`` client of ``run_dir``'s dev PKI (plaintext without one)."""
-    return subprocess.run([str(GRPCURL), *tls_flags(run_dir), *args], capture_output=True, text=True, timeout=30)
+def client_secrets(run_dir: Path) -> list[str]:
+    """Every OAuth client secret of ``run_dir``'s dev credentials (none before the first serve)."""
+    path = run_dir / "credentials" / "clients.json"
+    return [str(secret) for secret in json.loads(path.read_text()).values()] if path.exists() else []
+
+
+def grpcurl(
+    *args: str, service: str = "", run_dir: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run grpcurl against ``service`` over mTLS as the ``grpcurl`` client of ``run_dir``'s dev PKI (plaintext
+    without one). A request with a secret goes in ``stdin`` (with ``-d @``): a command line with one fails here."""
+    command = [str(GRPCURL), *tls_flags(run_dir, service), *args]
+    if run_dir is not None:
+        leaked = [secret for secret in client_secrets(run_dir) if any(secret in part for part in command)]
+        assert not leaked, "a client secret on grpcurl's command line (readable in /proc/*/cmdline): use -d @"
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=30)
 
 
 def server_pids(config: Path) -> list[int]:
@@ -81,9 +97,9 @@ class Mesh:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
-    def grpcurl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """grpcurl over mTLS with this mesh's generated grpcurl client certificate."""
-        return grpcurl(*args, run_dir=self.run_dir)
+    def grpcurl(self, service: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """grpcurl to ``service`` over mTLS with this mesh's generated grpcurl client certificate."""
+        return grpcurl(*args, service=service, run_dir=self.run_dir, stdin=stdin)
 
     def secret(self, client_id: str) -> str:
         return str(json.loads((self.run_dir / "credentials" / "clients.json").read_text())[client_id])
@@ -97,8 +113,9 @@ class Mesh:
         }
         bound = ["-H", f"x-session-id: {session}"] if session else []
         result = self.grpcurl(
-            *bound, "-d", json.dumps(request), self.address("oauth"), "heist.oauth.v1.OAuthService/IssueToken"
-        )
+            "oauth", *bound, "-d", "@", self.address("oauth"), "heist.oauth.v1.OAuthService/IssueToken",
+            stdin=json.dumps(request),
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr
         response = json.loads(result.stdout)
         assert response["token_type"] == "Bearer" and response["scopes"] == scopes

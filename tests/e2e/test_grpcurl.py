@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 import yaml
 
 from heist_common.layout import REPO_ROOT
-from tests.e2e.harness import GRPCURL, SERVICES, Mesh, grpcurl, make, server_pids
+from tests.e2e.harness import GRPCURL, SERVICES, Mesh, client_secrets, grpcurl, make, server_pids
 from tests.support.access_log import access_entries
 from tests.support.ports import listening
 
@@ -50,22 +53,22 @@ def test_serve_starts_every_service_and_status_is_green(mesh):
 
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_list_and_health_without_proto_files(mesh, name):
-    listed = mesh.grpcurl(mesh.address(name), "list")
+    listed = mesh.grpcurl(name, mesh.address(name), "list")
     assert listed.returncode == 0, listed.stderr
     assert {SERVICES[name], "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(
         listed.stdout.split()
     )
     request = json.dumps({"service": SERVICES[name]})
-    health = mesh.grpcurl("-d", request, mesh.address(name), "grpc.health.v1.Health/Check")
+    health = mesh.grpcurl(name, "-d", request, mesh.address(name), "grpc.health.v1.Health/Check")
     assert health.returncode == 0, health.stderr
     assert json.loads(health.stdout) == {"status": "SERVING"}
 
 
 def test_describe_shows_the_scope_policy(mesh):
-    described = mesh.grpcurl(mesh.address("calculator"), "describe", SERVICES["calculator"])
+    described = mesh.grpcurl("calculator", mesh.address("calculator"), "describe", SERVICES["calculator"])
     assert described.returncode == 0, described.stderr
     assert 'option (.heist.auth.v1.required_scope) = "calculator:use";' in described.stdout
-    request = mesh.grpcurl(mesh.address("calculator"), "describe", "heist.calculator.v1.EvaluateRequest")
+    request = mesh.grpcurl("calculator", mesh.address("calculator"), "describe", "heist.calculator.v1.EvaluateRequest")
     assert "string expression = 1" in request.stdout
 
 
@@ -73,32 +76,32 @@ def test_tool_calls_with_the_right_scope(mesh):
     token = mesh.token("grpcurl", ["calculator:use", "file_reader:use", "database_query:use"])
     headers = ["-H", f"authorization: Bearer {token}", "-H", f"x-session-id: {SESSION}"]
     calculated = mesh.grpcurl(
-        *headers, "-d", '{"expression": "(120 - 15) * 3 / 7"}', mesh.address("calculator"),
+        "calculator", *headers, "-d", '{"expression": "(120 - 15) * 3 / 7"}', mesh.address("calculator"),
         "heist.calculator.v1.CalculatorService/Evaluate",
     )  # fmt: skip
     assert calculated.returncode == 0, calculated.stderr
     assert json.loads(calculated.stdout) == {"value": 45, "rendered": "(120 - 15) * 3 / 7 = 45"}
     document = mesh.grpcurl(
-        *headers, "-d", '{"filename": "vault_time_lock.md"}', mesh.address("file_reader"),
+        "file_reader", *headers, "-d", '{"filename": "vault_time_lock.md"}', mesh.address("file_reader"),
         "heist.file_reader.v1.FileReaderService/ReadFile",
     )  # fmt: skip
     assert document.returncode == 0, document.stderr
     assert "time lock" in json.loads(document.stdout)["content"].lower()
     rows = mesh.grpcurl(
-        *headers, "-d", '{"sql": "SELECT count(*) AS n FROM guards"}', mesh.address("database_query"),
+        "database_query", *headers, "-d", '{"sql": "SELECT count(*) AS n FROM guards"}', mesh.address("database_query"),
         "heist.database_query.v1.DatabaseQueryService/Query",
     )  # fmt: skip
     assert rows.returncode == 0, rows.stderr
     assert json.loads(rows.stdout) == {"columns": ["n"], "rows": [{"values": [{"int_value": "8"}]}]}
     memory = mesh.token("grpcurl", ["memory:read", "memory:write"], session=SESSION)
     stored = mesh.grpcurl(
-        "-H", f"authorization: Bearer {memory}", "-H", f"x-session-id: {SESSION}",
+        "memory", "-H", f"authorization: Bearer {memory}", "-H", f"x-session-id: {SESSION}",
         "-d", '{"agent_name": "planner", "turn_id": 1, "message": "go at 02:10"}',
         mesh.address("memory"), "heist.memory.v1.MemoryService/StoreMemory",
     )  # fmt: skip
     assert stored.returncode == 0, stored.stderr
     elsewhere = mesh.grpcurl(
-        "-H", f"authorization: Bearer {memory}", "-H", "x-session-id: heist_someone_else", "-d", "{}",
+        "memory", "-H", f"authorization: Bearer {memory}", "-H", "x-session-id: heist_someone_else", "-d", "{}",
         mesh.address("memory"), "heist.memory.v1.MemoryService/GetStats",
     )  # fmt: skip
     assert elsewhere.returncode != 0 and "Code: PermissionDenied" in elsewhere.stderr
@@ -137,16 +140,130 @@ def test_the_readme_probe_runs_as_written_against_this_mesh(mesh, tmp_path):
 def test_wrong_scope_is_permission_denied_and_no_token_is_unauthenticated(mesh):
     token = mesh.token("safecracker", ["calculator:use"])
     denied = mesh.grpcurl(
-        "-H", f"authorization: Bearer {token}", "-d", '{"filename": "bank_layout.md"}', mesh.address("file_reader"),
+        "file_reader", "-H", f"authorization: Bearer {token}", "-d", '{"filename": "bank_layout.md"}',
+        mesh.address("file_reader"),
         "heist.file_reader.v1.FileReaderService/ReadFile",
     )  # fmt: skip
     assert denied.returncode != 0
     assert "Code: PermissionDenied" in denied.stderr and "file_reader:use" in denied.stderr
     anonymous = mesh.grpcurl(
-        "-d", '{"expression": "1 + 1"}', mesh.address("calculator"), "heist.calculator.v1.CalculatorService/Evaluate"
+        "calculator", "-d", '{"expression": "1 + 1"}', mesh.address("calculator"),
+        "heist.calculator.v1.CalculatorService/Evaluate",
     )
     assert anonymous.returncode != 0
     assert "Code: Unauthenticated" in anonymous.stderr
+
+
+def readme_recipe() -> str:
+    """The bash blocks of the "Probing with grpcurl" section, in the README or the docs page it moved to, in order."""
+    for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]:
+        section = re.search(r"^(#+) Probing with grpcurl\n(.*?)(?=^\1 |\Z)", path.read_text(), re.S | re.M)
+        if section:
+            blocks = re.findall(r"^```bash\n(.*?)^```", section.group(2), re.S | re.M)
+            assert blocks, f"no bash block in 'Probing with grpcurl' of {path}"
+            return "\n".join(blocks)
+    raise AssertionError("no 'Probing with grpcurl' section in README.md or docs/")
+
+
+def recipe_for(mesh: Mesh, work: Path) -> str:
+    """The recipe with the shipped ports replaced by this mesh's (``var/`` is linked to its run folder)."""
+    recipe = readme_recipe()
+    shipped = yaml.safe_load((REPO_ROOT / "config" / "heist.yaml").read_text())["services"]
+    for name in SERVICES:
+        recipe = recipe.replace(shipped[name]["address"], mesh.address(name))
+    (work / "var").symlink_to(mesh.run_dir)
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / ".venv" / "bin" / "activate").write_text("")  # PATH is the shims' alone (below)
+    return recipe
+
+
+def shim_folder(work: Path, log: Path) -> Path:
+    """A PATH of wrappers that write their argv (one file per process) and exec the real command.
+
+    PATH holds nothing else, so a command the recipe runs without a wrapper is "not found" and
+    fails the test rather than going unwatched.
+    """
+    shims = work / "shims"
+    shims.mkdir()
+    log.mkdir()
+    for name, real in {"grpcurl": str(GRPCURL), "python": sys.executable, "tail": shutil.which("tail")}.items():
+        assert real, name
+        record = f"printf '%s\\0' {shlex.quote(name)} \"$@\" > {shlex.quote(str(log))}/$$"
+        (shims / name).write_text(f"#!/bin/sh\n{record}\nexec {shlex.quote(real)} \"$@\"\n")
+        (shims / name).chmod(0o755)
+    return shims
+
+
+class CmdlineWatch:
+    """Scans every process's /proc/<pid>/cmdline on a thread while the recipe runs, for any of ``needles``."""
+
+    def __init__(self, needles: list[bytes]) -> None:
+        self.needles = needles
+        self.seen: list[bytes] = []
+        self.grpcurl_processes: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._scan, daemon=True)
+
+    def __enter__(self) -> CmdlineWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _scan(self) -> None:
+        while not self._stop.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+                except OSError:
+                    continue
+                if str(GRPCURL).encode() in cmdline:
+                    self.grpcurl_processes.add(int(entry.name))
+                if any(needle in cmdline for needle in self.needles):
+                    self.seen.append(cmdline)
+            time.sleep(0.002)
+
+
+def test_the_documented_recipe_works_and_keeps_secrets_off_command_lines(mesh, tmp_path):
+    """Run the README's grpcurl recipe as written; no process it starts has a client secret in its argv."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    recipe, log = recipe_for(mesh, work), tmp_path / "argv"
+    env = {"PATH": str(shim_folder(work, log)), "HOME": str(tmp_path)}
+    secrets = client_secrets(mesh.run_dir)
+    with CmdlineWatch([secret.encode() for secret in secrets]) as watch:
+        ran = subprocess.run(["/bin/bash", "-c", recipe], cwd=work, env=env, capture_output=True, text=True, timeout=90)
+    argvs = [path.read_bytes().split(b"\0")[:-1] for path in log.iterdir()]
+    leaked = [argv for argv in argvs if any(secret.encode() in part for secret in secrets for part in argv)]
+    assert leaked == [], "a client secret on a command line (any local user reads /proc/*/cmdline)"
+    assert watch.seen == [], "a client secret in some process's /proc/<pid>/cmdline while the recipe ran"
+    out = ran.stdout + ran.stderr
+    assert "not found" not in ran.stderr, out
+    assert '"value": 45' in ran.stdout and '"status": "SERVING"' in ran.stdout, out
+    assert '"agent_memory_count": 1' in ran.stdout, out
+    assert '"active": true' in ran.stdout and '"client_id": "grpcurl"' in ran.stdout, out  # the introspection
+    assert ran.stderr.count("Code: Unauthenticated") == 1 and ran.stderr.count("Code: PermissionDenied") == 2, out
+    assert sum(argv[0] == b"grpcurl" for argv in argvs) >= 9, argvs
+    assert all(b"-authority" in argv for argv in argvs if argv[0] == b"grpcurl"), "each call names its service"
+    assert watch.grpcurl_processes, "the /proc watch saw grpcurl running, so it would have seen a secret"
+
+
+def test_make_token_prints_a_working_token_with_the_secret_read_from_the_credentials(mesh):
+    issued = make("token", f"CONFIG={mesh.config}", "CLIENT=grpcurl", "SCOPES=calculator:use", f"SESSION={SESSION}")
+    assert issued.returncode == 0, issued.stdout + issued.stderr
+    token = issued.stdout.strip()
+    assert token.count(".") == 2 and not any(secret in issued.stdout for secret in client_secrets(mesh.run_dir))
+    calculated = mesh.grpcurl(
+        "calculator", "-H", f"authorization: Bearer {token}", "-H", f"x-session-id: {SESSION}",
+        "-d", '{"expression": "6 * 7"}', mesh.address("calculator"), "heist.calculator.v1.CalculatorService/Evaluate",
+    )  # fmt: skip
+    assert calculated.returncode == 0, calculated.stderr
+    assert json.loads(calculated.stdout)["value"] == 42
+    unknown = make("token", f"CONFIG={mesh.config}", "CLIENT=nobody", "SCOPES=calculator:use")
+    assert unknown.returncode != 0 and "Error 3" in unknown.stderr, unknown.stderr  # the CLI's exit 3: credentials
+    assert "no secret for client 'nobody'" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
 def test_server_log_has_the_session_id(mesh):
@@ -250,7 +367,7 @@ def pid_alive(pid: int) -> bool:
 def test_plaintext_and_certificate_less_clients_are_refused_at_the_handshake(mesh):
     address = mesh.address("calculator")
     health = ["-d", json.dumps({"service": SERVICES["calculator"]}), address, "grpc.health.v1.Health/Check"]
-    plaintext = grpcurl(*health)  # run_dir=None: -plaintext
+    plaintext = grpcurl(*health, service="calculator")  # run_dir=None: -plaintext
     assert plaintext.returncode != 0 and "SERVING" not in plaintext.stdout
     ca = str(mesh.run_dir / "credentials" / "tls" / "ca.crt")
     no_cert = subprocess.run([str(GRPCURL), "-cacert", ca, *health], capture_output=True, text=True, timeout=30)

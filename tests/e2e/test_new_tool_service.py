@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from heist_common.layout import REPO_ROOT
-from tests.e2e.harness import GRPCURL, tls_flags
+from tests.e2e.harness import grpcurl as harness_grpcurl
 from tests.support.config import heist_config
 from tests.support.ports import free_ports
 from tests.support.scripted_llm import ScriptedLLM, inline_tool, text
@@ -130,11 +130,11 @@ def run(tree: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, *args], cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def grpcurl(served: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    """grpcurl over mTLS with the served mesh's generated grpcurl client certificate."""
-    return subprocess.run(
-        [str(GRPCURL), *tls_flags(served["work"] / "run"), *args], capture_output=True, text=True, timeout=30
-    )
+def grpcurl(
+    served: dict[str, Any], service: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """grpcurl to ``service`` over mTLS with the served mesh's generated grpcurl client certificate."""
+    return harness_grpcurl(*args, service=service, run_dir=served["work"] / "run", stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -166,26 +166,28 @@ def test_the_supervisor_serves_it_with_health_and_reflection(tree: Path, served:
     assert status.returncode == 0, status.stdout + status.stderr
     assert any(line.startswith("lockpick") and "SERVING" in line for line in status.stdout.splitlines())
     address = f"127.0.0.1:{served['ports']['lockpick']}"
-    listed = grpcurl(served, address, "list")
+    listed = grpcurl(served, "lockpick", address, "list")
     assert listed.returncode == 0, listed.stderr
     assert "heist.lockpick.v1.LockpickService" in listed.stdout.split()
-    described = grpcurl(served, address, "describe", "heist.lockpick.v1.LockpickService")
+    described = grpcurl(served, "lockpick", address, "describe", "heist.lockpick.v1.LockpickService")
     assert 'option (.heist.auth.v1.required_scope) = "lockpick:use";' in described.stdout
     request = '{"service": "heist.lockpick.v1.LockpickService"}'
-    health = grpcurl(served, "-d", request, address, "grpc.health.v1.Health/Check")
+    health = grpcurl(served, "lockpick", "-d", request, address, "grpc.health.v1.Health/Check")
     assert json.loads(health.stdout) == {"status": "SERVING"}
 
 
 def test_its_scope_is_enforced(served: dict[str, Any]) -> None:
     address = f"127.0.0.1:{served['ports']['lockpick']}"
-    anonymous = grpcurl(served, "-d", '{"lock_model": "Chubb"}', address, "heist.lockpick.v1.LockpickService/Estimate")
+    estimate = "heist.lockpick.v1.LockpickService/Estimate"
+    anonymous = grpcurl(served, "lockpick", "-d", '{"lock_model": "Chubb"}', address, estimate)
     assert anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr
     secrets = json.loads((served["work"] / "run" / "credentials" / "clients.json").read_text())
     grant = {"grant_type": "client_credentials", "client_id": "hacker", "client_secret": secrets["hacker"]}
     oauth = f"127.0.0.1:{served['ports']['oauth']}"
-    issued = grpcurl(served, "-d", json.dumps(grant), oauth, "heist.oauth.v1.OAuthService/IssueToken")
+    issue = "heist.oauth.v1.OAuthService/IssueToken"
+    issued = grpcurl(served, "oauth", "-d", "@", oauth, issue, stdin=json.dumps(grant))  # the secret via stdin
     token = json.loads(issued.stdout)["access_token"]
-    denied = grpcurl(served,
+    denied = grpcurl(served, "lockpick",
         "-H", f"authorization: Bearer {token}", "-d", '{"lock_model": "Chubb"}', address,
         "heist.lockpick.v1.LockpickService/Estimate",
     )  # fmt: skip

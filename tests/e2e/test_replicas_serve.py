@@ -32,7 +32,7 @@ def test_serve_status_and_stop_handle_every_replica(tmp_path) -> None:
         assert rows["calculator"][1] == mesh.address("calculator") and rows["calculator.1"][1] == second
         assert rows["calculator"][2] != rows["calculator.1"][2] and rows["calculator.1"][3] == "SERVING"
         for address in (mesh.address("calculator"), second):
-            health = mesh.grpcurl("-d", json.dumps({"service": SERVICES["calculator"]}), address,
+            health = mesh.grpcurl("calculator", "-d", json.dumps({"service": SERVICES["calculator"]}), address,
                                   "grpc.health.v1.Health/Check")  # fmt: skip
             assert json.loads(health.stdout) == {"status": "SERVING"}, health.stderr
     finally:

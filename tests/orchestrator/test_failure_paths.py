@@ -121,7 +121,7 @@ async def test_circuit_opens_skips_calls_then_recovers(mesh: InProcessMesh, scri
 
 
 async def _session_memories(mesh: InProcessMesh, session_id: str) -> int:
-    async with channels.aio_channel(mesh.config, mesh.config.service("memory").address) as channel:
+    async with channels.aio_channel(mesh.config, "memory") as channel:
         stats = await memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
             memory_pb2.GetStatsRequest(), metadata=session_metadata(mesh.config, session_id)
         )

@@ -43,8 +43,9 @@ async def test_each_call_is_one_json_line_whatever_the_caller_sends(
     address = mesh.servers["calculator"].address
     tls_context = tls.ssl_client_context(mesh.config) if tls.mtls(mesh.config) else None
     status, _ = await asyncio.to_thread(
-        raw_grpc.call, address, "/heist.calculator.v1.CalculatorService/Evaluate", REQUEST, metadata, 5.0, tls_context
-    )
+        raw_grpc.call, address, "/heist.calculator.v1.CalculatorService/Evaluate", REQUEST, metadata, 5.0, tls_context,
+        tls.server_name("calculator"),
+    )  # fmt: skip
     assert status in ("0", "3"), status  # served, or refused cleanly; never INTERNAL or UNKNOWN
     await mesh.stop_all()
     text = mesh.log.getvalue()

@@ -71,7 +71,7 @@ def grpc_labels(service: str, method: str, **extra: str) -> tuple[tuple[str, str
 
 async def test_every_server_serves_the_standard_grpc_series(mesh: InProcessMesh) -> None:
     for name, server in mesh.servers.items():
-        async with aio_channel(mesh.config, server.address) as channel:
+        async with aio_channel(mesh.config, name, server.address) as channel:
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
         found = await samples(mesh, name)
         health = ("grpc.health.v1.Health", "Check")

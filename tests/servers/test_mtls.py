@@ -38,10 +38,11 @@ async def check(channel: grpc.aio.Channel) -> grpc.StatusCode:
 
 
 def custom_client(config: HeistConfig, address: str, cert: bytes | None, key: bytes | None) -> grpc.aio.Channel:
-    """A client trusting the mesh CA that presents ``cert`` (or no certificate at all)."""
+    """A client of the calculator trusting the mesh CA that presents ``cert`` (or no certificate at all)."""
     ca = (tls.tls_dir(config) / "ca.crt").read_bytes()
     creds = grpc.ssl_channel_credentials(ca, key, cert)
-    return grpc.aio.secure_channel(address, creds)
+    options = [("grpc.ssl_target_name_override", tls.server_name("calculator"))]
+    return grpc.aio.secure_channel(address, creds, options=options)
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ async def calculator(mesh: InProcessMesh) -> str:
 
 
 async def test_the_orchestrator_certificate_is_served_and_the_token_is_still_checked(mesh, calculator):
-    async with tls.aio_channel(mesh.config, calculator) as channel:
+    async with tls.aio_channel(mesh.config, calculator, service="calculator") as channel:
         assert await check(channel) == grpc.StatusCode.OK
         stub = calculator_pb2_grpc.CalculatorServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as anonymous:
@@ -104,13 +105,49 @@ def test_dev_pki_names_each_service_host_and_keeps_its_files(config):
     assert all(f"{name}.crt" in before for name in config.services)
     assert all((path.stat().st_mode & 0o777) == 0o600 for path in folder.iterdir())
     cert = x509.load_pem_x509_certificate(before["calculator.crt"])
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "calculator" in sans.get_values_for_type(x509.DNSName)
-    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1"}
+    assert san_names(cert) == {"calculator.heist.internal"}, "its own name only: no address another service shares"
+    assert san_names(x509.load_pem_x509_certificate(before["file_reader.crt"])) == {"file-reader.heist.internal"}
     key = serialization.load_pem_private_key((folder / "calculator.key").read_bytes(), password=None)
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
     credential_store.ensure_dev_credentials(config)
     assert {path.name: path.read_bytes() for path in folder.glob("*.crt")} == before, "a second serve keeps them"
+
+
+def san_names(cert: x509.Certificate) -> set[str]:
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} | set(sans.get_values_for_type(x509.DNSName))
+
+
+def test_server_certificates_of_an_older_version_are_reissued_by_our_ca(config):
+    """An older dev PKI named every server 127.0.0.1 and localhost: its server certificates are replaced."""
+    from servers.auth import credential_store
+
+    credential_store.ensure_dev_credentials(config)
+    folder = tls.tls_dir(config)
+    ca_cert, ca_key = dev_pki.load_ca(config)
+    old_cert, old_key = dev_pki.issue_certificate(
+        ca_cert, ca_key, "oauth", server_names=["127.0.0.1", "localhost", "127.0.0.1", "oauth"]
+    )
+    (folder / "oauth.crt").write_bytes(old_cert)
+    (folder / "oauth.key").write_bytes(old_key)
+    ca_before, client_before = (folder / "ca.crt").read_bytes(), (folder / "orchestrator.crt").read_bytes()
+    credential_store.ensure_dev_credentials(config)
+    reissued = x509.load_pem_x509_certificate((folder / "oauth.crt").read_bytes())
+    assert san_names(reissued) == {"oauth.heist.internal"}
+    assert (folder / "ca.crt").read_bytes() == ca_before, "same CA: clients' certificates stay valid"
+    assert (folder / "orchestrator.crt").read_bytes() == client_before
+    assert ((folder / "oauth.crt").stat().st_mode & 0o777) == 0o600
+
+
+async def test_a_client_refuses_a_server_that_is_not_the_service_it_dialled(mesh, calculator):
+    """The calculator's certificate is from the mesh CA, but it is not the file reader's."""
+    async with tls.aio_channel(mesh.config, calculator, service="file_reader") as channel:
+        assert await check(channel) == grpc.StatusCode.UNAVAILABLE
+    ca = (tls.tls_dir(mesh.config) / "ca.crt").read_bytes()
+    material = tls.client_material(mesh.config)
+    creds = grpc.ssl_channel_credentials(ca, material.key, material.cert)
+    async with grpc.aio.secure_channel(calculator, creds) as by_address:  # checks the name 127.0.0.1
+        assert await check(by_address) == grpc.StatusCode.UNAVAILABLE, "no certificate names an address"
 
 
 def test_plaintext_config_generates_no_certificates_and_serves_plaintext(tmp_path: Path):

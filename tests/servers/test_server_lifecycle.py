@@ -47,7 +47,7 @@ async def test_every_service_reports_serving_for_itself_and_overall(mesh, name, 
 
 async def test_watch_sees_serving_then_not_serving_on_drain(mesh):
     server = await mesh.start("calculator")
-    async with channels.aio_channel(mesh.config, server.address) as channel:
+    async with channels.aio_channel(mesh.config, "calculator", server.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="heist.calculator.v1.CalculatorService")
         )
@@ -124,7 +124,7 @@ def test_process_entry_serves_and_exits_zero_on_sigterm(config, tmp_path: Path):
         stderr=subprocess.STDOUT,
     )
     try:
-        with channels.channel(config, f"127.0.0.1:{port}") as channel:
+        with channels.channel(config, "calculator", f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=20)
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
             assert status == SERVING

@@ -14,13 +14,18 @@ from heist_common import tls
 from heist_common.config import HeistConfig
 
 
-def channel(config: HeistConfig, address: str, *, identity: str = "orchestrator", **options: Any) -> grpc.Channel:
-    """A blocking channel to ``address`` (``options``: gRPC channel arguments, dots as given)."""
-    return tls.sync_channel(config, address, list(options.items()), identity=identity)
+def channel(
+    config: HeistConfig, service: str, address: str | None = None, *, identity: str = "orchestrator", **options: Any
+) -> grpc.Channel:
+    """A blocking channel to ``service`` (at ``address``, default its configured one; ``options``: gRPC channel
+    arguments, dots as given). Under mTLS the server must present ``service``'s own certificate."""
+    target = address or config.service(service).address
+    return tls.sync_channel(config, target, list(options.items()), service=service, identity=identity)
 
 
 def aio_channel(
-    config: HeistConfig, address: str, *, identity: str = "orchestrator", **options: Any
+    config: HeistConfig, service: str, address: str | None = None, *, identity: str = "orchestrator", **options: Any
 ) -> grpc.aio.Channel:
-    """An asyncio channel to ``address`` (see ``channel``)."""
-    return tls.aio_channel(config, address, list(options.items()), identity=identity)
+    """An asyncio channel to ``service`` (see ``channel``)."""
+    target = address or config.service(service).address
+    return tls.aio_channel(config, target, list(options.items()), service=service, identity=identity)

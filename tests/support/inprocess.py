@@ -58,7 +58,7 @@ class InProcessMesh:
     async def channel(self, name: str) -> grpc.aio.Channel:
         """A channel to ``name`` (started if it is not running); closed by ``stop_all``."""
         server = self.servers.get(name) or await self.start(name)
-        channel = channels.aio_channel(self.config, server.address)
+        channel = channels.aio_channel(self.config, name, server.address)
         self.channels.append(channel)
         return channel
 

@@ -38,12 +38,12 @@ STOP_GRACE_S = 5.0
 """How long a service gets to exit after SIGTERM before it is killed."""
 
 
-def health_status(config: HeistConfig, address: str, timeout_s: float = 0.3, service: str = "") -> str:
-    """grpc.health.v1 status of ``address`` for ``service`` ("DOWN" when it does not answer)."""
-    with channels.channel(config, address) as channel:
+def health_status(config: HeistConfig, name: str, address: str, timeout_s: float = 0.3, grpc_service: str = "") -> str:
+    """grpc.health.v1 status of service ``name`` at ``address`` for ``grpc_service`` (DOWN when nothing answers)."""
+    with channels.channel(config, name, address) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+                health_pb2.HealthCheckRequest(service=grpc_service), timeout=timeout_s
             )
         except grpc.RpcError:
             return "DOWN"
@@ -136,7 +136,7 @@ class ServerProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
-            if health_status(self.config, self.address) == "SERVING":
+            if health_status(self.config, self.name, self.address) == "SERVING":
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"{self.name} not SERVING after {self.start_timeout_s} s:\n{self.log()}")
@@ -266,7 +266,7 @@ class ProcessMesh:
 
 def session_memories(config: HeistConfig, session_id: str) -> int:
     """MemoryService GetStats for one session, with a token bound to it."""
-    with channels.channel(config, config.service("memory").address) as channel:
+    with channels.channel(config, "memory") as channel:
         stats = memory_pb2_grpc.MemoryServiceStub(channel).GetStats(
             memory_pb2.GetStatsRequest(), metadata=session_metadata(config, session_id), timeout=2.0
         )

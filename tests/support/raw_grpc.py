@@ -29,12 +29,16 @@ def call(
     metadata: list[tuple[bytes, bytes]],
     timeout_s: float = 5.0,
     tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> tuple[str, str]:
-    """Send one unary call with raw metadata bytes; return (grpc-status, grpc-message) as the server sent them."""
+    """Send one unary call with raw metadata bytes; return (grpc-status, grpc-message) as the server sent them.
+
+    ``server_name``: the name the server's certificate must carry (``heist_common.tls.server_name``).
+    """
     host, _, port = address.rpartition(":")
     connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     raw = socket.create_connection((host, int(port)), timeout=timeout_s)
-    sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+    sock = tls.wrap_socket(raw, server_hostname=server_name or host) if tls is not None else raw
     with sock:
         connection.initiate_connection()
         headers = [

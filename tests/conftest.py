@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.postgres import INSTALL_HINT, PostgresCluster, find_bindir
+from tests.support.postgres import PostgresCluster, running_cluster
 from tests.support.redis_server import RedisServer
 
 ENGINES = ("sqlite", "postgresql")
@@ -37,22 +37,9 @@ def redis_url(redis_server: RedisServer) -> str:
 
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    """A PostgreSQL server for the whole test session; stopped and deleted at the end.
-
-    Missing binaries skip with the install command for a non-root developer,
-    but fail as root: there ``make test`` (CI) installs them, so a skip would
-    hide that half of the audit tests never ran.
-    """
-    bindir = find_bindir()
-    if bindir is None:
-        if os.geteuid() == 0:
-            pytest.fail(f"{INSTALL_HINT} (`make system-deps`)")
-        pytest.skip(INSTALL_HINT)
-    cluster = PostgresCluster(bindir).start()
-    try:
+    """A PostgreSQL server for the whole test session; stopped and deleted at the end."""
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(params=ENGINES)

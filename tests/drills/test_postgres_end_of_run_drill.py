@@ -8,7 +8,6 @@ event says so); ``orchestrator resume`` then finishes it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ import pytest
 
 from heist_common.layout import REPO_ROOT
 from tests.drills.script import DrillScript
-from tests.support.postgres import INSTALL_HINT, PostgresCluster, find_bindir
+from tests.support.postgres import PostgresCluster, running_cluster
 from tests.support.processes import ProcessMesh
 from tests.support.scripted_llm import ScriptedLLM
 
@@ -33,16 +32,8 @@ CAUSES = ("Connection refused", "terminating connection", "server closed the con
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresCluster]:
     """A cluster of this test's own: it is stopped mid-run, so never the suite's shared one."""
-    bindir = find_bindir()
-    if bindir is None:
-        if os.geteuid() == 0:
-            pytest.fail(f"{INSTALL_HINT} (`make system-deps`)")
-        pytest.skip(INSTALL_HINT)
-    cluster = PostgresCluster(bindir).start()
-    try:
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def orchestrator(mesh: ProcessMesh, *args: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,11 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from tests.support.ports import free_port
 
@@ -199,3 +203,23 @@ class PostgresCluster:
             except ProcessLookupError:
                 return
             time.sleep(0.1)
+
+
+@contextmanager
+def running_cluster() -> Iterator[PostgresCluster]:
+    """A new cluster, stopped and deleted afterwards.
+
+    Missing binaries skip with the install command for a non-root developer,
+    but fail as root: there ``make test`` (CI) installs them, so a skip would
+    hide that the PostgreSQL tests never ran.
+    """
+    bindir = find_bindir()
+    if bindir is None:
+        if os.geteuid() == 0:
+            pytest.fail(f"{INSTALL_HINT} (`make system-deps`)")
+        pytest.skip(INSTALL_HINT)
+    cluster = PostgresCluster(bindir).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

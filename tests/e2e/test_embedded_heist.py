@@ -122,7 +122,7 @@ def test_killing_the_model_mid_run_fails_the_session_and_serve_restarts_it(serve
             if line.startswith("[turn 2]"):
                 break
         assert "[turn 2]" in seen, seen
-        pid = int((served.run_dir / "run" / "llm.pid").read_text())
+        pid = int((served.run_dir / "run" / "llm.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
         out, err = run.communicate(timeout=120)
     finally:
@@ -141,4 +141,4 @@ def test_killing_the_model_mid_run_fails_the_session_and_serve_restarts_it(serve
     again = make("serve", f"CONFIG={served.config}", "LLM=on")
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"llm: SERVING on 127.0.0.1:{served.llm_port}" in again.stdout
-    assert int((served.run_dir / "run" / "llm.pid").read_text()) != pid
+    assert int((served.run_dir / "run" / "llm.pid").read_text().split()[0]) != pid

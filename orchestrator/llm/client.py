@@ -1,24 +1,25 @@
 """The OpenAI-compatible LLM endpoint (embedded llama.cpp server, LM Studio, Ollama, vLLM, OpenAI).
 
-Requests go through the ``openai`` client, so its timeouts, retries, auth and
-error types are the ones we use; this module turns its exceptions into one
-``LLMError`` with a status the audit can group by.
+Requests go through the ``openai`` client's public API, so its timeouts,
+retries, auth and error types are the ones we use; this module turns its
+exceptions into one ``LLMError`` with a status the audit can group by.
 
-Why requests are prepared here rather than passed to ``create()``: the SDK's
-``create()`` walks every message and tool schema against its typed parameter
-definitions on every call (~8 ms for a request with tools, on a 2-core VM, more
-than the rest of a zero-latency turn), and parses each reply into pydantic
-models. Our messages and tool schemas are already plain wire dicts, so the body
-is serialized here exactly as ``create()`` would serialize it (same keys, key
-order and separators; ``tests/orchestrator/test_llm_wire.py`` compares the
-bytes), posted with the SDK's own ``client.post`` (same headers, retries,
-errors; the headers are built once per client, ``orchestrator.llm.sdk``), and
-the reply is read as JSON.
+Why ``client.post`` rather than ``create()``: the SDK documents
+``client.post(path, cast_to=httpx2.Response, ...)`` for requests made outside
+its typed methods, with the client's options (retries, timeouts, auth)
+respected. ``create()`` walks every message and tool schema against its typed
+parameter definitions on every call, which costs more CPU than the rest of a
+zero-latency turn (docs/performance.md), and parses each reply into pydantic
+models. Our messages and tool schemas are already plain wire dicts, so the
+body is serialized here with the keys ``create()`` would send and the reply is
+read as JSON.
 
-Why ``openai`` is imported on first use: importing it costs most of a second
-(its ``types`` package), and commands that never complete anything (``health``,
+Why ``openai`` is imported on first use: importing it is slow (its ``types``
+package: docs/performance.md), and commands that never complete anything (``health``,
 the inspection commands) must not pay that. The health probe is a plain
-``httpx2`` request on the same connection pool the SDK then uses.
+``httpx2`` request on the same connection pool the SDK then uses (``httpx2`` is
+the HTTP client the pinned ``openai`` is built on; its ``http_client`` must be
+an ``httpx2.AsyncClient``).
 """
 
 from __future__ import annotations
@@ -34,13 +35,11 @@ from urllib.parse import urlsplit
 import httpx2
 
 from heist_common.config import LLMConfig
-from orchestrator.llm.transport import PlainHTTPTransport
 from orchestrator.mesh.clients import HealthResult
 from orchestrator.tracing import TurnScope, current_turn, elapsed_ms, end_span
 
 if TYPE_CHECKING:
     import openai
-    from openai._types import RequestOptions
     from opentelemetry.trace import Span
 
 __all__ = [
@@ -58,13 +57,17 @@ LLM_DOWN = "DOWN"
 """Health status of an LLM endpoint that cannot complete (unreachable, erroring or too slow)."""
 
 CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
-"""The ``openai`` client's own default pool limits, for ``https://`` endpoints (we hand it our pool)."""
+"""The ``openai`` client's own default pool limits (``openai.DefaultAsyncHttpx2Client``); we hand it our pool."""
+
+CHAT_PATH = "/chat/completions"
+TEXT_PATH = "/completions"
+"""The two endpoints, relative to ``base_url`` (the SDK joins them)."""
 
 MAX_SERIALIZED_TOOL_LISTS = 64
 """Bound on the per-client cache of serialized ``tools`` lists (a few per agent; a new one per changed listing)."""
 
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-"""What the SDK serializes request bodies with (``openai._utils._json.openapi_dumps``), built once."""
+"""Compact UTF-8 JSON, built once (the SDK serializes its own bodies the same way)."""
 
 
 class LLMError(Exception):
@@ -116,12 +119,11 @@ def _json_object(fields: dict[str, str]) -> bytes:
 
 
 class LLMClient:
-    """One ``openai`` client (``PreparedRequestOpenAI``) configured from the ``llm`` section, one HTTP pool per run."""
+    """One ``openai.AsyncOpenAI`` client configured from the ``llm`` section, one HTTP pool per run."""
 
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
-        self.transport = PlainHTTPTransport(fallback=lambda: httpx2.AsyncHTTPTransport(limits=CONNECTION_LIMITS))
-        self.http = httpx2.AsyncClient(timeout=config.timeout_s, transport=self.transport, follow_redirects=True)
+        self.http = httpx2.AsyncClient(timeout=config.timeout_s, limits=CONNECTION_LIMITS, follow_redirects=True)
         """One connection pool, the probe's and the SDK's (``http_client``): turns reuse the probe's connection."""
         self._client: openai.AsyncOpenAI | None = None
         extra = {key: _to_json(value) for key, value in config.extra_body.items()}
@@ -134,9 +136,6 @@ class LLMClient:
         self._max_tokens = _to_json(config.max_tokens)
         self._tools_json: dict[int, tuple[list[dict[str, Any]], str]] = {}
         """Serialized ``tools`` lists by identity (each agent sends the same list object turn after turn)."""
-        # Absolute URLs: the SDK then parses the URL once instead of merging it with base_url on every call.
-        self._chat_url = config.base_url + "/chat/completions"
-        self._text_url = config.base_url + "/completions"
         parts = urlsplit(config.base_url)
         self._server = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
 
@@ -144,9 +143,9 @@ class LLMClient:
     def client(self) -> openai.AsyncOpenAI:
         """The SDK client (``openai`` is imported the first time it is needed)."""
         if self._client is None:
-            from orchestrator.llm.sdk import PreparedRequestOpenAI
+            import openai
 
-            self._client = PreparedRequestOpenAI(
+            self._client = openai.AsyncOpenAI(
                 base_url=self.config.base_url,
                 api_key=self.config.api_key,
                 timeout=self.config.timeout_s,
@@ -198,7 +197,7 @@ class LLMClient:
         fields.update(self._chat_extra)
         if extra_body:
             fields.update({key: _to_json(value) for key, value in extra_body.items()})
-        data = await self._post(self._chat_url, _json_object(fields), start, "chat", "chat.completions")
+        data = await self._post(CHAT_PATH, _json_object(fields), start, "chat", "chat.completions")
         try:
             message = _first_choice(data)["message"]
             content = message.get("content") or ""
@@ -253,7 +252,7 @@ class LLMClient:
         }
         if extra_body:
             fields.update({key: _to_json(value) for key, value in extra_body.items()})
-        data = await self._post(self._text_url, _json_object(fields), start, "text_completion", "completions")
+        data = await self._post(TEXT_PATH, _json_object(fields), start, "text_completion", "completions")
         try:
             choice = _first_choice(data)
             text, finish_reason = choice["text"], choice.get("finish_reason")
@@ -263,7 +262,7 @@ class LLMClient:
             raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), elapsed_ms(start)) from None
         return Completion(content=text.strip(), latency_ms=elapsed_ms(start), truncated=finish_reason == "length")
 
-    async def _post(self, url: str, body: bytes, start: float, operation: str, step: str) -> Any:
+    async def _post(self, path: str, body: bytes, start: float, operation: str, step: str) -> Any:
         """POST a prepared JSON body as one step of the current turn (and its span); return the decoded reply.
 
         Every failure is an LLMError; the turn records the step with its status either way.
@@ -271,7 +270,7 @@ class LLMClient:
         turn, span, headers = self._begin(operation)
         code, detail = "OK", ""
         try:
-            data = await self._send(url, body, start, headers)
+            data = await self._send(path, body, start, headers)
         except LLMError as exc:
             code, detail = exc.status_code, exc.detail
             raise
@@ -291,16 +290,20 @@ class LLMClient:
             span.end()
         return data
 
-    async def _send(self, url: str, body: bytes, start: float, headers: dict[str, str] | None) -> Any:
-        """POST through the SDK's ``client.post`` (its headers, retries and errors) and decode the JSON reply."""
+    async def _send(self, path: str, body: bytes, start: float, headers: dict[str, str] | None) -> Any:
+        """POST ``body`` to ``path`` (under ``base_url``) with ``client.post`` and decode the JSON reply.
+
+        The SDK adds its headers and bearer auth (as ``create()`` asks for it), retries,
+        applies the timeout and raises its error types, which are mapped to LLMError here.
+        """
         client = self.client
         import openai  # already imported by ``client``
 
-        options: RequestOptions = {"security": {"bearer_auth": True}}
+        options: openai.RequestOptions = {"security": {"bearer_auth": True}}
         if headers:
             options["headers"] = headers
         try:
-            response = await client.post(url, cast_to=httpx2.Response, content=body, options=options)
+            response = await client.post(path, cast_to=httpx2.Response, content=body, options=options)
             return json.loads(response.content)
         except openai.APITimeoutError as exc:
             raise LLMError("TIMEOUT", f"no reply within {self.config.timeout_s}s ({exc})", elapsed_ms(start)) from None
@@ -325,9 +328,9 @@ class LLMClient:
         config = self.config
         request: dict[str, Any] = {"model": config.model, "max_tokens": 1, "temperature": 0.0}
         if config.prompt_style == "transcript":
-            path, request["prompt"] = "/completions", "OK"
+            path, request["prompt"] = TEXT_PATH, "OK"
         else:
-            path, request["messages"] = "/chat/completions", [{"role": "user", "content": "Say OK."}]
+            path, request["messages"] = CHAT_PATH, [{"role": "user", "content": "Say OK."}]
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.api_key}", PROBE_HEADER: "1"}
         try:
             response = await self.http.post(

@@ -96,7 +96,8 @@ class LlamaServer:
 class Recorded:
     """One completion request the orchestrator made (its exact body), and what it cost."""
 
-    url: str
+    path: str
+    """Relative to the endpoint's ``base_url``, as ``LLMClient`` posts it."""
     body: bytes
     completion_tokens: int
     seconds: float
@@ -109,11 +110,11 @@ class RecordingLLM(LLMClient):
         super().__init__(config)
         self.recorded: list[Recorded] = []
 
-    async def _send(self, url: str, body: bytes, start: float, headers: dict[str, str] | None) -> Any:
+    async def _send(self, path: str, body: bytes, start: float, headers: dict[str, str] | None) -> Any:
         started = time.perf_counter()
-        data = await super()._send(url, body, start, headers)
+        data = await super()._send(path, body, start, headers)
         tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
-        self.recorded.append(Recorded(url, body, tokens, time.perf_counter() - started))
+        self.recorded.append(Recorded(path, body, tokens, time.perf_counter() - started))
         return data
 
 
@@ -144,7 +145,7 @@ async def _replay(base_url: str, recorded: list[Recorded], primer: Recorded) -> 
 
     async def post(request: Recorded) -> dict[str, Any]:
         response = await client.post(
-            request.url, cast_to=httpx2.Response, content=request.body, options={"security": {"bearer_auth": True}}
+            request.path, cast_to=httpx2.Response, content=request.body, options={"security": {"bearer_auth": True}}
         )
         data: dict[str, Any] = response.json()
         return data

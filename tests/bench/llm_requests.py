@@ -8,13 +8,13 @@ load, and the event-loop thread's CPU time (``time.thread_time``) is taken
 around each request: waiting for a core, the endpoint or the network is not
 counted. Rows, from most to least work on our side:
 
-- ``sdk create()``: the SDK's typed ``chat.completions.create`` (what
-  ``LLMClient`` did before): request transformation, httpx2's default transport,
-  the reply parsed into pydantic models.
-- ``LLMClient.complete``: what it does now (prepared body, ``client.post``, the
-  lean transport, the reply read as JSON).
-- ``httpx2, default transport`` / ``httpx2, lean transport``: a bare
-  ``AsyncClient.post`` of the same bytes, without the SDK.
+- ``sdk create()``: the SDK's typed ``chat.completions.create``: request
+  transformation, httpx2's default transport, the reply parsed into pydantic
+  models.
+- ``LLMClient.complete``: what the orchestrator does (prepared body, the SDK's
+  ``client.post`` on an ``httpx2`` pool, the reply read as JSON).
+- ``httpx2, default transport``: a bare ``AsyncClient.post`` of the same bytes,
+  without the SDK.
 - ``raw HTTP/1.1``: the floor's client, one asyncio stream.
 """
 
@@ -33,7 +33,6 @@ import openai
 
 from heist_common.config import LLMConfig
 from orchestrator.llm.client import LLMClient
-from orchestrator.llm.transport import PlainHTTPTransport
 from orchestrator.tools.registry import ToolRegistry
 from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import RawHTTP
@@ -54,7 +53,6 @@ async def measure(llm: HttpLLM, requests: int, rounds: int = 10) -> dict[str, di
     client = LLMClient(LLMConfig(base_url=llm.base_url, model="bench", max_tokens=60, max_retries=0))
     sdk = openai.AsyncOpenAI(base_url=llm.base_url, api_key="bench", max_retries=0, timeout=60)
     default = httpx2.AsyncClient(timeout=60)
-    lean = httpx2.AsyncClient(timeout=60, transport=PlainHTTPTransport())
     raw = RawHTTP(llm.base_url, "bench")
     body = json.dumps({"model": "bench", "messages": MESSAGES, "tools": tools, "tool_choice": "auto"}).encode()
     url = llm.base_url + "/chat/completions"
@@ -76,9 +74,6 @@ async def measure(llm: HttpLLM, requests: int, rounds: int = 10) -> dict[str, di
     async def via_default() -> None:
         json.loads((await default.post(url, content=body, headers=headers)).content)
 
-    async def via_lean() -> None:
-        json.loads((await lean.post(url, content=body, headers=headers)).content)
-
     async def via_raw() -> None:
         json.loads(await raw.post("/v1/chat/completions", body))
 
@@ -86,7 +81,6 @@ async def measure(llm: HttpLLM, requests: int, rounds: int = 10) -> dict[str, di
         "sdk create()": via_create,
         "LLMClient.complete": via_llm_client,
         "httpx2, default transport": via_default,
-        "httpx2, lean transport": via_lean,
         "raw HTTP/1.1": via_raw,
     }
     samples: dict[str, list[float]] = {name: [] for name in ways}
@@ -103,7 +97,6 @@ async def measure(llm: HttpLLM, requests: int, rounds: int = 10) -> dict[str, di
         await client.close()
         await sdk.close()
         await default.aclose()
-        await lean.aclose()
         await raw.close()
     return {
         name: {"median_us": round(statistics.median(values)), "mean_us": round(statistics.fmean(values))}

@@ -66,7 +66,7 @@ def report(stats: pstats.Stats, turns: int, top: int = 14) -> None:
     print("cumulative per turn (profiled):")
     rows = sorted(raw.items(), key=lambda item: -item[1][3])
     for (path, line, function), row in rows:
-        interesting = "orchestrator/" in path or "openai/" in path or "_transports" in path or "llm_transport" in path
+        interesting = "orchestrator/" in path or "openai/" in path or "_transports" in path
         if function in TURN_PARTS and interesting:
             print(f"  {1000 * row[3] / turns:7.2f} ms  {short_path(path)}:{line} {function}")
 

@@ -48,7 +48,6 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "sdk create()",
         "LLMClient.complete",
         "httpx2, default transport",
-        "httpx2, lean transport",
         "raw HTTP/1.1",
     }
     assert all(row["median_us"] > 0 for row in layers.values())

@@ -93,6 +93,8 @@ class RecordedRequest:
     received_at: float = field(default_factory=time.monotonic)
     raw: bytes = b""
     """The body exactly as it arrived (``body`` is it parsed)."""
+    peer: tuple[str, int] | None = None
+    """The client's address and port: requests over one keep-alive connection share it."""
 
     @property
     def probe(self) -> bool:
@@ -298,7 +300,8 @@ def _handler_for(llm: ScriptedLLM) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw or b"{}")
             except ValueError:
                 body = {"_raw": raw.decode(errors="replace")}
-            request = RecordedRequest("POST", self.path, dict(self.headers), body, raw=raw)
+            peer = (str(self.client_address[0]), int(self.client_address[1]))
+            request = RecordedRequest("POST", self.path, dict(self.headers), body, raw=raw, peer=peer)
             llm._record(request)
             route = self.path.rstrip("/")
             if not route.endswith("/completions"):

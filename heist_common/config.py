@@ -318,7 +318,8 @@ class OAuthConfig(Section):
     clients: dict[NonEmpty, tuple[NonEmpty, ...]] = Field(
         default_factory=dict,
         description="OAuth client id -> the scopes it may be granted; each client's secret comes from "
-        "`HEIST_OAUTH_CLIENT_SECRET_<ID>` or the generated dev credentials, never from this file.",
+        "`HEIST_OAUTH_CLIENT_SECRET_<ID>`, the file `<ID>` in `HEIST_OAUTH_CLIENT_SECRETS_DIR`, or the generated "
+        "dev credentials, never from this file.",
     )
     failed_secrets: FailedSecretsConfig = Field(
         default=FailedSecretsConfig(),

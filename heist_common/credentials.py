@@ -64,7 +64,7 @@ def client_secret_env_var(client_id: str) -> str:
 
 
 def _secret_from_dir(folder: Path, client_id: str) -> str | None:
-    """The secret in ``folder/<client_id>`` (one trailing newline dropped); None if there is no such file."""
+    """Read the secret in ``folder/<client_id>`` (one trailing newline dropped); None if there is no such file."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", client_id):
         return None  # never a path outside the folder
     path = folder / client_id

@@ -55,8 +55,8 @@ from heist_common.credentials import (
 
 __all__ = [
     "CLIENTS_FILE",
-    "CLIENT_SECRET_ENV_PREFIX",
     "CLIENT_SECRETS_DIR_ENV",
+    "CLIENT_SECRET_ENV_PREFIX",
     "CREDENTIALS_DIR_ENV",
     "PUBLIC_KEY_FILE_ENV",
     "SIGNING_KEY_FILE_ENV",

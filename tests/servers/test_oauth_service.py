@@ -131,7 +131,7 @@ async def test_one_callers_failed_secrets_never_make_another_caller_wait(config,
             await oauth.IssueToken(grant(config, secret="guess"))
     await fails_with(oauth.IssueToken(grant(config)), grpc.StatusCode.RESOURCE_EXHAUSTED, "from this caller")
     server = mesh.servers["oauth"]
-    async with channels.aio_channel(config, server.address, identity="grpcurl") as channel:
+    async with channels.aio_channel(config, "oauth", server.address, identity="grpcurl") as channel:
         other_caller = oauth_pb2_grpc.OAuthServiceStub(channel)
         assert (await other_caller.IssueToken(grant(config))).access_token, "the right secret from another caller"
         await fails_with(other_caller.IssueToken(grant(config, secret="guess")), grpc.StatusCode.UNAUTHENTICATED)

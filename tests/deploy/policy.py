@@ -68,6 +68,24 @@ def policy_problems(resources: list[Resource]) -> list[str]:
     problems += _disruption_problems(resources)
     problems += _secret_env_problems(resources)
     problems += _memory_problems(resources, config)
+    problems += _development_identity_problems(resources, config)
+    return problems
+
+
+DEVELOPMENT_IDENTITIES = ("grpcurl",)
+"""Identities for a developer's laptop (heist_common.tls.CLIENT_IDENTITIES): no client, secret or certificate
+for them in the cluster."""
+
+
+def _development_identity_problems(resources: list[Resource], config: Resource) -> list[str]:
+    problems = []
+    clients = (config.get("oauth") or {}).get("clients") or {}
+    for identity in DEVELOPMENT_IDENTITIES:
+        if identity in clients:
+            problems.append(f"ConfigMap: oauth.clients has the development client {identity!r}")
+        for certificate in by_kind(resources, "Certificate").values():
+            if identity in (certificate["metadata"]["name"], certificate["spec"].get("commonName")):
+                problems.append(f"{describe(certificate)}: a certificate for the development identity {identity!r}")
     return problems
 
 

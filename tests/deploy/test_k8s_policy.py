@@ -89,6 +89,8 @@ def _break(resources: list[Resource], breakage: str) -> None:
     elif breakage == "workers outgrow the pod":
         db = deployments["database-query"]["spec"]["template"]["spec"]["containers"][0]
         db["resources"]["limits"]["memory"] = "256Mi"
+    elif breakage == "grpcurl client":
+        edited_config(resources, oauth__clients__grpcurl=["calculator:use"])
     elif breakage == "no tls files":
         container["env"] = [e for e in container["env"] if not e["name"].startswith("HEIST_TLS_")]
     else:
@@ -109,6 +111,7 @@ def _break(resources: list[Resource], breakage: str) -> None:
         ("no budget", "Deployment/calculator: 0 PodDisruptionBudgets"),
         ("secret in env", "env HEIST_OAUTH_CLIENT_SECRET_PLANNER carries a Secret"),
         ("workers outgrow the pod", "Deployment/database-query: memory limit 256Mi < 1280Mi"),
+        ("grpcurl client", "oauth.clients has the development client 'grpcurl'"),
         ("no tls files", "Deployment/calculator: HEIST_TLS_CA_FILE is not key 'ca.crt' of a mounted Secret"),
     ],
 )

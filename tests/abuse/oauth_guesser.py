@@ -78,7 +78,7 @@ def main() -> None:
     seen: dict[str, Counter[str]] = {client: Counter() for client in args.clients.split(",")}
     while not stopping.is_set():
         started = time.monotonic()
-        with tls.sync_channel(config, target, identity=args.identity) as channel:
+        with tls.sync_channel(config, target, service="oauth", identity=args.identity) as channel:
             stub = oauth_pb2_grpc.OAuthServiceStub(channel)
             for client in seen:
                 guess = oauth_pb2.IssueTokenRequest(

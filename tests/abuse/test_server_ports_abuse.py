@@ -138,7 +138,8 @@ def test_a_half_open_flood_on_the_metrics_port_never_reaches_grpc(calc: RunningS
         time.sleep(0.5)  # the server has seen every connection
         flood_threads, flood_fds = threads(calc.pid), descriptors(calc.pid)
         grpc_s = [evaluate(calc, calc.channel) for _ in range(5)]
-        with channel(calc.settings, calc.process.address) as fresh:  # a new gRPC connection, during the flood
+        # a new gRPC connection, during the flood
+        with channel(calc.settings, "calculator", calc.process.address) as fresh:
             grpc_s += [evaluate(calc, fresh) for _ in range(5)]
         during = scrape_within(url, 5.0)
     finally:

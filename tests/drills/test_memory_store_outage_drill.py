@@ -54,7 +54,7 @@ class HealthWatch:
 
     def __init__(self, mesh: ProcessMesh, service: str) -> None:
         self.statuses: list[str] = []
-        self._channel = channels.channel(mesh.config, mesh.address("memory"))
+        self._channel = channels.channel(mesh.config, "memory", mesh.address("memory"))
         self._stream = health_pb2_grpc.HealthStub(self._channel).Watch(
             health_pb2.HealthCheckRequest(service=service), timeout=120
         )
@@ -79,14 +79,15 @@ def wait_for_status(mesh: ProcessMesh, wanted: str) -> float:
     started = time.monotonic()
     while time.monotonic() - started < NOTICE_S:
         address = mesh.address("memory")
-        if health_status(mesh.config, address) == wanted == health_status(mesh.config, address, service=MEMORY_SERVICE):
+        server = health_status(mesh.config, "memory", address)
+        if server == wanted == health_status(mesh.config, "memory", address, grpc_service=MEMORY_SERVICE):
             return time.monotonic() - started
         time.sleep(0.1)
     raise AssertionError(f"memory health is not {wanted} after {NOTICE_S} s:\n{mesh.servers['memory'].log()}")
 
 
 def store_memory(mesh: ProcessMesh, turn: int) -> memory_pb2.StoreMemoryResponse:
-    with channels.channel(mesh.config, mesh.address("memory")) as channel:
+    with channels.channel(mesh.config, "memory", mesh.address("memory")) as channel:
         request = memory_pb2.StoreMemoryRequest(agent_name="planner", turn_id=turn, message=f"turn {turn}")
         response: memory_pb2.StoreMemoryResponse = memory_pb2_grpc.MemoryServiceStub(channel).StoreMemory(
             request, metadata=session_metadata(mesh.config, SESSION), timeout=5

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from heist_common.layout import REPO_ROOT
+from servers.supervisor import parse_pid_file
 from tests.e2e.harness import Mesh, make
 from tests.support.access_log import access_entries
 from tests.support.ports import listening
@@ -109,6 +110,13 @@ def logged(log_file: Path, session: str) -> bool:
     return any(entry["session"] == session for entry in access_entries(log_file.read_text()))
 
 
+def llm_pid(served: Mesh) -> int:
+    """The model server's pid from its pid file (``<pid> <start time>``)."""
+    record = parse_pid_file((served.run_dir / "run" / "llm.pid").read_text())
+    assert record is not None
+    return record.pid
+
+
 def test_killing_the_model_mid_run_fails_the_session_and_serve_restarts_it(served: Mesh) -> None:
     run = subprocess.Popen(
         [str(REPO_ROOT / ".venv" / "bin" / "orchestrator"), "run", "--config", str(served.config), "--turns", "12"],
@@ -122,7 +130,7 @@ def test_killing_the_model_mid_run_fails_the_session_and_serve_restarts_it(serve
             if line.startswith("[turn 2]"):
                 break
         assert "[turn 2]" in seen, seen
-        pid = int((served.run_dir / "run" / "llm.pid").read_text())
+        pid = llm_pid(served)
         os.kill(pid, signal.SIGKILL)
         out, err = run.communicate(timeout=120)
     finally:
@@ -141,4 +149,4 @@ def test_killing_the_model_mid_run_fails_the_session_and_serve_restarts_it(serve
     again = make("serve", f"CONFIG={served.config}", "LLM=on")
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"llm: SERVING on 127.0.0.1:{served.llm_port}" in again.stdout
-    assert int((served.run_dir / "run" / "llm.pid").read_text()) != pid
+    assert llm_pid(served) != pid

@@ -212,6 +212,12 @@ class ServiceConfig(Section):
         description="`host:port` where the server serves Prometheus metrics (`GET /metrics`); "
         "unset: no metrics endpoint.",
     )
+    health_address: str | None = Field(
+        default=None,
+        description="`host:port` of a second, plaintext port that serves only `grpc.health.v1` (the same statuses "
+        "as the API port), for probes that cannot present a client certificate (the kubelet); unset: health "
+        "is answered on the API port only.",
+    )
     server: ServerConfig = Field(default=ServerConfig(), description="Transport bounds of this service's gRPC server.")
     store: str | None = Field(
         default=None,
@@ -247,9 +253,9 @@ class ServiceConfig(Section):
         """Every replica's address, replica 0 (``address`` itself) first."""
         return tuple(replica_address(self.address, index) for index in range(self.replicas))
 
-    @field_validator("metrics_address")
+    @field_validator("metrics_address", "health_address")
     @classmethod
-    def _valid_metrics_address(cls, value: str | None) -> str | None:
+    def _valid_side_address(cls, value: str | None) -> str | None:
         if value is not None:
             split_address(value)
         return value
@@ -312,7 +318,8 @@ class OAuthConfig(Section):
     clients: dict[NonEmpty, tuple[NonEmpty, ...]] = Field(
         default_factory=dict,
         description="OAuth client id -> the scopes it may be granted; each client's secret comes from "
-        "`HEIST_OAUTH_CLIENT_SECRET_<ID>` or the generated dev credentials, never from this file.",
+        "`HEIST_OAUTH_CLIENT_SECRET_<ID>`, the file `<ID>` in `HEIST_OAUTH_CLIENT_SECRETS_DIR`, or the generated "
+        "dev credentials, never from this file.",
     )
     failed_secrets: FailedSecretsConfig = Field(
         default=FailedSecretsConfig(),

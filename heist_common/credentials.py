@@ -1,4 +1,4 @@
-"""Where an OAuth client finds its secret: an environment variable, else the generated dev file.
+"""Where an OAuth client finds its secret: an environment variable, a mounted file, else the generated dev file.
 
 Both sides need this and nothing more of each other's credentials: the
 orchestrator reads its agents' client secrets to ask for tokens, the OAuth
@@ -8,7 +8,13 @@ server reads every secret to check them. Signing keys stay with the servers
 - ``HEIST_OAUTH_CLIENT_SECRET_<CLIENT_ID>``: a client's secret; the client id is
   upper-cased and every non-alphanumeric character becomes ``_``
   (``safecracker`` -> ``HEIST_OAUTH_CLIENT_SECRET_SAFECRACKER``)
+- ``HEIST_OAUTH_CLIENT_SECRETS_DIR``: a folder with one file per client, named by
+  the client id and holding its secret (a Kubernetes Secret mounted as a volume,
+  key = client id): secrets stay out of the environment, which child processes,
+  crash reports and ``/proc/<pid>/environ`` can see
 - ``HEIST_CREDENTIALS_DIR``: use this folder instead of ``<run_dir>/credentials``
+
+Each source wins over the ones after it: the variable, the folder's file, ``clients.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from heist_common.config import HeistConfig
 CREDENTIALS_DIR_ENV = "HEIST_CREDENTIALS_DIR"
 CLIENT_SECRET_ENV_PREFIX = "HEIST_OAUTH_CLIENT_SECRET_"
 CLIENTS_FILE = "clients.json"
+CLIENT_SECRETS_DIR_ENV = "HEIST_OAUTH_CLIENT_SECRETS_DIR"
+MAX_SECRET_FILE_BYTES = 4096
+"""A client secret is a few dozen characters; a bigger file is the wrong file."""
 
 
 class CredentialsError(RuntimeError):
@@ -54,11 +63,39 @@ def client_secret_env_var(client_id: str) -> str:
     return CLIENT_SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", client_id).upper()
 
 
+def _secret_from_dir(folder: Path, client_id: str) -> str | None:
+    """Read the secret in ``folder/<client_id>`` (one trailing newline dropped); None if there is no such file."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", client_id):
+        return None  # never a path outside the folder
+    path = folder / client_id
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CredentialsError(f"cannot read the secret of client {client_id!r} from {path}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise CredentialsError(f"{path}: more than {MAX_SECRET_FILE_BYTES} bytes, not a client secret")
+    try:
+        secret = data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError:
+        raise CredentialsError(f"{path}: the secret of client {client_id!r} is not UTF-8") from None
+    if not secret:
+        raise CredentialsError(f"{path}: the secret of client {client_id!r} is empty")
+    return secret
+
+
 def client_secret(config: HeistConfig, client_id: str) -> str:
-    """Return one client's secret: the environment variable, else the generated file."""
+    """Return one client's secret: the environment variable, else the secrets folder's file, else clients.json."""
     from_env = os.environ.get(client_secret_env_var(client_id))
     if from_env:
         return from_env
+    secrets_dir = os.environ.get(CLIENT_SECRETS_DIR_ENV)
+    if secrets_dir:
+        from_file = _secret_from_dir(Path(secrets_dir), client_id)
+        if from_file is not None:
+            return from_file
     path = credentials_dir(config) / CLIENTS_FILE
     try:
         secrets_by_client = json.loads(path.read_text(encoding="utf-8"))

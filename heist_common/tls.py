@@ -30,18 +30,28 @@ Production: mount your own and point at them; each variable wins over the files:
 - ``HEIST_TLS_CERT_FILE`` / ``HEIST_TLS_KEY_FILE``: this process's own certificate and key
 
 (a server's certificate must carry the DNS SAN ``server_name(service)``).
+
+Rotation: a server re-reads its three files when one of them changes (checked
+on each new connection, before its handshake), so a renewed certificate (cert-manager
+updating a mounted Secret, or a new dev certificate) is served without a restart.
+Connections already open keep the certificate they were made with; a half-written
+or mismatched pair is ignored until it is whole.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from heist_common.config import HeistConfig
 from heist_common.credentials import CredentialsError, credentials_dir
@@ -52,6 +62,7 @@ __all__ = [
     "CLIENT_IDENTITIES",
     "KEY_FILE_ENV",
     "SERVICE_DOMAIN",
+    "RotatingServerCertificate",
     "TlsMaterial",
     "aio_channel",
     "channel_credentials",
@@ -64,6 +75,8 @@ __all__ = [
     "sync_channel",
     "tls_dir",
 ]
+
+log = logging.getLogger("heist.tls")
 
 CA_FILE_ENV = "HEIST_TLS_CA_FILE"
 CERT_FILE_ENV = "HEIST_TLS_CERT_FILE"
@@ -112,12 +125,86 @@ def _read(path: Path, what: str) -> bytes:
         ) from None
 
 
-def _material(config: HeistConfig, identity: str) -> TlsMaterial:
+def _paths(config: HeistConfig, identity: str) -> tuple[Path, Path, Path]:
+    """Return the CA, certificate and key files of ``identity`` (each ``HEIST_TLS_*`` variable wins)."""
     folder = tls_dir(config)
     ca = Path(os.environ.get(CA_FILE_ENV) or folder / "ca.crt")
     cert = Path(os.environ.get(CERT_FILE_ENV) or folder / f"{identity}.crt")
     key = Path(os.environ.get(KEY_FILE_ENV) or folder / f"{identity}.key")
+    return ca, cert, key
+
+
+def _material(config: HeistConfig, identity: str) -> TlsMaterial:
+    ca, cert, key = _paths(config, identity)
     return TlsMaterial(_read(ca, "CA"), _read(cert, "certificate"), _read(key, "key"))
+
+
+def _pair_matches(material: TlsMaterial) -> bool:
+    """Whether the key belongs to the certificate (a rotation may have replaced only one of them so far)."""
+    try:
+        cert = x509.load_pem_x509_certificate(material.cert)
+        key = serialization.load_pem_private_key(material.key, password=None)
+        x509.load_pem_x509_certificates(material.ca)
+    except (ValueError, TypeError):
+        return False
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(cert.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki))
+
+
+class RotatingServerCertificate:
+    """A server's certificate configuration that follows its files: gRPC asks before every handshake.
+
+    ``fetch`` (the ``certificate_configuration_fetcher``) compares the files'
+    (inode, size, mtime) with the last ones loaded and re-reads them only when
+    they changed; a set that is unreadable or whose key does not match the
+    certificate is skipped (the previous configuration stays) and tried again
+    on the next connection, so a rotation caught half-way costs nothing.
+    """
+
+    def __init__(self, config: HeistConfig, service: str) -> None:
+        self.service = service
+        self.paths = _paths(config, service)
+        self._lock = threading.Lock()  # gRPC may call fetch from several threads at once
+        self._stamp = self._stat()
+        self.material = _material(config, service)
+        self.reloads = 0
+        """Certificate sets loaded since the start (tests and logs)."""
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...] | None:
+        try:
+            stats = [path.stat() for path in self.paths]  # follows symlinks: a Secret volume swaps ..data
+        except OSError:
+            return None
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        """Return the configuration the server starts with."""
+        return self._configuration(self.material)
+
+    @staticmethod
+    def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(material.key, material.cert)], root_certificates=material.ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Return a new configuration if the files changed into a whole, matching set; None keeps the current one."""
+        with self._lock:
+            stamp = self._stat()
+            if stamp is None or stamp == self._stamp:
+                return None
+            try:
+                material = TlsMaterial(*(path.read_bytes() for path in self.paths))
+            except OSError:
+                return None
+            if not _pair_matches(material):
+                return None
+            if self._stat() != stamp:
+                return None  # changed while being read: take it on the next connection
+            self._stamp = stamp
+            self.material = material
+            self.reloads += 1
+        log.info("%s: loaded its rotated TLS certificate from %s", self.service, self.paths[1])
+        return self._configuration(material)
 
 
 def server_material(config: HeistConfig, service: str) -> TlsMaterial:
@@ -131,11 +218,14 @@ def client_material(config: HeistConfig, identity: str = "orchestrator") -> TlsM
 
 
 def server_credentials(config: HeistConfig, service: str) -> grpc.ServerCredentials:
-    """Server credentials that require, and verify against the mesh CA, a client certificate."""
-    material = server_material(config, service)
-    return grpc.ssl_server_credentials(
-        [(material.key, material.cert)], root_certificates=material.ca, require_client_auth=True
-    )
+    """Server credentials that require, and verify against the mesh CA, a client certificate.
+
+    They follow the files (``RotatingServerCertificate``): a renewed certificate is served without a restart.
+    """
+    rotating = RotatingServerCertificate(config, service)
+    # grpc documents None as "keep the current configuration"; its type stubs leave None out.
+    fetcher = cast("Callable[[], grpc.ServerCertificateConfiguration]", rotating.fetch)
+    return grpc.dynamic_ssl_server_credentials(rotating.initial(), fetcher, require_client_authentication=True)
 
 
 def channel_credentials(config: HeistConfig, identity: str = "orchestrator") -> grpc.ChannelCredentials:

@@ -104,7 +104,7 @@ class Supervisor:
         """Describe a gRPC service's processes: one per replica, ``name`` then ``name.1``, ``name.2``...
 
         Replica ``i`` listens on the service's port plus ``100 * i`` (``ServiceConfig.replica_addresses``),
-        and serves its metrics on the metrics port plus ``100 * i``.
+        and serves its metrics (and its plaintext health port, if any) on those ports plus ``100 * i``.
         """
         settings = self.config.service(name)
         processes = []
@@ -115,6 +115,8 @@ class Supervisor:
                 command += ["--address", address]
                 if metrics is not None:
                     command += ["--metrics-address", metrics]
+                if settings.health_address:
+                    command += ["--health-address", replica_address(settings.health_address, index)]
             process_name = replica_name(name, index)
             processes.append(ManagedProcess(process_name, address, command, GRPC_START_TIMEOUT_S, metrics))
         return processes

@@ -14,6 +14,8 @@ each variable wins over the generated files:
 - ``HEIST_OAUTH_CLIENT_SECRET_<CLIENT_ID>``: a client's secret; the client id is
   upper-cased and every non-alphanumeric character becomes ``_``
   (``safecracker`` -> ``HEIST_OAUTH_CLIENT_SECRET_SAFECRACKER``)
+- ``HEIST_OAUTH_CLIENT_SECRETS_DIR``: a folder with one file per client (named by
+  its id), for secrets mounted as files rather than passed in the environment
 - ``HEIST_OAUTH_SIGNING_KEY_FILE``: path of the Ed25519 private key PEM (OAuth server only)
 - ``HEIST_OAUTH_PUBLIC_KEY_FILE``: path of the matching public key PEM (tool servers)
 - ``HEIST_CREDENTIALS_DIR``: use this folder instead of ``<run_dir>/credentials``
@@ -41,6 +43,7 @@ from heist_common import dev_pki, tls
 from heist_common.config import HeistConfig
 from heist_common.credentials import (
     CLIENT_SECRET_ENV_PREFIX,
+    CLIENT_SECRETS_DIR_ENV,
     CLIENTS_FILE,
     CREDENTIALS_DIR_ENV,
     CredentialsError,
@@ -52,6 +55,7 @@ from heist_common.credentials import (
 
 __all__ = [
     "CLIENTS_FILE",
+    "CLIENT_SECRETS_DIR_ENV",
     "CLIENT_SECRET_ENV_PREFIX",
     "CREDENTIALS_DIR_ENV",
     "PUBLIC_KEY_FILE_ENV",

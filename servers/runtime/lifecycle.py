@@ -11,7 +11,10 @@ something outside its process (the memory service on Redis) hands in a
 behind ``python -m servers.<name>``. When ``services.<name>.metrics_address`` is
 set, the server also serves Prometheus metrics there (``servers.runtime.metrics``); when
 the standard ``OTEL_EXPORTER_OTLP_*`` variables are set, it exports a span per
-call over OTLP (``heist_common.telemetry``).
+call over OTLP (``heist_common.telemetry``). When ``services.<name>.health_address`` is set,
+a second, plaintext server there answers only grpc.health.v1 from the same ``HealthServicer``
+(so both ports report the same statuses): the kubelet's gRPC probes cannot present a client
+certificate, and the API port keeps requiring one.
 """
 
 from __future__ import annotations
@@ -145,6 +148,9 @@ class RunningServer:
     metrics: MetricsEndpoint | None = None
     telemetry: Telemetry = field(default_factory=Telemetry)
     prober: asyncio.Task[None] | None = None
+    health_server: grpc.aio.Server | None = None
+    """The plaintext health-only server on ``health_address`` (None without one)."""
+    health_address: str | None = None
     _stopped: bool = dataclasses.field(default=False, repr=False)
 
     @property
@@ -164,7 +170,11 @@ class RunningServer:
             return
         self._stopped = True
         await self.drain()
-        await self.server.stop(grace)
+        if self.health_server is not None:
+            # Both stop together: a probe must not see SERVING from a process that no longer takes calls.
+            await asyncio.gather(self.server.stop(grace), self.health_server.stop(grace))
+        else:
+            await self.server.stop(grace)
         if self.definition.on_stop is not None:
             await self.definition.on_stop()
         await self.access_log.stop()
@@ -244,6 +254,36 @@ def server_options(bounds: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+HEALTH_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_allowed_incoming_connections", 16),
+    ("grpc.max_concurrent_streams", 16),
+    ("grpc.server_handshake_timeout_ms", 5_000),
+    ("grpc.max_connection_idle_ms", 60_000),
+    ("grpc.max_receive_message_length", 4096),
+]
+"""The health port's own bounds: it answers a few probes, never a client's load."""
+
+
+async def start_health_server(health: HealthServicer, address: str) -> tuple[grpc.aio.Server, str]:
+    """Serve ``health`` alone, in plaintext, on ``address``; return the server and the address it bound.
+
+    Nothing else is registered (no reflection, no tool): the port is unauthenticated, so it
+    must tell a caller no more than whether the service is up.
+    """
+    host, _ = split_address(address)
+    server = grpc.aio.server(options=HEALTH_SERVER_OPTIONS, maximum_concurrent_rpcs=16)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {address} for health checks (port in use?)")
+    await server.start()
+    return server, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def raise_open_file_limit(wanted: int = 65_536) -> int:
     """Raise this process's soft descriptor limit towards the hard one, so connection caps bind first."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -261,10 +301,12 @@ async def start(
     *,
     log_stream: Any = None,
     metrics_address: str | None = None,
+    health_address: str | None = None,
 ) -> RunningServer:
     """Start ``definition`` on ``address`` in the running event loop; SERVING once it listens.
 
-    ``metrics_address`` overrides ``services.<name>.metrics_address`` (port 0: any free port).
+    ``metrics_address`` overrides ``services.<name>.metrics_address`` and ``health_address``
+    ``services.<name>.health_address`` (port 0: any free port).
     """
     host, _ = split_address(address)
     contract = definition.contract
@@ -274,6 +316,7 @@ async def start(
     settings = config.service(definition.name)
     bounds = settings.server
     metrics_address = metrics_address or settings.metrics_address
+    health_address = health_address or settings.health_address
     metrics = ServerMetrics(definition.name, definition.collectors) if metrics_address else None
     telemetry = setup_tracing(f"heist-{definition.name}")
     server = grpc.aio.server(options=server_options(bounds), maximum_concurrent_rpcs=bounds.max_concurrent_rpcs)
@@ -303,8 +346,10 @@ async def start(
     if port == 0:
         telemetry.shutdown()
         raise OSError(f"{definition.name}: cannot listen on {address} (port in use?)")
+    endpoint = None
+    health_server = None
+    health_bound = None
     try:
-        endpoint = None
         if metrics is not None and metrics_address:
             endpoint = await MetricsEndpoint.start(
                 metrics.registry,
@@ -312,9 +357,13 @@ async def start(
                 max_connections=bounds.metrics_max_connections,
                 timeout_s=bounds.metrics_timeout_s,
             )
+        if health_address:
+            health_server, health_bound = await start_health_server(health, health_address)
     except OSError as exc:
         telemetry.shutdown()
         await server.stop(None)
+        if endpoint is not None:
+            await endpoint.stop()
         raise OSError(f"{definition.name}: {exc}") from None
     await server.start()
     access_log.start()
@@ -332,11 +381,14 @@ async def start(
     log.info("%s listening on %s (%s)", definition.name, bound, config.security.transport)
     if endpoint is not None:
         log.info("%s metrics on %s", definition.name, endpoint.url)
+    if health_bound is not None:
+        log.info("%s health checks (plaintext, grpc.health.v1 only) on %s", definition.name, health_bound)
     if telemetry.enabled:
         log.info("%s exports spans over OTLP", definition.name)
     return RunningServer(
-        definition.name, bound, port, server, health, access_log, definition, endpoint, telemetry, prober
-    )
+        definition.name, bound, port, server, health, access_log, definition, endpoint, telemetry, prober,
+        health_server, health_bound,
+    )  # fmt: skip
 
 
 async def start_service(
@@ -346,6 +398,7 @@ async def start_service(
     *,
     log_stream: Any = None,
     metrics_address: str | None = None,
+    health_address: str | None = None,
 ) -> RunningServer:
     """Start the configured service ``name`` in the running event loop (tests, benchmarks, embedding).
 
@@ -354,7 +407,12 @@ async def start_service(
     (default: stderr). Stop it with ``await server.stop(grace)``.
     """
     return await start(
-        service_definition(name, config), config, address, log_stream=log_stream, metrics_address=metrics_address
+        service_definition(name, config),
+        config,
+        address,
+        log_stream=log_stream,
+        metrics_address=metrics_address,
+        health_address=health_address,
     )
 
 
@@ -370,6 +428,10 @@ def parse_args(service_name: str, argv: Sequence[str] | None = None) -> argparse
     parser.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown (default: config)")
     parser.add_argument(
         "--metrics-address", help="HOST:PORT for Prometheus metrics (default: services.<name>.metrics_address)"
+    )
+    parser.add_argument(
+        "--health-address",
+        help="HOST:PORT for plaintext grpc.health.v1 only (default: services.<name>.health_address)",
     )
     return parser.parse_args(argv)
 
@@ -392,14 +454,19 @@ def configure_logging() -> None:
 
 
 async def serve_until_signalled(
-    definition: ServiceDefinition, config: HeistConfig, address: str, grace_s: float, metrics_address: str | None = None
+    definition: ServiceDefinition,
+    config: HeistConfig,
+    address: str,
+    grace_s: float,
+    metrics_address: str | None = None,
+    health_address: str | None = None,
 ) -> None:
     """Run one service until SIGTERM/SIGINT, then drain and stop within ``grace_s``."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    running = await start(definition, config, address, metrics_address=metrics_address)
+    running = await start(definition, config, address, metrics_address=metrics_address, health_address=health_address)
     await stop_requested.wait()
     log.info("%s: stop requested, draining for up to %.1f s", definition.name, grace_s)
     # NOT_SERVING first, still accepting calls while health watchers (client-side load balancers)
@@ -423,8 +490,9 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         config.mesh.make_private()
         address = resolve_address(config, service_name, args)
-        if args.metrics_address:
-            split_address(args.metrics_address)
+        for side_address in (args.metrics_address, args.health_address):
+            if side_address:
+                split_address(side_address)
         definition = service_definition(service_name, config)
     except ConfigError as exc:
         log.error("%s", exc)
@@ -435,7 +503,11 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     grace_s = args.grace if args.grace is not None else config.mesh.shutdown_grace_s
     raise_open_file_limit()
     try:
-        asyncio.run(serve_until_signalled(definition, config, address, grace_s, args.metrics_address))
+        asyncio.run(
+            serve_until_signalled(
+                definition, config, address, grace_s, args.metrics_address, args.health_address
+            )
+        )
     except (OSError, CredentialsError) as exc:
         log.error("%s: %s", service_name, exc)
         return ExitCode.FAILED

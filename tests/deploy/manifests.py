@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import re
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
 from google.protobuf.descriptor import ServiceDescriptor
@@ -37,7 +39,6 @@ from tests.deploy.project import (
     CREDENTIALS_DIR_ENV,
     PUBLIC_KEY_FILE_ENV,
     SIGNING_KEY_FILE_ENV,
-    client_secret_env_var,
     required_scope,
 )
 
@@ -55,7 +56,30 @@ OLDEST_KUBERNETES = "1.30.0"
 """The oldest Kubernetes the manifests target: gRPC probes are GA (1.27) and the
 preStop ``sleep`` action is on by default (beta in 1.30)."""
 
-NAMESPACED_KINDS = frozenset({"ConfigMap", "Secret", "Service", "Deployment", "Job"})
+NAMESPACED_KINDS = frozenset(
+    {
+        "ConfigMap", "Secret", "Service", "Deployment", "Job", "NetworkPolicy", "PodDisruptionBudget",
+        "Issuer", "Certificate",
+    }
+)  # fmt: skip
+SCHEMAS_DIR = Path(__file__).with_name("schemas")
+CRD_SCHEMAS = {
+    ("cert-manager.io/v1", "Issuer"): SCHEMAS_DIR / "cert-manager.io_v1_issuer.json",
+    ("cert-manager.io/v1", "Certificate"): SCHEMAS_DIR / "cert-manager.io_v1_certificate.json",
+}
+"""Custom resources and their vendored ``openAPIV3Schema`` (cert-manager's CRDs: tests/deploy/schemas/README.md)."""
+CERTIFICATE_KEYS = frozenset({"ca.crt", "tls.crt", "tls.key"})
+"""The keys cert-manager writes into a Certificate's Secret (a CA Issuer sets ca.crt too)."""
+TLS_FILE_ENVS = {"HEIST_TLS_CA_FILE": "ca.crt", "HEIST_TLS_CERT_FILE": "tls.crt", "HEIST_TLS_KEY_FILE": "tls.key"}
+CLIENT_SECRETS_DIR_ENV = "HEIST_OAUTH_CLIENT_SECRETS_DIR"
+SECRET_ENV_ALLOWED = {
+    "HEIST_AUDIT_DB_URL": "the audit database URL (no password in it): `--db $(HEIST_AUDIT_DB_URL)` needs a variable",
+    "PGPASSWORD": "libpq reads the audit database password from it",
+    "HEIST_LLM_API_KEY": "llm.api_key_env names a variable",
+}
+"""Secrets still passed in the environment, each for a reason the code sets; nothing else may be."""
+SERVER_OVERHEAD_BYTES = 256 * 2**20
+"""What a server process needs beside its query workers (Python, gRPC, the bank database cache)."""
 RESTRICTED_VOLUME_TYPES = frozenset(
     {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "csi", "persistentVolumeClaim", "ephemeral"}
 )
@@ -117,8 +141,43 @@ def describe(resource: Resource) -> str:
     return f"{resource.get('kind')}/{resource.get('metadata', {}).get('name')}"
 
 
+def strict_schema(schema: Any) -> Any:
+    """``schema`` with unknown fields forbidden wherever it lists properties (what strict kubectl does for CRDs)."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: strict_schema(value) for key, value in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        strict["additionalProperties"] = False
+    return strict
+
+
+def crd_schema_errors(resource: Resource) -> list[str] | None:
+    """Strict validation of a custom resource against its vendored CRD schema; None if it is no such kind."""
+    path = CRD_SCHEMAS.get((str(resource.get("apiVersion")), str(resource.get("kind"))))
+    if path is None:
+        return None
+    schema = strict_schema(json.loads(path.read_text(encoding="utf-8")))
+    # The API server checks metadata as an ObjectMeta; the CRD schema only says "object".
+    schema["properties"]["metadata"] = {"type": "object", "required": ["name"]}
+    validator = jsonschema.Draft4Validator(schema)
+    return [
+        f"{describe(resource)}: {'.'.join(str(part) for part in error.absolute_path) or '(root)'}: {error.message} "
+        f"({path.name}, strict)"
+        for error in sorted(validator.iter_errors(resource), key=lambda e: list(map(str, e.absolute_path)))
+    ]
+
+
 def schema_errors(resource: Resource, version: str) -> list[str]:
-    """Strict validation of one resource against the Kubernetes ``version`` API schemas."""
+    """Strict validation of one resource against the Kubernetes ``version`` API schemas (or its CRD's)."""
+    custom = crd_schema_errors(resource)
+    if custom is not None:
+        return custom
     try:
         kubernetes_validate.validate(resource, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
@@ -302,6 +361,11 @@ def cross_reference_problems(
     return problems
 
 
+def certificate_secrets(resources: list[Resource]) -> dict[str, Resource]:
+    """Secret name -> the cert-manager Certificate that writes it."""
+    return {str(c["spec"]["secretName"]): c for c in by_kind(resources, "Certificate").values()}
+
+
 def secret_references(resources: list[Resource]) -> set[tuple[str, str]]:
     """Every ``(Secret, key)`` a pod uses, optional ones included (``*`` for a whole-Secret volume)."""
     references: set[tuple[str, str]] = set()
@@ -347,8 +411,8 @@ def _config_problems(config: Resource, services: list[str], namespace: str) -> l
     return problems
 
 
-def _service_port(config: Resource, service: str) -> int | None:
-    address = str(((config.get("services") or {}).get(service) or {}).get("address", ""))
+def _service_port(config: Resource, service: str, key: str = "address") -> int | None:
+    address = str(((config.get("services") or {}).get(service) or {}).get(key) or "")
     port = address.rpartition(":")[2]
     return int(port) if port.isdigit() else None
 
@@ -358,6 +422,7 @@ def _reference_problems(resources: list[Resource], secrets: list[Resource]) -> l
     problems: list[str] = []
     declared = secrets + list(by_kind(resources, "Secret").values())
     secret_keys = {s["metadata"]["name"]: set((s.get("stringData") or {}) | (s.get("data") or {})) for s in declared}
+    secret_keys |= {name: set(CERTIFICATE_KEYS) for name in certificate_secrets(resources)}
     config_keys = {name: set(cm.get("data") or {}) for name, cm in by_kind(resources, "ConfigMap").items()}
 
     def check(where: str, kind: str, name: str, keys: list[str], optional: bool = False) -> None:
@@ -413,6 +478,7 @@ def _service_problems(resources: list[Resource], config: Resource, services: lis
         name = k8s_name(service)
         full_name = full_service_name(service)
         port = _service_port(config, service)
+        health_port = _service_port(config, service, "health_address") or port
         deployment = deployments.get(name)
         if deployment is None:
             problems.append(f"Deployment/{name}: missing (mesh service {service})")
@@ -447,8 +513,8 @@ def _service_problems(resources: list[Resource], config: Resource, services: lis
                 continue
             if grpc.get("service") != full_name:
                 problems.append(f"Deployment/{name}: {probe_name} checks {grpc.get('service')!r}, serves {full_name!r}")
-            if grpc.get("port") != port:
-                problems.append(f"Deployment/{name}: {probe_name} port {grpc.get('port')} != {port}")
+            if grpc.get("port") != health_port:
+                problems.append(f"Deployment/{name}: {probe_name} port {grpc.get('port')} != {health_port}")
 
         k8s_service = k8s_services.get(name)
         if k8s_service is None:
@@ -546,6 +612,32 @@ def _secret_env(container: Resource, variable: str) -> tuple[str, str] | None:
     return (str(ref["name"]), str(ref["key"])) if ref else None
 
 
+def client_secret_file_problems(
+    resource: Resource, container: Resource, spec: Resource, clients: set[str]
+) -> list[str]:
+    """The container reads exactly ``clients``' secrets as files (HEIST_OAUTH_CLIENT_SECRETS_DIR), none from env."""
+    where = describe(resource)
+    problems = [
+        f"{where}: {name} passes a client secret in the environment (mount it under {CLIENT_SECRETS_DIR_ENV})"
+        for name in env_of(container)
+        if name.startswith("HEIST_OAUTH_CLIENT_SECRET_")
+    ]
+    folder = (env_of(container).get(CLIENT_SECRETS_DIR_ENV) or {}).get("value")
+    if not folder:
+        return [*problems, f"{where}: {CLIENT_SECRETS_DIR_ENV} is not set"]
+    files = mounted_files(container, spec)
+    present = {PurePosixPath(path).name for path in files if str(PurePosixPath(path).parent) == folder}
+    if present != clients:
+        problems.append(
+            f"{where}: client secret files {sorted(present)} != the oauth clients it needs {sorted(clients)}"
+        )
+    for client in sorted(clients & present):
+        source = files[f"{folder}/{client}"]
+        if volume_secret(source.volume) is None or source.key != client:
+            problems.append(f"{where}: {folder}/{client} is not key {client!r} of a mounted Secret")
+    return problems
+
+
 def _credential_problems(resources: list[Resource], config: Resource, services: list[str]) -> list[str]:
     """The signing key reaches the oauth pod only; the public key every token-checking server; client secrets."""
     problems: list[str] = []
@@ -573,14 +665,7 @@ def _credential_problems(resources: list[Resource], config: Resource, services: 
         source = file_env(oauth, container, spec, SIGNING_KEY_FILE_ENV)
         if source is not None:
             signing_secrets.add(str(volume_secret(source.volume)))
-        wanted = {client_secret_env_var(client): client for client in clients}
-        present = {name for name in env_of(container) if name.startswith("HEIST_OAUTH_CLIENT_SECRET_")}
-        if present != set(wanted):
-            problems.append(f"Deployment/oauth: client secret env {sorted(present)} != oauth.clients {sorted(wanted)}")
-        for variable, client in wanted.items():
-            ref = _secret_env(container, variable)
-            if ref is not None and ref[1] != client:
-                problems.append(f"Deployment/oauth: {variable} reads key {ref[1]!r}, expected {client!r}")
+        problems += client_secret_file_problems(oauth, container, spec, set(clients))
 
     for service in services:
         deployment = deployments.get(k8s_name(service))
@@ -636,10 +721,7 @@ def _job_problems(resources: list[Resource], config: Resource, configmap: Resour
     # The agents' clients, plus the orchestrator's own (session.oauth_client) for the memory service.
     own = str((config.get("session") or {}).get("oauth_client", "orchestrator"))
     clients = {str(agent.get("oauth_client", agent["name"])) for agent in agents} | {own}
-    wanted = {client_secret_env_var(client) for client in clients}
-    present = {name for name in env if name.startswith("HEIST_OAUTH_CLIENT_SECRET_")}
-    if present != wanted:
-        problems.append(f"{where}: client secret env {sorted(present)} != the run's oauth clients {sorted(wanted)}")
+    problems += client_secret_file_problems(job, container, spec, clients)
     api_key_env = str((config.get("llm") or {}).get("api_key_env", "HEIST_LLM_API_KEY"))
     if _secret_env(container, api_key_env) is None:
         problems.append(f"{where}: llm.api_key_env {api_key_env} does not come from a Secret")

@@ -5,13 +5,14 @@ volume mount becomes a folder (ConfigMap and Secret keys become files, emptyDirs
 empty folders), absolute paths in args, env and the config that point into a
 mount are moved there, ``$(VAR)`` in args is expanded from the container's env
 as the kubelet does, and ``secretKeyRef`` env comes from the Secrets given (the
-ones ``deploy/k8s/create-secrets.sh`` would create). The entrypoint is the
+ones ``deploy/k8s/create-secrets.sh`` would create, and the ones cert-manager
+would write for each Certificate: ``issued_certificates``). The entrypoint is the
 image's ``python -m`` with ``/app`` (the repository) on PYTHONPATH.
 
 Three deliberate differences, because this runs on a shared machine: servers
-listen on 127.0.0.1 instead of 0.0.0.0, every service gets a free port in the
-pods' config instead of 18051-18055, and the LLM endpoint is a scripted local
-one. Everything else is as the manifests say.
+listen on 127.0.0.1 instead of 0.0.0.0, every service's API, health and metrics
+ports are free ports in the pods' config instead of the shipped ones, and the
+LLM endpoint is a scripted local one. Everything else is as the manifests say.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
 
+from heist_common import dev_pki
 from tests.deploy.manifests import (
     CONFIG_KEY,
     ENV_REFERENCE,
@@ -62,6 +65,25 @@ def secrets_from_manifests(documents: list[Resource]) -> dict[str, dict[str, byt
         values |= {k: str(v).encode() for k, v in (doc.get("stringData") or {}).items()}
         secrets[doc["metadata"]["name"]] = values
     return secrets
+
+
+def issued_certificates(resources: list[Resource]) -> dict[str, dict[str, bytes]]:
+    """What cert-manager would write for each Certificate: Secret name -> ca.crt, tls.crt, tls.key.
+
+    One CA (the manifests' CA Issuer) signs every leaf; a Certificate with dnsNames
+    becomes a server certificate with exactly those names, one without a client one.
+    """
+    ca_cert, ca_key = dev_pki.new_ca("heist mesh CA")
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    issued: dict[str, dict[str, bytes]] = {}
+    for certificate in by_kind(resources, "Certificate").values():
+        spec = certificate["spec"]
+        if spec.get("isCA"):
+            continue
+        name = str(spec.get("commonName") or certificate["metadata"]["name"])
+        cert, key = dev_pki.issue_certificate(ca_cert, ca_key, name, server_names=list(spec.get("dnsNames") or []))
+        issued[str(spec["secretName"])] = {"ca.crt": ca_pem, "tls.crt": cert, "tls.key": key}
+    return issued
 
 
 @dataclass
@@ -201,11 +223,35 @@ def _pod_config(text: str, edit: dict[str, Any], pod: LocalPod) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def loopback_addresses(config_text: str, ports: list[int]) -> dict[str, Any]:
-    """A config edit moving every service to 127.0.0.1 on the given free ports, in ``services:`` order."""
+SIDE_ADDRESSES = ("health_address", "metrics_address")
+"""A service's addresses beside ``address`` that the pods' config moves to free loopback ports too."""
+
+
+def loopback_addresses(config_text: str, ports: list[int]) -> tuple[dict[str, Any], dict[int, int]]:
+    """A config edit moving every service's addresses to 127.0.0.1 on the given free ports, in ``services:`` order.
+
+    Returns the edit and container port -> local port. ``ports`` has one port per address the config sets.
+    """
     services = yaml.safe_load(config_text)["services"]
-    assert len(ports) == len(services)
-    return {"services": {name: {"address": f"{LOOPBACK}:{port}"} for name, port in zip(services, ports, strict=True)}}
+    free = iter(ports)
+    edit: dict[str, Any] = {}
+    port_of: dict[int, int] = {}
+    for name, settings in services.items():
+        moved = {}
+        for key in ("address", *SIDE_ADDRESSES):
+            if settings.get(key):
+                local = next(free)
+                moved[key] = f"{LOOPBACK}:{local}"
+                port_of[container_port(str(settings[key]))] = local
+        edit[name] = moved
+    assert next(free, None) is None, "more ports than addresses"
+    return {"services": edit}, port_of
+
+
+def address_count(config_text: str) -> int:
+    """How many addresses (API, health, metrics) the config's services set: the free ports a test needs."""
+    services = yaml.safe_load(config_text)["services"]
+    return sum(1 for settings in services.values() for key in ("address", *SIDE_ADDRESSES) if settings.get(key))
 
 
 def container_port(address: str) -> int:

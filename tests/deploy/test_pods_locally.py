@@ -2,11 +2,13 @@
 
 This is the closest to a cluster this machine gets (see tests/deploy/pods.py
 for what is simulated and the three deliberate differences). It proves what
-the schemas cannot: the containers' args and env start the real servers, the
+the schemas cannot: the containers' args and env start the real servers over mTLS with
+the mounted cert-manager identities (simulated: ``pods.issued_certificates``), the
 production credential variables from the Secrets that create-secrets.sh makes
 are the ones used (the OAuth server signs with the mounted key, the tool
 servers verify with the mounted public key), the kubelet's gRPC probe (Health/Check
-for the probe's service) answers SERVING, the Job's `orchestrator.cli run` with
+for the probe's service, in plaintext on the health port) answers SERVING while the
+API port refuses a plaintext client, the Job's `orchestrator.cli run` with
 ``--db $(HEIST_AUDIT_DB_URL)`` completes a session whose tool calls all
 succeed, nothing is written outside the pods' writable mounts, and SIGTERM
 stops every server cleanly within its grace period.
@@ -27,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 from playhouse.db_url import connect  # type: ignore[import-untyped]
 
+from heist_common.tls import server_name
 from tests.deploy.manifests import (
     REPO,
     by_kind,
@@ -39,9 +42,10 @@ from tests.deploy.manifests import (
 )
 from tests.deploy.pods import (
     LocalPod,
-    container_port,
+    address_count,
     create_secrets,
     files_written_under,
+    issued_certificates,
     local_pod,
     loopback_addresses,
     secrets_from_manifests,
@@ -104,14 +108,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     rendered = create_secrets(creds, audit, kubectl=kubectl())
     assert rendered.returncode == 0, rendered.stderr
     secrets = secrets_from_manifests([d for d in yaml.safe_load_all(rendered.stdout) if d])
+    secrets |= issued_certificates(resources)
 
     llm = ScriptedLLM(responder=_responder, models=(str(cluster_config(resources)["llm"]["model"]),)).start()
-    ports = free_ports(len(mesh_service_names()))
-    edit = loopback_addresses(config_text, ports)
-    port_of = {
-        container_port(str(cluster_config(resources)["services"][name]["address"])): port
-        for name, port in zip(yaml.safe_load(config_text)["services"], ports, strict=True)
-    }
+    edit, port_of = loopback_addresses(config_text, free_ports(address_count(config_text)))
     job_edit = {**edit, "llm": {"base_url": llm.base_url}}
 
     pods = {
@@ -157,13 +157,20 @@ def test_every_server_pod_passes_its_grpc_probes(mesh: dict[str, Any]) -> None:
         # The probe's service is the one the server registers: another name is NOT_FOUND.
         port = mesh["port_of"][container["readinessProbe"]["grpc"]["port"]]
         assert _health(port, "heist.nothing.v1.NoService") == "DOWN (NOT_FOUND)"
+        # The API port is another port, and it takes no plaintext client.
+        api = mesh["port_of"][next(p for p in container["ports"] if p["name"] == "grpc")["containerPort"]]
+        assert api != port
+        assert _health(api, container["readinessProbe"]["grpc"]["service"], timeout_s=2).startswith("DOWN"), name
 
 
 def test_oauth_signs_with_the_mounted_key_not_a_generated_one(mesh: dict[str, Any]) -> None:
     _wait_serving(mesh)
     oauth = by_kind(mesh["resources"], "Deployment")[k8s_name("oauth")]
     port = mesh["port_of"][oauth["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    orchestrator = mesh["secrets"]["heist-tls-orchestrator"]
+    creds = grpc.ssl_channel_credentials(orchestrator["ca.crt"], orchestrator["tls.key"], orchestrator["tls.crt"])
+    options = [("grpc.ssl_target_name_override", server_name("oauth"))]
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options) as channel:
         keys = oauth_pb2_grpc.OAuthServiceStub(channel).GetSigningKeys(oauth_pb2.GetSigningKeysRequest(), timeout=2)
     mounted = mesh["secrets"]["heist-oauth-public-key"]["public_key.pem"].decode()
     # With a mounted signing key the server generates no dev keys beside it, and serves the Secret's.

@@ -55,3 +55,26 @@ def test_credentials_dir_can_be_moved(config, tmp_path, monkeypatch):
 def test_missing_secret_says_how_to_provide_it(config):
     with pytest.raises(credential_store.CredentialsError, match="HEIST_OAUTH_CLIENT_SECRET_PLANNER"):
         credential_store.client_secret(config, "planner")
+
+
+def test_a_mounted_secrets_folder_sits_between_the_environment_and_clients_json(config, tmp_path, monkeypatch):
+    """Kubernetes mounts a Secret as one file per key: the client id names the file, its content is the secret."""
+    credential_store.ensure_dev_credentials(config)
+    generated = json.loads((credential_store.credentials_dir(config) / "clients.json").read_text())
+    folder = tmp_path / "oauth-clients"
+    folder.mkdir()
+    (folder / "planner").write_text("from-the-secret\n")  # `kubectl create secret --from-file` keeps the newline
+    monkeypatch.setenv(credential_store.CLIENT_SECRETS_DIR_ENV, str(folder))
+    assert credential_store.client_secret(config, "planner") == "from-the-secret"
+    assert credential_store.client_secret(config, "mole") == generated["mole"], "no file: clients.json"
+    monkeypatch.setenv("HEIST_OAUTH_CLIENT_SECRET_PLANNER", "from-env")
+    assert credential_store.client_secret(config, "planner") == "from-env"
+    (folder / "mole").write_text("")
+    with pytest.raises(credential_store.CredentialsError, match="empty"):
+        credential_store.client_secret(config, "mole")
+    (folder / "mole").write_bytes(b"x" * 5000)
+    with pytest.raises(credential_store.CredentialsError, match="not a client secret"):
+        credential_store.client_secret(config, "mole")
+    (tmp_path / "outside").write_text("not yours")
+    with pytest.raises(credential_store.CredentialsError):
+        credential_store.client_secret(config, "../outside")  # never a path out of the folder

@@ -57,6 +57,9 @@ class BenchMesh(ProcessMesh):
         # Plaintext: h2load cannot present a client certificate, and these numbers compare with earlier runs.
         # mTLS versus plaintext, and replicas, are measured by tests/bench/mesh_transport.py.
         sections.setdefault("transport", "plaintext")
+        # Throughput is one caller's 64 streams: give it every database worker and room to wait (a caller's
+        # fair share is the abuse tests' concern, not this measurement's).
+        sections.setdefault("limits", {"database_query": {"max_queries_per_caller": 4, "max_waiting_per_caller": 64}})
         super().__init__(work_dir, **sections)
 
 

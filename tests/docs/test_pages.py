@@ -37,3 +37,16 @@ def test_the_link_check_sees_links_and_anchors():
     assert {"exit-codes", "make"} <= anchors(REPO_ROOT / "docs" / "cli.md")
     assert "services-name" not in anchors(REPO_ROOT / "docs" / "configuration.md")
     assert "servicesname" in anchors(REPO_ROOT / "docs" / "configuration.md")
+
+
+def test_the_architecture_page_names_every_module():
+    """The layout table cannot fall behind the tree: a new module must be placed in it."""
+    page = (REPO_ROOT / "docs" / "architecture.md").read_text()
+    missing = [
+        str(path.relative_to(REPO_ROOT))
+        for package in ("heist_common", "orchestrator", "servers")
+        for path in sorted((REPO_ROOT / package).rglob("*.py"))
+        if path.name not in ("__init__.py", "__main__.py") and f"`{path.stem}.py`" not in page
+        and f"`{path.relative_to(REPO_ROOT)}`" not in page and f"/{path.name}`" not in page
+    ]
+    assert missing == []

@@ -111,8 +111,6 @@ class Completion:
         }
 
 
-
-
 def _json_object(fields: dict[str, str]) -> bytes:
     """Join already serialized values into a JSON object, byte for byte what ``_to_json`` of the dict gives."""
     return ("{" + ",".join(f"{_to_json(key)}:{value}" for key, value in fields.items()) + "}").encode()
@@ -184,13 +182,17 @@ class LLMClient:
         *,
         final: bool = False,
         extra_body: Mapping[str, Any] | None = None,
+        temperature_boost: float = 0.0,
     ) -> Completion:
         """One chat completion; ``final`` forbids further tool calls. LLMError on any failure.
 
-        ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``).
+        ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``);
+        ``temperature_boost`` is added to the configured temperature (a resample).
         """
         start = time.perf_counter()
         fields = {"model": self._model, "messages": _to_json(messages), **self._chat_sampling}
+        if temperature_boost:
+            fields["temperature"] = _to_json(min(self.config.temperature + temperature_boost, 2.0))
         if tools:
             fields["tool_choice"] = '"none"' if final else '"auto"'
             fields["tools"] = self._serialized_tools(tools)

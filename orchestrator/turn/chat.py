@@ -18,7 +18,7 @@ from orchestrator.tools.registry import ToolMethod, ToolRegistry
 from orchestrator.turn import prompts
 from orchestrator.turn.context import SessionContext
 from orchestrator.turn.tool_calls import ToolCaller
-from orchestrator.turn.turn import Turn
+from orchestrator.turn.turn import EMPTY_RESAMPLE_BOOST, Turn
 
 __all__ = ["ChatStyle"]
 
@@ -64,6 +64,11 @@ class ChatStyle:
             tools = [method.tool for method in self._inline_methods]
             grammar = await constrained.chat_grammar(tools, self.tools.listing_fetcher(token))
         completion, functions = await self._chat_completion(turn, messages, functions, grammar=grammar)
+        if not completion.content and not completion.tool_calls:
+            # An empty reply is no answer; one hotter sample usually gives one (else the turn is ``empty``).
+            completion, functions = await self._chat_completion(
+                turn, messages, functions, grammar=grammar, temperature_boost=EMPTY_RESAMPLE_BOOST
+            )
         if completion.tool_calls:
             return await self._native_rounds(turn, messages, completion, functions)
         if mode == "native":
@@ -106,6 +111,7 @@ class ChatStyle:
         *,
         final: bool = False,
         grammar: str | None = None,
+        temperature_boost: float = 0.0,
     ) -> tuple[Completion, list[dict[str, Any]] | None]:
         """One chat request; a constraint the server rejects (``auto``) is dropped and the request sent again.
 
@@ -114,7 +120,9 @@ class ChatStyle:
         llm = self.context.llm
         extra_body = {"grammar": grammar} if grammar is not None else None
         try:
-            completion = await llm.complete(messages, functions, final=final, extra_body=extra_body)
+            completion = await llm.complete(
+                messages, functions, final=final, extra_body=extra_body, temperature_boost=temperature_boost
+            )
             return turn.spent(completion), functions
         except LLMError as exc:
             strict = functions is not None and functions is not self._functions
@@ -122,4 +130,5 @@ class ChatStyle:
                 raise
             self.context.fall_back("grammar" if grammar else "json_schema", exc, turn)
         plain = self._functions if functions is not None else None
-        return turn.spent(await llm.complete(messages, plain, final=final)), plain
+        completion = await llm.complete(messages, plain, final=final, temperature_boost=temperature_boost)
+        return turn.spent(completion), plain

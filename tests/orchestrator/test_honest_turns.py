@@ -1,0 +1,102 @@
+"""Honest turns: an empty reply is resampled once, then recorded ``empty``, counted as an error and by the breaker."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.cli import _print_summary
+from orchestrator.session.runner import RunOptions, run_session
+from tests.support.inprocess import InProcessMesh, audit_rows
+from tests.support.scripted_llm import ScriptedLLM, text
+
+
+def _breaker(mesh: InProcessMesh, failures: int) -> None:
+    mesh.config = mesh.config.with_overrides(
+        resilience=mesh.config.resilience.model_copy(update=dict(llm_max_consecutive_failures=failures))
+    )
+
+
+def _transcript(mesh: InProcessMesh) -> None:
+    mesh.config = mesh.config.with_overrides(
+        llm=mesh.config.llm.model_copy(update=dict(prompt_style="transcript", prefill_tool_every=0))
+    )
+
+
+@pytest.mark.parametrize("empty", ["", "   "])
+async def test_an_empty_chat_reply_is_resampled_hotter_once(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM, empty: str
+) -> None:
+    scripted_llm.script(text(empty), text("We go on Friday."))
+    result = await run_session(mesh.config, RunOptions(turns=1))
+
+    assert result.status == "completed" and result.exit_code == 0
+    assert [turn.status for turn in result.turns] == ["ok"]
+    assert result.turns[0].message == "We go on Friday."
+    assert result.errors == 0 and result.empty_turns == 0
+    temperatures = [body["temperature"] for body in scripted_llm.chat_requests]
+    base = mesh.config.llm.temperature
+    assert temperatures == pytest.approx([base, base + 0.3])
+
+
+async def test_an_empty_transcript_line_is_resampled_once(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
+    _transcript(mesh)
+    scripted_llm.script(text("   "), text("We go on Friday."))
+    result = await run_session(mesh.config, RunOptions(turns=1))
+
+    assert [turn.status for turn in result.turns] == ["ok"]
+    assert result.turns[0].message == "We go on Friday."
+    assert len(scripted_llm.text_requests) == 2
+
+
+async def test_a_reply_that_stays_empty_is_an_error_not_an_answer(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _breaker(mesh, 3)
+    scripted_llm.script(text("We go on Friday."), text(""), text("  "), text("I loop the cameras."))
+    result = await run_session(mesh.config, RunOptions(turns=3, session_id="heist_one_empty"))
+
+    assert [turn.status for turn in result.turns] == ["ok", "empty", "ok"]
+    assert result.turns[1].message == "(says nothing)"
+    assert result.empty_turns == 1 and result.errors == 1
+    assert result.status == "completed", "one empty turn among answers does not fail the session"
+    rows = audit_rows(
+        mesh.config, "SELECT status FROM messages WHERE session_id = ? ORDER BY turn_id", "heist_one_empty"
+    )
+    assert rows == [("ok",), ("empty",), ("ok",)]
+    events = audit_rows(
+        mesh.config, "SELECT service, status_code, turn_id FROM events WHERE session_id = ? AND status_code = 'EMPTY'",
+        "heist_one_empty",
+    )  # fmt: skip
+    assert events == [("llm", "EMPTY", 2)]
+    _print_summary(result)
+    assert "Errors:     1 (1 empty reply)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("style", ["chat", "transcript"])
+async def test_a_model_that_only_says_nothing_trips_the_breaker_and_fails(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM, capsys: pytest.CaptureFixture[str], style: str
+) -> None:
+    if style == "transcript":
+        _transcript(mesh)
+    _breaker(mesh, 3)
+    scripted_llm.default = text("")
+    result = await run_session(mesh.config, RunOptions(turns=8, session_id="heist_mute"))
+
+    assert result.status == "failed" and result.exit_code == 1
+    assert [turn.status for turn in result.turns] == ["empty"] * 3, "the breaker stops at the third empty turn"
+    assert result.error is not None and "3 turns in a row failed (last: an empty reply)" in result.error
+    requests = scripted_llm.chat_requests if style == "chat" else scripted_llm.text_requests
+    assert len(requests) == 6, "each turn: one sample, one resample"
+    assert audit_rows(mesh.config, "SELECT status FROM sessions WHERE session_id = ?", "heist_mute") == [("failed",)]
+    _print_summary(result)
+    assert "Errors:     3 (3 empty replies)" in capsys.readouterr().out
+
+
+async def test_every_turn_empty_is_never_completed(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
+    _breaker(mesh, 10)  # the breaker never trips: the "no turn was answered" rule decides
+    scripted_llm.default = text(" ")
+    result = await run_session(mesh.config, RunOptions(turns=2, session_id="heist_mute_short"))
+
+    assert [turn.status for turn in result.turns] == ["empty", "empty"]
+    assert result.status == "failed" and result.exit_code == 1
+    assert result.error is not None and "no turn was answered" in result.error

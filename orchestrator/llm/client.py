@@ -103,7 +103,8 @@ class Completion:
         """Build the assistant turn to send back before the tool results (OpenAI protocol)."""
         return {
             "role": "assistant",
-            "content": self.content or None,
+            # "", not null: llama.cpp's server refuses null (HTTP 500); OpenAI and vLLM accept either.
+            "content": self.content,
             "tool_calls": [
                 {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in self.tool_calls

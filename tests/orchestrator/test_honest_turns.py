@@ -1,4 +1,9 @@
-"""Honest turns: an empty reply is resampled once, then recorded ``empty``, counted as an error and by the breaker."""
+"""Honest turns: an empty reply is resampled once, then recorded ``empty``, counted as an error and by the breaker.
+
+Also the chat wire details that a real llama.cpp server insists on: the
+assistant message before tool results carries ``"content": ""`` (never null),
+and tool agents are made to call a tool every ``prefill_tool_every`` turns.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import pytest
 from orchestrator.cli import _print_summary
 from orchestrator.session.runner import RunOptions, run_session
 from tests.support.inprocess import InProcessMesh, audit_rows
-from tests.support.scripted_llm import ScriptedLLM, text
+from tests.support.scripted_llm import ScriptedLLM, text, tool_call
 
 
 def _breaker(mesh: InProcessMesh, failures: int) -> None:
@@ -100,3 +105,20 @@ async def test_every_turn_empty_is_never_completed(mesh: InProcessMesh, scripted
     assert [turn.status for turn in result.turns] == ["empty", "empty"]
     assert result.status == "failed" and result.exit_code == 1
     assert result.error is not None and "no turn was answered" in result.error
+
+
+async def test_the_assistant_message_before_tool_results_has_empty_content(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM
+) -> None:
+    mesh.config = mesh.with_llm(scripted_llm.base_url, tool_calling="native", constrained_tools="off")
+    # The planner speaks, then the hacker (file_reader) calls a function and answers from its result.
+    scripted_llm.script(
+        text("We go on Friday."), tool_call("file_reader_read_file", filename="bank_layout.md"), text("Vault is east.")
+    )
+    result = await run_session(mesh.config, RunOptions(turns=2))
+
+    assert [turn.status for turn in result.turns] == ["ok", "ok"]
+    follow_up = scripted_llm.chat_requests[2]["messages"]
+    assistant = next(message for message in follow_up if message.get("tool_calls"))
+    assert assistant["content"] == "" and assistant["role"] == "assistant"
+    assert follow_up[-1]["role"] == "tool"

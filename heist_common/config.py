@@ -396,8 +396,9 @@ class LLMConfig(Section):
     )
     prefill_tool_every: NotNegative = Field(
         default=0,
-        description="Transcript only: start every N-th line of an agent with tools with its marker's opening, "
-        "`[TOOL:<tool>:` (0: never).",
+        description="Every N-th turn of an agent with tools calls a tool (0: never). Transcript: the line starts "
+        "with its marker's opening, `[TOOL:<tool>:`; chat with functions offered (`native`, `auto`): the "
+        "turn's first request forces a function call (`tool_choice`).",
     )
     max_tool_rounds: AtLeastOne = Field(default=2, description="Native function-calling rounds per turn.")
     constrained_tools: ConstrainedToolsMode = Field(

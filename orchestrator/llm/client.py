@@ -183,9 +183,12 @@ class LLMClient:
         *,
         final: bool = False,
         extra_body: Mapping[str, Any] | None = None,
+        tool_choice: Mapping[str, Any] | None = None,
         temperature_boost: float = 0.0,
     ) -> Completion:
         """One chat completion; ``final`` forbids further tool calls. LLMError on any failure.
+
+        ``tool_choice`` (with ``tools``, not ``final``) forces a call, e.g. of one named function.
 
         ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``);
         ``temperature_boost`` is added to the configured temperature (a resample).
@@ -195,7 +198,7 @@ class LLMClient:
         if temperature_boost:
             fields["temperature"] = _to_json(min(self.config.temperature + temperature_boost, 2.0))
         if tools:
-            fields["tool_choice"] = '"none"' if final else '"auto"'
+            fields["tool_choice"] = '"none"' if final else _to_json(tool_choice) if tool_choice else '"auto"'
             fields["tools"] = self._serialized_tools(tools)
         fields.update(self._chat_extra)
         if extra_body:

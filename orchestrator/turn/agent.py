@@ -75,8 +75,9 @@ class CrewAgent:
         return MemoryFetch(summary=summary)
 
     def continue_after(self, turns_taken: int) -> None:
-        """Pick up a resumed session's tool-prefill cadence where the agent's earlier turns left it."""
+        """Pick up a resumed session's tool-prefill (or forcing) cadence where the agent's earlier turns left it."""
         self.transcript.continue_after(turns_taken)
+        self.chat.continue_after(turns_taken)
 
     async def take_turn(
         self, turn_id: int, history: Sequence[ConversationMessage], memory: Awaitable[MemoryFetch] | None = None

@@ -122,3 +122,38 @@ async def test_the_assistant_message_before_tool_results_has_empty_content(
     assistant = next(message for message in follow_up if message.get("tool_calls"))
     assert assistant["content"] == "" and assistant["role"] == "assistant"
     assert follow_up[-1]["role"] == "tool"
+
+
+async def test_tool_agents_are_made_to_call_a_function_every_nth_turn(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM
+) -> None:
+    mesh.config = mesh.with_llm(
+        scripted_llm.base_url, tool_calling="native", constrained_tools="off", prefill_tool_every=2
+    )
+    safecracker = next(agent for agent in mesh.config.agents if agent.name == "safecracker")
+    mesh.config = mesh.config.with_overrides(agents=(safecracker,))
+    mesh.config = mesh.config.with_overrides(
+        session=mesh.config.session.model_copy(update=dict(turn_order=("safecracker",)))
+    )
+    scripted_llm.responder = lambda body: (
+        tool_call("calculator_evaluate", expression="2+3")
+        if isinstance(body.get("tool_choice"), dict)
+        else text("Five minutes.")
+    )
+    result = await run_session(mesh.config, RunOptions(turns=5))
+
+    assert [turn.status for turn in result.turns] == ["ok"] * 5
+    first_requests = [body for body in scripted_llm.chat_requests if body["messages"][-1]["role"] != "tool"]
+    choices = [body.get("tool_choice") for body in first_requests]
+    forced = {"type": "function", "function": {"name": "calculator_evaluate"}}
+    assert choices == [forced, "auto", forced, "auto", forced], "turns 1, 3 and 5 of the agent are forced"
+    follow_ups = [body.get("tool_choice") for body in scripted_llm.chat_requests if body not in first_requests]
+    assert follow_ups == ["auto"] * 3, "the model answers the results freely"
+    assert [len(turn.tool_usage) for turn in result.turns] == [1, 0, 1, 0, 1]
+
+
+async def test_no_forcing_when_prefill_tool_every_is_zero(mesh: InProcessMesh, scripted_llm: ScriptedLLM) -> None:
+    mesh.config = mesh.with_llm(scripted_llm.base_url, tool_calling="native", prefill_tool_every=0)
+    await run_session(mesh.config, RunOptions(turns=4))
+
+    assert all(body.get("tool_choice") in (None, "auto") for body in scripted_llm.chat_requests)

@@ -432,6 +432,36 @@ class LLMConfig(Section):
             raise ValueError("native function calling needs prompt_style: chat (transcript uses markers)")
         return value
 
+    @model_validator(mode="after")
+    def _meaningful_combination(self) -> LLMConfig:
+        """Refuse settings that the chosen style and tool calling would silently ignore.
+
+        Each would otherwise run without error and without effect (e.g. strict
+        function schemas for a crew that is offered no functions: no tool calls
+        at all), which is much harder to notice than a refusal naming the keys.
+        """
+        offers_functions = self.prompt_style == "chat" and self.tool_calling != "inline"
+        if self.constrained_tools == "json_schema" and not offers_functions:
+            reason = "tool_calling: inline" if self.prompt_style == "chat" else "prompt_style: transcript"
+            raise ValueError(
+                f"constrained_tools: json_schema constrains the functions offered, and {reason} offers none; "
+                "use constrained_tools: grammar or auto (markers), or prompt_style: chat with tool_calling: "
+                "native or auto"
+            )
+        if self.constrained_tools == "grammar" and offers_functions:
+            raise ValueError(
+                "constrained_tools: grammar constrains [TOOL:...] markers in replies offered no functions, and "
+                f"tool_calling: {self.tool_calling} offers functions; use constrained_tools: json_schema or auto, "
+                "or tool_calling: inline"
+            )
+        if self.prefill_tool_every and self.prompt_style == "chat" and self.tool_calling == "inline":
+            raise ValueError(
+                f"prefill_tool_every: {self.prefill_tool_every} makes tool calls through a transcript prefill or "
+                "a chat tool_choice, and prompt_style: chat with tool_calling: inline has neither; set "
+                "prefill_tool_every: 0, or use tool_calling: native or auto, or prompt_style: transcript"
+            )
+        return self
+
     @property
     def api_key(self) -> str:
         """The key from ``api_key_env``; local servers ignore it, so a placeholder stands in."""

@@ -396,8 +396,9 @@ class LLMConfig(Section):
     )
     prefill_tool_every: NotNegative = Field(
         default=0,
-        description="Transcript only: start every N-th line of an agent with tools with its marker's opening, "
-        "`[TOOL:<tool>:` (0: never).",
+        description="Every N-th turn of an agent with tools calls a tool (0: never). Transcript: the line starts "
+        "with its marker's opening, `[TOOL:<tool>:`; chat with functions offered (`native`, `auto`): the "
+        "turn's first request forces a function call (`tool_choice`).",
     )
     max_tool_rounds: AtLeastOne = Field(default=2, description="Native function-calling rounds per turn.")
     constrained_tools: ConstrainedToolsMode = Field(
@@ -430,6 +431,36 @@ class LLMConfig(Section):
         if value == "native" and info.data.get("prompt_style") == "transcript":
             raise ValueError("native function calling needs prompt_style: chat (transcript uses markers)")
         return value
+
+    @model_validator(mode="after")
+    def _meaningful_combination(self) -> LLMConfig:
+        """Refuse settings that the chosen style and tool calling would silently ignore.
+
+        Each would otherwise run without error and without effect (e.g. strict
+        function schemas for a crew that is offered no functions: no tool calls
+        at all), which is much harder to notice than a refusal naming the keys.
+        """
+        offers_functions = self.prompt_style == "chat" and self.tool_calling != "inline"
+        if self.constrained_tools == "json_schema" and not offers_functions:
+            reason = "tool_calling: inline" if self.prompt_style == "chat" else "prompt_style: transcript"
+            raise ValueError(
+                f"constrained_tools: json_schema constrains the functions offered, and {reason} offers none; "
+                "use constrained_tools: grammar or auto (markers), or prompt_style: chat with tool_calling: "
+                "native or auto"
+            )
+        if self.constrained_tools == "grammar" and offers_functions:
+            raise ValueError(
+                "constrained_tools: grammar constrains [TOOL:...] markers in replies offered no functions, and "
+                f"tool_calling: {self.tool_calling} offers functions; use constrained_tools: json_schema or auto, "
+                "or tool_calling: inline"
+            )
+        if self.prefill_tool_every and self.prompt_style == "chat" and self.tool_calling == "inline":
+            raise ValueError(
+                f"prefill_tool_every: {self.prefill_tool_every} makes tool calls through a transcript prefill or "
+                "a chat tool_choice, and prompt_style: chat with tool_calling: inline has neither; set "
+                "prefill_tool_every: 0, or use tool_calling: native or auto, or prompt_style: transcript"
+            )
+        return self
 
     @property
     def api_key(self) -> str:

@@ -282,7 +282,8 @@ def _print_summary(result: SessionResult) -> None:
     print(f"Session:    {result.session_id} ({result.status})")
     print(f"Turns:      {len(result.turns)}")
     print(f"Tool calls: {result.tool_calls_ok} ok, {result.tool_calls_failed} failed")
-    print(f"Errors:     {result.errors}")
+    empty = f" ({result.empty_turns} empty {'reply' if result.empty_turns == 1 else 'replies'})"
+    print(f"Errors:     {result.errors}{empty if result.empty_turns else ''}")
     print(f"Audit DB:   {redact_url(result.database)}")
     if result.exports:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")

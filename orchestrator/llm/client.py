@@ -103,14 +103,13 @@ class Completion:
         """Build the assistant turn to send back before the tool results (OpenAI protocol)."""
         return {
             "role": "assistant",
-            "content": self.content or None,
+            # "", not null: llama.cpp's server refuses null (HTTP 500); OpenAI and vLLM accept either.
+            "content": self.content,
             "tool_calls": [
                 {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in self.tool_calls
             ],
         }
-
-
 
 
 def _json_object(fields: dict[str, str]) -> bytes:
@@ -184,15 +183,22 @@ class LLMClient:
         *,
         final: bool = False,
         extra_body: Mapping[str, Any] | None = None,
+        tool_choice: Mapping[str, Any] | None = None,
+        temperature_boost: float = 0.0,
     ) -> Completion:
         """One chat completion; ``final`` forbids further tool calls. LLMError on any failure.
 
-        ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``).
+        ``tool_choice`` (with ``tools``, not ``final``) forces a call, e.g. of one named function.
+
+        ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``);
+        ``temperature_boost`` is added to the configured temperature (a resample).
         """
         start = time.perf_counter()
         fields = {"model": self._model, "messages": _to_json(messages), **self._chat_sampling}
+        if temperature_boost:
+            fields["temperature"] = _to_json(min(self.config.temperature + temperature_boost, 2.0))
         if tools:
-            fields["tool_choice"] = '"none"' if final else '"auto"'
+            fields["tool_choice"] = '"none"' if final else _to_json(tool_choice) if tool_choice else '"auto"'
             fields["tools"] = self._serialized_tools(tools)
         fields.update(self._chat_extra)
         if extra_body:

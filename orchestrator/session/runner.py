@@ -5,9 +5,10 @@ call it); ``SessionRunner`` is the same on an already open mesh, LLM client and
 audit store, so many sessions can share one set of channels.
 
 How a session that played all its turns ends: ``failed`` when the model never
-answered; else ``degraded`` (exit 8) when the crew could not use a service it
-needed (``unusable_services``: a service the turns tried to call at least once,
-and not once with an answer); else ``completed``.
+answered (an empty reply is no answer: status ``empty``); else ``degraded``
+(exit 8) when the crew could not use a service it needed (``unusable_services``:
+a service the turns tried to call at least once, and not once with an answer);
+else ``completed``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from orchestrator.session.schedule import iter_schedule
 from orchestrator.session.unrecorded import record_later, settle_unrecorded, unrecorded_dir
 from orchestrator.tracing import rpc_service, turn_scope
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
-from orchestrator.turn.turn import Turn
+from orchestrator.turn.turn import EMPTY, LLM_ERROR, OK, Turn
 
 __all__ = [
     "RunOptions",
@@ -176,8 +177,13 @@ class SessionResult:
 
     @property
     def errors(self) -> int:
-        """Service errors recorded during turns (health results not counted)."""
+        """Errors recorded during turns: failed calls and LLM requests, empty replies (health results not counted)."""
         return sum(1 for turn in self.turns for event in turn.events if event.status_code != "OK")
+
+    @property
+    def empty_turns(self) -> int:
+        """Turns whose reply stayed empty (status ``empty``; each is one of ``errors`` too)."""
+        return sum(1 for turn in self.turns if turn.status == EMPTY)
 
     @property
     def degraded_services(self) -> list[str]:
@@ -253,7 +259,7 @@ class SessionRunner:
             await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, ExitCode.INTERRUPTED, "interrupted"))
             raise
         answered_before = self.resume_point.answered_before if self.resume_point is not None else 0
-        if not answered_before and not any(turn.status == "ok" for turn in result.turns):
+        if not answered_before and not any(turn.status == OK for turn in result.turns):
             # A session in which the model never spoke did not happen, whatever else worked.
             reason = self._llm_down("no turn was answered")
             return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, reason)
@@ -301,9 +307,10 @@ class SessionRunner:
                 result.turns.append(turn)
                 if self._on_turn is not None:
                     self._on_turn(turn)
-                failed_in_a_row = failed_in_a_row + 1 if turn.status == "llm_error" else 0
+                failed_in_a_row = failed_in_a_row + 1 if turn.status in (LLM_ERROR, EMPTY) else 0
                 if failed_in_a_row >= failures_allowed:
-                    raise LLMBroken(f"{failed_in_a_row} turns in a row failed (last: {turn.message})")
+                    last = "an empty reply" if turn.status == EMPTY else turn.message
+                    raise LLMBroken(f"{failed_in_a_row} turns in a row failed (last: {last})")
         finally:
             if prefetched is not None and not prefetched.done():
                 prefetched.cancel()

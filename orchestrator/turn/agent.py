@@ -26,10 +26,10 @@ from orchestrator.mesh.memory_sync import MemoryFetch
 from orchestrator.tracing import TurnScope, elapsed_ms, timings_json, turn_scope
 from orchestrator.turn.chat import ChatStyle
 from orchestrator.turn.context import SessionContext
-from orchestrator.turn.prompts import ConversationMessage
+from orchestrator.turn.prompts import NO_REPLY, ConversationMessage
 from orchestrator.turn.tool_calls import ToolCaller
 from orchestrator.turn.transcript import TranscriptStyle
-from orchestrator.turn.turn import Turn
+from orchestrator.turn.turn import LLM_ERROR, Turn
 
 __all__ = ["ConversationMessage", "CrewAgent", "MemoryFetch", "SessionContext", "Turn"]
 
@@ -75,8 +75,9 @@ class CrewAgent:
         return MemoryFetch(summary=summary)
 
     def continue_after(self, turns_taken: int) -> None:
-        """Pick up a resumed session's tool-prefill cadence where the agent's earlier turns left it."""
+        """Pick up a resumed session's tool-prefill (or forcing) cadence where the agent's earlier turns left it."""
         self.transcript.continue_after(turns_taken)
+        self.chat.continue_after(turns_taken)
 
     async def take_turn(
         self, turn_id: int, history: Sequence[ConversationMessage], memory: Awaitable[MemoryFetch] | None = None
@@ -111,9 +112,11 @@ class CrewAgent:
                 turn.message = await self.transcript.reply(turn)
             else:
                 turn.message = await self.chat.reply(turn)
+            if not turn.message.strip():  # the style already resampled it once
+                turn.stayed_empty(NO_REPLY)
         except LLMError as exc:
             turn.llm_ms += exc.latency_ms
-            turn.status = "llm_error"
+            turn.status = LLM_ERROR
             turn.message = f"Error generating response: {exc.status_code}: {exc.detail}"
             turn.events.append(
                 EventRow(

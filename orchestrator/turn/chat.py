@@ -18,7 +18,7 @@ from orchestrator.tools.registry import ToolMethod, ToolRegistry
 from orchestrator.turn import prompts
 from orchestrator.turn.context import SessionContext
 from orchestrator.turn.tool_calls import ToolCaller
-from orchestrator.turn.turn import Turn
+from orchestrator.turn.turn import EMPTY_RESAMPLE_BOOST, Turn
 
 __all__ = ["ChatStyle"]
 
@@ -38,6 +38,31 @@ class ChatStyle:
         self._inline_methods = tuple(inline_methods)
         self._system_prompt = prompts.system_prompt(agent, ())
         self._system_prompt_inline = prompts.system_prompt(agent, inline_methods)
+        # The function a forced turn calls: the inline tool's method (the one the transcript prefills), else the first.
+        forced = self._inline_methods[0].function_name if self._inline_methods else None
+        if forced is None and self._methods:
+            forced = self._methods[0].function_name
+        self._forced_choice = {"type": "function", "function": {"name": forced}} if forced is not None else None
+        self._turns_taken = 0
+
+    def continue_after(self, turns_taken: int) -> None:
+        """Pick up a resumed session's forcing cadence where the agent's earlier turns left it."""
+        self._turns_taken = turns_taken
+
+    def _tool_choice(self) -> dict[str, Any] | None:
+        """Return the ``tool_choice`` that forces a call on every ``prefill_tool_every``-th turn (None otherwise).
+
+        The chat counterpart of the transcript's marker prefill: a small model
+        rarely calls a function by itself. A named function, not "required":
+        llama-cpp-python's server ignores "required" but turns a named choice
+        into a grammar. Only the turn's first request is forced; the model
+        answers the results freely.
+        """
+        every = self.context.config.llm.prefill_tool_every
+        self._turns_taken += 1
+        if not every or (self._turns_taken - 1) % every:
+            return None
+        return self._forced_choice
 
     async def reply(self, turn: Turn) -> str:
         """LLM plus tool calls, per ``llm.tool_calling``.
@@ -63,7 +88,14 @@ class ChatStyle:
         elif token is not None and inline and not offer_functions:
             tools = [method.tool for method in self._inline_methods]
             grammar = await constrained.chat_grammar(tools, self.tools.listing_fetcher(token))
-        completion, functions = await self._chat_completion(turn, messages, functions, grammar=grammar)
+        choice = self._tool_choice() if token is not None else None
+        forced = choice if functions is not None else None
+        completion, functions = await self._chat_completion(turn, messages, functions, grammar=grammar, forced=forced)
+        if not completion.content and not completion.tool_calls:
+            # An empty reply is no answer; one hotter sample usually gives one (else the turn is ``empty``).
+            completion, functions = await self._chat_completion(
+                turn, messages, functions, grammar=grammar, forced=forced, temperature_boost=EMPTY_RESAMPLE_BOOST
+            )
         if completion.tool_calls:
             return await self._native_rounds(turn, messages, completion, functions)
         if mode == "native":
@@ -106,15 +138,26 @@ class ChatStyle:
         *,
         final: bool = False,
         grammar: str | None = None,
+        forced: dict[str, Any] | None = None,
+        temperature_boost: float = 0.0,
     ) -> tuple[Completion, list[dict[str, Any]] | None]:
         """One chat request; a constraint the server rejects (``auto``) is dropped and the request sent again.
+
+        ``forced``: the ``tool_choice`` that makes the model call a function (``_tool_choice``).
 
         Returns the completion and the functions to offer from now on.
         """
         llm = self.context.llm
         extra_body = {"grammar": grammar} if grammar is not None else None
         try:
-            completion = await llm.complete(messages, functions, final=final, extra_body=extra_body)
+            completion = await llm.complete(
+                messages,
+                functions,
+                final=final,
+                extra_body=extra_body,
+                tool_choice=forced,
+                temperature_boost=temperature_boost,
+            )
             return turn.spent(completion), functions
         except LLMError as exc:
             strict = functions is not None and functions is not self._functions
@@ -122,4 +165,7 @@ class ChatStyle:
                 raise
             self.context.fall_back("grammar" if grammar else "json_schema", exc, turn)
         plain = self._functions if functions is not None else None
-        return turn.spent(await llm.complete(messages, plain, final=final)), plain
+        completion = await llm.complete(
+            messages, plain, final=final, tool_choice=forced, temperature_boost=temperature_boost
+        )
+        return turn.spent(completion), plain

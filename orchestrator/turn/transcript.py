@@ -106,16 +106,21 @@ class TranscriptStyle:
             opening = self._open_marker(line, settled)
             if opening is not None:  # one marker too many: keep what was said before it, not an unchecked call
                 line = line[: opening[0]]
-        reply = line.strip() or prompts.NO_REPLY
-        return await self.tools.inline(turn, reply)
+        # An empty line stays empty: the agent records the turn as ``empty`` (prompts.NO_REPLY in the conversation).
+        return await self.tools.inline(turn, line.strip())
 
     async def _free_line(self, prompt: str, spoken: Sequence[str], turn: Turn) -> str:
         """Sample the model's own line, hotter while it parrots an earlier one; returns " text" or ""."""
         llm = self.context.llm
         completion = turn.spent(await llm.complete_text(prompt))
+        empty_resampled = False
         for boost in PARROT_RESAMPLE_BOOSTS:
             if not prompts.parrots(completion.content, spoken):
                 break
+            if not completion.content:
+                if empty_resampled:  # an empty line is resampled once; still empty, the turn is ``empty``
+                    break
+                empty_resampled = True
             # Tiny models often repeat an earlier line; a hotter resample usually breaks the loop.
             completion = turn.spent(await llm.complete_text(prompt, temperature_boost=boost))
         said = prompts.last_full_sentence(completion.content) if completion.truncated else completion.content

@@ -17,7 +17,16 @@ from orchestrator.llm.client import Completion
 from orchestrator.tracing import Step
 from orchestrator.turn.prompts import ConversationMessage
 
-__all__ = ["Turn"]
+__all__ = ["EMPTY", "EMPTY_RESAMPLE_BOOST", "LLM_ERROR", "OK", "Turn"]
+
+OK = "ok"
+"""Status of a turn the model answered."""
+LLM_ERROR = "llm_error"
+"""Status of a turn whose LLM request failed."""
+EMPTY = "empty"
+"""Status of a turn whose reply was empty (or whitespace) even after a hotter resample: not an answer."""
+EMPTY_RESAMPLE_BOOST = 0.3
+"""Temperature added to the one resample of an empty reply (chat; transcript lines share the parrot boosts)."""
 
 
 @dataclass(slots=True)
@@ -34,7 +43,8 @@ class Turn:
     token: str | None = None
     """The agent's OAuth token for its tools; None: it speaks without tools this turn."""
     message: str = ""
-    status: str = "ok"
+    status: str = OK
+    """``OK``, ``LLM_ERROR`` or ``EMPTY``."""
     tool_usage: list[ToolUsageRow] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
     llm_ms: float = 0.0
@@ -57,6 +67,27 @@ class Turn:
         """Count a completion's latency as LLM time, and hand it back."""
         self.llm_ms += completion.latency_ms
         return completion
+
+    def stayed_empty(self, message: str) -> None:
+        """Record a reply that was empty even after its resample: status ``EMPTY`` and an ``llm`` event.
+
+        An empty reply is not an answer: the summary counts it as an error and
+        the runner's LLM breaker as a failed turn. ``message`` is what the
+        conversation shows for it.
+        """
+        self.status = EMPTY
+        self.message = message
+        self.events.append(
+            EventRow(
+                "llm",
+                "reply",
+                "EMPTY",
+                "the model's reply was empty, also when resampled",
+                None,
+                self.turn_id,
+                self.agent_name,
+            )
+        )
 
     def refused(self, tool: str, operation: str, params: str, code: str, reason: str) -> None:
         """Record a tool call that was never sent (not allowed, bad arguments, no token)."""

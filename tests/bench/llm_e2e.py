@@ -53,10 +53,12 @@ def ensure_model(path: Path = MODEL_PATH) -> Path:
 class LlamaServer:
     """Our own ``python -m llama_cpp.server`` on a free port (never the default 1234); ``stop()`` ends it."""
 
-    def __init__(self, log_path: Path, alias: str = "gemma-3-270m") -> None:
+    def __init__(self, log_path: Path, alias: str = "gemma-3-270m", extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.alias = alias
         self.log_path = log_path
+        self.extra_args = extra_args
+        """More server flags, e.g. ``("--chat_format", "gemma")`` for chat requests (as ``make serve`` starts it)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,7 +72,8 @@ class LlamaServer:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", self.alias,
-                 "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "4096", "--n_threads", "2"],
+                 "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "4096", "--n_threads", "2",
+                 *self.extra_args],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S

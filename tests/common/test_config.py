@@ -223,3 +223,47 @@ def test_redact_urls_hides_only_passwords_in_a_message() -> None:
         "audit database postgresql://bob:***@db:5432/heist: cannot finish: refused; redis://:***@cache:6379/0"
     )
     assert redact_urls("http://127.0.0.1:9/v1 and sqlite:////tmp/a.db") == "http://127.0.0.1:9/v1 and sqlite:////tmp/a.db"
+
+
+@pytest.mark.parametrize(
+    ("llm", "keys"),
+    [
+        ({"tool_calling": "inline", "constrained_tools": "json_schema"}, ("json_schema", "tool_calling: inline")),
+        (
+            {"prompt_style": "transcript", "tool_calling": "auto", "constrained_tools": "json_schema"},
+            ("json_schema", "prompt_style: transcript"),
+        ),
+        ({"tool_calling": "native", "constrained_tools": "grammar"}, ("grammar", "tool_calling: native")),
+        ({"tool_calling": "auto", "constrained_tools": "grammar"}, ("grammar", "tool_calling: auto")),
+        ({"tool_calling": "inline", "prefill_tool_every": 2}, ("prefill_tool_every: 2", "tool_calling: inline")),
+    ],
+)
+def test_combinations_that_would_be_ignored_are_refused_naming_the_keys(
+    tmp_path: Path, llm: dict[str, Any], keys: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import main
+
+    path = write_heist_config(tmp_path, llm={"base_url": "http://127.0.0.1:9/v1", **llm})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: llm: "), message
+    assert keys[0] in message, message
+    assert keys[1] in message, message
+    assert main(["--config", str(path), "health"]) == 3
+    assert keys[1] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "llm",
+    [
+        {"prompt_style": "chat", "tool_calling": "native", "constrained_tools": "json_schema", "prefill_tool_every": 2},
+        {"prompt_style": "chat", "tool_calling": "auto", "constrained_tools": "auto", "prefill_tool_every": 1},
+        {"prompt_style": "chat", "tool_calling": "inline", "constrained_tools": "grammar"},
+        {"prompt_style": "transcript", "constrained_tools": "grammar", "prefill_tool_every": 2},
+        {"prompt_style": "transcript", "tool_calling": "inline", "constrained_tools": "off"},
+    ],
+)
+def test_combinations_that_take_effect_load(tmp_path: Path, llm: dict[str, Any]) -> None:
+    config = load_config(write_heist_config(tmp_path, llm={"base_url": "http://127.0.0.1:9/v1", **llm}))
+    assert config.llm.constrained_tools == llm["constrained_tools"]

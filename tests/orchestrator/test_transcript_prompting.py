@@ -145,6 +145,7 @@ async def test_a_turn_that_stays_silent_is_recorded_as_such(mesh: InProcessMesh,
     scripted_llm.script(text(""), text(""), text(""))
     result = await run_session(transcript_config(mesh.config), RunOptions(turns=1))
 
-    assert len(scripted_llm.text_requests) == 3  # the first sample and both resamples
-    assert result.turns[0].message == "(says nothing)"
-    assert audit_rows(mesh.config, "SELECT message FROM messages") == [("(says nothing)",)]
+    assert len(scripted_llm.text_requests) == 2  # the first sample and one resample (an empty line gets one)
+    assert result.turns[0].message == "(says nothing)" and result.turns[0].status == "empty"
+    assert audit_rows(mesh.config, "SELECT message, status FROM messages") == [("(says nothing)", "empty")]
+    assert result.status == "failed", "the model never answered"

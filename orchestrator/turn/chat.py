@@ -17,25 +17,23 @@ from orchestrator.llm.client import Completion, LLMError
 from orchestrator.tools.registry import ToolMethod, ToolRegistry
 from orchestrator.turn import prompts
 from orchestrator.turn.context import SessionContext
+from orchestrator.turn.style import PromptStyle
 from orchestrator.turn.tool_calls import ToolCaller
 from orchestrator.turn.turn import EMPTY_RESAMPLE_BOOST, Turn
 
 __all__ = ["ChatStyle"]
 
 
-class ChatStyle:
+class ChatStyle(PromptStyle):
     """One agent's chat requests: the messages, the functions it is offered, the native tool rounds."""
 
     def __init__(
         self, agent: AgentConfig, context: SessionContext, tools: ToolCaller, inline_methods: Sequence[ToolMethod]
     ) -> None:
-        self.agent = agent
-        self.context = context
-        self.tools = tools
+        super().__init__(agent, context, tools, inline_methods)
         registry: ToolRegistry = context.clients.registry
         self._functions = registry.functions_for(agent.tools)
         self._methods = [method for tool in agent.tools for method in registry.service(tool).methods]
-        self._inline_methods = tuple(inline_methods)
         self._system_prompt = prompts.system_prompt(agent, ())
         self._system_prompt_inline = prompts.system_prompt(agent, inline_methods)
         # The function a forced turn calls: the inline tool's method (the one the transcript prefills), else the first.
@@ -43,11 +41,6 @@ class ChatStyle:
         if forced is None and self._methods:
             forced = self._methods[0].function_name
         self._forced_choice = {"type": "function", "function": {"name": forced}} if forced is not None else None
-        self._turns_taken = 0
-
-    def continue_after(self, turns_taken: int) -> None:
-        """Pick up a resumed session's forcing cadence where the agent's earlier turns left it."""
-        self._turns_taken = turns_taken
 
     def _tool_choice(self) -> dict[str, Any] | None:
         """Return the ``tool_choice`` that forces a call on every ``prefill_tool_every``-th turn (None otherwise).
@@ -58,11 +51,7 @@ class ChatStyle:
         into a grammar. Only the turn's first request is forced; the model
         answers the results freely.
         """
-        every = self.context.config.llm.prefill_tool_every
-        self._turns_taken += 1
-        if not every or (self._turns_taken - 1) % every:
-            return None
-        return self._forced_choice
+        return self._forced_choice if self._tool_call_prompted() else None
 
     async def reply(self, turn: Turn) -> str:
         """LLM plus tool calls, per ``llm.tool_calling``.

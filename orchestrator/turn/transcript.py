@@ -17,6 +17,7 @@ from orchestrator.tools.registry import ToolMethod
 from orchestrator.turn import prompts
 from orchestrator.turn.constrained_tools import accepts
 from orchestrator.turn.context import SessionContext
+from orchestrator.turn.style import PromptStyle
 from orchestrator.turn.tool_calls import ToolCaller
 from orchestrator.turn.turn import Turn
 
@@ -28,23 +29,15 @@ MAX_CONSTRAINED_MARKERS = 2
 """Tool markers per transcript line whose argument is generated under the tool's grammar (two requests each)."""
 
 
-class TranscriptStyle:
-    """One agent's transcript lines: prompt, tool prefill cadence, constrained markers."""
+class TranscriptStyle(PromptStyle):
+    """One agent's transcript lines: prompt, tool prefill, constrained markers."""
 
     def __init__(
         self, agent: AgentConfig, context: SessionContext, tools: ToolCaller, inline_methods: Sequence[ToolMethod]
     ) -> None:
-        self.agent = agent
-        self.context = context
-        self.tools = tools
-        self._inline_methods = tuple(inline_methods)
+        super().__init__(agent, context, tools, inline_methods)
         self._inline_tools = frozenset(method.tool for method in inline_methods)
         self._tool_brief = prompts.transcript_tool_brief(agent.name, inline_methods)
-        self._turns_taken = 0
-
-    def continue_after(self, turns_taken: int) -> None:
-        """Pick up a resumed session's tool-prefill cadence where the agent's earlier turns left it."""
-        self._turns_taken = turns_taken
 
     def _tool_prefill(self) -> str:
         """Return the opening of a tool marker that starts every ``prefill_tool_every``-th line ("" otherwise).
@@ -53,9 +46,7 @@ class TranscriptStyle:
         "[TOOL:calculator:" it writes a sensible argument; the tool call is then
         real (and can fail like any other), only its timing is prompted.
         """
-        every = self.context.config.llm.prefill_tool_every
-        self._turns_taken += 1
-        if not every or not self._inline_methods or (self._turns_taken - 1) % every:
+        if not self._tool_call_prompted() or not self._inline_methods:
             return ""
         return " " + markers.opening(self._inline_methods[0].tool)
 

@@ -27,6 +27,7 @@ from orchestrator.tracing import TurnScope, elapsed_ms, timings_json, turn_scope
 from orchestrator.turn.chat import ChatStyle
 from orchestrator.turn.context import SessionContext
 from orchestrator.turn.prompts import NO_REPLY, ConversationMessage
+from orchestrator.turn.style import PromptStyle
 from orchestrator.turn.tool_calls import ToolCaller
 from orchestrator.turn.transcript import TranscriptStyle
 from orchestrator.turn.turn import LLM_ERROR, Turn
@@ -54,8 +55,9 @@ class CrewAgent:
             session.config.session.tool_result_max_chars,
             constraints=session.constrained.cache,
         )
-        self.transcript = TranscriptStyle(config, session, self.tools, inline_methods)
-        self.chat = ChatStyle(config, session, self.tools, inline_methods)
+        # The session's prompt style is fixed by its config, so each agent builds only that one.
+        style: type[PromptStyle] = TranscriptStyle if session.config.llm.prompt_style == "transcript" else ChatStyle
+        self.style = style(config, session, self.tools, inline_methods)
 
     @property
     def name(self) -> str:
@@ -76,8 +78,7 @@ class CrewAgent:
 
     def continue_after(self, turns_taken: int) -> None:
         """Pick up a resumed session's tool-prefill (or forcing) cadence where the agent's earlier turns left it."""
-        self.transcript.continue_after(turns_taken)
-        self.chat.continue_after(turns_taken)
+        self.style.continue_after(turns_taken)
 
     async def take_turn(
         self, turn_id: int, history: Sequence[ConversationMessage], memory: Awaitable[MemoryFetch] | None = None
@@ -108,10 +109,7 @@ class CrewAgent:
 
         turn.token = await self._token(turn, scope) if self.config.tools else None
         try:
-            if self.session.config.llm.prompt_style == "transcript":
-                turn.message = await self.transcript.reply(turn)
-            else:
-                turn.message = await self.chat.reply(turn)
+            turn.message = await self.style.reply(turn)
             if not turn.message.strip():  # the style already resampled it once
                 turn.stayed_empty(NO_REPLY)
         except LLMError as exc:

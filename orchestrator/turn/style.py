@@ -14,6 +14,7 @@ from heist_common.config import AgentConfig
 from orchestrator.tools.registry import ToolMethod
 from orchestrator.turn.context import SessionContext
 from orchestrator.turn.tool_calls import ToolCaller
+from orchestrator.turn.turn import Turn
 
 __all__ = ["PromptStyle"]
 
@@ -33,6 +34,10 @@ class PromptStyle:
     def continue_after(self, turns_taken: int) -> None:
         """Pick up a resumed session's cadence of prompted tool calls where the agent's earlier turns left it."""
         self._turns_taken = turns_taken
+
+    async def reply(self, turn: Turn) -> str:
+        """Ask the model for the turn's message (its tool calls made and recorded on ``turn``); LLMError on failure."""
+        raise NotImplementedError
 
     def _tool_call_prompted(self) -> bool:
         """Count this turn; return whether it is one whose tool call is prompted (every ``prefill_tool_every``-th)."""

@@ -34,6 +34,7 @@ from orchestrator.audit.database import (
     _sqlite_path,
     create_schema,
     one_line,
+    use_wal,
 )
 from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
 from orchestrator.audit.schema import (
@@ -87,16 +88,17 @@ class AuditStore:
         expression: peewee.Expression = (SessionRecord.pid == self.pid) & (SessionRecord.host == self.host)
         return expression
 
-
     @classmethod
     def open(cls, url: str) -> AuditStore:
         """Connect, create missing tables, and start the writer thread; AuditError if unreachable.
 
-        Several processes creating the same new SQLite file at once race on
-        ``PRAGMA journal_mode=wal``, which SQLite refuses with "database is
-        locked" without waiting for its busy timeout; so a locked open is retried
-        until that timeout has passed (once the file is in WAL mode the pragma
-        needs no lock and the race is over).
+        The busy timeout is set when connecting, before any statement. Several
+        processes creating the same new SQLite file at once race on switching it
+        to WAL mode, which SQLite refuses with "database is locked" without
+        waiting for its busy timeout; so a locked open is retried until that
+        timeout has passed (once the file is in WAL mode nobody switches it
+        again and the race is over). A file that has its schema is opened with
+        reads only (``create_schema``), so a busy writer never makes it fail.
         """
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
         while True:
@@ -104,6 +106,7 @@ class AuditStore:
                 database = _open_database(url)
                 database_proxy.initialize(database)
                 with database.connection_context():
+                    use_wal(database)
                     create_schema(database)
                 return cls(url, database)
             except _DB_ERRORS as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -222,6 +223,27 @@ def test_processes_creating_the_same_new_sqlite_database_at_once_all_open_it(tmp
         procs = [subprocess.Popen([sys.executable, "-c", OPENER, url], stderr=subprocess.PIPE) for _ in range(4)]
         errors = [p.communicate(timeout=60)[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+
+
+def test_an_audit_database_in_use_opens_while_another_process_holds_the_write_lock(tmp_path) -> None:
+    # Opening a database that has its schema only reads; before, every open queued for the write lock
+    # (BEGIN IMMEDIATE) and failed "database is locked" behind a writer that kept it past the busy timeout.
+    path = tmp_path / "busy.db"
+    url = f"sqlite:///{path}"
+    AuditStore.open(url).close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute(
+            "INSERT INTO sessions (session_id, start_time, num_turns, status) VALUES ('heist_busy', 'now', 0, 'active')"
+        )
+        opened = subprocess.run([sys.executable, "-c", OPENER, url], capture_output=True, text=True, timeout=60)
+        assert opened.returncode == 0, opened.stderr
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+    assert query(url, "SELECT session_id FROM sessions") == [("heist_busy",)]
+    assert query(url, "PRAGMA journal_mode") == [("wal",)]
 
 
 def test_processes_creating_the_schema_in_one_new_postgresql_database_at_once_all_open_it(postgres_cluster) -> None:

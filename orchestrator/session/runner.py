@@ -36,6 +36,7 @@ from orchestrator.session.schedule import iter_schedule
 from orchestrator.session.unrecorded import record_later, settle_unrecorded, unrecorded_dir
 from orchestrator.tracing import rpc_service, turn_scope
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
+from orchestrator.turn.progress import TurnProgress
 from orchestrator.turn.turn import EMPTY, LLM_ERROR, OK, Turn
 
 __all__ = [
@@ -204,6 +205,7 @@ class SessionRunner:
         *,
         on_health: Callable[[list[HealthResult]], None] | None = None,
         on_turn: TurnObserver | None = None,
+        on_progress: TurnProgress | None = None,
         resume: ResumePoint | None = None,
     ) -> None:
         self.config = config
@@ -216,7 +218,7 @@ class SessionRunner:
         self.session_id = self.options.session_id or new_session_id()
         if not SESSION_ID_PATTERN.match(self.session_id):
             raise ValueError(f"invalid session ID {self.session_id!r} (letters, digits, '_', '.', '-'; max 128)")
-        self.context = SessionContext(self.session_id, config, clients, llm, audit)
+        self.context = SessionContext(self.session_id, config, clients, llm, audit, progress=on_progress)
         self.agents = {agent.name: CrewAgent(agent, self.context) for agent in config.agents}
         self._on_health = on_health
         self._on_turn = on_turn
@@ -390,12 +392,13 @@ async def run_session(
     *,
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
+    on_progress: TurnProgress | None = None,
 ) -> SessionResult:
     """Open the audit store, channels and LLM client, run one new session, close everything.
 
     Raises AuditError if the audit database cannot be opened at all.
     """
-    return await _open_and_run(config, options, None, on_health=on_health, on_turn=on_turn)
+    return await _open_and_run(config, options, None, on_health=on_health, on_turn=on_turn, on_progress=on_progress)
 
 
 async def resume_session(
@@ -406,6 +409,7 @@ async def resume_session(
     on_resume: Callable[[ResumePoint], None] | None = None,
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
+    on_progress: TurnProgress | None = None,
 ) -> SessionResult:
     """Continue an interrupted, failed or stale session from the audit alone (``orchestrator.session.resume``).
 
@@ -414,7 +418,9 @@ async def resume_session(
     opened or read, UnknownSessionError, and NotResumableError or
     ResumeConflictError (nothing was changed then).
     """
-    return await _open_and_run(config, options, session_id, on_resume=on_resume, on_health=on_health, on_turn=on_turn)
+    return await _open_and_run(
+        config, options, session_id, on_resume=on_resume, on_health=on_health, on_turn=on_turn, on_progress=on_progress
+    )
 
 
 async def _open_and_run(
@@ -425,6 +431,7 @@ async def _open_and_run(
     on_resume: Callable[[ResumePoint], None] | None = None,
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
+    on_progress: TurnProgress | None = None,
 ) -> SessionResult:
     """Open everything, run the session (new or resumed: one path for both), close everything."""
     audit = AuditStore.open(config.database.url)
@@ -445,7 +452,10 @@ async def _open_and_run(
     clients = ServiceClients(config, tracer=telemetry.tracer)
     llm = LLMClient(config.llm)
     try:
-        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
+        runner = SessionRunner(
+            config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, on_progress=on_progress,
+            resume=point,
+        )  # fmt: skip
         result = await runner.run()
         result.settled = settled
         return result

@@ -26,6 +26,7 @@ from orchestrator.mesh.memory_sync import MemoryFetch
 from orchestrator.tracing import TurnScope, elapsed_ms, timings_json, turn_scope
 from orchestrator.turn.chat import ChatStyle
 from orchestrator.turn.context import SessionContext
+from orchestrator.turn.progress import Phase
 from orchestrator.turn.prompts import NO_REPLY, ConversationMessage
 from orchestrator.turn.style import PromptStyle
 from orchestrator.turn.tool_calls import ToolCaller
@@ -54,6 +55,7 @@ class CrewAgent:
             frozenset(config.tools),
             session.config.session.tool_result_max_chars,
             constraints=session.constrained.cache,
+            on_call=lambda turn, tool: session.progress_at(turn, Phase.TOOL, tool),
         )
         # The session's prompt style is fixed by its config, so each agent builds only that one.
         style: type[PromptStyle] = TranscriptStyle if session.config.llm.prompt_style == "transcript" else ChatStyle
@@ -95,7 +97,8 @@ class CrewAgent:
 
     async def _take_turn(self, turn: Turn, memory: Awaitable[MemoryFetch] | None, scope: TurnScope) -> Turn:
         start = time.perf_counter()
-
+        progress = self.session.progress_at
+        progress(turn, Phase.MEMORY)
         if memory is None:
             fetched = await self.fetch_memory()
         else:  # prefetched during the previous turn: only the rest of its wait counts here
@@ -108,6 +111,7 @@ class CrewAgent:
             turn.events.append(fetched.error.to_event(turn.turn_id, self.name))
 
         turn.token = await self._token(turn, scope) if self.config.tools else None
+        progress(turn, Phase.THINKING)
         try:
             turn.message = await self.style.reply(turn)
             if not turn.message.strip():  # the style already resampled it once
@@ -128,6 +132,7 @@ class CrewAgent:
                 )
             )
         so_far = elapsed_ms(start)
+        progress(turn, Phase.WRITING)
         await self._persist(turn, turn.audit_rows(so_far, timings_json(scope.steps, so_far)), scope)
         turn.total_ms = elapsed_ms(start)
         # The whole timeline, audit write and StoreMemory included, rides on the next audit transaction.

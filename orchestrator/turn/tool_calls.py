@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
@@ -33,7 +33,6 @@ NO_TOKEN = "NO_TOKEN"
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 
 
-
 class ToolCaller:
     """Calls tool RPCs for one agent of one session and records every call."""
 
@@ -47,8 +46,11 @@ class ToolCaller:
         result_max_chars: int,
         *,
         constraints: ConstraintCache | None = None,
+        on_call: Callable[[Turn, str], None] | None = None,
     ) -> None:
         self._clients = clients
+        self._on_call = on_call
+        """Told ``tool.Method`` just before each RPC is sent (the turn's progress)."""
         self._constraints = constraints
         self._session_id = session_id
         self._agent = agent_name
@@ -130,6 +132,8 @@ class ToolCaller:
             service.unsent(operation, NO_TOKEN)
             return refuse(turn, method.tool, operation, params, NO_TOKEN, reason)
         rpc = getattr(clients.tool_stubs[method.tool], operation)
+        if self._on_call is not None:
+            self._on_call(turn, f"{method.tool}.{operation}")
         start = time.perf_counter()
         try:
             response = await service.call(operation, rpc, request, self._metadata_for(token))

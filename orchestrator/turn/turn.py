@@ -9,6 +9,7 @@ from it, so they cannot disagree.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,8 @@ class Turn:
     """Time spent waiting for the model (the sum of its requests, which are sequential)."""
     total_ms: float = 0.0
     trace_id: str = ""
+    started: float = field(default_factory=time.monotonic)
+    """When the turn started (``time.monotonic()``): live progress shows how long it has run."""
     steps: list[Step] = field(default_factory=list)
     """The turn's timeline: every RPC (also those skipped or sent without a token) and LLM request, with its outcome.
 

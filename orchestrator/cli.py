@@ -17,10 +17,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import use_private_umask
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.resume import ResumePoint
     from orchestrator.session.runner import SessionResult
+    from orchestrator.turn.progress import TurnProgress
     from orchestrator.turn.turn import Turn
 
 __all__ = ["console_main", "main"]
@@ -48,10 +49,40 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (exit 2, ``ExitCode.USAGE``): the problem, and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version (read only when asked: the metadata costs a few ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version(PACKAGE)
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            found = "unknown (not installed)"
+        print(f"orchestrator {found}")
+        parser.exit(0)
+
+
+PACKAGE = "heist-mesh"
+"""The distribution ``orchestrator`` belongs to (pyproject.toml's ``name``)."""
+JSON_HELP = "print JSON, one object per line (fields: docs/cli.md)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="orchestrator", description="Run heist-planning sessions over the gRPC mesh and inspect their audit trail."
     )
+    parser.add_argument("--version", action=_Version)
     parser.add_argument(
         "--config", type=Path, default=None, help="config file (default: $HEIST_CONFIG or config/heist.yaml)"
     )
@@ -68,9 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help="model name (default: llm.model)")
     run.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
     run.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
+    run.add_argument("--json", action="store_true", help="print each turn, then the summary, as JSON lines")
 
     health = commands.add_parser("health", help="health table of every service", description="Check every service.")
     health.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    health.add_argument("--json", action="store_true", help=JSON_HELP)
 
     token = commands.add_parser(
         "token",
@@ -87,11 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     sessions = commands.add_parser("sessions", help="list sessions", description="List the audited sessions.")
     sessions.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     sessions.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    sessions.add_argument("--json", action="store_true", help=JSON_HELP)
 
     show = commands.add_parser("show", help="transcript of a session", description="Show one session's transcript.")
     show.add_argument("session_id", metavar="SESSION")
     show.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     show.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    show.add_argument("--json", action="store_true", help="print the session's whole log as one JSON object")
 
     export = commands.add_parser("export", help="export a session log", description="Export one session's log.")
     export.add_argument("session_id", metavar="SESSION")
@@ -127,7 +162,7 @@ schedule; 4 audit database unreachable; 5 unknown session; 6 unhealthy with
 """
 
 
-def _add_resume_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_resume_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     resume = commands.add_parser(
         "resume",
         help="continue an interrupted, failed or dead session",
@@ -244,12 +279,12 @@ def printable(text: str) -> str:
 
 
 def print_health(results: Sequence[HealthResult]) -> None:
-    """Print the service table: service, target, status, latency."""
-    width = max(len(r.target) for r in results) if results else 10
-    print(f"{'service':<16} {'target':<{width}} {'status':<13} {'latency':>9}")
-    for r in results:
-        note = f"  {r.detail}" if r.detail and not r.ok else ""
-        print(f"{r.service:<16} {r.target:<{width}} {r.status:<13} {r.latency_ms:>7.1f}ms{note}")
+    """Print the service table: service, target, status, latency, and why a service is not usable."""
+    from orchestrator.output.terminal import table
+
+    rows = [(r.service, r.target, r.status, f"{r.latency_ms:.1f}ms", r.detail if not r.ok else "") for r in results]
+    for line in table(("service", "target", "status", "latency", "detail"), rows, right=("latency",)):
+        print(printable(line))
 
 
 def _print_health_verdict(results: Sequence[HealthResult]) -> None:
@@ -304,6 +339,38 @@ def _print_summary(result: SessionResult) -> None:
         print(printable(f"Error:      {redact_urls(error)}"), file=sys.stderr)
 
 
+def _print_summary_json(result: SessionResult) -> None:
+    from heist_common.config import redact_url, redact_urls
+    from orchestrator.session.records import dumps, summary_record
+
+    error = redact_urls(result.error) if result.error else None
+    print(dumps(summary_record(result, database=redact_url(result.database), error=error)), flush=True)
+    if error:
+        print(printable(f"orchestrator: {error}"), file=sys.stderr)
+
+
+def _live_line_wanted() -> bool:
+    """Say whether to draw a live line: only on a terminal that can redraw one (not a log, a pipe, TERM=dumb)."""
+    return sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
+
+
+@contextmanager
+def _turn_output(session_id: str, *, as_json: bool) -> Iterator[tuple[Callable[[Turn], None], TurnProgress | None]]:
+    """How ``run`` and ``resume`` show turns: JSON lines, or lines with a live line while each turn runs."""
+    if as_json:
+        from orchestrator.session.records import dumps, turn_record
+
+        yield (lambda turn: print(dumps(turn_record(session_id, turn)), flush=True)), None
+        return
+    if not _live_line_wanted():
+        yield print_turn, None
+        return
+    from orchestrator.output.live import LiveLine
+
+    with LiveLine(sys.stdout) as live:
+        yield (lambda turn: live.replace(lambda: print_turn(turn))), live
+
+
 def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfig:
     """Apply ``--llm-base-url`` and ``--model`` (run and resume take both)."""
     if not (args.llm_base_url or args.model):
@@ -322,7 +389,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from heist_common.config import redact_urls
     from orchestrator.audit import AuditError
-    from orchestrator.session.runner import RunOptions, run_session
+    from orchestrator.session.runner import RunOptions, new_session_id, run_session
 
     config = _with_llm_flags(_load(args), args)
     allowed = config.session.max_turns_allowed
@@ -331,21 +398,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out is not None:
         _check_writable(args.out)
     options = RunOptions(
-        session_id=args.session_id,
+        session_id=args.session_id or new_session_id(),  # known here: every JSON line carries it
         turns=args.turns,
         seed=args.seed,
         require_healthy=args.require_healthy,
         export_dir=args.out,
     )
     _open_store(config, create=True).close()  # a bad --db fails here, before any service is called
+    on_health = None if args.json else _print_health_verdict
+    assert options.session_id is not None
     try:
-        with _sigterm_interrupts(), _credentials_checked():
-            result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
+        with (
+            _sigterm_interrupts(),
+            _credentials_checked(),
+            _turn_output(options.session_id, as_json=args.json) as (on_turn, on_progress),
+        ):
+            result = asyncio.run(
+                run_session(config, options, on_health=on_health, on_turn=on_turn, on_progress=on_progress)
+            )
     except AuditError as exc:
         raise CommandError(redact_urls(str(exc)), ExitCode.DATABASE) from None
     except ValueError as exc:  # invalid --session-id
         raise CommandError(str(exc), ExitCode.USAGE) from None
-    _print_summary(result)
+    if args.json:
+        _print_summary_json(result)
+    else:
+        _print_summary(result)
     return result.exit_code
 
 
@@ -368,7 +446,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     options = RunOptions(require_healthy=args.require_healthy, export_dir=args.out)
     _open_store(config, create=False).close()  # resume never creates an audit database
     try:
-        with _sigterm_interrupts(), _credentials_checked():
+        with (
+            _sigterm_interrupts(),
+            _credentials_checked(),
+            _turn_output(args.session_id, as_json=False) as (on_turn, on_progress),
+        ):
             result = asyncio.run(
                 resume_session(
                     config,
@@ -376,7 +458,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
                     options,
                     on_resume=_print_resume,
                     on_health=_print_health_verdict,
-                    on_turn=print_turn,
+                    on_turn=on_turn,
+                    on_progress=on_progress,
                 )
             )
     except UnknownSessionError:
@@ -423,7 +506,13 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     with _credentials_checked():
         results = asyncio.run(probe())
-    print_health(results)
+    if args.json:
+        from orchestrator.session.records import dumps, health_record
+
+        for result in results:
+            print(dumps(health_record(result)))
+    else:
+        print_health(results)
     return ExitCode.OK if all(r.ok for r in results) else ExitCode.UNHEALTHY
 
 
@@ -459,22 +548,28 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     url = config.database.url
     configured = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
     if not getattr(args, "db", None) and configured is not None and not Path(configured).exists():
-        print("No sessions yet.")  # nothing has run with this config; a --db that does not exist is an error
+        if not args.json:  # JSON: no line at all
+            print("No sessions yet.")  # nothing has run with this config; a --db that does not exist is an error
         return 0
     store = _open_store(config, create=False)
     try:
         rows = store.read_sessions()
     finally:
         store.close()
+    if args.json:
+        from orchestrator.session.records import dumps, session_record
+
+        for row in rows:
+            print(dumps(session_record(row)))
+        return 0
     if not rows:
         print("No sessions yet.")
         return 0
-    print(f"{'session':<32} {'status':<12} {'turns':>5}  {'start':<29} end")
-    for row in rows:
-        print(
-            f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5}  {row['start_time']:<29} "
-            f"{row['end_time'] or '-'}"
-        )
+    from orchestrator.output.terminal import table
+
+    shown = [(r["session_id"], r["status"], r["num_turns"], r["start_time"], r["end_time"] or "-") for r in rows]
+    for line in table(("session", "status", "turns", "start", "end"), shown, right=("turns",)):
+        print(printable(line))
     return 0
 
 
@@ -491,9 +586,18 @@ def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> di
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from orchestrator.output.export import render_markdown
+    log = _read_log(args)
+    if args.json:
+        from orchestrator.session.records import dumps
 
-    print(printable(render_markdown(_read_log(args), escaped=False)), end="")
+        print(dumps(log))
+        return 0
+    import shutil
+
+    from orchestrator.output.terminal import render_transcript
+
+    width = min(shutil.get_terminal_size((100, 24)).columns, 120) - 1
+    print(render_transcript(log, width, printable), end="")
     return 0
 
 

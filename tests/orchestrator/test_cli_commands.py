@@ -58,7 +58,8 @@ async def test_run_then_sessions_show_export(
 
     assert await cli("show", "heist_cli_1", "--config", str(live_config)) == 0
     shown = capsys.readouterr().out
-    assert "### Turn 2: hacker (Hacker)" in shown and "file_reader.ReadFile" in shown
+    assert "Turn 2  hacker (Hacker)" in shown and "file_reader.ReadFile" in shown
+    assert "###" not in shown and "\\" not in shown  # a terminal view, not the Markdown file
 
     target = tmp_path / "export.json"
     assert (

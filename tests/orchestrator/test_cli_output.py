@@ -22,7 +22,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.session.records import SHAPES
 from tests.support.inprocess import InProcessMesh, audit_rows
-from tests.support.scripted_llm import Reply, ScriptedLLM, text
+from tests.support.scripted_llm import Reply, ScriptedLLM, text, tool_call
 
 REPO = Path(__file__).resolve().parents[2]
 ORCHESTRATOR = str(Path(sys.executable).parent / "orchestrator")
@@ -270,3 +270,32 @@ def test_bad_flags_exit_2_with_one_line(argv: list[str], says: str) -> None:
     assert done.returncode == 2
     assert done.stdout == "" and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("orchestrator") and says in done.stderr and "--help'" in done.stderr
+
+
+async def test_progress_observer_sees_every_phase_of_native_tool_rounds_in_order(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM
+) -> None:
+    from orchestrator.session.runner import RunOptions, run_session
+    from orchestrator.turn.progress import Phase, PhaseChange
+
+    scripted_llm.script(text("Plan."), tool_call("file_reader_read_file", filename="bank_layout.md"), text("Read it."))
+    config = mesh.with_llm(scripted_llm.base_url, tool_calling="native", constrained_tools="off")
+    changes: list[PhaseChange] = []
+    ended: list[int] = []
+    result = await run_session(
+        config, RunOptions(turns=2, export=False), on_progress=changes.append, on_turn=lambda t: ended.append(t.turn_id)
+    )
+    assert result.status == "completed", result.error
+    by_turn = [[(c.phase, c.detail) for c in changes if c.turn_id == n] for n in (1, 2)]
+    assert by_turn[0] == [(Phase.MEMORY, ""), (Phase.THINKING, ""), (Phase.WRITING, "")]
+    assert by_turn[1] == [
+        (Phase.MEMORY, ""),
+        (Phase.THINKING, ""),
+        (Phase.TOOL, "file_reader.ReadFile"),
+        (Phase.THINKING, ""),  # the model reads the result
+        (Phase.WRITING, ""),
+    ]
+    assert {(c.session_id, c.agent, c.role) for c in changes if c.turn_id == 2} == {
+        (result.session_id, "hacker", "Hacker")
+    }
+    assert len({c.started for c in changes if c.turn_id == 2}) == 1 and ended == [1, 2]

@@ -397,8 +397,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(f"--turns must be 1 to {allowed} (session.max_turns_allowed)", ExitCode.USAGE)
     if args.out is not None:
         _check_writable(args.out)
+    session_id = args.session_id or new_session_id()  # known here: every JSON line carries it
     options = RunOptions(
-        session_id=args.session_id or new_session_id(),  # known here: every JSON line carries it
+        session_id=session_id,
         turns=args.turns,
         seed=args.seed,
         require_healthy=args.require_healthy,
@@ -406,12 +407,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     _open_store(config, create=True).close()  # a bad --db fails here, before any service is called
     on_health = None if args.json else _print_health_verdict
-    assert options.session_id is not None
     try:
         with (
             _sigterm_interrupts(),
             _credentials_checked(),
-            _turn_output(options.session_id, as_json=args.json) as (on_turn, on_progress),
+            _turn_output(session_id, as_json=args.json) as (on_turn, on_progress),
         ):
             result = asyncio.run(
                 run_session(config, options, on_health=on_health, on_turn=on_turn, on_progress=on_progress)

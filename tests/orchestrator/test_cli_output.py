@@ -39,12 +39,12 @@ def live_config(mesh: InProcessMesh, config_path: Path, tmp_path: Path) -> Path:
     return mesh.write_config(config_path, tmp_path / "live.yaml")
 
 
-def read_pty_run(command: list[str], columns: int = 160) -> tuple[int, str, str]:
+def read_pty_run(command: list[str], columns: int = 160, term: str = "xterm") -> tuple[int, str, str]:
     """Run ``command`` with its stdout on a pseudo-terminal; return its exit code, what the terminal got, stderr."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     proc = subprocess.Popen(
-        command, stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, "TERM": "xterm"}
+        command, stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, "TERM": term}
     )
     os.close(slave)
     received = bytearray()
@@ -116,6 +116,14 @@ async def test_run_into_a_pipe_prints_no_live_line(live_config: Path, scripted_l
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "\r" not in done.stdout
     assert "[turn 2] hacker (Hacker): Steady." in done.stdout
+
+
+async def test_run_on_a_dumb_terminal_prints_no_live_line(live_config: Path, scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.default = text("Steady.", delay_s=0.3)
+    command = [ORCHESTRATOR, "run", "--config", str(live_config), "--turns", "1", "--session-id", "heist_dumb"]
+    code, screen, err = await asyncio.to_thread(read_pty_run, command, term="dumb")
+    assert code == 0, err
+    assert "\x1b" not in screen and "[turn 1] planner (Mastermind): Steady." in screen
 
 
 def check_shape(kind: str, record: dict[str, Any]) -> None:

@@ -348,6 +348,12 @@ class AgentConfig(Section):
     is_saboteur: Flag = Field(
         default=False, description="Adds a secret brief to the system prompt: steer the crew towards mistakes."
     )
+    max_llm_tokens: AtLeastOne | None = Field(
+        default=None,
+        description="The most LLM tokens (prompt plus completion) this agent's turns may use in one session; "
+        "the turn that goes over it is recorded, then the session ends `failed` (reason `budget`, exit 1). "
+        "Null: no limit of its own (`session.max_llm_tokens` still applies).",
+    )
 
     @model_validator(mode="after")
     def _default_client(self) -> AgentConfig:
@@ -529,6 +535,12 @@ class SessionConfig(Section):
         default=600.0,
         description="`orchestrator resume`: an `active` session with no committed turn for this long counts as "
         "dead (at once if its process on this machine is gone). Keep it above the slowest possible turn.",
+    )
+    max_llm_tokens: AtLeastOne | None = Field(
+        default=None,
+        description="The most LLM tokens (prompt plus completion, all agents, estimates where the server reports "
+        "no usage) one session may use; the turn that goes over it is recorded, then the session ends `failed` "
+        "(reason `budget`, exit 1). A resumed session counts on from its audited total. Null: no budget.",
     )
 
 

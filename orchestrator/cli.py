@@ -284,6 +284,9 @@ def _print_summary(result: SessionResult) -> None:
     print(f"Tool calls: {result.tool_calls_ok} ok, {result.tool_calls_failed} failed")
     empty = f" ({result.empty_turns} empty {'reply' if result.empty_turns == 1 else 'replies'})"
     print(f"Errors:     {result.errors}{empty if result.empty_turns else ''}")
+    if result.tokens.session.counted_turns:
+        print(f"LLM tokens: {result.tokens.session.describe()}")
+        print(printable(f"  by agent: {result.tokens.describe_agents()}"))
     print(f"Audit DB:   {redact_url(result.database)}")
     if result.exports:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
@@ -464,15 +467,18 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     store = _open_store(config, create=False)
     try:
         rows = store.read_sessions()
+        tokens = store.read_token_counts()
     finally:
         store.close()
     if not rows:
         print("No sessions yet.")
         return 0
-    print(f"{'session':<32} {'status':<12} {'turns':>5}  {'start':<29} end")
+    print(f"{'session':<32} {'status':<12} {'turns':>5} {'tokens':>9}  {'start':<29} end")
     for row in rows:
+        count = tokens.get(row["session_id"])
+        used = "-" if count is None else f"{'~' if count.estimated else ''}{count.total}"
         print(
-            f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5}  {row['start_time']:<29} "
+            f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5} {used:>9}  {row['start_time']:<29} "
             f"{row['end_time'] or '-'}"
         )
     return 0

@@ -45,6 +45,7 @@ from orchestrator.audit.schema import (
     database_proxy,
     now_iso,
 )
+from orchestrator.audit.tokens import TokenCount, TokenTotals
 
 T = TypeVar("T")
 
@@ -86,7 +87,6 @@ class AuditStore:
         """``sessions`` rows this process owns: the fence that stops writes after another process resumed one."""
         expression: peewee.Expression = (SessionRecord.pid == self.pid) & (SessionRecord.host == self.host)
         return expression
-
 
     @classmethod
     def open(cls, url: str) -> AuditStore:
@@ -365,7 +365,50 @@ class AuditStore:
 
         return await self._in_writer(work, "read messages")
 
+    async def token_totals(self, session_id: str) -> TokenTotals:
+        """Return the session's LLM tokens so far, per agent (where a resumed session's budget starts from)."""
+
+        def work() -> TokenTotals:
+            query = (
+                MessageRecord.select(
+                    MessageRecord.agent_name,
+                    MessageRecord.prompt_tokens,
+                    MessageRecord.completion_tokens,
+                    MessageRecord.tokens_estimated,
+                )
+                .where(MessageRecord.session == session_id)
+                .order_by(MessageRecord.turn_id)
+                .dicts()
+            )
+            return TokenTotals.from_messages(cast("list[dict[str, Any]]", list(query)))
+
+        return await self._in_writer(work, f"read the tokens of session {session_id}")
+
     # Synchronous readers for the CLI -------------------------------------------------------------
+
+    def read_token_counts(self) -> dict[str, TokenCount]:
+        """Every session's LLM tokens in all (sessions without any counted turn are absent)."""
+        try:
+            with self.database.connection_context():
+                query = (
+                    MessageRecord.select(
+                        MessageRecord.session,
+                        peewee.fn.SUM(MessageRecord.prompt_tokens),
+                        peewee.fn.SUM(MessageRecord.completion_tokens),
+                        peewee.fn.MAX(peewee.Case(None, [(MessageRecord.tokens_estimated, 1)], 0)),
+                        peewee.fn.COUNT(MessageRecord.prompt_tokens),
+                    )
+                    .where(MessageRecord.prompt_tokens.is_null(False) & MessageRecord.completion_tokens.is_null(False))
+                    .group_by(MessageRecord.session)
+                    .tuples()
+                )
+                rows = cast("list[tuple[Any, Any, Any, Any, Any]]", list(query))
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read token counts from {self.location}: {one_line(exc)}") from None
+        return {
+            str(session): TokenCount(int(prompt or 0), int(completion or 0), bool(estimated), int(turns))
+            for session, prompt, completion, estimated, turns in rows
+        }
 
     def read_sessions(self) -> list[dict[str, Any]]:
         """Every session, newest first."""

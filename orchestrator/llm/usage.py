@@ -91,6 +91,8 @@ class TokenMeter:
         self._attributes = dict(attributes or {})
         self._registry: CollectorRegistry | None = None
         self._counter: Counter | None = None
+        self._children: dict[str, tuple[Counter, Counter]] = {}
+        """Each agent's input and output series, looked up once (``labels()`` takes a lock and builds a key)."""
         self._histogram: Histogram | None = None
         if meter is not None:
             self._histogram = meter.create_histogram(
@@ -120,10 +122,14 @@ class TokenMeter:
 
     def record(self, agent: str | None, operation: str, usage: Usage) -> None:
         """Count one request's tokens for ``agent`` (None: outside any turn)."""
-        counter = self._prometheus()[1]
         label = agent or UNKNOWN_AGENT
-        counter.labels(label, self.model, INPUT).inc(usage.prompt_tokens)
-        counter.labels(label, self.model, OUTPUT).inc(usage.completion_tokens)
+        children = self._children.get(label)
+        if children is None:
+            counter = self._prometheus()[1]
+            children = counter.labels(label, self.model, INPUT), counter.labels(label, self.model, OUTPUT)
+            self._children[label] = children
+        children[0].inc(usage.prompt_tokens)
+        children[1].inc(usage.completion_tokens)
         if self._histogram is not None:
             attributes = {**self._attributes, "gen_ai.operation.name": operation}
             if usage.estimated:

@@ -24,6 +24,7 @@ from orchestrator.output.export import render_markdown
 from orchestrator.output.report import render_report
 from orchestrator.session.runner import RunOptions, SessionResult, SessionRunner, resume_session, run_session
 from tests.support.inprocess import InProcessMesh, audit_rows
+from tests.support.otlp import OTLPReceiver
 from tests.support.scripted_llm import ScriptedLLM, text
 
 CREW = ("planner", "hacker", "safecracker", "mole")
@@ -264,3 +265,38 @@ def test_logs_written_before_tokens_were_counted_render_without_them() -> None:
     }
     assert "tokens" not in render_markdown(log)
     assert "LLM tokens" not in render_report(log)
+
+
+async def test_a_transcript_turns_resample_counts_too_and_one_unreported_request_marks_the_turn(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM
+) -> None:
+    scripted_llm.script(
+        text("We go in on Friday.", usage=(20, 6)),
+        text("We go in on Friday.", usage=(25, 6)),  # the hacker parrots the planner: resampled hotter
+        text("The vault opens at 07:30.", usage=None),
+    )
+    llm = mesh.config.llm.model_copy(update={"prompt_style": "transcript", "prefill_tool_every": 0})
+    result = await run_session(mesh.config.with_overrides(llm=llm), RunOptions(turns=2, export=False))
+    assert result.status == "completed" and result.turns[1].message == "The vault opens at 07:30."
+    resample_prompt = scripted_llm.text_requests[2]["prompt"]
+    prompt = 25 + math.ceil(len(resample_prompt) / 4)
+    completion = 6 + math.ceil(len("The vault opens at 07:30.") / 4)
+    rows = audit_rows(mesh.config, "SELECT prompt_tokens, completion_tokens, tokens_estimated FROM messages")
+    assert rows == [(20, 6, 0), (prompt, completion, 1)]
+    assert result.turns[1].llm_requests == 2
+
+
+async def test_the_histogram_is_exported_over_otlp_when_the_standard_variables_ask(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripted_llm.default = text("Onwards.", usage=(30, 10))
+    with OTLPReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        result = await run_session(mesh.config, RunOptions(turns=4, export=False))  # exports at its end
+        points = [point for point in receiver.points if point.metric == "gen_ai.client.token.usage"]
+    assert result.status == "completed" and receiver.rejected == []
+    latest = {tuple(sorted(point.attributes.items())): point for point in points}
+    inputs = [point for point in latest.values() if point.attributes["gen_ai.token.type"] == "input"]
+    assert sum(point.sum for point in inputs) == 4 * 30 and sum(point.count for point in inputs) == 4
+    assert {point.service for point in points} == {"heist-orchestrator"}
+    assert inputs[0].attributes["gen_ai.request.model"] == mesh.config.llm.model

@@ -6,10 +6,10 @@
 - ``store``: ``AuditStore``, writes on one writer thread and readers for the CLI
 """
 
-from orchestrator.audit.database import AuditError, SessionTakenOverError, UnknownSessionError
-from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
-from orchestrator.audit.schema import EventRecord, MessageRecord, SessionRecord, SessionStatus, ToolUsageRecord, now_iso
-from orchestrator.audit.store import AuditStore
+from heist_common.audit.database import AuditError, SessionTakenOverError, UnknownSessionError
+from heist_common.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
+from heist_common.audit.schema import EventRecord, MessageRecord, SessionRecord, SessionStatus, ToolUsageRecord, now_iso
+from heist_common.audit.store import AuditStore
 
 __all__ = [
     "AuditError",

@@ -60,6 +60,7 @@ __all__ = [
     "CA_FILE_ENV",
     "CERT_FILE_ENV",
     "CLIENT_IDENTITIES",
+    "GATEWAY_HTTPS_IDENTITY",
     "KEY_FILE_ENV",
     "SERVICE_DOMAIN",
     "RotatingServerCertificate",
@@ -81,8 +82,15 @@ log = logging.getLogger("heist.tls")
 CA_FILE_ENV = "HEIST_TLS_CA_FILE"
 CERT_FILE_ENV = "HEIST_TLS_CERT_FILE"
 KEY_FILE_ENV = "HEIST_TLS_KEY_FILE"
-CLIENT_IDENTITIES = ("orchestrator", "grpcurl", "supervisor")
-"""Client certificates the dev PKI issues: the orchestrator, grpcurl by hand, ``make serve/status`` probes."""
+CLIENT_IDENTITIES = ("orchestrator", "grpcurl", "supervisor", "mcp_gateway")
+"""Client certificates the dev PKI issues: the orchestrator, grpcurl by hand, ``make serve/status`` probes,
+and the MCP gateway (which calls the tool services as itself)."""
+GATEWAY_HTTPS_IDENTITY = "mcp_gateway_https"
+"""The MCP gateway's HTTPS server certificate: ``server_name("mcp_gateway")`` and the host it listens on.
+
+Why the host too (unlike the gRPC services): MCP clients dial the gateway by URL and check the
+certificate against that host; no mesh service dials the gateway, so the name is not one a service could
+borrow to pass for another."""
 SERVICE_DOMAIN = "heist.internal"
 """DNS suffix of the names services' certificates carry; never resolved, only checked against the certificate."""
 

@@ -45,6 +45,11 @@ class ClientBounds:
         self._clients: OrderedDict[str, _Bucket] = OrderedDict()
         self.in_flight = 0
 
+    @property
+    def remembered(self) -> int:
+        """How many clients' buckets are kept."""
+        return len(self._clients)
+
     def acquire(self, client: str) -> str | None:
         """Take one call for ``client``; None if it may go ahead, else why not (then nothing was taken)."""
         now = self._clock()

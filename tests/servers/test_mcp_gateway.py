@@ -11,6 +11,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from heist_common.config import HeistConfig, load_config
 from heist_common.credentials import client_secret
 from heist_common.tools.argument_grammars import argument_hint
 from heist_common.tools.registry import ToolRegistry, message_schema
+from tests.support.access_log import calls
 from tests.support.config import TOOLS, heist_config
 from tests.support.ports import free_ports
 
@@ -219,6 +221,33 @@ async def test_every_call_is_an_audit_row_under_the_callers_client(served: Heist
             "SELECT status, strategy FROM sessions WHERE session_id = 'mcp-safecracker'"
         ).fetchone()
     assert (status, strategy) == ("gateway", "mcp_gateway")
+
+
+async def test_the_tool_service_sees_the_gateway_the_caller_and_the_session(served: HeistConfig) -> None:
+    async with mcp_session(served, "safecracker", **{"x-session-id": "mcp_seen_1"}) as session:
+        await session.call_tool("calculator_evaluate", {"expression": "3 * 3"})
+    log = served.mesh.log_dir / "calculator.log"
+    deadline = time.monotonic() + 30
+    seen: list[dict[str, Any]] = []
+    while not seen and time.monotonic() < deadline:  # the access log is written in batches
+        seen = [entry for entry in calls(log.read_text(), "Evaluate") if entry["session"] == "mcp_seen_1"]
+        time.sleep(0.1)
+    assert len(seen) == 1
+    assert (seen[0]["client"], seen[0]["on_behalf_of"], seen[0]["code"]) == ("mcp_gateway", "safecracker", "OK")
+
+
+def test_a_request_body_over_the_bound_is_http_413(served: HeistConfig) -> None:
+    assert served.mcp_gateway is not None
+    body = b"{" + b" " * (served.mcp_gateway.max_request_bytes + 1) + b"}"
+    headers = {
+        "Authorization": f"Bearer {token_for(served, 'crew')}",
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+    }
+    request = urllib.request.Request(url(served), data=body, headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=ca_context(served), timeout=10)
+    assert refused.value.code == 413
 
 
 def test_the_supervisor_reports_it_and_it_serves_metrics(served: HeistConfig) -> None:

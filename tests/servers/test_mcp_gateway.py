@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 """Good arguments for every tool the shipped services offer (the test fails if a tool has none here)."""
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeistConfig]:
-    work = tmp_path_factory.mktemp("mcp")
-    data = heist_config(work)
+@contextmanager
+def serving(work: Path, transport: str = "mtls") -> Iterator[HeistConfig]:
+    """The mesh and the gateway as ``make serve`` runs them, on free ports; stopped at the end."""
+    data = heist_config(work, transport=transport)
     names = list(data["services"])
     ports = free_ports(len(names) + 2)
     for name, port in zip(names, ports, strict=False):
@@ -74,6 +74,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeistConfig]:
         subprocess.run([*supervisor, "stop", "--config", str(path)], capture_output=True, timeout=60)
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeistConfig]:
+    with serving(tmp_path_factory.mktemp("mcp")) as config:
+        yield config
+
+
 def token_for(config: HeistConfig, client_id: str) -> str:
     """A token from the mesh's OAuth service, by client credentials (the secret never on a command line)."""
     address = config.service("oauth").address
@@ -87,11 +93,11 @@ def token_for(config: HeistConfig, client_id: str) -> str:
 
 def url(config: HeistConfig, path: str = "/mcp") -> str:
     assert config.mcp_gateway is not None
-    return f"https://{config.mcp_gateway.address}{path}"
+    return f"{'https' if tls.mtls(config) else 'http'}://{config.mcp_gateway.address}{path}"
 
 
-def ca_context(config: HeistConfig) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=tls.tls_dir(config) / "ca.crt")
+def ca_context(config: HeistConfig) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=tls.tls_dir(config) / "ca.crt") if tls.mtls(config) else None
 
 
 @asynccontextmanager
@@ -99,7 +105,7 @@ async def mcp_session(config: HeistConfig, client_id: str, **headers: str) -> As
     """An initialized MCP session over Streamable HTTP as ``client_id``."""
     all_headers = {"Authorization": f"Bearer {token_for(config, client_id)}", **headers}
     async with (
-        httpx2.AsyncClient(headers=all_headers, verify=ca_context(config), timeout=30) as http,
+        httpx2.AsyncClient(headers=all_headers, verify=ca_context(config) or True, timeout=30) as http,
         streamable_http_client(url(config), http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):
@@ -120,7 +126,7 @@ def audit_rows(config: HeistConfig, session_id: str) -> list[tuple[Any, ...]]:
 async def test_initialize_names_the_gateway(served: HeistConfig) -> None:
     all_headers = {"Authorization": f"Bearer {token_for(served, 'crew')}"}
     async with (
-        httpx2.AsyncClient(headers=all_headers, verify=ca_context(served), timeout=30) as http,
+        httpx2.AsyncClient(headers=all_headers, verify=ca_context(served) or True, timeout=30) as http,
         streamable_http_client(url(served), http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):
@@ -261,3 +267,12 @@ def test_the_supervisor_reports_it_and_it_serves_metrics(served: HeistConfig) ->
     with urllib.request.urlopen(f"http://{served.mcp_gateway.metrics_address}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert "heist_mcp_tool_calls_total" in text
+
+
+async def test_a_plaintext_mesh_gets_a_plain_http_gateway(tmp_path: Path) -> None:
+    with serving(tmp_path, transport="plaintext") as config:
+        assert url(config).startswith("http://")
+        async with mcp_session(config, "crew") as session:
+            result = await session.call_tool("calculator_evaluate", {"expression": "2 ** 10"})
+        assert not result.is_error and result.structured_content is not None
+        assert result.structured_content["value"] == 1024

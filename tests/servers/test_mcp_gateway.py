@@ -7,6 +7,7 @@ certificates, as shipped (``security.transport: mtls``).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import ssl
 import subprocess
@@ -34,6 +35,7 @@ from heist_common.tools.argument_grammars import argument_hint
 from heist_common.tools.registry import ToolRegistry, message_schema
 from tests.support.access_log import calls
 from tests.support.config import TOOLS, heist_config
+from tests.support.otlp import OTLPReceiver
 from tests.support.ports import free_ports
 
 GATEWAY_CLIENT_SCOPES = ["calculator:use", "file_reader:use", "database_query:use"]
@@ -48,7 +50,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 
 
 @contextmanager
-def serving(work: Path, transport: str = "mtls") -> Iterator[HeistConfig]:
+def serving(work: Path, transport: str = "mtls", env: dict[str, str] | None = None) -> Iterator[HeistConfig]:
     """The mesh and the gateway as ``make serve`` runs them, on free ports; stopped at the end."""
     data = heist_config(work, transport=transport)
     names = list(data["services"])
@@ -67,7 +69,7 @@ def serving(work: Path, transport: str = "mtls") -> Iterator[HeistConfig]:
     supervisor = [sys.executable, "-m", "servers.supervisor"]
     try:
         started = subprocess.run([*supervisor, "serve", "--config", str(path)], capture_output=True, text=True,
-                                 timeout=120)  # fmt: skip
+                                 timeout=120, env={**os.environ, **(env or {})})  # fmt: skip
         assert started.returncode == 0, started.stdout + started.stderr
         yield load_config(path)
     finally:
@@ -269,10 +271,19 @@ def test_the_supervisor_reports_it_and_it_serves_metrics(served: HeistConfig) ->
     assert "heist_mcp_tool_calls_total" in text
 
 
-async def test_a_plaintext_mesh_gets_a_plain_http_gateway(tmp_path: Path) -> None:
-    with serving(tmp_path, transport="plaintext") as config:
-        assert url(config).startswith("http://")
-        async with mcp_session(config, "crew") as session:
-            result = await session.call_tool("calculator_evaluate", {"expression": "2 ** 10"})
-        assert not result.is_error and result.structured_content is not None
-        assert result.structured_content["value"] == 1024
+async def test_a_plaintext_mesh_gets_a_plain_http_gateway_whose_calls_are_traced(tmp_path: Path) -> None:
+    with OTLPReceiver() as receiver:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+        with serving(tmp_path, transport="plaintext", env=otel) as config:
+            assert url(config).startswith("http://")
+            async with mcp_session(config, "crew") as session:
+                result = await session.call_tool("calculator_evaluate", {"expression": "2 ** 10"})
+            assert not result.is_error and result.structured_content is not None
+            assert result.structured_content["value"] == 1024
+        # stopped: every process flushed its spans
+        assert receiver.rejected == []
+        spans = receiver.spans
+    (relayed,) = [span for span in spans if span.name == "mcp tools/call calculator_evaluate"]
+    assert relayed.service == "heist-mcp_gateway" and relayed.attributes["heist.client"] == "crew"
+    continued = [span for span in spans if span.service == "heist-calculator" and span.trace_id == relayed.trace_id]
+    assert [span.parent_span_id for span in continued] == [relayed.span_id]

@@ -68,6 +68,7 @@ __all__ = [
     "aio_channel",
     "channel_credentials",
     "client_material",
+    "identity_files",
     "mtls",
     "server_credentials",
     "server_material",
@@ -140,6 +141,11 @@ def _paths(config: HeistConfig, identity: str) -> tuple[Path, Path, Path]:
     cert = Path(os.environ.get(CERT_FILE_ENV) or folder / f"{identity}.crt")
     key = Path(os.environ.get(KEY_FILE_ENV) or folder / f"{identity}.key")
     return ca, cert, key
+
+
+def identity_files(config: HeistConfig, identity: str) -> tuple[Path, Path, Path]:
+    """Return the CA, certificate and key files of ``identity`` (each ``HEIST_TLS_*`` variable wins)."""
+    return _paths(config, identity)
 
 
 def _material(config: HeistConfig, identity: str) -> TlsMaterial:

@@ -413,14 +413,14 @@ async def serve(config: HeistConfig, settings: McpGatewayConfig, grace_s: float)
     gateway = Gateway(config, settings, telemetry)
     gateway.open()
     app = build_app(gateway, verifier, secure)
-    folder = tls.tls_dir(config)
+    _, certificate, key = tls.identity_files(config, tls.GATEWAY_HTTPS_IDENTITY)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
-            ssl_certfile=str(folder / f"{tls.GATEWAY_HTTPS_IDENTITY}.crt") if secure else None,
-            ssl_keyfile=str(folder / f"{tls.GATEWAY_HTTPS_IDENTITY}.key") if secure else None,
+            ssl_certfile=str(certificate) if secure else None,
+            ssl_keyfile=str(key) if secure else None,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=max(1, round(grace_s)),

@@ -30,8 +30,8 @@ from orchestrator.output.text import CONTROL_CHARACTERS
 # `export` never load gRPC or the LLM client, and nothing loads `openai` before a
 # completion is made (its import alone takes most of a second).
 if TYPE_CHECKING:
+    from heist_common.audit import AuditStore
     from heist_common.config import HeistConfig
-    from orchestrator.audit import AuditStore
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.resume import ResumePoint
     from orchestrator.session.runner import SessionResult
@@ -190,8 +190,8 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
     already have its folder, so a typo in ``--db`` fails instead of silently
     starting a new, empty audit trail somewhere else.
     """
+    from heist_common.audit import AuditError, AuditStore
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, AuditStore
 
     url = config.database.url
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
@@ -323,8 +323,8 @@ def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfi
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError
     from orchestrator.session.runner import RunOptions, run_session
 
     config = _with_llm_flags(_load(args), args)
@@ -360,8 +360,8 @@ def _print_resume(point: ResumePoint) -> None:
 def _cmd_resume(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError, UnknownSessionError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, UnknownSessionError
     from orchestrator.session.resume import NotResumableError, ResumeConflictError
     from orchestrator.session.runner import RunOptions, resume_session
 
@@ -485,7 +485,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> dict[str, object]:
-    from orchestrator.audit import UnknownSessionError
+    from heist_common.audit import UnknownSessionError
 
     store = _open_store(config or _load(args, calls_services=False), create=False)
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.audit.tokens import TokenTotals
+from heist_common.audit.tokens import TokenTotals
 from orchestrator.output.atomic import write_atomically
 from orchestrator.output.report import render_report, report_path
 from orchestrator.output.text import markdown_text

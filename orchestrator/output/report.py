@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from orchestrator.audit.tokens import TokenTotals
+from heist_common.audit.tokens import TokenTotals
 from orchestrator.output.atomic import write_atomically
 from orchestrator.output.text import strip_controls
 from orchestrator.tracing import Step, read_timings

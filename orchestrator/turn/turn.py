@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
+from heist_common.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
 from orchestrator.llm.client import Completion
 from orchestrator.tracing import Step
 from orchestrator.turn.prompts import ConversationMessage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 
-from orchestrator.audit import AuditStore, EventRow
+from heist_common.audit import AuditStore, EventRow
 from orchestrator.session.runner import RunOptions, run_session
 from orchestrator.tracing import current_trace_id, turn_scope
 from tests.support.access_log import access_entries

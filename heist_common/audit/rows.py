@@ -14,7 +14,7 @@ from typing import Any
 
 import peewee
 
-from orchestrator.audit.schema import now_iso
+from heist_common.audit.schema import now_iso
 
 
 @dataclass(slots=True)

@@ -21,8 +21,7 @@ from typing import Any, TypeVar, cast
 
 import peewee
 
-from heist_common.config import redact_url
-from orchestrator.audit.database import (
+from heist_common.audit.database import (
     _DB_ERRORS,
     BUSY_TIMEOUT_MS,
     OPEN_RETRY_DELAY_S,
@@ -35,8 +34,8 @@ from orchestrator.audit.database import (
     create_schema,
     one_line,
 )
-from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
-from orchestrator.audit.schema import (
+from heist_common.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
+from heist_common.audit.schema import (
     EventRecord,
     MessageRecord,
     SessionRecord,
@@ -45,7 +44,8 @@ from orchestrator.audit.schema import (
     database_proxy,
     now_iso,
 )
-from orchestrator.audit.tokens import TokenCount, TokenTotals
+from heist_common.config import redact_url
+from heist_common.audit.tokens import TokenCount, TokenTotals
 
 T = TypeVar("T")
 
@@ -180,6 +180,25 @@ class AuditStore:
                 )
 
         await self._in_writer(work, f"create session {session_id}")
+
+    async def ensure_session(self, session_id: str, *, status: str, strategy: str, model: str) -> None:
+        """Create the session unless it exists (a log several processes append to, e.g. the MCP gateway's)."""
+
+        def work() -> None:
+            with self.database.atomic():
+                started = now_iso()
+                SessionRecord.insert(
+                    session_id=session_id,
+                    start_time=started,
+                    status=status,
+                    strategy=strategy,
+                    model=model,
+                    pid=self.pid,
+                    host=self.host,
+                    heartbeat_at=started,
+                ).on_conflict_ignore().execute()
+
+        await self._in_writer(work, f"open session {session_id}")
 
     async def write_turn(self, session_id: str, turn: TurnAudit) -> None:
         """Commit one turn's message, tool calls and events in a single transaction."""

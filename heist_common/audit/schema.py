@@ -23,6 +23,8 @@ class SessionStatus:
     """Every turn was played, but a service the crew needed never worked (``orchestrator.session.runner``)."""
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    GATEWAY = "gateway"
+    """Not a heist: the MCP gateway's log of one OAuth client's tool calls (``servers.mcp_gateway``), never resumed."""
 
 
 def now_iso() -> str:

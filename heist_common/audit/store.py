@@ -44,8 +44,8 @@ from heist_common.audit.schema import (
     database_proxy,
     now_iso,
 )
-from heist_common.config import redact_url
 from heist_common.audit.tokens import TokenCount, TokenTotals
+from heist_common.config import redact_url
 
 T = TypeVar("T")
 

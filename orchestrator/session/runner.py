@@ -28,12 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from heist_common.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError
+from heist_common.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError, TokenTotals
 from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
 from heist_common.telemetry import Telemetry, setup_metrics, setup_tracing
-from heist_common.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError, TokenTotals
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import CIRCUIT_OPEN, HealthResult, ServiceClients
 from orchestrator.output.export import SessionFiles, write_session_files

@@ -12,10 +12,10 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
+from heist_common.audit import AuditStore
 from heist_common.config import HeistConfig
 from heist_common.exit_codes import ExitCode
 from heist_common.telemetry import metrics_requested
-from heist_common.audit import AuditStore
 from orchestrator.cli import _print_summary, main
 from orchestrator.llm.client import LLMClient
 from orchestrator.llm.usage import Usage, estimate_tokens, read_usage

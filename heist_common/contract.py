@@ -25,6 +25,7 @@ from heist.tools.v1 import options_pb2 as tool_options
 
 __all__ = [
     "AUTHORIZATION_METADATA_KEY",
+    "ON_BEHALF_OF_METADATA_KEY",
     "SESSION_ID_PATTERN",
     "SESSION_METADATA_KEY",
     "TRACEPARENT_METADATA_KEY",
@@ -45,6 +46,9 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """What a session ID may look like: it becomes file names, log fields and a token claim."""
+
+ON_BEHALF_OF_METADATA_KEY = "x-on-behalf-of"
+"""Call metadata a relaying caller (the MCP gateway) sends: the OAuth client it calls for."""
 
 TRACEPARENT_METADATA_KEY = "traceparent"
 """W3C Trace Context: ``00-<trace id>-<span id>-01``; one trace per agent turn."""

@@ -30,8 +30,8 @@ from orchestrator.output.text import CONTROL_CHARACTERS
 # `export` never load gRPC or the LLM client, and nothing loads `openai` before a
 # completion is made (its import alone takes most of a second).
 if TYPE_CHECKING:
+    from heist_common.audit import AuditStore
     from heist_common.config import HeistConfig
-    from orchestrator.audit import AuditStore
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.resume import ResumePoint
     from orchestrator.session.runner import SessionResult
@@ -225,8 +225,8 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
     already have its folder, so a typo in ``--db`` fails instead of silently
     starting a new, empty audit trail somewhere else.
     """
+    from heist_common.audit import AuditError, AuditStore
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, AuditStore
 
     url = config.database.url
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
@@ -319,6 +319,9 @@ def _print_summary(result: SessionResult) -> None:
     print(f"Tool calls: {result.tool_calls_ok} ok, {result.tool_calls_failed} failed")
     empty = f" ({result.empty_turns} empty {'reply' if result.empty_turns == 1 else 'replies'})"
     print(f"Errors:     {result.errors}{empty if result.empty_turns else ''}")
+    if result.tokens.session.counted_turns:
+        print(f"LLM tokens: {result.tokens.session.describe()}")
+        print(printable(f"  by agent: {result.tokens.describe_agents()}"))
     print(f"Audit DB:   {redact_url(result.database)}")
     if result.exports:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
@@ -387,8 +390,8 @@ def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfi
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError
     from orchestrator.session.runner import RunOptions, new_session_id, run_session
 
     config = _with_llm_flags(_load(args), args)
@@ -435,8 +438,8 @@ def _print_resume(point: ResumePoint) -> None:
 def _cmd_resume(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError, UnknownSessionError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, UnknownSessionError
     from orchestrator.session.resume import NotResumableError, ResumeConflictError
     from orchestrator.session.runner import RunOptions, resume_session
 
@@ -554,27 +557,32 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     store = _open_store(config, create=False)
     try:
         rows = store.read_sessions()
+        tokens = store.read_token_counts()
     finally:
         store.close()
     if args.json:
         from orchestrator.session.records import dumps, session_record
 
         for row in rows:
-            print(dumps(session_record(row)))
+            print(dumps(session_record(row, tokens.get(row["session_id"]))))
         return 0
     if not rows:
         print("No sessions yet.")
         return 0
     from orchestrator.output.terminal import table
 
-    shown = [(r["session_id"], r["status"], r["num_turns"], r["start_time"], r["end_time"] or "-") for r in rows]
-    for line in table(("session", "status", "turns", "start", "end"), shown, right=("turns",)):
+    shown = []
+    for row in rows:
+        count = tokens.get(row["session_id"])
+        used = "-" if count is None else f"{'~' if count.estimated else ''}{count.total}"
+        shown.append((row["session_id"], row["status"], row["num_turns"], used, row["start_time"], row["end_time"]))
+    for line in table(("session", "status", "turns", "tokens", "start", "end"), shown, right=("turns", "tokens")):
         print(printable(line))
     return 0
 
 
 def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> dict[str, object]:
-    from orchestrator.audit import UnknownSessionError
+    from heist_common.audit import UnknownSessionError
 
     store = _open_store(config or _load(args, calls_services=False), create=False)
     try:

@@ -13,6 +13,8 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from heist_common.audit.tokens import TokenTotals
+
 __all__ = ["render_transcript", "table"]
 
 RESULT_CHARS = 300
@@ -81,6 +83,9 @@ def render_transcript(log: dict[str, Any], width: int = 100, visible: Callable[[
         ("strategy", f"{session.get('strategy') or '-'} (seed {session.get('seed')})"),
         ("model", session.get("model") or "-"),
     ]
+    tokens = TokenTotals.from_messages(log["messages"])
+    if tokens.session.counted_turns:
+        facts += [("LLM tokens", tokens.session.describe()), ("by agent", tokens.describe_agents())]
     if session.get("error"):
         facts.append(("error", session["error"]))
     label = max(len(name) for name, _ in facts) + 2
@@ -101,6 +106,11 @@ def render_transcript(log: dict[str, Any], width: int = 100, visible: Callable[[
         flag = f"  [{status}]" if status and status != "ok" else ""
         lines += ["", f"Turn {turn}  {message['agent_name']} ({message['agent_role']}){flag}"]
         lines += _wrapped(str(message["message"] or ""), width, "  ")
+        if message.get("prompt_tokens") is not None:
+            estimated = " (estimated)" if message.get("tokens_estimated") else ""
+            lines.append(
+                f"  tokens: {message['prompt_tokens']} prompt + {message['completion_tokens']} completion{estimated}"
+            )
         for row in tools.get(turn, []):
             outcome = "ok" if row["success"] else f"failed {row['status_code']}"
             call = f"tool {row['tool_name']}.{row['operation']} {row['tool_params']} -> {outcome}"

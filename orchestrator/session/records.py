@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from heist_common.audit.tokens import TokenCount
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.runner import SessionResult
     from orchestrator.turn.turn import Turn
@@ -76,6 +77,8 @@ SHAPES: dict[str, dict[str, str]] = {
         "seed": "the schedule's seed",
         "model": "the model it ran on",
         "error": "why it did not complete, or null",
+        "tokens": "LLM tokens of its turns in all (prompt and completion), or null when none were counted",
+        "tokens_estimated": "whether any part of `tokens` is an estimate (null with `tokens`)",
     },
 }
 """Each ``--json`` object's fields and what they mean, by record type."""
@@ -169,6 +172,9 @@ def summary_record(result: SessionResult, *, database: str, error: str | None) -
     return _checked("summary", record)
 
 
-def session_record(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Describe a ``sessions`` row of the audit, with the documented fields only."""
-    return _checked("session", {name: row.get(name) for name in SHAPES["session"]})
+def session_record(row: Mapping[str, Any], tokens: TokenCount | None) -> dict[str, Any]:
+    """Describe a ``sessions`` row of the audit, with the documented fields only, and its token total."""
+    record = {name: row.get(name) for name in SHAPES["session"]}
+    record["tokens"] = tokens.total if tokens is not None else None
+    record["tokens_estimated"] = tokens.estimated if tokens is not None else None
+    return _checked("session", record)

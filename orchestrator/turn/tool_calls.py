@@ -17,11 +17,11 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
-from orchestrator.audit import ToolUsageRow
+from heist_common.audit import ToolUsageRow
+from heist_common.tools.argument_grammars import ConstraintCache, ListingFetcher
+from heist_common.tools.registry import ToolArgumentError, ToolMethod, render_result
 from orchestrator.mesh.clients import Metadata, ServiceCallError, ServiceClients, tool_metadata
 from orchestrator.tools import markers
-from orchestrator.tools.argument_grammars import ConstraintCache, ListingFetcher
-from orchestrator.tools.registry import ToolArgumentError, ToolMethod, render_result
 from orchestrator.tracing import elapsed_ms
 from orchestrator.turn.constrained_tools import listing_changed
 from orchestrator.turn.turn import Turn

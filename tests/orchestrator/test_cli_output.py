@@ -194,6 +194,7 @@ async def test_sessions_show_and_health_json(
         sorted(audited)
     )
     assert {s["turns_planned"] for s in sessions} == {2}
+    assert all(isinstance(s["tokens"], int) and s["tokens"] > 0 for s in sessions)
 
     assert await cli("show", "heist_json_2", "--config", str(live_config), "--json") == 0
     (line,) = capsys.readouterr().out.splitlines()
@@ -247,7 +248,7 @@ async def test_sessions_and_health_tables_are_aligned(
     capsys.readouterr()
     assert await cli("sessions", "--config", str(live_config)) == 0
     header, *rows = capsys.readouterr().out.splitlines()
-    assert header.split() == ["session", "status", "turns", "start", "end"] and len(rows) == 2
+    assert header.split() == ["session", "status", "turns", "tokens", "start", "end"] and len(rows) == 2
     status_at, start_at = header.index("status"), header.index("start")
     for row in rows:
         assert row[status_at:].startswith("completed") and row[start_at : start_at + 4].isdigit()

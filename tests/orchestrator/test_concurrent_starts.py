@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.audit import AuditStore
-from orchestrator.audit.database import BUSY_TIMEOUT_MS
+from heist_common.audit import AuditStore
+from heist_common.audit.database import BUSY_TIMEOUT_MS
 from tests.support.config import SERVICES, write_heist_config
 from tests.support.inprocess import InProcessMesh
 from tests.support.scripted_llm import ScriptedLLM

@@ -6,14 +6,37 @@
 - ``store``: ``AuditStore``, writes on one writer thread and readers for the CLI
 """
 
-from orchestrator.audit.database import AuditError, SessionTakenOverError, UnknownSessionError
+from orchestrator.audit.database import (
+    AuditError,
+    CallNotPendingError,
+    SessionTakenOverError,
+    UnknownCallError,
+    UnknownSessionError,
+)
 from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
-from orchestrator.audit.schema import EventRecord, MessageRecord, SessionRecord, SessionStatus, ToolUsageRecord, now_iso
+from orchestrator.audit.schema import (
+    DENIED,
+    RESULT_UNKNOWN,
+    RUNNING_STATUSES,
+    CallStatus,
+    EventRecord,
+    MessageRecord,
+    SessionRecord,
+    SessionStatus,
+    ToolCallRecord,
+    ToolUsageRecord,
+    now_iso,
+)
 from orchestrator.audit.store import AuditStore
 
 __all__ = [
+    "DENIED",
+    "RESULT_UNKNOWN",
+    "RUNNING_STATUSES",
     "AuditError",
     "AuditStore",
+    "CallNotPendingError",
+    "CallStatus",
     "EventRecord",
     "EventRow",
     "MessageRecord",
@@ -21,9 +44,11 @@ __all__ = [
     "SessionRecord",
     "SessionStatus",
     "SessionTakenOverError",
+    "ToolCallRecord",
     "ToolUsageRecord",
     "ToolUsageRow",
     "TurnAudit",
+    "UnknownCallError",
     "UnknownSessionError",
     "now_iso",
 ]

@@ -7,6 +7,7 @@ from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient, LLMError
 from orchestrator.mesh.clients import ServiceClients, session_metadata
 from orchestrator.mesh.memory_sync import MemorySync
+from orchestrator.turn.approval import ApprovalGate, ApprovalHooks
 from orchestrator.turn.constrained_tools import ConstrainedTools, Dialect
 from orchestrator.turn.turn import Turn
 
@@ -17,7 +18,13 @@ class SessionContext:
     """What every agent of one session shares: IDs, clients and the memory bookkeeping."""
 
     def __init__(
-        self, session_id: str, config: HeistConfig, clients: ServiceClients, llm: LLMClient, audit: AuditStore
+        self,
+        session_id: str,
+        config: HeistConfig,
+        clients: ServiceClients,
+        llm: LLMClient,
+        audit: AuditStore,
+        approval_hooks: ApprovalHooks | None = None,
     ) -> None:
         self.session_id = session_id
         self.config = config
@@ -25,6 +32,7 @@ class SessionContext:
         self.llm = llm
         self.audit = audit
         self.metadata = session_metadata(session_id)
+        self.approvals = ApprovalGate(audit, session_id, config.session.approval_timeout_s, approval_hooks)
         self.memory_sync = MemorySync(clients, audit, session_id, self.metadata)
         # Grammars sized to a turn's max_tokens, so that a constrained argument always fits one request.
         self.constrained = ConstrainedTools(

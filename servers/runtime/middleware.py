@@ -22,7 +22,12 @@ from opentelemetry import baggage
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, use_span
 
-from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
+from heist_common.contract import (
+    AUTHORIZATION_METADATA_KEY,
+    CALL_ID_METADATA_KEY,
+    SESSION_METADATA_KEY,
+    TRACEPARENT_METADATA_KEY,
+)
 from heist_common.telemetry import AGENT_BAGGAGE_KEY, PROPAGATOR
 from servers.auth.tokens import InvalidTokenError, TokenClaims, TokenVerifier
 from servers.runtime.metrics import MethodMetrics, ServerMetrics
@@ -31,6 +36,7 @@ log = logging.getLogger("heist.server")
 
 CALLER: contextvars.ContextVar[TokenClaims | None] = contextvars.ContextVar("heist_caller", default=None)
 """The verified token of the call being handled (None for methods that need no token)."""
+
 
 class AccessLog:
     """Buffers one line per call and writes them in batches.
@@ -278,9 +284,7 @@ class CallMiddleware:
             )
         return handler
 
-    def _check(
-        self, scope: str, metadata: Iterable[Any]
-    ) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
+    def _check(self, scope: str, metadata: Iterable[Any]) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
         """Check the call's token (``_verdict``) and count the verdict when metrics are on."""
         verdict = self._verdict(scope, metadata)
         counter = self._auth_metrics
@@ -291,9 +295,7 @@ class CallMiddleware:
                 counter.deny(verdict[0].get("reason", ""))
         return verdict
 
-    def _verdict(
-        self, scope: str, metadata: Iterable[Any]
-    ) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
+    def _verdict(self, scope: str, metadata: Iterable[Any]) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
         """Check the call's bearer token for ``scope``: (access-log fields, status to abort with or None, message).
 
         A token bound to a session (its ``sid`` claim) is accepted only for calls
@@ -375,6 +377,9 @@ class CallMiddleware:
             "session": _field(_find(metadata, SESSION_METADATA_KEY)),
             "trace": trace_id(_find(metadata, TRACEPARENT_METADATA_KEY)),
         }
+        call_id = _find(metadata, CALL_ID_METADATA_KEY)
+        if call_id:  # a tool call the orchestrator recorded first: the audit's tool_calls.call_id
+            record["call"] = _field(call_id)
         record.update(auth)
         self._access_log.add(record)
 

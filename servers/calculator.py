@@ -41,15 +41,11 @@ class Limits(lifecycle.Limits):
     max_expression_chars: int = Field(500, ge=1, strict=True, description="Longest expression Evaluate accepts.")
     max_exponent: int = Field(1024, ge=1, strict=True, description="Largest exponent of a power (`**`).")
     max_integer_digits: int = Field(
-        300,
-        ge=1,
-        strict=True,
+        300, ge=1, strict=True,
         description="Most digits of any integer along the way, the result included.",
     )
     max_nodes: int = Field(
-        200,
-        ge=1,
-        strict=True,
+        200, ge=1, strict=True,
         description="Most parts (numbers and operators) one expression may have.",
     )
 

@@ -43,9 +43,7 @@ class Limits(lifecycle.Limits):
     documents_dir: Path = DEFAULT_DOCUMENTS_DIR
     """Relative paths are under the repository root."""
     max_file_bytes: int = Field(
-        256 * 1024,
-        ge=1,
-        strict=True,
+        256 * 1024, ge=1, strict=True,
         description="Largest document ReadFile returns; a larger one is RESOURCE_EXHAUSTED.",
     )
     max_listed_entries: int = Field(2000, ge=1, strict=True)
@@ -57,7 +55,6 @@ class Limits(lifecycle.Limits):
     @classmethod
     def _anchor(cls, value: Path) -> Path:
         return anchored(value)
-
 
 MAX_FILENAME_CHARS = 255
 MAX_ECHO_CHARS = 100
@@ -168,7 +165,9 @@ class DocumentFolder:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise DocumentError(grpc.StatusCode.FAILED_PRECONDITION, f"{quoted(filename)} is not UTF-8 text") from None
+            raise DocumentError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{quoted(filename)} is not UTF-8 text"
+            ) from None
         return "/".join(parts), text, len(data)
 
     @contextlib.contextmanager

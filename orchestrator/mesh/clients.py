@@ -74,6 +74,7 @@ GRPC_CODE_VALUES = {code.name: code.value[0] for code in grpc.StatusCode}
 """Status name -> number, for the ``rpc.grpc.status_code`` span attribute."""
 
 
+
 class ServiceCallError(Exception):
     """A failed (or refused) service call, with everything the audit needs."""
 

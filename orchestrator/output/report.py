@@ -276,8 +276,8 @@ def _health_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return '<p class="muted">No health results recorded.</p>'
     body = "".join(
-        f'<tr><td>{_text(r["service"])}</td><td class="{_status_class(r["status_code"])}">{_text(r["status_code"])}'
-        f'</td><td class="num">{_text(_ms(r["latency_ms"]))}</td><td>{_text(r["detail"])}</td></tr>'
+        f"<tr><td>{_text(r['service'])}</td><td class=\"{_status_class(r['status_code'])}\">{_text(r['status_code'])}"
+        f"</td><td class=\"num\">{_text(_ms(r['latency_ms']))}</td><td>{_text(r['detail'])}</td></tr>"
         for r in rows
     )
     return (
@@ -290,10 +290,10 @@ def _summary_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return '<p class="muted">No calls recorded.</p>'
     body = "".join(
-        f'<tr><td>{_text(r["service"])}</td><td class="num">{r["calls"]}</td>'
-        f'<td class="num {"bad" if r["errors"] else ""}">{r["errors"]}</td>'
-        f'<td class="num">{_text(_ms(r["p50_ms"]))}</td><td class="num">{_text(_ms(r["p95_ms"]))}</td>'
-        f'<td class="num">{_text(_ms(r["max_ms"]))}</td></tr>'
+        f"<tr><td>{_text(r['service'])}</td><td class=\"num\">{r['calls']}</td>"
+        f"<td class=\"num {'bad' if r['errors'] else ''}\">{r['errors']}</td>"
+        f"<td class=\"num\">{_text(_ms(r['p50_ms']))}</td><td class=\"num\">{_text(_ms(r['p95_ms']))}</td>"
+        f"<td class=\"num\">{_text(_ms(r['max_ms']))}</td></tr>"
         for r in rows
     )
     return (
@@ -336,7 +336,7 @@ def _turn_html(message: dict[str, Any], tools: list[dict[str, Any]], errors: lis
 def _events_table(rows: list[dict[str, Any]]) -> str:
     body = "".join(
         f"<tr><td>{_text(r['timestamp'])}</td><td>{_text(r['service'])}.{_text(r['operation'])}</td>"
-        f'<td class="{_status_class(r["status_code"])}">{_text(r["status_code"])}</td>'
+        f"<td class=\"{_status_class(r['status_code'])}\">{_text(r['status_code'])}</td>"
         f"<td>{_text(r['detail'])}</td></tr>"
         for r in rows
     )

@@ -52,15 +52,11 @@ class Limits(lifecycle.Limits):
     """``services.database_query.limits``: row, time, size, memory and concurrency bounds on queries."""
 
     max_rows: int = Field(
-        200,
-        ge=1,
-        strict=True,
+        200, ge=1, strict=True,
         description="Most rows a query may return; past it the caller is told to add a LIMIT.",
     )
     query_timeout_s: float = Field(
-        2.0,
-        gt=0,
-        strict=True,
+        2.0, gt=0, strict=True,
         description="Longest a query may run (or the caller's deadline, if sooner); also the longest wait for one.",
     )
     max_sql_chars: int = Field(4000, ge=1, strict=True, description="Longest SQL text a query may have.")
@@ -104,7 +100,6 @@ class Limits(lifecycle.Limits):
         if self.max_queries_per_caller is not None:
             return self.max_queries_per_caller
         return max(1, self.max_concurrent_queries - 1)
-
 
 WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 STOP_MARGIN_S = 0.05
@@ -175,11 +170,7 @@ class QueryWorker:
         """
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-s",
-                "-B",
-                str(WORKER_SCRIPT),
-                *worker_arguments(path, worker_limits(limits)),
+                sys.executable, "-s", "-B", str(WORKER_SCRIPT), *worker_arguments(path, worker_limits(limits)),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )
@@ -514,3 +505,4 @@ def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition
     servicer = DatabaseQueryServicer(ensure_bank_db(config), limits)
     collectors = (servicer.seconds, servicer.refused)
     return ServiceDefinition("database_query", servicer, on_stop=servicer.pool.close, collectors=collectors)
+

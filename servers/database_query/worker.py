@@ -41,76 +41,23 @@ from typing import Any, BinaryIO
 ALLOWED_FUNCTIONS = frozenset(
     {
         # aggregates
-        "count",
-        "sum",
-        "total",
-        "avg",
-        "min",
-        "max",
-        "group_concat",
+        "count", "sum", "total", "avg", "min", "max", "group_concat",
         # numbers
-        "abs",
-        "round",
-        "sign",
-        "ceil",
-        "ceiling",
-        "floor",
-        "trunc",
-        "mod",
-        "pow",
-        "power",
-        "sqrt",
-        "exp",
-        "ln",
-        "log",
-        "log10",
-        "log2",
-        "pi",
+        "abs", "round", "sign", "ceil", "ceiling", "floor", "trunc", "mod", "pow", "power", "sqrt", "exp", "ln",
+        "log", "log10", "log2", "pi",
         # text (every result is capped by SQLITE_LIMIT_LENGTH; time by the deadline)
-        "length",
-        "lower",
-        "upper",
-        "substr",
-        "substring",
-        "trim",
-        "ltrim",
-        "rtrim",
-        "instr",
-        "replace",
-        "like",
+        "length", "lower", "upper", "substr", "substring", "trim", "ltrim", "rtrim", "instr", "replace", "like",
         "glob",
         # NULLs and types
-        "coalesce",
-        "ifnull",
-        "nullif",
-        "iif",
-        "typeof",
+        "coalesce", "ifnull", "nullif", "iif", "typeof",
         # dates and times
-        "date",
-        "time",
-        "datetime",
-        "julianday",
-        "strftime",
-        "unixepoch",
-        "current_date",
-        "current_time",
+        "date", "time", "datetime", "julianday", "strftime", "unixepoch", "current_date", "current_time",
         "current_timestamp",
         # window functions
-        "row_number",
-        "rank",
-        "dense_rank",
-        "percent_rank",
-        "cume_dist",
-        "ntile",
-        "lag",
-        "lead",
-        "first_value",
-        "last_value",
-        "nth_value",
+        "row_number", "rank", "dense_rank", "percent_rank", "cume_dist", "ntile", "lag", "lead", "first_value",
+        "last_value", "nth_value",
         # query planner hints (no effect on results)
-        "likely",
-        "unlikely",
-        "likelihood",
+        "likely", "unlikely", "likelihood",
     }
 )
 """SQL functions a bank-data analyst needs. Everything else (printf/format, zeroblob, randomblob, json, fts,
@@ -119,39 +66,11 @@ characters or reach outside the bank's tables."""
 
 ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION})
 _AUTHORIZER_ACTIONS = (
-    "CREATE_INDEX",
-    "CREATE_TABLE",
-    "CREATE_TEMP_INDEX",
-    "CREATE_TEMP_TABLE",
-    "CREATE_TEMP_TRIGGER",
-    "CREATE_TEMP_VIEW",
-    "CREATE_TRIGGER",
-    "CREATE_VIEW",
-    "DELETE",
-    "DROP_INDEX",
-    "DROP_TABLE",
-    "DROP_TEMP_INDEX",
-    "DROP_TEMP_TABLE",
-    "DROP_TEMP_TRIGGER",
-    "DROP_TEMP_VIEW",
-    "DROP_TRIGGER",
-    "DROP_VIEW",
-    "INSERT",
-    "PRAGMA",
-    "READ",
-    "SELECT",
-    "TRANSACTION",
-    "UPDATE",
-    "ATTACH",
-    "DETACH",
-    "ALTER_TABLE",
-    "REINDEX",
-    "ANALYZE",
-    "CREATE_VTABLE",
-    "DROP_VTABLE",
-    "FUNCTION",
-    "SAVEPOINT",
-    "RECURSIVE",
+    "CREATE_INDEX", "CREATE_TABLE", "CREATE_TEMP_INDEX", "CREATE_TEMP_TABLE", "CREATE_TEMP_TRIGGER",
+    "CREATE_TEMP_VIEW", "CREATE_TRIGGER", "CREATE_VIEW", "DELETE", "DROP_INDEX", "DROP_TABLE",
+    "DROP_TEMP_INDEX", "DROP_TEMP_TABLE", "DROP_TEMP_TRIGGER", "DROP_TEMP_VIEW", "DROP_TRIGGER", "DROP_VIEW",
+    "INSERT", "PRAGMA", "READ", "SELECT", "TRANSACTION", "UPDATE", "ATTACH", "DETACH", "ALTER_TABLE",
+    "REINDEX", "ANALYZE", "CREATE_VTABLE", "DROP_VTABLE", "FUNCTION", "SAVEPOINT", "RECURSIVE",
 )
 ACTION_NAMES = {
     getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ")
@@ -334,9 +253,8 @@ class BankQueries:
             raise self._failure(exc, refusals, timed_out, budget_s) from None
         except MemoryError:
             raise QueryFailure(
-                "RESOURCE_EXHAUSTED",
-                "the query needs more memory than a query worker may use "
-                f"(max_worker_memory_bytes: {self.limits.max_memory_bytes})",
+                "RESOURCE_EXHAUSTED", "the query needs more memory than a query worker may use "
+                f"(max_worker_memory_bytes: {self.limits.max_memory_bytes})"
             ) from None
         finally:
             connection.close()
@@ -386,9 +304,8 @@ class BankQueries:
             return QueryFailure("INVALID_ARGUMENT", f"at most {MAX_RESULT_COLUMNS} columns: {clip(text)}")
         if isinstance(exc, sqlite3.OperationalError) and text == "out of memory":
             return QueryFailure(
-                "RESOURCE_EXHAUSTED",
-                "the query needs more memory than a query worker may use "
-                f"(max_worker_memory_bytes: {self.limits.max_memory_bytes})",
+                "RESOURCE_EXHAUSTED", "the query needs more memory than a query worker may use "
+                f"(max_worker_memory_bytes: {self.limits.max_memory_bytes})"
             )
         if isinstance(exc, OverflowError | ValueError):
             return QueryFailure("INVALID_ARGUMENT", f"cannot return a value: {clip(text)}")

@@ -213,3 +213,4 @@ def service_definition(config: HeistConfig, limits: Limits) -> ServiceDefinition
         collectors=servicer.collectors,
         health_probe=HealthProbe(store_probe(store), PROBE_INTERVAL_S) if url is not None else None,
     )
+

@@ -220,7 +220,9 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
             access_token=token, token_type="Bearer", expires_in=ttl, scopes=requested, session_id=session
         )
 
-    async def _authenticate(self, client_id: str, secret: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _authenticate(
+        self, client_id: str, secret: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         """Check a client's secret; abort UNAUTHENTICATED (or RESOURCE_EXHAUSTED while this caller must wait).
 
         The wait is checked before the secret, so a waiting guesser learns
@@ -238,7 +240,9 @@ class OAuthServicer(oauth_pb2_grpc.OAuthServiceServicer):
             )
         expected = self._secrets.get(client_id)
         # Compare against a dummy for unknown clients too, so timing does not reveal which ids exist.
-        matches = hmac.compare_digest((expected or "\x00unknown-client").encode(), secret.encode("utf-8", "replace"))
+        matches = hmac.compare_digest(
+            (expected or "\x00unknown-client").encode(), secret.encode("utf-8", "replace")
+        )
         if expected is None or not matches:
             if self._failures.failed(client_id, caller, now):
                 self.metrics.lockouts.inc()  # not logged: the access log has the call already
@@ -288,3 +292,4 @@ def service_definition(config: HeistConfig, limits: lifecycle.Limits) -> Service
     servicer = OAuthServicer(config)
     metrics = servicer.metrics
     return ServiceDefinition("oauth", servicer, collectors=(metrics.issued, metrics.refused, metrics.lockouts))
+

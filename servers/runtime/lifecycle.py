@@ -122,7 +122,9 @@ def service_limits(name: str, config: HeistConfig) -> Limits:
     try:
         return model.model_validate(config.service(name).limits)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(config.config_path), ("services", name, "limits"))) from None
+        raise ConfigError(
+            format_validation_error(exc, str(config.config_path), ("services", name, "limits"))
+        ) from None
 
 
 def service_definition(name: str, config: HeistConfig) -> ServiceDefinition:
@@ -446,7 +448,9 @@ def resolve_address(config: HeistConfig, service_name: str, args: argparse.Names
 
 def configure_logging() -> None:
     """Log to stderr (the supervisor redirects it to ``<run_dir>/log/<name>.log``)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 async def serve_until_signalled(
@@ -500,7 +504,9 @@ def main(module_spec: Any, argv: Sequence[str] | None = None) -> int:
     raise_open_file_limit()
     try:
         asyncio.run(
-            serve_until_signalled(definition, config, address, grace_s, args.metrics_address, args.health_address)
+            serve_until_signalled(
+                definition, config, address, grace_s, args.metrics_address, args.health_address
+            )
         )
     except (OSError, CredentialsError) as exc:
         log.error("%s: %s", service_name, exc)

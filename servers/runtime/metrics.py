@@ -247,7 +247,9 @@ class MetricsEndpoint:
     One request per connection (``Connection: close``).
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, max_connections: int, timeout_s: float) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, host: str, max_connections: int, timeout_s: float
+    ) -> None:
         self.registry = registry
         self.max_connections = max_connections
         self.timeout_s = timeout_s

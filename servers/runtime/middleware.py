@@ -37,7 +37,6 @@ log = logging.getLogger("heist.server")
 CALLER: contextvars.ContextVar[TokenClaims | None] = contextvars.ContextVar("heist_caller", default=None)
 """The verified token of the call being handled (None for methods that need no token)."""
 
-
 class AccessLog:
     """Buffers one line per call and writes them in batches.
 
@@ -284,7 +283,9 @@ class CallMiddleware:
             )
         return handler
 
-    def _check(self, scope: str, metadata: Iterable[Any]) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
+    def _check(
+        self, scope: str, metadata: Iterable[Any]
+    ) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
         """Check the call's token (``_verdict``) and count the verdict when metrics are on."""
         verdict = self._verdict(scope, metadata)
         counter = self._auth_metrics
@@ -295,7 +296,9 @@ class CallMiddleware:
                 counter.deny(verdict[0].get("reason", ""))
         return verdict
 
-    def _verdict(self, scope: str, metadata: Iterable[Any]) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
+    def _verdict(
+        self, scope: str, metadata: Iterable[Any]
+    ) -> tuple[dict[str, str], grpc.StatusCode | None, str]:
         """Check the call's bearer token for ``scope``: (access-log fields, status to abort with or None, message).
 
         A token bound to a session (its ``sid`` claim) is accepted only for calls

@@ -29,7 +29,7 @@ from orchestrator.session.runner import RunOptions, SessionResult, resume_sessio
 from tests.support.access_log import calls
 from tests.support.config import CREW, write_heist_config
 from tests.support.inprocess import InProcessMesh, audit_rows
-from tests.support.scripted_llm import Reply, ScriptedLLM, hang, inline_tool, text, tool_call
+from tests.support.scripted_llm import Reply, ScriptedLLM, hang, text, tool_call
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY = "SELECT name FROM guards LIMIT 1"
@@ -152,14 +152,15 @@ async def test_approve_and_deny_through_the_cli(
                       "WHERE tool_name = 'database_query' ORDER BY session_id")  # fmt: skip
     assert rows[0][:2] == ("heist_approve", "OK") and rows[0][4] == "4.1"
     assert rows[1][:3] == ("heist_deny", "DENIED", 0) and rows[1][3].endswith(": too risky")
-    decided = audit_rows(config, "SELECT session_id, status, decided_by, decided_at FROM tool_calls ORDER BY session_id")
+    decided = audit_rows(config, "SELECT session_id, status, decided_by, decided_at FROM tool_calls ORDER BY 1")
     assert [(s, st) for s, st, *_ in decided] == [("heist_approve", "done"), ("heist_deny", "denied")]
     assert all(by and at for *_, by, at in decided)
     # The model's next request (the answer to the tool result) is told the call was denied, and why.
     told = [body for body in scripted_llm.chat_requests if body["messages"][-1]["role"] == "tool"]
     assert "denied by" in last_text(told[-1]) and "too risky" in last_text(told[-1])
-    assert sample("heist_tool_approvals_decided_total", tool="database_query", decision="approved") == approved_before + 1
-    assert sample("heist_tool_approvals_decided_total", tool="database_query", decision="denied") == denied_before + 1
+    decided_total = "heist_tool_approvals_decided_total"
+    assert sample(decided_total, tool="database_query", decision="approved") == approved_before + 1
+    assert sample(decided_total, tool="database_query", decision="denied") == denied_before + 1
     assert sample("heist_tool_approvals_pending", tool="database_query") == 0
     assert (await cli("approve", "heist_nope", "4.1", *base))[0] == ExitCode.UNKNOWN_SESSION
     code, _, err = await cli("deny", "heist_approve", "9.9", "--reason", "x", *base)

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from heist_common.config import HeistConfig, load_config
 from heist_common.exit_codes import ExitCode
 from orchestrator.audit import AuditStore
-from orchestrator.audit.approvals import decide, pending_calls
+from orchestrator.audit.approvals import decide, os_user, pending_calls
 from orchestrator.session.runner import RunOptions, SessionResult, resume_session, run_session
 from tests.support.access_log import calls
 from tests.support.config import CREW, write_heist_config
@@ -320,3 +320,55 @@ async def test_a_call_cut_off_by_kill_9_is_never_repeated_unless_idempotent(
         assert audited == [(f"{turn}.1", "RESULT_UNKNOWN")]
         told = [str(body) for body in scripted_llm.chat_requests if "result is unknown" in str(body)]
         assert told, "the model is told the call's result is unknown"
+
+
+async def test_on_a_terminal_run_asks_in_place(
+    guarded_mesh: InProcessMesh, guarded: Path, scripted_llm: ScriptedLLM
+) -> None:
+    """`orchestrator run` on a terminal (a pseudo-terminal here) asks y/n; the answer is audited with the OS user."""
+    import pty
+
+    config = guarded_mesh.config
+    live = guarded_mesh.write_config(guarded, guarded.parent / "live.yaml")
+    scripted_llm.responder = mole_queries
+    controller, terminal = pty.openpty()
+    command = [str(Path(sys.executable).parent / "orchestrator"), "run", "--config", str(live),
+               "--session-id", "heist_tty"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while b"Approve call 4.1? [y/n]" not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+            ready = await asyncio.to_thread(_read_some, controller)
+            seen += ready
+        os.write(controller, b"maybe\n")  # not an answer: asked again
+        while b"Please answer y or n" not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+            seen += await asyncio.to_thread(_read_some, controller)
+        os.write(controller, b"y\n")
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+            seen += await asyncio.to_thread(_read_some, controller)
+    finally:
+        if proc.poll() is None:
+            kill_9(proc)
+        os.close(controller)
+    assert proc.returncode == 0, seen.decode(errors="replace")[-2000:]
+    [(by, call_status)] = audit_rows(config, "SELECT decided_by, status FROM tool_calls WHERE session_id = 'heist_tty'")
+    assert call_status == "done" and by == os_user()
+    assert audit_rows(config, "SELECT status_code FROM tool_usage WHERE session_id = 'heist_tty'") == [("OK",)]
+
+
+def _read_some(descriptor: int) -> bytes:
+    """What the terminal shows within 0.2 s (b"" if nothing)."""
+    import select
+
+    readable, _, _ = select.select([descriptor], [], [], 0.2)
+    if not readable:
+        return b""
+    try:
+        return os.read(descriptor, 4096)
+    except OSError:  # the process closed the terminal
+        return b""

@@ -256,7 +256,14 @@ class ToolCaller:
                 result = await self._send(turn, method, method.parse_arguments(params), params, call_id, turn.token,
                                           plain=True)  # fmt: skip
                 notes.append(f"Your call {shown} was approved and returned: {result}")
-            elif status in (CallStatus.DENIED, CallStatus.APPROVED, CallStatus.PENDING_APPROVAL):
+            elif status == CallStatus.APPROVED:  # approved, but this turn has no token to send it with
+                reason = f"{self._agent} has no OAuth token this turn"
+                turn.tool_usage.append(
+                    ToolUsageRow(turn.turn_id, self._agent, tool, operation, params, reason, False, NO_TOKEN, 0.0,
+                                 call_id=call_id)
+                )  # fmt: skip
+                notes.append(f"Your call {shown} was approved but could not be sent: {reason}.")
+            elif status in (CallStatus.DENIED, CallStatus.PENDING_APPROVAL):
                 text = self._denied(turn, method, params, call_id, record)
                 notes.append(f"Your call {shown} was not run: {text.removeprefix('error: ')}")
             elif status == CallStatus.STARTED:

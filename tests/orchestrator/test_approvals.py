@@ -61,7 +61,7 @@ def guarded(tmp_path: Path, scripted_llm: ScriptedLLM) -> Path:
         llm_base_url=scripted_llm.base_url,
         agents=guarded_crew(),
         llm={"base_url": scripted_llm.base_url, "timeout_s": 30, "max_retries": 0, "tool_calling": "native"},
-        session={"max_turns": 4, "approval_timeout_s": 60},
+        session={"max_turns": 4, "approval_timeout_s": 300},
     )
 
 

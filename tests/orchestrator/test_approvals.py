@@ -29,7 +29,7 @@ from orchestrator.session.runner import RunOptions, SessionResult, resume_sessio
 from tests.support.access_log import calls
 from tests.support.config import CREW, write_heist_config
 from tests.support.inprocess import InProcessMesh, audit_rows
-from tests.support.scripted_llm import Reply, ScriptedLLM, hang, text, tool_call
+from tests.support.scripted_llm import Reply, ScriptedLLM, hang, inline_tool, text, tool_call
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY = "SELECT name FROM guards LIMIT 1"
@@ -372,3 +372,22 @@ def _read_some(descriptor: int) -> bytes:
         return os.read(descriptor, 4096)
     except OSError:  # the process closed the terminal
         return b""
+
+
+async def test_a_method_the_contract_marks_approval_required_waits_without_any_config(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Policy = the proto option OR the config: here the tests' crew asks for no approval, the contract does."""
+    import orchestrator.tools.registry as registry
+
+    monkeypatch.setattr(registry, "approval_required", lambda method: method.name == "Evaluate")
+    session = mesh.config.session.model_copy(update={"approval_timeout_s": 0.5})
+    config = mesh.config.with_overrides(session=session)
+    scripted_llm.responder = lambda body: inline_tool("calculator", "6*7") if turn_of(body) == "safecracker" else text(
+        "Fine."
+    )
+    result = await run_session(config, RunOptions(session_id="heist_contract_policy"))
+    assert result.status == "completed", result.error
+    rows = audit_rows(config, "SELECT tool_name, status_code FROM tool_usage WHERE session_id = ?",
+                      "heist_contract_policy")  # fmt: skip
+    assert rows == [("calculator", "DENIED")]

@@ -247,12 +247,7 @@ class ToolCaller:
             if method is None:
                 self._unknown(turn, tool, operation, params, call_id, "its tool is no longer configured")
                 notes.append(f"Before the interruption you called {shown}; it cannot be finished now.")
-            elif (
-                status == CallStatus.APPROVED
-                and turn.token is not None
-                and self._audit is not None
-                and await self._audit.start_tool_call(self._session_id, call_id)
-            ):
+            elif status == CallStatus.APPROVED and await self._may_send(turn, call_id):
                 result = await self._send(turn, method, method.parse_arguments(params), params, call_id, turn.token,
                                           plain=True)  # fmt: skip
                 notes.append(f"Your call {shown} was approved and returned: {result}")

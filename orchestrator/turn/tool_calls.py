@@ -247,8 +247,8 @@ class ToolCaller:
             if method is None:
                 self._unknown(turn, tool, operation, params, call_id, "its tool is no longer configured")
                 notes.append(f"Before the interruption you called {shown}; it cannot be finished now.")
-            elif status == CallStatus.APPROVED and await self._may_send(turn, call_id):
-                result = await self._send(turn, method, method.parse_arguments(params), params, call_id, turn.token,
+            elif status == CallStatus.APPROVED and (token := await self._may_send(turn, call_id)) is not None:
+                result = await self._send(turn, method, method.parse_arguments(params), params, call_id, token,
                                           plain=True)  # fmt: skip
                 notes.append(f"Your call {shown} was approved and returned: {result}")
             elif status == CallStatus.APPROVED:  # approved, but this turn has no token to send it with
@@ -272,11 +272,11 @@ class ToolCaller:
                                  "unknown; it was not sent again.")  # fmt: skip
         return notes
 
-    async def _may_send(self, turn: Turn, call_id: str) -> bool:
-        """Mark an approved leftover call ``started`` if it can be sent now (the turn has a token)."""
+    async def _may_send(self, turn: Turn, call_id: str) -> str | None:
+        """Mark an approved leftover call ``started`` if it can be sent now; return the token to send it with."""
         if turn.token is None or self._audit is None:
-            return False
-        return await self._audit.start_tool_call(self._session_id, call_id)
+            return None
+        return turn.token if await self._audit.start_tool_call(self._session_id, call_id) else None
 
     def _unknown(self, turn: Turn, tool: str, operation: str, params: str, call_id: str, reason: str) -> None:
         turn.tool_usage.append(

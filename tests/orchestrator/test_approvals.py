@@ -235,11 +235,17 @@ async def test_kill_9_while_a_call_waits_then_resume_runs_it_once(
     sid = "heist_killed_waiting"
     scripted_llm.responder = mole_queries
     proc = start_run(live, sid)
-    try:
-        await wait_for(lambda: pending(config, sid), "the call to wait")
+    command = f"approve: orchestrator --config {live} approve {sid} 4.1"
+    printed = ""
+    try:  # the run prints the command that decides the call once the call waits
+        deadline = time.monotonic() + WAIT_S
+        while command not in printed:
+            assert time.monotonic() < deadline and proc.poll() is None, printed
+            assert proc.stdout is not None
+            printed += await asyncio.to_thread(proc.stdout.readline)
     finally:
-        printed = kill_9(proc)
-    assert f"approve: orchestrator --config {live} approve {sid} 4.1" in printed, printed
+        kill_9(proc)
+    assert pending(config, sid) == [("4.1",)]
     assert audit_rows(config, "SELECT status FROM sessions") == [("awaiting_approval",)]
 
     if decide_before_resume:  # nobody runs the session: the decision waits in the audit
@@ -247,7 +253,8 @@ async def test_kill_9_while_a_call_waits_then_resume_runs_it_once(
         result = await resume_session(config, sid)
     else:  # the resumed session waits again for the same call (nobody is asked about a second one)
         resumed = asyncio.ensure_future(resume_session(config, sid))
-        await wait_for(lambda: audit_rows(config, "SELECT status FROM sessions") == [("awaiting_approval",)]
+        owned_here = [("awaiting_approval", os.getpid())]  # claimed by this process's resume, and waiting again
+        await wait_for(lambda: audit_rows(config, "SELECT status, pid FROM sessions") == owned_here
                        and pending(config, sid), "the resumed session to wait")  # fmt: skip
         assert (await cli("approve", sid, "4.1", "--config", str(live)))[0] == 0
         result = await asyncio.wait_for(resumed, WAIT_S)

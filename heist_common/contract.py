@@ -27,6 +27,7 @@ from heist.tools.v1 import options_pb2 as tool_options
 __all__ = [
     "AUTHORIZATION_METADATA_KEY",
     "CALL_ID_METADATA_KEY",
+    "ON_BEHALF_OF_METADATA_KEY",
     "SESSION_ID_PATTERN",
     "SESSION_METADATA_KEY",
     "TRACEPARENT_METADATA_KEY",
@@ -52,6 +53,8 @@ SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 CALL_ID_METADATA_KEY = "x-call-id"
 """Call metadata naming one tool call (``<turn>.<index>`` within the session): servers log it, the audit keys on it."""
+ON_BEHALF_OF_METADATA_KEY = "x-on-behalf-of"
+"""Call metadata a relaying caller (the MCP gateway) sends: the OAuth client it calls for."""
 
 TRACEPARENT_METADATA_KEY = "traceparent"
 """W3C Trace Context: ``00-<trace id>-<span id>-01``; one trace per agent turn."""

@@ -14,8 +14,8 @@ class ExitCode(IntEnum):
     OK = 0
     """Done: the session ``completed``, every service is healthy, the file was written."""
     FAILED = 1
-    """The work failed: a session ended ``failed`` (the LLM cannot answer, the audit database became unwritable),
-    a service did not start, a file could not be written."""
+    """The work failed: a session ended ``failed`` (the LLM cannot answer, the audit database became unwritable,
+    the token budget was spent), a service did not start, a file could not be written."""
     USAGE = 2
     """Bad command-line arguments (argparse's own code; also ``--turns`` out of range or an unknown ``--db``
     scheme)."""

@@ -31,9 +31,9 @@ from orchestrator.output.text import CONTROL_CHARACTERS
 # `export` never load gRPC or the LLM client, and nothing loads `openai` before a
 # completion is made (its import alone takes most of a second).
 if TYPE_CHECKING:
+    from heist_common.audit import AuditStore
+    from heist_common.audit.approvals import PendingCall
     from heist_common.config import HeistConfig
-    from orchestrator.audit import AuditStore
-    from orchestrator.audit.approvals import PendingCall
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.resume import ResumePoint
     from orchestrator.session.runner import SessionResult
@@ -228,8 +228,8 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
     already have its folder, so a typo in ``--db`` fails instead of silently
     starting a new, empty audit trail somewhere else.
     """
+    from heist_common.audit import AuditError, AuditStore
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, AuditStore
 
     url = config.database.url
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
@@ -322,6 +322,9 @@ def _print_summary(result: SessionResult) -> None:
     print(f"Tool calls: {result.tool_calls_ok} ok, {result.tool_calls_failed} failed")
     empty = f" ({result.empty_turns} empty {'reply' if result.empty_turns == 1 else 'replies'})"
     print(f"Errors:     {result.errors}{empty if result.empty_turns else ''}")
+    if result.tokens.session.counted_turns:
+        print(f"LLM tokens: {result.tokens.session.describe()}")
+        print(printable(f"  by agent: {result.tokens.describe_agents()}"))
     print(f"Audit DB:   {redact_url(result.database)}")
     if result.exports:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
@@ -358,8 +361,8 @@ def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfi
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError
     from orchestrator.session.runner import RunOptions, run_session
 
     config = _with_llm_flags(_load(args), args)
@@ -403,8 +406,8 @@ def _print_resume(point: ResumePoint) -> None:
 def _cmd_resume(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError, UnknownSessionError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, UnknownSessionError
     from orchestrator.session.resume import NotResumableError, ResumeConflictError
     from orchestrator.session.runner import RunOptions, resume_session
 
@@ -514,8 +517,8 @@ async def _read_line() -> str | None:
 def _cmd_approvals(args: argparse.Namespace) -> int:
     import json
 
-    from orchestrator.audit import CallStatus
-    from orchestrator.audit.approvals import PendingCall
+    from heist_common.audit import CallStatus
+    from heist_common.audit.approvals import PendingCall
 
     store = _open_store(_load(args, calls_services=False), create=False)
     try:
@@ -544,8 +547,8 @@ def _cmd_approvals(args: argparse.Namespace) -> int:
 
 
 def _cmd_decide(args: argparse.Namespace) -> int:
-    from orchestrator.audit import AuditError, CallNotPendingError, UnknownCallError, UnknownSessionError
-    from orchestrator.audit.approvals import check_decision, os_user
+    from heist_common.audit import AuditError, CallNotPendingError, UnknownCallError, UnknownSessionError
+    from heist_common.audit.approvals import check_decision, os_user
 
     approve = args.command == "approve"
     who = os_user()
@@ -644,22 +647,25 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     store = _open_store(config, create=False)
     try:
         rows = store.read_sessions()
+        tokens = store.read_token_counts()
     finally:
         store.close()
     if not rows:
         print("No sessions yet.")
         return 0
-    print(f"{'session':<32} {'status':<12} {'turns':>5}  {'start':<29} end")
+    print(f"{'session':<32} {'status':<12} {'turns':>5} {'tokens':>9}  {'start':<29} end")
     for row in rows:
+        count = tokens.get(row["session_id"])
+        used = "-" if count is None else f"{'~' if count.estimated else ''}{count.total}"
         print(
-            f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5}  {row['start_time']:<29} "
+            f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5} {used:>9}  {row['start_time']:<29} "
             f"{row['end_time'] or '-'}"
         )
     return 0
 
 
 def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> dict[str, object]:
-    from orchestrator.audit import UnknownSessionError
+    from heist_common.audit import UnknownSessionError
 
     store = _open_store(config or _load(args, calls_services=False), create=False)
     try:

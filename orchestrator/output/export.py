@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from heist_common.audit.tokens import TokenTotals
 from orchestrator.output.atomic import write_atomically
 from orchestrator.output.report import render_report, report_path
 from orchestrator.output.text import markdown_text
@@ -52,6 +53,10 @@ def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
     ]
     if session.get("error"):
         lines.append(f"- error: {cell(session['error'])}")
+    tokens = TokenTotals.from_messages(log["messages"])
+    if tokens.session.counted_turns:
+        lines.append(f"- LLM tokens: {text(tokens.session.describe())}")
+        lines.append(f"- LLM tokens by agent: {cell(tokens.describe_agents())}")
     lines += ["", "## Transcript", ""]
     tools_by_turn: dict[int, list[dict[str, Any]]] = {}
     for row in log["tool_usage"]:
@@ -64,6 +69,12 @@ def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
         lines.append(f"### Turn {turn}: {text(message['agent_name'])} ({text(message['agent_role'])})")
         said = str(message["message"] or "")
         lines += ["", markdown_text(said) if escaped else said, ""]
+        if message.get("prompt_tokens") is not None:
+            estimated = " (estimated)" if message.get("tokens_estimated") else ""
+            lines.append(
+                f"- tokens: {text(message['prompt_tokens'])} prompt + {text(message['completion_tokens'])} "
+                f"completion{estimated}"
+            )
         for row in tools_by_turn.get(turn, []):
             outcome = "ok" if row["success"] else f"FAILED ({text(row['status_code'])})"
             result = str(row["tool_result"] or "")

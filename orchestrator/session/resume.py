@@ -35,8 +35,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from heist_common.audit import RUNNING_STATUSES, AuditStore, SessionStatus
 from heist_common.config import HeistConfig
-from orchestrator.audit import RUNNING_STATUSES, AuditStore, SessionStatus
 from orchestrator.session.schedule import turn_schedule
 from orchestrator.turn.prompts import ConversationMessage
 

@@ -19,8 +19,8 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from heist_common.audit import EventRow, TurnAudit
 from heist_common.config import AgentConfig
-from orchestrator.audit import EventRow, TurnAudit
 from orchestrator.llm.client import LLMError
 from orchestrator.mesh.clients import ServiceCallError
 from orchestrator.mesh.memory_sync import MemoryFetch

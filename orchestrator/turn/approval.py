@@ -27,8 +27,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from orchestrator.audit import AuditStore, CallNotPendingError, CallStatus
-from orchestrator.audit.approvals import PendingCall, os_user
+from heist_common.audit import AuditStore, CallNotPendingError, CallStatus
+from heist_common.audit.approvals import PendingCall, os_user
 
 __all__ = ["TIMEOUT_DECIDER", "ApprovalGate", "ApprovalHooks", "Prompter"]
 

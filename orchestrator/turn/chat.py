@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from heist_common.config import AgentConfig
+from heist_common.tools.registry import ToolMethod, ToolRegistry
 from orchestrator.llm.client import Completion, LLMError
-from orchestrator.tools.registry import ToolMethod, ToolRegistry
 from orchestrator.turn import prompts
 from orchestrator.turn.context import SessionContext
 from orchestrator.turn.style import PromptStyle

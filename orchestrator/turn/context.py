@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from heist_common.audit import AuditStore
 from heist_common.config import HeistConfig
-from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient, LLMError
 from orchestrator.mesh.clients import ServiceClients, session_metadata
 from orchestrator.mesh.memory_sync import MemorySync

@@ -25,12 +25,12 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
+from heist_common.audit import DENIED, RESULT_UNKNOWN, AuditStore, CallStatus, EventRow, ToolUsageRow, now_iso
 from heist_common.contract import CALL_ID_METADATA_KEY
-from orchestrator.audit import DENIED, RESULT_UNKNOWN, AuditStore, CallStatus, EventRow, ToolUsageRow, now_iso
+from heist_common.tools.argument_grammars import ConstraintCache, ListingFetcher
+from heist_common.tools.registry import ToolArgumentError, ToolMethod, render_result
 from orchestrator.mesh.clients import Metadata, ServiceCallError, ServiceClients, tool_metadata
 from orchestrator.tools import markers
-from orchestrator.tools.argument_grammars import ConstraintCache, ListingFetcher
-from orchestrator.tools.registry import ToolArgumentError, ToolMethod, render_result
 from orchestrator.tracing import elapsed_ms
 from orchestrator.turn.approval import ApprovalGate
 from orchestrator.turn.constrained_tools import listing_changed

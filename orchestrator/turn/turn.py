@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
+from heist_common.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
 from orchestrator.llm.client import Completion
 from orchestrator.tracing import Step
 from orchestrator.turn.prompts import ConversationMessage
@@ -49,6 +49,13 @@ class Turn:
     events: list[EventRow] = field(default_factory=list)
     llm_ms: float = 0.0
     """Time spent waiting for the model (the sum of its requests, which are sequential)."""
+    llm_requests: int = 0
+    """Model requests answered in this turn (resamples and constrained arguments are requests of their own)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens of all those requests, summed."""
+    tokens_estimated: bool = False
+    """At least one of them had no usage from the server: the sums include estimates (``llm.usage``)."""
     total_ms: float = 0.0
     trace_id: str = ""
     steps: list[Step] = field(default_factory=list)
@@ -65,9 +72,19 @@ class Turn:
         """Time spent outside the LLM: memory, OAuth, tools, audit and StoreMemory."""
         return self.total_ms - self.llm_ms
 
+    @property
+    def tokens(self) -> int:
+        """Prompt and completion tokens of the turn."""
+        return self.prompt_tokens + self.completion_tokens
+
     def spent(self, completion: Completion) -> Completion:
-        """Count a completion's latency as LLM time, and hand it back."""
+        """Count a completion's latency as LLM time and its tokens as the turn's, and hand it back."""
         self.llm_ms += completion.latency_ms
+        usage = completion.usage
+        self.llm_requests += 1
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.tokens_estimated = self.tokens_estimated or usage.estimated
         return completion
 
     def stayed_empty(self, message: str) -> None:
@@ -122,4 +139,8 @@ class Turn:
             trace_id=self.trace_id,
             timings=timings,
         )
+        if self.llm_requests:  # NULL: no request was answered, so nothing is known of its tokens
+            message.prompt_tokens = self.prompt_tokens
+            message.completion_tokens = self.completion_tokens
+            message.tokens_estimated = self.tokens_estimated
         return TurnAudit(message, self.tool_usage, self.events)

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from heist_common.audit import AuditStore
 from heist_common.config import HeistConfig, LLMConfig
-from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.session.runner import RunOptions, SessionRunner

@@ -32,6 +32,8 @@ from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import STYLES, http_turns, parallel_http, run_cli, whole_process, write_style_config
 from tests.bench.llm_e2e import run_embedded_llm
 from tests.bench.llm_requests import llm_requests
+from tests.bench.mcp_gateway import print_rows as print_mcp_rows
+from tests.bench.mcp_gateway import run_mcp_bench
 from tests.bench.procs import BenchMesh, machine_info
 from tests.bench.startup import cli_startup, compile_project, first_turn
 from tests.bench.throughput import generator, load
@@ -120,7 +122,7 @@ def loadavg() -> list[float]:
         return []
 
 
-SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded")
+SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded", "mcp")
 """What a run measures; ``--only`` picks some (all by default)."""
 
 
@@ -144,6 +146,7 @@ def sizes_for(smoke: bool) -> dict[str, int]:
         "http_parallel_turns": 2 if smoke else 15,
         "http_parallel_delay_ms": 200,
         "llm_turns": 1 if smoke else 10,
+        "mcp_calls": 20 if smoke else 2000,
     }
 
 
@@ -202,6 +205,9 @@ def run(smoke: bool, out: Path, loadgen: str = "auto", only: tuple[str, ...] = S
             if "embedded" in only:
                 print("embedded LLM (our own llama.cpp server) ...", flush=True)
                 results["embedded_llm"] = run_embedded_llm(mesh.config, work, sizes["llm_turns"])
+            if "mcp" in only:
+                print("MCP gateway: tools/call beside the same calls over gRPC ...", flush=True)
+                results["mcp_gateway"] = run_mcp_bench(sizes["mcp_calls"])
         finally:
             slow_llm.stop()
             llm.stop()
@@ -425,6 +431,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"   within the turns: {llm['llm_seconds_within_turns']} s waiting for the LLM, so the mesh's share of "
             f"turn time is {llm['mesh_time_share_pct']}% (service_ms per turn {llm['service_ms_per_turn_mean']})"
         )
+    gateway = results.get("mcp_gateway")
+    if gateway:
+        print(f"\nMCP gateway: {gateway['tool']} calls/s, tools/call through the gateway beside gRPC")
+        print_mcp_rows(gateway)
     print("\ntargets:")
     for name, row in results["verdict"].items():
         print(f"   {name:32s} {row['value']!s:>10s} (target {row['target']}) {'met' if row['met'] else 'MISSED'}")

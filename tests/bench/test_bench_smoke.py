@@ -95,6 +95,13 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert llm["endpoint_tokens_per_s"] > 0 and llm["end_to_end_tokens_per_s"] > 0
     assert llm["mesh_cost_pct"] is not None and llm["mesh_time_share_pct"] is not None
 
+    gateway = results["mcp_gateway"]
+    assert [row["concurrency"] for row in gateway["rows"]] == [1, 8]
+    for row in gateway["rows"]:
+        for path in ("grpc", "mcp"):
+            assert row[path]["calls"] == results["sizes"]["mcp_calls"] and row[path]["failures"] == 0
+            assert row[path]["calls_per_s"] > 0
+
     assert set(results["verdict"]) == {
         "transcript_turn_p50_ms",
         "chat_native_turn_p50_ms",

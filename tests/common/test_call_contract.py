@@ -8,7 +8,7 @@ from heist.tools.v1 import options_pb2 as tool_options
 
 from heist_common.config import AgentConfig
 from heist_common.contract import approval_required, contract_of, is_idempotent
-from orchestrator.tools.registry import ToolRegistry
+from heist_common.tools.registry import ToolRegistry
 
 
 def test_the_shipped_read_only_methods_are_idempotent_and_a_query_is_not() -> None:

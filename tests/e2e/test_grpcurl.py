@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from heist_common.layout import REPO_ROOT
-from tests.e2e.harness import GRPCURL, SERVICES, Mesh, client_secrets, grpcurl, make, server_pids
+from tests.e2e.harness import GRPCURL, PROCESSES, SERVICES, Mesh, client_secrets, grpcurl, make, server_pids
 from tests.support.access_log import access_entries
 from tests.support.ports import listening
 
@@ -38,7 +38,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_serve_starts_every_service_and_status_is_green(mesh):
-    assert len(server_pids(mesh.config)) == len(SERVICES)
+    assert len(server_pids(mesh.config)) == PROCESSES
     status = subprocess.run(
         [sys.executable, "-m", "servers.supervisor", "status", "--config", str(mesh.config)],
         cwd=REPO_ROOT,
@@ -323,7 +323,7 @@ def test_serve_twice_starts_no_duplicates(mesh):
     pid_files = {path.name: path.read_text() for path in (mesh.run_dir / "run").glob("*.pid")}
     again = make("serve", f"CONFIG={mesh.config}", "LLM=off")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("already running") == len(SERVICES)
+    assert again.stdout.count("already running") == PROCESSES
     assert server_pids(mesh.config) == before
     assert {path.name: path.read_text() for path in (mesh.run_dir / "run").glob("*.pid")} == pid_files
 

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from heist_common.audit import AuditStore
+from heist_common.audit.approvals import decide, os_user, pending_calls
 from heist_common.config import HeistConfig, load_config
 from heist_common.exit_codes import ExitCode
-from orchestrator.audit import AuditStore
-from orchestrator.audit.approvals import decide, os_user, pending_calls
 from orchestrator.session.runner import RunOptions, SessionResult, resume_session, run_session
 from tests.support.access_log import calls
 from tests.support.config import CREW, write_heist_config
@@ -385,7 +385,7 @@ async def test_a_method_the_contract_marks_approval_required_waits_without_any_c
     mesh: InProcessMesh, scripted_llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Policy = the proto option OR the config: here the tests' crew asks for no approval, the contract does."""
-    import orchestrator.tools.registry as registry
+    import heist_common.tools.registry as registry
 
     monkeypatch.setattr(registry, "approval_required", lambda method: method.name == "Evaluate")
     session = mesh.config.session.model_copy(update={"approval_timeout_s": 0.5})

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.audit import (
+from heist_common.audit import (
     AuditError,
     AuditStore,
     EventRow,
@@ -19,7 +19,7 @@ from orchestrator.audit import (
     TurnAudit,
     UnknownSessionError,
 )
-from orchestrator.audit.schema import MODELS
+from heist_common.audit.schema import MODELS
 from tests.support.audit_db import query
 from tests.support.ports import free_port
 
@@ -188,7 +188,7 @@ async def test_old_schema_is_migrated_in_place(audit_url: str) -> None:
 WRITER = textwrap.dedent(
     """
     import asyncio, sys
-    from orchestrator.audit import AuditStore, MessageRow, TurnAudit
+    from heist_common.audit import AuditStore, MessageRow, TurnAudit
     async def main(url, worker):
         store = AuditStore.open(url)
         sid = f"heist_w{worker}"
@@ -212,7 +212,7 @@ def test_four_processes_write_concurrently_without_locking_errors(audit_url: str
     assert query(audit_url, "SELECT COUNT(DISTINCT session_id) FROM messages") == [(4,)]
 
 
-OPENER = "import sys; from orchestrator.audit import AuditStore; AuditStore.open(sys.argv[1]).close()"
+OPENER = "import sys; from heist_common.audit import AuditStore; AuditStore.open(sys.argv[1]).close()"
 
 
 def test_processes_creating_the_same_new_sqlite_database_at_once_all_open_it(tmp_path) -> None:

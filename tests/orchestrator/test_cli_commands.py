@@ -192,7 +192,7 @@ def test_inspection_commands_load_no_async_grpc_or_spare_database_engines(tmp_pa
     asyncio, gRPC and ``playhouse.db_url`` (which imports every engine it knows) cost a command
     that only reads one file a tenth of a second or more; ``playhouse.migrate`` only an old file needs.
     """
-    from orchestrator.audit import AuditStore
+    from heist_common.audit import AuditStore
 
     config = write_heist_config(tmp_path)
     url = f"sqlite:///{tmp_path / 'audit.db'}"

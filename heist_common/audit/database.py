@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 
 import peewee
 
+from heist_common.audit.schema import MODELS
 from heist_common.layout import make_private
-from orchestrator.audit.schema import MODELS
 
 BUSY_TIMEOUT_MS = 5000
 

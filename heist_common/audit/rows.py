@@ -14,7 +14,7 @@ from typing import Any
 
 import peewee
 
-from orchestrator.audit.schema import now_iso
+from heist_common.audit.schema import now_iso
 
 
 @dataclass(slots=True)
@@ -30,6 +30,9 @@ class MessageRow:
     timestamp: str = field(default_factory=now_iso)
     trace_id: str | None = None
     timings: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_estimated: bool | None = None
 
 
 @dataclass(slots=True)

@@ -23,6 +23,8 @@ class SessionStatus:
     """Every turn was played, but a service the crew needed never worked (``orchestrator.session.runner``)."""
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    GATEWAY = "gateway"
+    """Not a heist: the MCP gateway's log of one OAuth client's tool calls (``servers.mcp_gateway``), never resumed."""
     AWAITING_APPROVAL = "awaiting_approval"
     """Running, and a tool call waits for a person's approval (``orchestrator approvals``); like ``active`` else."""
 
@@ -99,6 +101,10 @@ class MessageRecord(_BaseModel):
     latency_ms = peewee.FloatField(null=True)
     trace_id = peewee.TextField(null=True)  # W3C trace of the turn: grep the server logs for trace=<id>
     timings = peewee.TextField(null=True)  # the turn's timeline as JSON (orchestrator.tracing.timings_json)
+    # LLM tokens of the turn's requests, summed (NULL: no request answered, or written before tokens were counted):
+    prompt_tokens = peewee.IntegerField(null=True)
+    completion_tokens = peewee.IntegerField(null=True)
+    tokens_estimated = peewee.BooleanField(null=True)  # some request had no usage from the server: estimated
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "messages"

@@ -4,17 +4,18 @@
 - ``rows``: what one turn writes, committed together
 - ``database``: opening a URL (SQLite tuned for several writers) and in-place migrations
 - ``store``: ``AuditStore``, writes on one writer thread and readers for the CLI
+- ``tokens``: a session's LLM token totals, per agent, summed from its ``messages`` rows
 """
 
-from orchestrator.audit.database import (
+from heist_common.audit.database import (
     AuditError,
     CallNotPendingError,
     SessionTakenOverError,
     UnknownCallError,
     UnknownSessionError,
 )
-from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
-from orchestrator.audit.schema import (
+from heist_common.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
+from heist_common.audit.schema import (
     DENIED,
     RESULT_UNKNOWN,
     RUNNING_STATUSES,
@@ -27,7 +28,8 @@ from orchestrator.audit.schema import (
     ToolUsageRecord,
     now_iso,
 )
-from orchestrator.audit.store import AuditStore
+from heist_common.audit.store import AuditStore
+from heist_common.audit.tokens import TokenCount, TokenTotals
 
 __all__ = [
     "DENIED",
@@ -44,6 +46,8 @@ __all__ = [
     "SessionRecord",
     "SessionStatus",
     "SessionTakenOverError",
+    "TokenCount",
+    "TokenTotals",
     "ToolCallRecord",
     "ToolUsageRecord",
     "ToolUsageRow",

@@ -21,8 +21,7 @@ from typing import Any, TypeVar, cast
 
 import peewee
 
-from heist_common.config import redact_url
-from orchestrator.audit.database import (
+from heist_common.audit.database import (
     _DB_ERRORS,
     BUSY_TIMEOUT_MS,
     OPEN_RETRY_DELAY_S,
@@ -37,8 +36,8 @@ from orchestrator.audit.database import (
     create_schema,
     one_line,
 )
-from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
-from orchestrator.audit.schema import (
+from heist_common.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
+from heist_common.audit.schema import (
     RESULT_UNKNOWN,
     RUNNING_STATUSES,
     CallStatus,
@@ -51,6 +50,8 @@ from orchestrator.audit.schema import (
     database_proxy,
     now_iso,
 )
+from heist_common.audit.tokens import TokenCount, TokenTotals
+from heist_common.config import redact_url
 
 T = TypeVar("T")
 
@@ -185,6 +186,25 @@ class AuditStore:
                 )
 
         await self._in_writer(work, f"create session {session_id}")
+
+    async def ensure_session(self, session_id: str, *, status: str, strategy: str, model: str) -> None:
+        """Create the session unless it exists (a log several processes append to, e.g. the MCP gateway's)."""
+
+        def work() -> None:
+            with self.database.atomic():
+                started = now_iso()
+                SessionRecord.insert(
+                    session_id=session_id,
+                    start_time=started,
+                    status=status,
+                    strategy=strategy,
+                    model=model,
+                    pid=self.pid,
+                    host=self.host,
+                    heartbeat_at=started,
+                ).on_conflict_ignore().execute()
+
+        await self._in_writer(work, f"open session {session_id}")
 
     async def write_turn(self, session_id: str, turn: TurnAudit) -> None:
         """Commit one turn's message, tool calls and events in a single transaction."""
@@ -529,8 +549,50 @@ class AuditStore:
                 return bool(SessionRecord.select().where(SessionRecord.session_id == session_id).exists())
         except _DB_ERRORS as exc:
             raise AuditError(f"cannot read sessions from {self.location}: {one_line(exc)}") from None
+    async def token_totals(self, session_id: str) -> TokenTotals:
+        """Return the session's LLM tokens so far, per agent (where a resumed session's budget starts from)."""
+
+        def work() -> TokenTotals:
+            query = (
+                MessageRecord.select(
+                    MessageRecord.agent_name,
+                    MessageRecord.prompt_tokens,
+                    MessageRecord.completion_tokens,
+                    MessageRecord.tokens_estimated,
+                )
+                .where(MessageRecord.session == session_id)
+                .order_by(MessageRecord.turn_id)
+                .dicts()
+            )
+            return TokenTotals.from_messages(cast("list[dict[str, Any]]", list(query)))
+
+        return await self._in_writer(work, f"read the tokens of session {session_id}")
 
     # Synchronous readers for the CLI -------------------------------------------------------------
+
+    def read_token_counts(self) -> dict[str, TokenCount]:
+        """Every session's LLM tokens in all (sessions without any counted turn are absent)."""
+        try:
+            with self.database.connection_context():
+                query = (
+                    MessageRecord.select(
+                        MessageRecord.session,
+                        peewee.fn.SUM(MessageRecord.prompt_tokens),
+                        peewee.fn.SUM(MessageRecord.completion_tokens),
+                        peewee.fn.MAX(peewee.Case(None, [(MessageRecord.tokens_estimated, 1)], 0)),
+                        peewee.fn.COUNT(MessageRecord.prompt_tokens),
+                    )
+                    .where(MessageRecord.prompt_tokens.is_null(False) & MessageRecord.completion_tokens.is_null(False))
+                    .group_by(MessageRecord.session)
+                    .tuples()
+                )
+                rows = cast("list[tuple[Any, Any, Any, Any, Any]]", list(query))
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read token counts from {self.location}: {one_line(exc)}") from None
+        return {
+            str(session): TokenCount(int(prompt or 0), int(completion or 0), bool(estimated), int(turns))
+            for session, prompt, completion, estimated, turns in rows
+        }
 
     def read_sessions(self) -> list[dict[str, Any]]:
         """Every session, newest first."""

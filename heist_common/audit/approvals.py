@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from orchestrator.audit.schema import CallStatus
-from orchestrator.audit.store import AuditStore
+from heist_common.audit.schema import CallStatus
+from heist_common.audit.store import AuditStore
 
 __all__ = [
     "MAX_DECIDER_CHARS",

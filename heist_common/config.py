@@ -414,6 +414,12 @@ class AgentConfig(Section):
     is_saboteur: Flag = Field(
         default=False, description="Adds a secret brief to the system prompt: steer the crew towards mistakes."
     )
+    require_approval: tuple[NonEmpty, ...] = Field(
+        default=(),
+        description="Tool services (of `tools`) whose every call by this agent waits for a person's approval "
+        "(`orchestrator approve`/`deny`, or y/n on a terminal); a method whose proto says `APPROVAL_REQUIRED` "
+        "always waits (docs/approvals.md).",
+    )
     max_llm_tokens: AtLeastOne | None = Field(
         default=None,
         description="The most LLM tokens (prompt plus completion) this agent's turns may use in one session; "
@@ -423,6 +429,9 @@ class AgentConfig(Section):
 
     @model_validator(mode="after")
     def _default_client(self) -> AgentConfig:
+        unknown = [tool for tool in self.require_approval if tool not in self.tools]
+        if unknown:
+            raise ValueError(f"require_approval names {unknown}, not among the agent's tools {list(self.tools)}")
         if not self.oauth_client:
             object.__setattr__(self, "oauth_client", self.name)
         return self
@@ -596,6 +605,11 @@ class SessionConfig(Section):
     oauth_client: NonEmpty = Field(
         default="orchestrator",
         description="The OAuth client the orchestrator itself is, for session-wide calls (the memory service).",
+    )
+    approval_timeout_s: Positive = Field(
+        default=300.0,
+        description="How long a tool call waits for a person's approval before it is denied by timeout "
+        "(docs/approvals.md).",
     )
     stale_after_s: Positive = Field(
         default=600.0,

@@ -6,7 +6,8 @@ Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
 6 unhealthy (``health`` when something is down, ``run --require-healthy``);
 7 not resumable (``resume`` of a completed, degraded or still running session);
 8 degraded (every turn ran, but the crew could not use a service: every call to it
-failed; the summary names it); 130 interrupted.
+failed; the summary names it); 9 not pending (``approve``/``deny`` of a call that
+does not wait for a decision); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from orchestrator.output.text import CONTROL_CHARACTERS
 # completion is made (its import alone takes most of a second).
 if TYPE_CHECKING:
     from heist_common.audit import AuditStore
+    from heist_common.audit.approvals import PendingCall
     from heist_common.config import HeistConfig
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.resume import ResumePoint
     from orchestrator.session.runner import SessionResult
+    from orchestrator.turn.approval import ApprovalHooks
     from orchestrator.turn.progress import TurnProgress
     from orchestrator.turn.turn import Turn
 
@@ -100,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
     run.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
     run.add_argument("--json", action="store_true", help="print each turn, then the summary, as JSON lines")
+    run.add_argument(
+        "--no-prompt",
+        action="store_true",
+        help="never ask y/n on this terminal: calls that need approval wait for 'orchestrator approve'/'deny'",
+    )
 
     health = commands.add_parser("health", help="health table of every service", description="Check every service.")
     health.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
@@ -135,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     export.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
     _add_resume_parser(commands)
+    _add_approval_parsers(commands)
 
     report = commands.add_parser(
         "report",
@@ -177,6 +186,35 @@ def _add_resume_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     resume.add_argument("--model", default=None, help="model name (default: llm.model)")
     resume.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
     resume.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
+    resume.add_argument(
+        "--no-prompt", action="store_true", help="never ask y/n on this terminal (decide with 'orchestrator approve')"
+    )
+
+
+def _add_approval_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    approvals = commands.add_parser(
+        "approvals",
+        help="tool calls waiting for approval",
+        description="List the tool calls that wait for a person's approval (docs/approvals.md).",
+    )
+    approvals.add_argument("session_id", metavar="SESSION", nargs="?", default=None, help="only this session's")
+    approvals.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    approvals.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    approvals.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    for name, verb in (("approve", "Approve"), ("deny", "Deny")):
+        decide = commands.add_parser(
+            name,
+            help=f"{name} a tool call that waits",
+            description=f"{verb} a tool call that waits for approval; the audit records who (the OS user) and when. "
+            "The session's process, or the next 'orchestrator resume', acts on it.",
+        )
+        decide.add_argument("session_id", metavar="SESSION")
+        decide.add_argument("call_id", metavar="CALL_ID", help="as 'orchestrator approvals' shows it, e.g. 3.1")
+        decide.add_argument(
+            "--reason", required=name == "deny", default="", help="why (shown to the model; at most 1000 characters)"
+        )
+        decide.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+        decide.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
 
 
 def _seed(text: str) -> int:
@@ -357,21 +395,35 @@ def _live_line_wanted() -> bool:
     return sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
 
 
+Above = Callable[[Callable[[], None]], None]
+"""Runs a function that prints lines, where the live line is (erased first, drawn again at the next phase)."""
+
+
+def _directly(write: Callable[[], None]) -> None:
+    write()
+
+
 @contextmanager
-def _turn_output(session_id: str, *, as_json: bool) -> Iterator[tuple[Callable[[Turn], None], TurnProgress | None]]:
-    """How ``run`` and ``resume`` show turns: JSON lines, or lines with a live line while each turn runs."""
+def _turn_output(
+    session_id: str, *, as_json: bool
+) -> Iterator[tuple[Callable[[Turn], None], TurnProgress | None, Above]]:
+    """How ``run`` and ``resume`` show turns: JSON lines, or lines with a live line while each turn runs.
+
+    The third value prints other lines (a call waiting for approval, its y/n question) without a redraw
+    landing on them.
+    """
     if as_json:
         from orchestrator.session.records import dumps, turn_record
 
-        yield (lambda turn: print(dumps(turn_record(session_id, turn)), flush=True)), None
+        yield (lambda turn: print(dumps(turn_record(session_id, turn)), flush=True)), None, _directly
         return
     if not _live_line_wanted():
-        yield print_turn, None
+        yield print_turn, None, _directly
         return
     from orchestrator.output.live import LiveLine
 
     with LiveLine(sys.stdout) as live:
-        yield (lambda turn: live.replace(lambda: print_turn(turn))), live
+        yield (lambda turn: live.replace(lambda: print_turn(turn))), live, live.replace
 
 
 def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfig:
@@ -414,10 +466,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with (
             _sigterm_interrupts(),
             _credentials_checked(),
-            _turn_output(session_id, as_json=args.json) as (on_turn, on_progress),
+            _turn_output(session_id, as_json=args.json) as (on_turn, on_progress, above),
         ):
             result = asyncio.run(
-                run_session(config, options, on_health=on_health, on_turn=on_turn, on_progress=on_progress)
+                run_session(
+                    config,
+                    options,
+                    on_health=on_health,
+                    on_turn=on_turn,
+                    on_progress=on_progress,
+                    approval_hooks=_approval_hooks(args, above),
+                )
             )
     except AuditError as exc:
         raise CommandError(redact_urls(str(exc)), ExitCode.DATABASE) from None
@@ -452,7 +511,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         with (
             _sigterm_interrupts(),
             _credentials_checked(),
-            _turn_output(args.session_id, as_json=False) as (on_turn, on_progress),
+            _turn_output(args.session_id, as_json=False) as (on_turn, on_progress, above),
         ):
             result = asyncio.run(
                 resume_session(
@@ -463,6 +522,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
                     on_health=_print_health_verdict,
                     on_turn=on_turn,
                     on_progress=on_progress,
+                    approval_hooks=_approval_hooks(args, above),
                 )
             )
     except UnknownSessionError:
@@ -477,6 +537,146 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if result.turns_before:
         print(f"Resumed:    after turn {result.turns_before}; {result.turns_before + len(result.turns)} turns in all")
     return result.exit_code
+
+
+def _cli_prefix(args: argparse.Namespace) -> str:
+    """``orchestrator`` with this command's ``--config`` and ``--db``: what a command printed for the user needs."""
+    import shlex
+
+    from heist_common.config import redact_url
+
+    words = ["orchestrator"]
+    if args.config is not None:
+        words += ["--config", shlex.quote(str(args.config))]
+    database = getattr(args, "db", None)
+    if database:  # a URL with a password is never printed: the user fills it in
+        words += ["--db", shlex.quote(database) if redact_url(database) == database else "<URL>"]
+    return " ".join(words)
+
+
+def _approval_hooks(args: argparse.Namespace, above: Above = _directly) -> ApprovalHooks:
+    """Announce every call that waits with the commands that decide it; on a terminal, also ask y/n in place."""
+    from orchestrator.turn.approval import ApprovalHooks
+
+    prefix = _cli_prefix(args)
+
+    out = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json: stdout holds JSON lines only
+
+    def announce(call: PendingCall, seconds_left: float) -> None:
+        ref = f"{call.session_id} {call.call_id}"
+
+        def lines() -> None:
+            print(
+                printable(
+                    f"Waiting for approval: call {call.call_id} of {call.session_id}: {call.agent_name} wants "
+                    f"{call.tool_name}.{call.operation} {call.arguments}"
+                ),
+                file=out,
+            )
+            print(f"  approve: {prefix} approve {ref}", file=out)
+            print(f"  deny:    {prefix} deny {ref} --reason TEXT", file=out)
+            print(f"  (denied by timeout in {seconds_left:.0f} s: session.approval_timeout_s)", file=out, flush=True)
+
+        above(lines)  # the live line is erased first and stays so until the next phase
+
+    interactive = not args.no_prompt and sys.stdin.isatty() and sys.stdout.isatty()
+    return ApprovalHooks(prompt=_ask_on_terminal if interactive else None, announce=announce)
+
+
+async def _ask_on_terminal(call: PendingCall) -> bool | None:
+    """Ask y/n on the terminal without blocking the event loop (a decision from elsewhere cancels the question)."""
+    print(f"Approve call {call.call_id}? [y/n] ", end="", flush=True)
+    while True:
+        line = await _read_line()
+        if line is None:  # end of input: leave the decision to another terminal
+            return None
+        answer = line.strip().lower()
+        if answer in ("y", "yes"):
+            return True
+        if answer in ("n", "no"):
+            return False
+        print("Please answer y or n: ", end="", flush=True)
+
+
+async def _read_line() -> str | None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+    descriptor = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not future.done():
+            future.set_result(sys.stdin.readline())
+
+    loop.add_reader(descriptor, readable)
+    try:
+        line = await future
+    finally:
+        loop.remove_reader(descriptor)
+    return line or None
+
+
+def _cmd_approvals(args: argparse.Namespace) -> int:
+    import json
+
+    from heist_common.audit import CallStatus
+    from heist_common.audit.approvals import PendingCall
+
+    store = _open_store(_load(args, calls_services=False), create=False)
+    try:
+        if args.session_id is not None and not store.session_exists(args.session_id):
+            raise _unknown_session(args.session_id)
+        rows = store.read_tool_calls(args.session_id, CallStatus.PENDING_APPROVAL)
+    finally:
+        store.close()
+    pending = [PendingCall.from_record(row) for row in rows]
+    if args.json:
+        print(printable(json.dumps([call.as_json() for call in pending], indent=2, ensure_ascii=False)))
+        return 0
+    if not pending:
+        print("No tool calls wait for approval.")
+        return 0
+    print(f"{'session':<40} {'call':<8} {'agent':<12} {'tool':<28} {'waiting since':<29} arguments")
+    for call in pending:
+        arguments = call.arguments if len(call.arguments) <= 80 else call.arguments[:77] + "..."
+        print(
+            printable(
+                f"{call.session_id:<40} {call.call_id:<8} {call.agent_name:<12} "
+                f"{call.tool_name + '.' + call.operation:<28} {call.waiting_since:<29} {arguments}"
+            )
+        )
+    return 0
+
+
+def _cmd_decide(args: argparse.Namespace) -> int:
+    from heist_common.audit import AuditError, CallNotPendingError, UnknownCallError, UnknownSessionError
+    from heist_common.audit.approvals import check_decision, os_user
+
+    approve = args.command == "approve"
+    who = os_user()
+    try:
+        check_decision(args.reason, who)
+    except ValueError as exc:
+        raise CommandError(f"--reason: {exc}", ExitCode.USAGE) from None
+    store = _open_store(_load(args, calls_services=False), create=False)
+    try:
+        row = store.decide_now(args.session_id, args.call_id, approve, args.reason, who)
+    except UnknownSessionError:
+        raise _unknown_session(args.session_id) from None
+    except (UnknownCallError, CallNotPendingError) as exc:
+        raise CommandError(str(exc).strip("'\""), ExitCode.NOT_PENDING) from None
+    except AuditError as exc:
+        raise CommandError(str(exc), ExitCode.DATABASE) from None
+    finally:
+        store.close()
+    print(
+        printable(
+            f"{row['status']}: call {args.call_id} of {args.session_id} ({row['tool_name']}.{row['operation']}) "
+            f"by {who} at {row['decided_at']}"
+        )
+    )
+    return 0
 
 
 def _check_writable(folder: Path) -> None:
@@ -653,6 +853,9 @@ COMMANDS = {
     "export": _cmd_export,
     "resume": _cmd_resume,
     "report": _cmd_report,
+    "approvals": _cmd_approvals,
+    "approve": _cmd_decide,
+    "deny": _cmd_decide,
 }
 
 

@@ -7,15 +7,38 @@
 - ``tokens``: a session's LLM token totals, per agent, summed from its ``messages`` rows
 """
 
-from heist_common.audit.database import AuditError, SessionTakenOverError, UnknownSessionError
+from heist_common.audit.database import (
+    AuditError,
+    CallNotPendingError,
+    SessionTakenOverError,
+    UnknownCallError,
+    UnknownSessionError,
+)
 from heist_common.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit
-from heist_common.audit.schema import EventRecord, MessageRecord, SessionRecord, SessionStatus, ToolUsageRecord, now_iso
+from heist_common.audit.schema import (
+    DENIED,
+    RESULT_UNKNOWN,
+    RUNNING_STATUSES,
+    CallStatus,
+    EventRecord,
+    MessageRecord,
+    SessionRecord,
+    SessionStatus,
+    ToolCallRecord,
+    ToolUsageRecord,
+    now_iso,
+)
 from heist_common.audit.store import AuditStore
 from heist_common.audit.tokens import TokenCount, TokenTotals
 
 __all__ = [
+    "DENIED",
+    "RESULT_UNKNOWN",
+    "RUNNING_STATUSES",
     "AuditError",
     "AuditStore",
+    "CallNotPendingError",
+    "CallStatus",
     "EventRecord",
     "EventRow",
     "MessageRecord",
@@ -25,9 +48,11 @@ __all__ = [
     "SessionTakenOverError",
     "TokenCount",
     "TokenTotals",
+    "ToolCallRecord",
     "ToolUsageRecord",
     "ToolUsageRow",
     "TurnAudit",
+    "UnknownCallError",
     "UnknownSessionError",
     "now_iso",
 ]

@@ -30,6 +30,14 @@ class UnknownSessionError(LookupError):
     """No session with that ID in the audit database."""
 
 
+class UnknownCallError(LookupError):
+    """No tool call with that ID in that session."""
+
+
+class CallNotPendingError(Exception):
+    """The tool call is not waiting for a decision (already decided, or it never needed one)."""
+
+
 class SessionTakenOverError(AuditError):
     """Another orchestrator process resumed this session, so this one must stop writing to it.
 

@@ -49,6 +49,8 @@ class ToolUsageRow:
     status_code: str | None = None
     latency_ms: float | None = None
     timestamp: str = field(default_factory=now_iso)
+    call_id: str | None = None
+    """The ``tool_calls`` record of a call that was sent or waited for approval (None: refused before)."""
 
 
 @dataclass(slots=True)

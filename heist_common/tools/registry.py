@@ -21,7 +21,15 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from heist.tools.v1 import options_pb2 as tool_options
 
-from heist_common.contract import ServiceContract, contract_of, is_inline_default, required_scope, tool_description
+from heist_common.contract import (
+    ServiceContract,
+    approval_required,
+    contract_of,
+    is_idempotent,
+    is_inline_default,
+    required_scope,
+    tool_description,
+)
 
 JsonSchema = dict[str, Any]
 
@@ -154,6 +162,10 @@ class ToolMethod:
     parameters: JsonSchema
     result_schema: JsonSchema
     """The response message's schema, as ``response_data`` writes it (MCP's ``outputSchema``)."""
+    approval_required: bool = False
+    """The contract's ``approval`` option: every call waits for a person (agents' ``require_approval`` adds more)."""
+    idempotent: bool = False
+    """The contract's ``idempotency_level``: a resume may send a call again whose result was lost."""
 
     @property
     def rpc_path(self) -> str:
@@ -235,6 +247,8 @@ def _build_service(contract: ServiceContract) -> ToolService:
             required_scope=required_scope(method),
             inline_default=is_inline_default(method),
             parameters=message_schema(method.input_type),
+            approval_required=approval_required(method),
+            idempotent=is_idempotent(method),
             result_schema=message_schema(method.output_type, output=True),
         )
         for method in contract.tool_methods  # only methods the proto offers to models

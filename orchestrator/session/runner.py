@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from heist_common.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError, TokenTotals
 from heist_common.config import HeistConfig
@@ -42,6 +42,7 @@ from orchestrator.session.schedule import iter_schedule
 from orchestrator.session.unrecorded import record_later, settle_unrecorded, unrecorded_dir
 from orchestrator.tracing import rpc_service, turn_scope
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
+from orchestrator.turn.approval import ApprovalHooks
 from orchestrator.turn.progress import TurnProgress
 from orchestrator.turn.turn import EMPTY, LLM_ERROR, OK, Turn
 
@@ -233,6 +234,7 @@ class SessionRunner:
         on_turn: TurnObserver | None = None,
         on_progress: TurnProgress | None = None,
         resume: ResumePoint | None = None,
+        approval_hooks: ApprovalHooks | None = None,
     ) -> None:
         self.config = config
         self.options = options or RunOptions()
@@ -244,7 +246,11 @@ class SessionRunner:
         self.session_id = self.options.session_id or new_session_id()
         if not SESSION_ID_PATTERN.match(self.session_id):
             raise ValueError(f"invalid session ID {self.session_id!r} (letters, digits, '_', '.', '-'; max 128)")
-        self.context = SessionContext(self.session_id, config, clients, llm, audit, progress=on_progress)
+        self.context = SessionContext(
+            self.session_id, config, clients, llm, audit, approval_hooks, progress=on_progress
+        )
+        self._leftovers: list[dict[str, Any]] = []
+        """Tool calls of the turn a dead process left (a resume finishes them in that turn)."""
         self.agents = {agent.name: CrewAgent(agent, self.context) for agent in config.agents}
         self._on_health = on_health
         self._on_turn = on_turn
@@ -333,7 +339,9 @@ class SessionRunner:
                         if following is not None and following != name
                         else None
                     )
-                    turn = await agent.take_turn(index + 1, history, memory)
+                    leftovers = [call for call in self._leftovers if call["agent_name"] == name]
+                    self._leftovers = []
+                    turn = await agent.take_turn(index + 1, history, memory, leftovers)
                 history.append(turn.as_message())
                 result.turns.append(turn)
                 if turn.llm_requests:
@@ -362,6 +370,7 @@ class SessionRunner:
         # The memory service may have lost the session (restarted), or hold a turn the audit never got.
         events += await sync.rebuild(fresh=True)
         await self.context.audit.add_events(self.session_id, events)
+        self._leftovers = await self.context.audit.unsettled_tool_calls(self.session_id, point.turns_done)
         result.turns_before = point.turns_done
         result.tokens = await self.context.audit.token_totals(self.session_id)
         return list(point.history)
@@ -458,12 +467,16 @@ async def run_session(
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
     on_progress: TurnProgress | None = None,
+    approval_hooks: ApprovalHooks | None = None,
 ) -> SessionResult:
     """Open the audit store, channels and LLM client, run one new session, close everything.
 
     Raises AuditError if the audit database cannot be opened at all.
     """
-    return await _open_and_run(config, options, None, on_health=on_health, on_turn=on_turn, on_progress=on_progress)
+    return await _open_and_run(
+        config, options, None, on_health=on_health, on_turn=on_turn, on_progress=on_progress,
+        approval_hooks=approval_hooks,
+    )  # fmt: skip
 
 
 async def resume_session(
@@ -475,6 +488,7 @@ async def resume_session(
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
     on_progress: TurnProgress | None = None,
+    approval_hooks: ApprovalHooks | None = None,
 ) -> SessionResult:
     """Continue an interrupted, failed or stale session from the audit alone (``orchestrator.session.resume``).
 
@@ -484,8 +498,9 @@ async def resume_session(
     ResumeConflictError (nothing was changed then).
     """
     return await _open_and_run(
-        config, options, session_id, on_resume=on_resume, on_health=on_health, on_turn=on_turn, on_progress=on_progress
-    )
+        config, options, session_id, on_resume=on_resume, on_health=on_health, on_turn=on_turn,
+        on_progress=on_progress, approval_hooks=approval_hooks,
+    )  # fmt: skip
 
 
 async def _open_and_run(
@@ -497,6 +512,7 @@ async def _open_and_run(
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
     on_progress: TurnProgress | None = None,
+    approval_hooks: ApprovalHooks | None = None,
 ) -> SessionResult:
     """Open everything, run the session (new or resumed: one path for both), close everything."""
     audit = AuditStore.open(config.database.url)
@@ -520,7 +536,7 @@ async def _open_and_run(
     try:
         runner = SessionRunner(
             config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, on_progress=on_progress,
-            resume=point,
+            resume=point, approval_hooks=approval_hooks,
         )  # fmt: skip
         result = await runner.run()
         result.settled = settled

@@ -7,6 +7,7 @@ from heist_common.config import HeistConfig
 from orchestrator.llm.client import LLMClient, LLMError
 from orchestrator.mesh.clients import ServiceClients, session_metadata
 from orchestrator.mesh.memory_sync import MemorySync
+from orchestrator.turn.approval import ApprovalGate, ApprovalHooks
 from orchestrator.turn.constrained_tools import ConstrainedTools, Dialect
 from orchestrator.turn.progress import Phase, PhaseChange, TurnProgress
 from orchestrator.turn.turn import Turn
@@ -24,6 +25,7 @@ class SessionContext:
         clients: ServiceClients,
         llm: LLMClient,
         audit: AuditStore,
+        approval_hooks: ApprovalHooks | None = None,
         *,
         progress: TurnProgress | None = None,
     ) -> None:
@@ -34,6 +36,7 @@ class SessionContext:
         self.llm = llm
         self.audit = audit
         self.metadata = session_metadata(session_id)
+        self.approvals = ApprovalGate(audit, session_id, config.session.approval_timeout_s, approval_hooks)
         self.memory_sync = MemorySync(clients, audit, session_id, self.metadata)
         # Grammars sized to a turn's max_tokens, so that a constrained argument always fits one request.
         self.constrained = ConstrainedTools(

@@ -67,6 +67,8 @@ class Turn:
     The same list its ``TurnScope`` records into, so a call that ends after the
     turn (the next speaker's memory prefetch) still lands here.
     """
+    calls_made: int = 0
+    """Tool calls given an id so far (``next_call_id``)."""
 
     @property
     def service_ms(self) -> float:
@@ -114,6 +116,15 @@ class Turn:
         agent = self.agent_name
         self.tool_usage.append(ToolUsageRow(self.turn_id, agent, tool, operation, params, reason, False, code, 0.0))
         self.events.append(EventRow(tool, operation, code, reason, 0.0, self.turn_id, agent))
+
+    def next_call_id(self) -> str:
+        """Return the next tool call's id, ``<turn>.<index>`` (unique in the session; what ``x-call-id`` carries)."""
+        self.calls_made += 1
+        return f"{self.turn_id}.{self.calls_made}"
+
+    def skip_call_ids(self, index: int) -> None:
+        """Never hand out an index up to ``index`` again (a resumed turn's calls follow those its dead run made)."""
+        self.calls_made = max(self.calls_made, index)
 
     def as_message(self) -> ConversationMessage:
         """Return the line this turn adds to the conversation."""

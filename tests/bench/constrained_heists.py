@@ -152,7 +152,9 @@ def run(seeds: int, turns: int, out: Path | None, first_seed: int = 1) -> dict[s
     with tempfile.TemporaryDirectory(prefix="heist-eval-") as tmp:
         work = Path(tmp)
         session = {**crew["session"], "max_turns": turns}
-        mesh = ProcessMesh(work, agents=crew["agents"], session=session)
+        # Nobody approves calls in a benchmark (docs/approvals.md): the shipped crew without require_approval.
+        agents = [{key: value for key, value in agent.items() if key != "require_approval"} for agent in crew["agents"]]
+        mesh = ProcessMesh(work, agents=agents, session=session)
         server = LlamaServer(work / "llama.log")
         try:
             mesh.start()

@@ -102,6 +102,8 @@ class Mesh:
             config["mcp_gateway"]["address"] = f"127.0.0.1:{self.gateway_port}"
             config["mcp_gateway"]["metrics_address"] = f"127.0.0.1:{self.gateway_metrics_port}"
         config["llm"]["base_url"] = f"http://127.0.0.1:{self.llm_port}/v1"
+        for agent in config["agents"]:  # nobody approves calls in an unattended test (docs/approvals.md)
+            agent.pop("require_approval", None)
         self.config.write_text(yaml.safe_dump(config))
 
     def address(self, name: str) -> str:

@@ -72,6 +72,21 @@ def test_describe_shows_the_scope_policy(mesh):
     assert "string expression = 1" in request.stdout
 
 
+def test_describe_shows_the_idempotency_and_approval_contract(mesh):
+    """What a resume may send again (docs/approvals.md) is in the contract, visible to any gRPC client."""
+    calculator = mesh.grpcurl("calculator", mesh.address("calculator"), "describe", SERVICES["calculator"])
+    assert calculator.returncode == 0, calculator.stderr
+    assert "option idempotency_level = NO_SIDE_EFFECTS;" in calculator.stdout
+    database = mesh.grpcurl("database_query", mesh.address("database_query"), "describe", SERVICES["database_query"])
+    assert database.returncode == 0, database.stderr
+    query = database.stdout.split("rpc Query", 1)[1].split("rpc ", 1)[0]
+    assert "idempotency_level" not in query, "a query is never sent twice by a resume"
+    assert 'option (.heist.auth.v1.required_scope) = "database_query:use";' in query
+    policy = mesh.grpcurl("calculator", mesh.address("calculator"), "describe", "heist.tools.v1.Approval")
+    assert policy.returncode == 0, policy.stderr
+    assert "APPROVAL_REQUIRED = 1;" in policy.stdout
+
+
 def test_tool_calls_with_the_right_scope(mesh):
     token = mesh.token("grpcurl", ["calculator:use", "file_reader:use", "database_query:use"])
     headers = ["-H", f"authorization: Bearer {token}", "-H", f"x-session-id: {SESSION}"]

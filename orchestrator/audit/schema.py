@@ -23,6 +23,8 @@ class SessionStatus:
     """Every turn was played, but a service the crew needed never worked (``orchestrator.session.runner``)."""
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"
+    """Stopped on request (A2A CancelTask on ``orchestrator serve``); not resumable."""
 
 
 def now_iso() -> str:
@@ -52,6 +54,8 @@ class SessionRecord(_BaseModel):
     pid = peewee.IntegerField(null=True)  # the orchestrator process that owns the session; its writes are fenced on it
     host = peewee.TextField(null=True)  # ... and the machine it runs on
     heartbeat_at = peewee.TextField(null=True)  # last sign of life: start, each committed turn, a resume
+    # The OAuth client that started it through `orchestrator serve` (NULL: the CLI); only it sees the task.
+    client_id = peewee.TextField(null=True)
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "sessions"

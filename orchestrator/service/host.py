@@ -268,6 +268,10 @@ def _summary(result: SessionResult) -> a2a_pb2.Message:
         "status": result.status, "exit_code": int(result.exit_code), "turns": len(result.turns),
         "tool_calls_ok": result.tool_calls_ok, "tool_calls_failed": result.tool_calls_failed,
         "errors": result.errors, "error": result.error or "", "exports": [str(path) for path in result.exports],
+        "report": str(result.report or ""), "database": result.database, "turns_before": result.turns_before,
+        "unusable": [
+            {"service": u.service, "attempts": u.attempts, "code": u.code, "detail": u.detail} for u in result.unusable
+        ],
     }  # fmt: skip
     data = a2a_pb2.Part()
     data.metadata.update({"kind": "summary"})

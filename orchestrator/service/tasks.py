@@ -21,7 +21,7 @@ from a2a.server.context import ServerCallContext
 from a2a.server.tasks import TaskStore
 from a2a.types import a2a_pb2
 from a2a.utils.errors import InvalidParamsError
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from orchestrator.audit import AuditStore, SessionStatus
 from orchestrator.turn.turn import Turn
@@ -29,6 +29,7 @@ from orchestrator.turn.turn import Turn
 __all__ = [
     "TERMINAL",
     "AuditTaskStore",
+    "message_fields",
     "task_from_log",
     "task_state",
     "turn_message",
@@ -83,10 +84,11 @@ def _timestamp(text: str | None) -> timestamp_pb2.Timestamp | None:
 
 def _message(
     session_id: str, turn_id: int, agent: str, role: str, text: str, status: str,
-    tools: list[dict[str, Any]],
+    tools: list[dict[str, Any]], problems: list[dict[str, Any]] | None = None,
 ) -> a2a_pb2.Message:  # fmt: skip
     parts = [a2a_pb2.Part(text=text)]
     parts += [_data_part(tool, "tool_call") for tool in tools]
+    parts += [_data_part(problem, "error") for problem in problems or ()]
     return a2a_pb2.Message(
         message_id=f"{session_id}-turn-{turn_id}",
         context_id=session_id,
@@ -97,14 +99,34 @@ def _message(
     )
 
 
+def message_fields(message: a2a_pb2.Message) -> tuple[str, list[dict[str, Any]]]:
+    """Read a turn or summary message back: its text, and its data parts as dicts (each with its ``kind``)."""
+    text = "".join(part.text for part in message.parts if part.WhichOneof("content") == "text")
+    data = []
+    for part in message.parts:
+        if part.WhichOneof("content") == "data":
+            values = json_format.MessageToDict(part.data)
+            if isinstance(values, dict):
+                kind = part.metadata.fields["kind"].string_value if "kind" in part.metadata.fields else ""
+                data.append({**values, "kind": kind})
+    return text, data
+
+
 def turn_message(session_id: str, turn: Turn) -> a2a_pb2.Message:
-    """One completed turn as an A2A message: what the agent said, then each tool call with its result."""
+    """Describe one completed turn as an A2A message: what the agent said, each tool call, each failed call."""
     tools = [
         {"tool": row.tool_name, "operation": row.operation or "", "arguments": row.tool_params,
          "result": row.tool_result, "success": bool(row.success), "code": row.status_code or ""}
         for row in turn.tool_usage
     ]  # fmt: skip
-    return _message(session_id, turn.turn_id, turn.agent_name, turn.agent_role, turn.message, turn.status, tools)
+    problems = [
+        {"service": event.service, "operation": event.operation, "code": event.status_code, "detail": event.detail}
+        for event in turn.events
+        if event.status_code != "OK"
+    ]
+    return _message(
+        session_id, turn.turn_id, turn.agent_name, turn.agent_role, turn.message, turn.status, tools, problems
+    )
 
 
 def status_text(row: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ ports; tokens come from the real OAuthService.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,6 +180,11 @@ async def test_bad_requests_and_limits_get_clear_statuses(config: HeistConfig, a
                     pass
             assert status_code(refused.value) == code and words in str(refused.value)
         # three heists at once are bob's limit (max_sessions_per_client = 3): the fourth is refused
+        for _ in range(100):  # bob's short heists of the test before end first
+            working = a2a_pb2.ListTasksRequest(status=a2a_pb2.TASK_STATE_WORKING)
+            if not (await a2a.list_tasks(working, context=bearer(token))).tasks:
+                break
+            await asyncio.sleep(0.1)
         running = []
         for _ in range(3):
             async for event in a2a.send_message(heist_request(turns=20, immediately=True), context=bearer(token)):
@@ -242,3 +248,57 @@ async def test_kill_9_mid_run_then_restart_leaves_the_session_resumable_with_no_
     turn_ids = [r[0] for r in mesh.rows("SELECT turn_id FROM messages WHERE session_id = ? ORDER BY id", task_id)]
     assert turn_ids == list(range(1, 13))
     assert mesh.rows("SELECT status FROM sessions WHERE session_id = ?", task_id) == [("completed",)]
+
+
+async def orchestrator(*args: str, timeout_s: float = 120) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(Path(".venv/bin/orchestrator").resolve()), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_run_via_the_service_prints_the_turns_and_summary_of_an_in_process_run(
+    config: HeistConfig, address: str, mesh: ProcessMesh
+) -> None:
+    via = ["run", "--turns", "4", "--seed", "3", "--config", str(config.config_path)]
+    code, out, err = await orchestrator(*via, "--via", address, "--client", "alice")
+    assert code == 0, err
+    local_code, local, local_err = await orchestrator(*via)
+    assert local_code == 0, local_err
+    turn_lines = [line for line in out.splitlines() if line.startswith("[turn ")]
+    assert [line.split(")")[0] for line in turn_lines] == [
+        line.split(")")[0] for line in local.splitlines() if line.startswith("[turn ")
+    ]
+    assert len(turn_lines) == 4 and "    tool " in out
+    session_id = out.split("Session:")[1].split()[0]
+    assert "(completed)" in out and "Tool calls:" in out and "Audit DB:" in out
+    assert mesh.rows("SELECT client_id, num_turns FROM sessions WHERE session_id = ?", session_id) == [("alice", 4)]
+
+    code, _, err = await orchestrator(
+        "run", "--turns", "25", "--config", str(config.config_path), "--via", address, "--client", "alice"
+    )
+    assert code == 2 and "INVALID_ARGUMENT" in err and "'turns' must be 1..20" in err and "Traceback" not in err
+
+
+async def test_watch_follows_from_the_service_and_from_the_audit(
+    config: HeistConfig, address: str, mesh: ProcessMesh
+) -> None:
+    token = oauth_token(config, "alice")
+    async with client(config, address, streaming=False) as a2a:
+        async for event in a2a.send_message(heist_request(turns=20, immediately=True), context=bearer(token)):
+            task_id = event.task.id
+    code, out, err = await orchestrator(
+        "watch", task_id, "--json", "--via", address, "--client", "alice", "--config", str(config.config_path)
+    )
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["turn"] for line in lines[:-1]] == list(range(1, 21))
+    assert lines[-1]["type"] == "end" and lines[-1]["source"] == "service"
+    # bob does not own it: the service says NOT_FOUND, and the audit (read locally) has it all
+    code, out, err = await orchestrator("watch", task_id, "--via", address, "--client", "bob",
+                                        "--config", str(config.config_path))  # fmt: skip
+    assert code == 0, err
+    assert out.count("[turn ") == 20 and "completed" in out and "(from the audit)" in out

@@ -414,16 +414,15 @@ def _run_via(config: HeistConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import servers.orchestrator
-    from servers.runtime import lifecycle
-
+    """Become ``python -m servers.orchestrator`` (the service's process, as ``make serve`` starts it)."""
     config_path = args.config or Path(os.environ.get("HEIST_CONFIG", "config/heist.yaml"))
-    argv = ["--config", str(config_path)]
+    argv = [sys.executable, "-m", "servers.orchestrator", "--config", str(config_path)]
     for flag, value in (("--address", args.address), ("--metrics-address", args.metrics_address),
                         ("--grace", args.grace)):  # fmt: skip
         if value is not None:
             argv += [flag, str(value)]
-    return lifecycle.main(servers.orchestrator.__spec__, argv)
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:

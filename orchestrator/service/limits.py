@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
-from servers.runtime.lifecycle import Limits
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class ServiceLimits(Limits):
+class ServiceLimits(BaseModel):
     """Bounds on what callers of ``orchestrator serve`` may start (beyond: RESOURCE_EXHAUSTED, INVALID_ARGUMENT)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # as every service's limits (servers.runtime.lifecycle)
 
     max_sessions: int = Field(
         default=256, ge=1, le=100_000, description="Heists running at once in the service, all clients together."

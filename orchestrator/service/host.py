@@ -147,6 +147,8 @@ class SessionHost:
     async def open(self) -> None:
         """Open the shared resources; mark the sessions a killed predecessor was running resumable."""
         self._resources = await SessionResources.open(self.config)
+        # Load the model's SDK now (most of a second), not in the first heist's first turn.
+        _ = self._resources.llm.client
         self.recovered = await self._recover()
 
     async def _recover(self) -> list[str]:

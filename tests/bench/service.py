@@ -37,6 +37,19 @@ HEIST_TIMEOUT_S = 600.0
 SAMPLE_S = 0.1
 
 
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (their own, not their children's)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of one process now, in MB (0 once it is gone)."""
     try:
@@ -70,9 +83,12 @@ class PeakRss:
         self._task.cancel()
 
 
-async def through_service(config: HeistConfig, address: str, pid: int, sessions: int, turns: int) -> dict[str, Any]:
+async def through_service(
+    config: HeistConfig, address: str, pid: int, mesh_pids: list[int], sessions: int, turns: int
+) -> dict[str, Any]:
     """``sessions`` heists at once through the service, each streamed to its end by the a2a-sdk's client."""
     token = oauth_token(config, "alice")
+    cpu_before, mesh_before, client_before = cpu_s([pid]), cpu_s(mesh_pids), time.process_time()
     states: list[str] = []
     async with a2a_client(config, address) as client:
 
@@ -92,7 +108,10 @@ async def through_service(config: HeistConfig, address: str, pid: int, sessions:
         states.append(outcome if isinstance(outcome, str) else f"{type(outcome).__name__}: {outcome}"[:200])
     failures = [state for state in states if state != "TASK_STATE_COMPLETED"]
     return {"sessions": sessions, "wall_s": round(wall, 2), "peak_rss_mb": round(rss.peak_mb, 1),
-            "failures": len(failures), "failure_kinds": sorted(set(failures))[:5]}  # fmt: skip
+            "failures": len(failures), "failure_kinds": sorted(set(failures))[:5],
+            "service_cpu_s": round(cpu_s([pid]) - cpu_before, 1),
+            "mesh_cpu_s": round(cpu_s(mesh_pids) - mesh_before, 1),
+            "client_cpu_s": round(time.process_time() - client_before, 1)}  # fmt: skip
 
 
 async def as_processes(config_path: Path, out_dir: Path, processes: int, turns: int) -> dict[str, Any]:
@@ -114,18 +133,35 @@ async def as_processes(config_path: Path, out_dir: Path, processes: int, turns: 
             "failures": len(failed), "failure_kinds": sorted({str(f) for f in failed})[:5]}  # fmt: skip
 
 
-def service_bench(work: Path, sizes: list[int], processes: int, turns: int, delay_ms: int) -> dict[str, Any]:
+def floor(row: dict[str, Any], llm: HttpLLM, heists: int, delay_ms: int) -> None:
+    """Add the batch's floor: a heist's completions one after another, each ``delay_ms`` (nothing can be faster).
+
+    Why beside the ideal: the crew asks more than one completion in some turns (a
+    resample when a reply repeats an earlier one, which this endpoint's short
+    replies do), so the floor is above turns x latency.
+    """
+    completions = int(llm.stats()["completions"])
+    row["completions_per_heist"] = round(completions / heists, 2)
+    floor_s = completions / heists * delay_ms / 1000.0
+    row["floor_s"] = round(floor_s, 2)
+    row["of_floor"] = round(row["wall_s"] / floor_s, 2) if floor_s else None
+
+
+def service_bench(
+    work: Path, sizes: list[int], processes: int, turns: int, delay_ms: int, export: bool = True
+) -> dict[str, Any]:
     """Run both ways against one mesh; results with their ideal and ratio."""
     ideal_s = turns * delay_ms / 1000.0
-    results: dict[str, Any] = {"turns": turns, "llm_delay_ms": delay_ms, "ideal_s": ideal_s, "service": [],
-                               "processes": None}  # fmt: skip
+    results: dict[str, Any] = {"turns": turns, "llm_delay_ms": delay_ms, "ideal_s": ideal_s, "export": export,
+                               "service": [], "processes": None, "loadavg_start": os.getloadavg()}  # fmt: skip
     most = max([*sizes, processes, 1])
     with HttpLLM(delay_ms=delay_ms) as llm:
         mesh = ProcessMesh(
             work, llm_base_url=llm.base_url, start_timeout_s=60.0,
             llm={"base_url": llm.base_url, "timeout_s": 60, "max_retries": 0, **STYLES["transcript"]},
             session={"max_turns": turns},
-            limits={"orchestrator": {"max_sessions": 2 * most, "max_sessions_per_client": 2 * most}},
+            limits={"orchestrator": {"max_sessions": 2 * most, "max_sessions_per_client": 2 * most,
+                                     "export": export}},
             server_bounds={"max_concurrent_rpcs": 8 * most, "max_connections": 8 * most},
             resilience={"health_timeout_s": 10.0, "grpc_retry": {"max_attempts": 2},
                         "circuit_breaker": {"failure_threshold": 50, "reset_timeout_s": 1.0}},
@@ -135,16 +171,24 @@ def service_bench(work: Path, sizes: list[int], processes: int, turns: int, dela
             mesh.start()
             mesh.start("orchestrator")
             pid = mesh.servers["orchestrator"].pid
+            others = [server.pid for server in mesh.all_servers() if server.process is not None and server.pid != pid]
+            assert llm.process is not None
+            others.append(llm.process.pid)
             for size in sizes:
                 print(f"  {size} heists through orchestrator serve ...", flush=True)
-                row = asyncio.run(through_service(mesh.config, mesh.address("orchestrator"), pid, size, turns))
+                address = mesh.address("orchestrator")
+                llm.reset()
+                row = asyncio.run(through_service(mesh.config, address, pid, others, size, turns))
                 row["of_ideal"] = round(row["wall_s"] / ideal_s, 2)
+                floor(row, llm, size, delay_ms)
                 results["service"].append(row)
                 print(f"    {row}", flush=True)
             if processes:
                 print(f"  {processes} orchestrator run processes ...", flush=True)
+                llm.reset()
                 row = asyncio.run(as_processes(mesh.config_path, work / "sessions", processes, turns))
                 row["of_ideal"] = round(row["wall_s"] / ideal_s, 2)
+                floor(row, llm, processes, delay_ms)
                 results["processes"] = row
                 print(f"    {row}", flush=True)
         finally:
@@ -160,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=64, help="orchestrator run processes at once (0: none)")
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--delay-ms", type=int, default=1000, help="the model endpoint's latency per completion")
+    parser.add_argument("--no-export", action="store_true", help="the service writes no session files")
     parser.add_argument("--out", type=Path, default=Path("var/bench/service.json"))
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
@@ -169,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="heist-bench-service-") as tmp:
-        results = service_bench(Path(tmp), sizes, args.processes, args.turns, args.delay_ms)
+        results = service_bench(Path(tmp), sizes, args.processes, args.turns, args.delay_ms, not args.no_export)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

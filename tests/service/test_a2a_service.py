@@ -302,3 +302,26 @@ async def test_watch_follows_from_the_service_and_from_the_audit(
                                         "--config", str(config.config_path))  # fmt: skip
     assert code == 0, err
     assert out.count("[turn ") == 20 and "completed" in out and "(from the audit)" in out
+
+
+async def test_orchestrator_serve_is_the_service_and_stops_on_sigterm(config: HeistConfig) -> None:
+    from tests.support.ports import free_port
+    from tests.support.processes import health_status
+
+    address = f"127.0.0.1:{free_port()}"
+    process = await asyncio.create_subprocess_exec(
+        str(Path(".venv/bin/orchestrator").resolve()), "serve", "--config", str(config.config_path),
+        "--address", address, "--metrics-address", "127.0.0.1:0",  # the module's service has the configured one
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        for _ in range(300):
+            if health_status(config, "orchestrator", address) == "SERVING":
+                break
+            await asyncio.sleep(0.1)
+        assert health_status(config, "orchestrator", address, grpc_service="lf.a2a.v1.A2AService") == "SERVING"
+    finally:
+        process.terminate()
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, output.decode()
+    assert "stopped" in output.decode()

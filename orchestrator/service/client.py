@@ -25,7 +25,7 @@ from heist_common import tls
 from heist_common.config import ORCHESTRATOR_SERVICE, HeistConfig
 from heist_common.contract import READ_SCOPE, RUN_SCOPE
 from orchestrator.audit import AuditStore, EventRow, SessionStatus, ToolUsageRow, UnknownSessionError
-from orchestrator.mesh.clients import ServiceClients
+from orchestrator.mesh.clients import ServiceCallError, ServiceClients
 from orchestrator.service.tasks import TERMINAL, message_fields
 from orchestrator.session.runner import SessionResult, UnusableService
 from orchestrator.turn.turn import Turn
@@ -102,9 +102,12 @@ def _result(session_id: str, summary: dict[str, Any], turns: list[Turn]) -> Sess
 
 
 async def _token(config: HeistConfig, client_id: str, scopes: list[str]) -> str:
+    """A token from the mesh's OAuthService; ServiceError (one line) if it cannot be had."""
     clients = ServiceClients(config)
     try:
         return await clients.tokens.token(client_id, scopes, ())
+    except ServiceCallError as exc:
+        raise ServiceError(f"no token for client {client_id!r}: {exc}", None) from None
     finally:
         await clients.close()
 

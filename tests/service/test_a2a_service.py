@@ -281,6 +281,10 @@ async def test_run_via_the_service_prints_the_turns_and_summary_of_an_in_process
         "run", "--turns", "25", "--config", str(config.config_path), "--via", address, "--client", "alice"
     )
     assert code == 2 and "INVALID_ARGUMENT" in err and "'turns' must be 1..20" in err and "Traceback" not in err
+    code, _, err = await orchestrator(
+        "run", "--config", str(config.config_path), "--via", address, "--client", "nobody"
+    )
+    assert code == 1 and "no token for client 'nobody'" in err and "Traceback" not in err
 
 
 async def test_watch_follows_from_the_service_and_from_the_audit(

@@ -102,7 +102,7 @@ def _result(session_id: str, summary: dict[str, Any], turns: list[Turn]) -> Sess
 
 
 async def _token(config: HeistConfig, client_id: str, scopes: list[str]) -> str:
-    """A token from the mesh's OAuthService; ServiceError (one line) if it cannot be had."""
+    """Get a token from the mesh's OAuthService; ServiceError (one line) if it cannot be had."""
     clients = ServiceClients(config)
     try:
         return await clients.tokens.token(client_id, scopes, ())

@@ -50,6 +50,11 @@ TARGETS = {
     "store_memory_rps": 3000.0,
     "evaluate_rps": 3000.0,
     "llm_mesh_cost_pct": 5.0,
+    # issue 24: heists through orchestrator serve, wall time over the ideal (turns x latency), the service's memory
+    "service_64_of_ideal": 1.25,
+    "service_256_of_ideal": 1.5,
+    "service_256_peak_rss_mb": 400.0,
+    "service_failures": 0.0,
 }
 MEMORY_SCOPES = "memory:read memory:write memory:admin"
 """The load generators use many sessions with one token: the admin scope may touch any session."""
@@ -326,6 +331,16 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
         verdicts["evaluate_rps"] = _target(
             results["throughput"]["evaluate"]["rps"], TARGETS["evaluate_rps"], at_most=False
         )
+    if "service" in results:
+        rows = {row["sessions"]: row for row in results["service"]["service"]}
+        for size in (64, 256):
+            if size in rows:
+                key = f"service_{size}_of_ideal"
+                verdicts[key] = _target(rows[size]["of_ideal"], TARGETS[key])
+        if 256 in rows:
+            verdicts["service_256_peak_rss_mb"] = _target(rows[256]["peak_rss_mb"], TARGETS["service_256_peak_rss_mb"])
+        failures = sum(row["failures"] for row in rows.values())
+        verdicts["service_failures"] = _target(failures, TARGETS["service_failures"])
     if "embedded_llm" in results:
         llm = results["embedded_llm"]
         verdicts["llm_mesh_cost_pct"] = _target(llm["mesh_cost_pct"], TARGETS["llm_mesh_cost_pct"])

@@ -155,6 +155,7 @@ def service_bench(
     results: dict[str, Any] = {"turns": turns, "llm_delay_ms": delay_ms, "ideal_s": ideal_s, "export": export,
                                "service": [], "processes": None, "loadavg_start": os.getloadavg()}  # fmt: skip
     most = max([*sizes, processes, 1])
+    work.mkdir(parents=True, exist_ok=True)
     with HttpLLM(delay_ms=delay_ms) as llm:
         mesh = ProcessMesh(
             work, llm_base_url=llm.base_url, start_timeout_s=60.0,

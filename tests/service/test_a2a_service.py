@@ -329,3 +329,23 @@ async def test_orchestrator_serve_is_the_service_and_stops_on_sigterm(config: He
         output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, output.decode()
     assert "stopped" in output.decode()
+
+
+async def test_stopping_the_service_interrupts_its_heists_resumably(
+    config: HeistConfig, address: str, mesh: ProcessMesh
+) -> None:
+    token = oauth_token(config, "alice")
+    async with client(config, address, streaming=False) as a2a:
+        async for event in a2a.send_message(heist_request(turns=20, immediately=True), context=bearer(token)):
+            task_id = event.task.id
+    for _ in range(200):
+        if mesh.rows("SELECT num_turns FROM sessions WHERE session_id = ?", task_id)[0][0] >= 1:
+            break
+        await asyncio.sleep(0.05)
+    server = mesh.servers["orchestrator"]
+    server.stop()  # SIGTERM: drain, then the running heists end
+    try:
+        [(status, error)] = mesh.rows("SELECT status, error FROM sessions WHERE session_id = ?", task_id)
+        assert status == "interrupted" and error == "interrupted"
+    finally:
+        server.start()

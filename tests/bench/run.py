@@ -150,9 +150,9 @@ def sizes_for(smoke: bool) -> dict[str, int]:
         "http_parallel_turns": 2 if smoke else 15,
         "http_parallel_delay_ms": 200,
         # issue 24: heists of 8 turns against a 1 s model, 64 and 256 at once through the service, 64 processes
-        "service_sessions": 4 if smoke else 64,
+        "service_sessions": 2 if smoke else 64,
         "service_sessions_large": 0 if smoke else 256,
-        "service_processes": 2 if smoke else 64,
+        "service_processes": 1 if smoke else 64,
         "service_turns": 2 if smoke else 8,
         "service_delay_ms": 100 if smoke else 1000,
         "llm_turns": 1 if smoke else 10,

@@ -702,7 +702,10 @@ STATEFUL_SERVICES = ("memory",)
 """Services whose state lives in the process unless ``store`` moves it out (then they may have replicas)."""
 
 REQUIRED_SERVICES = ("oauth", "memory")
-"""The mesh's own services; every other entry of ``services`` is a tool service."""
+"""The mesh's own services; every other entry of ``services`` but ``orchestrator`` is a tool service."""
+
+ORCHESTRATOR_SERVICE = "orchestrator"
+"""``orchestrator serve``: heists as A2A tasks (``orchestrator.service``); the crew never calls it."""
 
 
 class HeistConfig(Section):
@@ -710,8 +713,9 @@ class HeistConfig(Section):
 
     mesh: MeshConfig = Field(default=MeshConfig(), description="The run folder and the drain grace period.")
     services: dict[NonEmpty, ServiceConfig] = Field(
-        description="Every gRPC service by name: `oauth` and `memory`, and each tool service. A service `<name>` "
-        "has its contract in `protos/heist/<name>/v1/<name>.proto` and its servicer in `servers.<name>`."
+        description="Every gRPC service by name: `oauth` and `memory`, each tool service, and optionally "
+        "`orchestrator` (`orchestrator serve`, A2A's gRPC binding). A service `<name>` has its contract in "
+        "`protos/heist/<name>/v1/<name>.proto` (the orchestrator's is A2A's) and its servicer in `servers.<name>`."
     )
     oauth: OAuthConfig = Field(default=OAuthConfig(), description="Token issuer identity and the registered clients.")
     agents: tuple[AgentConfig, ...] = Field(min_length=1, description="The crew, at least one agent.")
@@ -761,7 +765,7 @@ class HeistConfig(Section):
             raise ValueError(f"agents: duplicate agent names: {', '.join(duplicates)}")
         for index, agent in enumerate(self.agents):
             for tool in agent.tools:
-                if tool not in self.services or tool in REQUIRED_SERVICES:
+                if tool not in self.tool_names:
                     known = ", ".join(self.tool_names) or "none"
                     raise ValueError(f"agents[{index}].tools: unknown tool {tool!r} (tool services: {known})")
             if agent.tools and agent.oauth_client not in self.oauth.clients:
@@ -796,8 +800,13 @@ class HeistConfig(Section):
 
     @property
     def tool_names(self) -> tuple[str, ...]:
-        """Services an agent may use as tools: every service but the mesh's own."""
-        return tuple(name for name in self.services if name not in REQUIRED_SERVICES)
+        """Services an agent may use as tools: every service but the mesh's own and the orchestrator's."""
+        return tuple(name for name in self.crew_services if name not in REQUIRED_SERVICES)
+
+    @property
+    def crew_services(self) -> tuple[str, ...]:
+        """Services a session calls (and health-checks): every one but the orchestrator service itself."""
+        return tuple(name for name in self.services if name != ORCHESTRATOR_SERVICE)
 
     @property
     def turn_order(self) -> tuple[str, ...]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import importlib
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -110,6 +110,14 @@ class ServiceContract:
     """The ``*_pb2`` module."""
     grpc: ModuleType
     """The ``*_pb2_grpc`` module."""
+    method_scopes: Mapping[str, str] | None = field(default=None, compare=False)
+    """Scope per method name for a contract we do not write (A2A's); None: read from the proto options."""
+
+    def scope_of(self, method: MethodDescriptor) -> str | None:
+        """Return the OAuth scope ``method`` requires (None: no token needed)."""
+        if self.method_scopes is not None:
+            return self.method_scopes.get(method.name)
+        return required_scope(method)
 
     @property
     def full_name(self) -> str:
@@ -141,17 +149,51 @@ class ServiceContract:
 
     def scopes_by_method_path(self) -> dict[str, str | None]:
         """Map every method path to the scope it requires (None: no token needed)."""
-        return {self.method_path(method): required_scope(method) for method in self.descriptor.methods}
+        return {self.method_path(method): self.scope_of(method) for method in self.descriptor.methods}
 
     @property
     def scopes(self) -> tuple[str, ...]:
         """Every scope some method of this service requires."""
-        return tuple(sorted({scope for method in self.descriptor.methods if (scope := required_scope(method))}))
+        return tuple(sorted({scope for method in self.descriptor.methods if (scope := self.scope_of(method))}))
+
+
+ORCHESTRATOR_CONTRACT = "orchestrator"
+"""The one service whose contract is not ours: ``orchestrator serve`` speaks A2A's gRPC binding (``a2a-sdk``)."""
+RUN_SCOPE = "heist:run"
+"""Start and cancel heists on the orchestrator service."""
+READ_SCOPE = "heist:read"
+"""Read, list and follow the caller's own heists (and the crew's agent card)."""
+A2A_SCOPES: Mapping[str, str] = {
+    "SendMessage": RUN_SCOPE,
+    "SendStreamingMessage": RUN_SCOPE,
+    "CancelTask": RUN_SCOPE,
+    "GetTask": READ_SCOPE,
+    "ListTasks": READ_SCOPE,
+    "SubscribeToTask": READ_SCOPE,
+    "GetExtendedAgentCard": READ_SCOPE,
+    "CreateTaskPushNotificationConfig": RUN_SCOPE,
+    "GetTaskPushNotificationConfig": READ_SCOPE,
+    "ListTaskPushNotificationConfigs": READ_SCOPE,
+    "DeleteTaskPushNotificationConfig": RUN_SCOPE,
+}
+"""The scope of each ``lf.a2a.v1.A2AService`` method (a method missing here would need no token: none is)."""
+
+
+def _a2a_contract() -> ServiceContract:
+    messages = importlib.import_module("a2a.types.a2a_pb2")
+    stubs = importlib.import_module("a2a.types.a2a_pb2_grpc")
+    descriptor = messages.DESCRIPTOR.services_by_name["A2AService"]
+    unscoped = [method.name for method in descriptor.methods if method.name not in A2A_SCOPES]
+    if unscoped:
+        raise ContractError(f"service 'orchestrator': A2A methods without a scope: {', '.join(unscoped)}")
+    return ServiceContract(ORCHESTRATOR_CONTRACT, descriptor, messages, stubs, A2A_SCOPES)
 
 
 @functools.cache
 def contract_of(name: str) -> ServiceContract:
     """Load the contract of the service called ``name`` by the convention above; ContractError if absent."""
+    if name == ORCHESTRATOR_CONTRACT:
+        return _a2a_contract()
     package = f"heist.{name}.v1"
     try:
         messages = importlib.import_module(f"{package}.{name}_pb2")

@@ -56,15 +56,20 @@ def issue_certificate(
     server_names: Sequence[str] = (),
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
+    client: bool = False,
 ) -> tuple[bytes, bytes]:
     """Sign a leaf certificate; a server one when ``server_names`` (its SANs) is given, else a client one.
+
+    ``client`` makes a server certificate a client one too (the orchestrator serves A2A and calls the mesh).
 
     Returns (certificate PEM, key PEM). Tests use the validity bounds to make expired certificates.
     """
     key = _new_key()
     now = datetime.datetime.now(datetime.UTC)
     start = not_before or now - datetime.timedelta(minutes=5)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server_names else []
+    if client or not server_names:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -74,7 +79,7 @@ def issue_certificate(
         .not_valid_before(start)
         .not_valid_after(not_after or now + LEAF_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     if server_names:
         builder = builder.add_extension(_san(server_names), critical=False)
@@ -164,14 +169,16 @@ def ensure_dev_pki(config: HeistConfig) -> Path:
                 stale.unlink()
     ca_cert, ca_key = load_ca(config)
     leaves: dict[str, list[str]] = {name: server_names(name) for name in config.services}
-    leaves.update({name: [] for name in CLIENT_IDENTITIES})
+    # A client identity that is also a service (the orchestrator) keeps its server name: one certificate for both.
+    leaves.update({name: [] for name in CLIENT_IDENTITIES if name not in leaves})
     if config.mcp_gateway is not None:
         leaves[GATEWAY_HTTPS_IDENTITY] = [*server_names("mcp_gateway"), config.mcp_gateway.host]
     for name, names in leaves.items():
         cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
         if cert_path.exists() and key_path.exists() and (not names or _names_exactly(cert_path, names)):
             continue
-        cert_pem, key_pem = issue_certificate(ca_cert, ca_key, name, server_names=names)
+        client = name in CLIENT_IDENTITIES
+        cert_pem, key_pem = issue_certificate(ca_cert, ca_key, name, server_names=names, client=client)
         write_private(key_path, key_pem)
         write_private(cert_path, cert_pem)
     return folder

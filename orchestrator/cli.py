@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never ask y/n on this terminal: calls that need approval wait for 'orchestrator approve'/'deny'",
     )
+    run.add_argument(
+        "--via", metavar="ADDRESS", default=None, help="run it on the orchestrator service at ADDRESS (docs/service.md)"
+    )
+    run.add_argument("--client", default="grpcurl", help="with --via: OAuth client to start it as (default: grpcurl)")
 
     health = commands.add_parser("health", help="health table of every service", description="Check every service.")
     health.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
@@ -144,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
     _add_resume_parser(commands)
     _add_approval_parsers(commands)
+    _add_service_parsers(commands)
 
     report = commands.add_parser(
         "report",
@@ -215,6 +220,31 @@ def _add_approval_parsers(commands: argparse._SubParsersAction[_Parser]) -> None
         )
         decide.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
         decide.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+
+
+def _add_service_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="host heists as A2A tasks over gRPC",
+        description="Run the orchestrator service: many heists in one process, started, streamed, listed and "
+        "cancelled over A2A's gRPC binding (services.orchestrator; docs/service.md). Stops on SIGTERM or Ctrl-C.",
+    )
+    serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    serve.add_argument("--address", default=None, help="HOST:PORT to listen on (default: services.orchestrator)")
+    serve.add_argument("--metrics-address", default=None, help="HOST:PORT for Prometheus metrics")
+    serve.add_argument("--grace", type=float, default=None, help="seconds in-flight calls get on shutdown")
+    watch = commands.add_parser(
+        "watch",
+        help="follow a running session live",
+        description="Print a session's turns as they happen: streamed by the orchestrator service when it runs "
+        "the session, else read from the audit database as they are committed. Ends when the session does.",
+    )
+    watch.add_argument("session_id", metavar="SESSION")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line (each turn, then the end)")
+    watch.add_argument("--via", metavar="ADDRESS", default=None, help="the service (default: services.orchestrator)")
+    watch.add_argument("--client", default="grpcurl", help="OAuth client that started it (default: grpcurl)")
+    watch.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    watch.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
 
 
 def _seed(text: str) -> int:
@@ -450,6 +480,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     allowed = config.session.max_turns_allowed
     if args.turns is not None and not 1 <= args.turns <= allowed:
         raise CommandError(f"--turns must be 1 to {allowed} (session.max_turns_allowed)", ExitCode.USAGE)
+    if args.via is not None:
+        return _run_via(config, args)
     if args.out is not None:
         _check_writable(args.out)
     session_id = args.session_id or new_session_id()  # known here: every JSON line carries it
@@ -487,6 +519,101 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_summary(result)
     return result.exit_code
+
+
+def _service_error(exc: Exception) -> CommandError:
+    """Turn a refusal of the orchestrator service into a CLI error: a bad request is a usage error, the rest fail."""
+    import grpc
+
+    code = getattr(exc, "code", None)
+    exit_code = ExitCode.USAGE if code == grpc.StatusCode.INVALID_ARGUMENT else ExitCode.FAILED
+    return CommandError(printable(str(exc)), exit_code)
+
+
+def _run_via(config: HeistConfig, args: argparse.Namespace) -> int:
+    """``run --via``: the heist runs on the service; the same lines and summary as in-process."""
+    import asyncio
+
+    from orchestrator.service.client import ServiceError, submit
+
+    refused = [flag for flag, value in (("--session-id", args.session_id), ("--out", args.out),
+               ("--require-healthy", args.require_healthy), ("--llm-base-url", args.llm_base_url),
+               ("--model", args.model)) if value]  # fmt: skip
+    if refused:
+        raise CommandError(f"{', '.join(refused)}: not with --via (the service's config decides)", ExitCode.USAGE)
+    try:
+        with _sigterm_interrupts(), _credentials_checked():
+            result = asyncio.run(
+                submit(config, args.via, args.client, objective="", turns=args.turns, seed=args.seed,
+                       on_turn=print_turn)
+            )  # fmt: skip
+    except ServiceError as exc:
+        raise _service_error(exc) from None
+    _print_summary(result)
+    return result.exit_code
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Become ``python -m servers.orchestrator`` (the service's process, as ``make serve`` starts it)."""
+    config_path = args.config or Path(os.environ.get("HEIST_CONFIG", "config/heist.yaml"))
+    argv = [sys.executable, "-m", "servers.orchestrator", "--config", str(config_path)]
+    for flag, value in (("--address", args.address), ("--metrics-address", args.metrics_address),
+                        ("--grace", args.grace)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from heist_common.audit import AuditError, UnknownSessionError
+    from heist_common.config import redact_urls
+    from orchestrator.service.client import ServiceError, follow_audit, follow_service, service_address
+
+    config = _load(args)
+
+    def show(turn: Turn) -> None:
+        if args.json:
+            tools = [{"tool": row.tool_name, "operation": row.operation, "arguments": row.tool_params,
+                      "success": row.success, "code": row.status_code} for row in turn.tool_usage]  # fmt: skip
+            line = {"type": "turn", "turn": turn.turn_id, "agent": turn.agent_name, "role": turn.agent_role,
+                    "status": turn.status, "text": turn.message, "tools": tools}  # fmt: skip
+            print(json.dumps(line), flush=True)
+        else:
+            print_turn(turn)
+            sys.stdout.flush()
+
+    def end(source: str, outcome: str) -> None:
+        if args.json:
+            print(json.dumps({"type": "end", "source": source, "session": args.session_id, "outcome": outcome}))
+        else:
+            print(printable(f"\nSession {args.session_id}: {outcome} (from the {source})"))
+
+    address = service_address(config, args.via)
+    with _sigterm_interrupts(), _credentials_checked():
+        if address is not None:
+            try:
+                outcome = asyncio.run(follow_service(config, address, args.client, args.session_id, show))
+            except ServiceError:
+                pass  # not running there (or no service answers): the audit has every committed turn
+            else:
+                end("service", outcome)
+                return ExitCode.OK
+        store = _open_store(config, create=False)
+        try:
+            stale = config.session.stale_after_s
+            outcome = asyncio.run(follow_audit(store, args.session_id, show, stale_after_s=stale))
+        except UnknownSessionError:
+            raise _unknown_session(args.session_id) from None
+        except AuditError as exc:
+            raise CommandError(redact_urls(str(exc)), ExitCode.DATABASE) from None
+        finally:
+            store.close()
+    end("audit", outcome)
+    return ExitCode.OK
 
 
 def _print_resume(point: ResumePoint) -> None:
@@ -856,6 +983,8 @@ COMMANDS = {
     "approvals": _cmd_approvals,
     "approve": _cmd_decide,
     "deny": _cmd_decide,
+    "serve": _cmd_serve,
+    "watch": _cmd_watch,
 }
 
 

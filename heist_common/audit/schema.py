@@ -27,6 +27,8 @@ class SessionStatus:
     """Not a heist: the MCP gateway's log of one OAuth client's tool calls (``servers.mcp_gateway``), never resumed."""
     AWAITING_APPROVAL = "awaiting_approval"
     """Running, and a tool call waits for a person's approval (``orchestrator approvals``); like ``active`` else."""
+    CANCELLED = "cancelled"
+    """Stopped on request (A2A CancelTask on ``orchestrator serve``); not resumable."""
 
 
 RUNNING_STATUSES = frozenset({SessionStatus.ACTIVE, SessionStatus.AWAITING_APPROVAL})
@@ -82,6 +84,8 @@ class SessionRecord(_BaseModel):
     pid = peewee.IntegerField(null=True)  # the orchestrator process that owns the session; its writes are fenced on it
     host = peewee.TextField(null=True)  # ... and the machine it runs on
     heartbeat_at = peewee.TextField(null=True)  # last sign of life: start, each committed turn, a resume
+    # The OAuth client that started it through `orchestrator serve` (NULL: the CLI); only it sees the task.
+    client_id = peewee.TextField(null=True)
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "sessions"

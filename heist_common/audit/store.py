@@ -169,9 +169,19 @@ class AuditStore:
         return await self._in_writer(work, "run a statement")
 
     async def create_session(
-        self, session_id: str, *, strategy: str, seed: int | None, model: str, turns_planned: int | None = None
+        self,
+        session_id: str,
+        *,
+        strategy: str,
+        seed: int | None,
+        model: str,
+        turns_planned: int | None = None,
+        client_id: str | None = None,
     ) -> None:
-        """Insert the session as ``active``, owned by this process (a reused ID is an error, not a merge)."""
+        """Insert the session as ``active``, owned by this process (a reused ID is an error, not a merge).
+
+        ``client_id``: the OAuth client that started it through ``orchestrator serve`` (its tenant).
+        """
 
         def work() -> None:
             with self.database.atomic():
@@ -187,6 +197,7 @@ class AuditStore:
                     pid=self.pid,
                     host=self.host,
                     heartbeat_at=started,
+                    client_id=client_id,
                 )
 
         await self._in_writer(work, f"create session {session_id}")
@@ -604,6 +615,23 @@ class AuditStore:
             with self.database.connection_context():
                 query = SessionRecord.select().order_by(SessionRecord.start_time.desc()).dicts()
                 return cast("list[dict[str, Any]]", list(query))
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read sessions from {self.location}: {one_line(exc)}") from None
+
+    def read_client_sessions(
+        self, client_id: str, *, limit: int, offset: int = 0, statuses: Sequence[str] = ()
+    ) -> tuple[list[dict[str, Any]], int]:
+        """One page of the sessions ``client_id`` started through the service, newest first, and how many in all."""
+        try:
+            with self.database.connection_context():
+                condition = SessionRecord.client_id == client_id
+                if statuses:
+                    condition &= SessionRecord.status.in_(list(statuses))
+                query = SessionRecord.select().where(condition)
+                total = int(query.count())
+                page = query.order_by(SessionRecord.start_time.desc(), SessionRecord.session_id.desc())
+                rows = cast("list[dict[str, Any]]", list(page.limit(limit).offset(offset).dicts()))
+                return rows, total
         except _DB_ERRORS as exc:
             raise AuditError(f"cannot read sessions from {self.location}: {one_line(exc)}") from None
 

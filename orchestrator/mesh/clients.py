@@ -461,11 +461,12 @@ class ServiceClients:
         self.config = config
         self.tracer = tracer
         """Where turns start their spans (None: tracing off; see ``orchestrator.tracing``)."""
-        catalogue = Catalogue(config.services)
+        catalogue = Catalogue(config.crew_services)
         self.registry = registry or ToolRegistry.for_services(config.tool_names)
         breaker_config = config.resilience.circuit_breaker
         self.services: dict[str, GuardedService] = {}
-        for name, settings in config.services.items():
+        for name in config.crew_services:
+            settings = config.services[name]
             full_name = catalogue[name].full_name
             # One address: gRPC's default pick_first, which redials a restarted server on the next call.
             # Several: round_robin over the replicas that report SERVING (see retry_service_config).

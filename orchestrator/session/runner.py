@@ -19,6 +19,7 @@ is recorded, with ``sessions.error`` starting ``budget:`` and an ``events`` row
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 from collections import Counter
@@ -53,11 +54,13 @@ __all__ = [
     "BUDGET",
     "BudgetExceeded",
     "RunOptions",
+    "SessionResources",
     "SessionResult",
     "SessionRunner",
     "UnusableService",
     "new_session_id",
     "resume_session",
+    "resumed_config",
     "run_session",
     "unusable_services",
 ]
@@ -235,8 +238,13 @@ class SessionRunner:
         on_progress: TurnProgress | None = None,
         resume: ResumePoint | None = None,
         approval_hooks: ApprovalHooks | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.config = config
+        self.client_id = client_id
+        """The OAuth client that started the session through ``orchestrator serve`` (None: the CLI)."""
+        self._cancel_reason: str | None = None
+        self._recorded = False
         self.options = options or RunOptions()
         self.resume_point = resume
         """Set when continuing a session from the audit (``resume_session``); it is already claimed."""
@@ -255,8 +263,34 @@ class SessionRunner:
         self._on_health = on_health
         self._on_turn = on_turn
 
+    def cancel(self, reason: str) -> None:
+        """Make the cancellation that follows end the session ``cancelled`` (audited with ``reason``), not interrupted.
+
+        The caller then cancels the task running ``run``: the current turn stops
+        where it is, like a Ctrl-C, and no turn is half-written.
+        """
+        self._cancel_reason = reason
+
+    async def record(self) -> None:
+        """Create the session's row (once; a resumed session has its own already): AuditError if it cannot.
+
+        ``run`` does it after the health checks; a service calls it first, so a
+        task it has announced is in the audit.
+        """
+        if self.resume_point is not None or self._recorded:
+            return
+        await self.context.audit.create_session(
+            self.session_id,
+            strategy=self.config.session.strategy,
+            seed=self.seed,
+            model=self.config.llm.model,
+            turns_planned=self.turns,
+            client_id=self.client_id,
+        )
+        self._recorded = True
+
     async def run(self) -> SessionResult:
-        """Play the session; a Ctrl-C (cancellation) marks it interrupted and re-raises."""
+        """Play the session; a Ctrl-C (cancellation) marks it interrupted (``cancel``: cancelled) and re-raises."""
         context = self.context
         audit = context.audit
         result = SessionResult(self.session_id, SessionStatus.ACTIVE, ExitCode.OK, database=audit.location)
@@ -264,14 +298,7 @@ class SessionRunner:
         if self._on_health is not None:
             self._on_health(result.health)
         try:
-            if self.resume_point is None:
-                await audit.create_session(
-                    self.session_id,
-                    strategy=self.config.session.strategy,
-                    seed=self.seed,
-                    model=self.config.llm.model,
-                    turns_planned=self.turns,
-                )
+            await self.record()
             await audit.add_events(self.session_id, [health.to_event() for health in result.health])
         except AuditError as exc:
             return self._failed(result, str(exc))
@@ -292,18 +319,30 @@ class SessionRunner:
         except BudgetExceeded as exc:
             return await self._over_budget(result, exc)
         except (asyncio.CancelledError, KeyboardInterrupt):
-            await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, ExitCode.INTERRUPTED, "interrupted"))
+            await asyncio.shield(self._stopped(result))
             raise
         answered_before = self.resume_point.answered_before if self.resume_point is not None else 0
         if not answered_before and not any(turn.status == OK for turn in result.turns):
             # A session in which the model never spoke did not happen, whatever else worked.
             reason = self._llm_down("no turn was answered")
             return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, reason)
-        result.unusable = unusable_services(result.turns, list(self.config.services))
+        result.unusable = unusable_services(result.turns, list(self.config.crew_services))
         if result.unusable:
             reason = "; ".join(service.describe() for service in result.unusable)
             return await self._finish(result, SessionStatus.DEGRADED, ExitCode.DEGRADED, reason)
         return await self._finish(result, SessionStatus.COMPLETED, ExitCode.OK, None)
+
+    async def _stopped(self, result: SessionResult) -> None:
+        """End a session stopped mid-turn: ``cancelled`` when asked to (``cancel``), else ``interrupted``."""
+        reason = self._cancel_reason
+        if reason is None:
+            await self._finish(result, SessionStatus.INTERRUPTED, ExitCode.INTERRUPTED, "interrupted")
+            return
+        cancel = EventRow("orchestrator", "cancel", "CANCELLED", reason)
+        # If this fails, the status below still says it (or the session stays active, resumable as stale).
+        with contextlib.suppress(AuditError):
+            await self.context.audit.add_events(self.session_id, [cancel])
+        await self._finish(result, SessionStatus.CANCELLED, ExitCode.INTERRUPTED, reason)
 
     def _llm_down(self, reason: str) -> str:
         """Explain an LLM failure, pointing at the embedded model's log when we run it."""
@@ -415,7 +454,7 @@ class SessionRunner:
             return self._failed(result, f"{error}; {exc}" if error else str(exc))
         except AuditError as exc:
             return self._failed(result, self._keep_end(status, error, exc))
-        if self.options.export and status != SessionStatus.INTERRUPTED:
+        if self.options.export and status not in (SessionStatus.INTERRUPTED, SessionStatus.CANCELLED):
             out_dir = self.options.export_dir or self.config.sessions_dir
             failure: str | None = None
             try:
@@ -503,6 +542,49 @@ async def resume_session(
     )  # fmt: skip
 
 
+@dataclass
+class SessionResources:
+    """What sessions share: the audit store, the mesh's channels, the LLM client, tracing.
+
+    Why separate from running a session: ``orchestrator run`` opens them for its
+    one session, ``orchestrator serve`` once for every session it hosts (one
+    connection pool, one writer thread, one set of channels).
+    """
+
+    audit: AuditStore
+    clients: ServiceClients
+    llm: LLMClient
+    telemetry: Telemetry
+    meters: MeterProvider | None
+    """Exports the LLM token counts over OTLP, when an endpoint is configured."""
+    settled: list[str] = field(default_factory=list)
+    """Earlier sessions whose end the database had missed, recorded when the audit was opened."""
+
+    @classmethod
+    def connect(cls, config: HeistConfig, audit: AuditStore, settled: list[str] | None = None) -> SessionResources:
+        """Open the channels and the LLM client beside an open audit store (in the running event loop)."""
+        telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
+        meters = setup_metrics(ORCHESTRATOR_SERVICE_NAME)
+        clients = ServiceClients(config, tracer=telemetry.tracer)
+        llm = LLMClient(config.llm, meter=meters.get_meter("heist-mesh") if meters is not None else None)
+        return cls(audit, clients, llm, telemetry, meters, list(settled or ()))
+
+    @classmethod
+    async def open(cls, config: HeistConfig) -> SessionResources:
+        """Open the audit (recording ends it had missed), then everything else; AuditError if it cannot be opened."""
+        audit = AuditStore.open(config.database.url)
+        try:
+            settled = await settle_unrecorded(audit, unrecorded_dir(config.mesh.run_dir))
+        except BaseException:
+            await asyncio.get_running_loop().run_in_executor(None, audit.close)
+            raise
+        return cls.connect(config, audit, settled)
+
+    async def close(self) -> None:
+        """Close the channels, the LLM client and the audit (queued writes first), and export the last spans."""
+        await _close(self.clients, self.llm, self.audit, self.telemetry, self.meters)
+
+
 async def _open_and_run(
     config: HeistConfig,
     options: RunOptions | None,
@@ -528,24 +610,23 @@ async def _open_and_run(
     if point is not None:
         if on_resume is not None:
             on_resume(point)
-        config, options = _resumed(config, options, point)
-    telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
-    meters = setup_metrics(ORCHESTRATOR_SERVICE_NAME)
-    clients = ServiceClients(config, tracer=telemetry.tracer)
-    llm = LLMClient(config.llm, meter=meters.get_meter("heist-mesh") if meters is not None else None)
+        config, options = resumed_config(config, options, point)
+    resources = SessionResources.connect(config, audit, settled)
     try:
         runner = SessionRunner(
-            config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, on_progress=on_progress,
-            resume=point, approval_hooks=approval_hooks,
+            config, resources.clients, resources.llm, audit, options, on_health=on_health, on_turn=on_turn,
+            on_progress=on_progress, resume=point, approval_hooks=approval_hooks,
         )  # fmt: skip
         result = await runner.run()
         result.settled = settled
         return result
     finally:
-        await asyncio.shield(_close(clients, llm, audit, telemetry, meters))
+        await asyncio.shield(resources.close())
 
 
-def _resumed(config: HeistConfig, options: RunOptions | None, point: ResumePoint) -> tuple[HeistConfig, RunOptions]:
+def resumed_config(
+    config: HeistConfig, options: RunOptions | None, point: ResumePoint
+) -> tuple[HeistConfig, RunOptions]:
     """Give a resumed session its own strategy, seed and length, whatever the config or flags say today."""
     config = config.with_overrides(session=config.session.model_copy(update={"strategy": point.strategy}))
     given = options or RunOptions()

@@ -99,6 +99,8 @@ class ServiceDefinition:
     registered beside the gRPC series when the server has a metrics address."""
     health_probe: HealthProbe | None = None
     """What grpc.health.v1 follows beyond "the process listens" (None: SERVING while it runs)."""
+    on_start: Callable[[], Awaitable[None]] | None = None
+    """Run in the server's event loop once it is bound, before it takes calls (open what it shares)."""
 
     @property
     def contract(self) -> ServiceContract:
@@ -365,6 +367,17 @@ async def start(
         if endpoint is not None:
             await endpoint.stop()
         raise OSError(f"{definition.name}: {exc}") from None
+    if definition.on_start is not None:
+        try:
+            await definition.on_start()
+        except BaseException:
+            telemetry.shutdown()
+            await server.stop(None)
+            if endpoint is not None:
+                await endpoint.stop()
+            if health_server is not None:
+                await health_server.stop(None)
+            raise
     await server.start()
     access_log.start()
     services = ("", contract.full_name)

@@ -139,7 +139,8 @@ class Floor:
         """Replay ``bodies`` (``per_turn`` a turn) with the turn's gRPC calls; per-turn milliseconds."""
         config = self.config
         session = f"floor_{time.time_ns()}"
-        channels = {name: grpc.aio.insecure_channel(s.address) for name, s in config.services.items()}
+        # the services a session calls (not the orchestrator service, which the benchmark's turns do not use)
+        channels = {name: grpc.aio.insecure_channel(config.services[name].address) for name in config.crew_services}
         http = RawHTTP(self.base_url, config.llm.api_key)
         try:
             memory = memory_pb2_grpc.MemoryServiceStub(channels["memory"])

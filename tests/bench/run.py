@@ -35,6 +35,7 @@ from tests.bench.llm_requests import llm_requests
 from tests.bench.mcp_gateway import print_rows as print_mcp_rows
 from tests.bench.mcp_gateway import run_mcp_bench
 from tests.bench.procs import BenchMesh, machine_info
+from tests.bench.service import service_bench
 from tests.bench.startup import cli_startup, compile_project, first_turn
 from tests.bench.throughput import generator, load
 from tests.bench.turns import bench_config, parallel_sessions, percentiles, turn_overhead
@@ -51,6 +52,11 @@ TARGETS = {
     "store_memory_rps": 3000.0,
     "evaluate_rps": 3000.0,
     "llm_mesh_cost_pct": 5.0,
+    # issue 24: heists through orchestrator serve, wall time over the ideal (turns x latency), the service's memory
+    "service_64_of_ideal": 1.25,
+    "service_256_of_ideal": 1.5,
+    "service_256_peak_rss_mb": 400.0,
+    "service_failures": 0.0,
 }
 MEMORY_SCOPES = "memory:read memory:write memory:admin"
 """The load generators use many sessions with one token: the admin scope may touch any session."""
@@ -122,7 +128,7 @@ def loadavg() -> list[float]:
         return []
 
 
-SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded", "mcp")
+SECTIONS = ("real", "services", "startup", "throughput", "parallel", "service", "embedded", "mcp")
 """What a run measures; ``--only`` picks some (all by default)."""
 
 
@@ -145,6 +151,12 @@ def sizes_for(smoke: bool) -> dict[str, int]:
         "http_parallel_sessions": 64,
         "http_parallel_turns": 2 if smoke else 15,
         "http_parallel_delay_ms": 200,
+        # issue 24: heists of 8 turns against a 1 s model, 64 and 256 at once through the service, 64 processes
+        "service_sessions": 2 if smoke else 64,
+        "service_sessions_large": 0 if smoke else 256,
+        "service_processes": 1 if smoke else 64,
+        "service_turns": 2 if smoke else 8,
+        "service_delay_ms": 100 if smoke else 1000,
         "llm_turns": 1 if smoke else 10,
         "mcp_calls": 20 if smoke else 2000,
     }
@@ -202,6 +214,13 @@ def run(smoke: bool, out: Path, loadgen: str = "auto", only: tuple[str, ...] = S
                                   sizes["http_parallel_turns"])
                     for style in STYLES
                 ]  # fmt: skip
+            if "service" in only:
+                print("many heists at once: orchestrator serve vs orchestrator run processes ...", flush=True)
+                results["service"] = service_bench(
+                    work / "service",
+                    [size for size in (sizes["service_sessions"], sizes["service_sessions_large"]) if size],
+                    sizes["service_processes"], sizes["service_turns"], sizes["service_delay_ms"],
+                )
             if "embedded" in only:
                 print("embedded LLM (our own llama.cpp server) ...", flush=True)
                 results["embedded_llm"] = run_embedded_llm(mesh.config, work, sizes["llm_turns"])
@@ -318,6 +337,16 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
         verdicts["evaluate_rps"] = _target(
             results["throughput"]["evaluate"]["rps"], TARGETS["evaluate_rps"], at_most=False
         )
+    if "service" in results:
+        rows = {row["sessions"]: row for row in results["service"]["service"]}
+        for size in (64, 256):
+            if size in rows:
+                key = f"service_{size}_of_ideal"
+                verdicts[key] = _target(rows[size]["of_ideal"], TARGETS[key])
+        if 256 in rows:
+            verdicts["service_256_peak_rss_mb"] = _target(rows[256]["peak_rss_mb"], TARGETS["service_256_peak_rss_mb"])
+        failures = sum(row["failures"] for row in rows.values())
+        verdicts["service_failures"] = _target(failures, TARGETS["service_failures"])
     if "embedded_llm" in results:
         llm = results["embedded_llm"]
         verdicts["llm_mesh_cost_pct"] = _target(llm["mesh_cost_pct"], TARGETS["llm_mesh_cost_pct"])
@@ -399,6 +428,17 @@ def print_table(results: dict[str, Any]) -> None:
                 f"   {kind:24s} {row['service']:15s} {'yes' if row['auth'] else 'no':5s} {row['rps']:8.0f} "
                 f"{row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['errors'] or ''}"
             )
+    if "service" in results:
+        service = results["service"]
+        print(f"\n6. many heists at once ({service['turns']} turns, model latency {service['llm_delay_ms']} ms, "
+              f"ideal {service['ideal_s']} s)")  # fmt: skip
+        for row in service["service"]:
+            print(f"   orchestrator serve, {row['sessions']:4d} heists: {row['wall_s']:7.2f} s = {row['of_ideal']}x "
+                  f"ideal, service peak RSS {row['peak_rss_mb']} MB, {row['failures']} failed")  # fmt: skip
+        row = service["processes"]
+        if row:
+            print(f"   orchestrator run x {row['processes']:3d}:        {row['wall_s']:7.2f} s = {row['of_ideal']}x "
+                  f"ideal, peak RSS {row['peak_rss_total_mb']} MB in all, {row['failures']} failed")  # fmt: skip
     if "parallel_sessions" in results:
         print("\n5. parallel sessions (one orchestrator process; in-process LLM, then HTTP with a simulated latency)")
         print(f"   {'sessions':>8s} {'LLM ms':>7s} {'turns':>6s} {'turns/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")

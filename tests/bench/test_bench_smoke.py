@@ -89,6 +89,12 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         # nothing can beat every session waiting on the model all the time
         assert 0 < row["turns_per_s"] <= row["ideal_turns_per_s"] * 1.05
 
+    service = results["service"]
+    [through] = service["service"]
+    assert through["sessions"] == 2 and through["failures"] == 0
+    assert through["wall_s"] > 0 and through["peak_rss_mb"] > 0
+    assert service["processes"]["processes"] == 1 and service["processes"]["failures"] == 0
+
     llm = results["embedded_llm"]
     assert llm["turns"] >= 1 and llm["requests"] >= 1
     assert llm["endpoint_tokens"] > 0 and llm["end_to_end_tokens"] > 0
@@ -115,6 +121,7 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "evaluate_rps",
         "llm_mesh_cost_pct",
         "llm_mesh_time_share_pct",
+        "service_failures",  # the smoke's sizes are not 64 or 256, so only this service target applies
     }
 
 

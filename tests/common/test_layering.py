@@ -17,6 +17,9 @@ FORBIDDEN_IMPORTS = {
     "orchestrator": ("servers",),
     "servers": ("orchestrator",),
 }
+BRIDGES = ("servers/orchestrator.py",)
+"""The one module that may cross: the orchestrator service serves heists (``orchestrator.service``) on the
+common server bootstrap (``servers.runtime``)."""
 
 
 def modules(package: str) -> Iterator[Path]:
@@ -36,6 +39,7 @@ def test_no_import_crosses_the_layers(package: str) -> None:
     crossing = [
         f"{path.relative_to(REPO_ROOT)} imports {name}"
         for path in modules(package)
+        if str(path.relative_to(REPO_ROOT)) not in BRIDGES
         for name in imported(path)
         if name.split(".")[0] in FORBIDDEN_IMPORTS[package]
     ]

@@ -191,10 +191,14 @@ def schema_errors(resource: Resource, version: str) -> list[str]:
 # --- the mesh's own truth: services from config/heist.yaml, names from the descriptors ------------
 
 
+NOT_DEPLOYED = ("orchestrator",)
+"""Services deploy/ does not run yet: ``orchestrator serve`` (docs/service.md says so)."""
+
+
 def mesh_service_names(config_path: Path = REPO_CONFIG) -> list[str]:
-    """The ``services:`` keys of the repository's config/heist.yaml."""
+    """The ``services:`` keys of the repository's config/heist.yaml that deploy/ runs."""
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    return list(config["services"])
+    return [name for name in config["services"] if name not in NOT_DEPLOYED]
 
 
 def service_descriptor(service: str) -> ServiceDescriptor:

@@ -58,7 +58,8 @@ def required_scope(method: MethodDescriptor) -> str | None:
 
 def service_ports(config_path: Path) -> dict[str, int]:
     config = load_config(config_path)
-    return {name: int(service.address.rpartition(":")[2]) for name, service in config.services.items()}
+    # deploy/ does not run the orchestrator service yet (docs/service.md)
+    return {name: int(config.services[name].address.rpartition(":")[2]) for name in config.crew_services}
 
 
 def credentials_dir(config_path: Path) -> Path:

@@ -82,7 +82,7 @@ async def test_the_report_renders_in_headless_chromium(
         assert chart["width"] > 500 and chart["height"] > 40
         assert chart["bars"] >= 3 and chart["drawn"] == chart["bars"], chart  # memory, LLM, audit write at least
     assert facts["turns"] == 8
-    assert facts["health"] == len(mesh.config.services) + 1  # every service and the LLM
+    assert facts["health"] == len(mesh.config.crew_services) + 1  # every service a session calls, and the LLM
     assert {"llm", "audit", "memory", "oauth"} <= set(facts["services"])
 
     assert loaded.screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(loaded.screenshot) > 20_000

@@ -24,7 +24,7 @@ def shipped() -> dict[str, Any]:
 
 SERVICES: tuple[str, ...] = tuple(shipped()["services"])
 """Every service of the shipped config, in start order."""
-TOOLS: tuple[str, ...] = tuple(name for name in SERVICES if name not in ("oauth", "memory"))
+TOOLS: tuple[str, ...] = tuple(name for name in SERVICES if name not in ("oauth", "memory", "orchestrator"))
 
 CLIENTS: dict[str, list[str]] = {
     "planner": ["simulation:read"],
@@ -34,6 +34,10 @@ CLIENTS: dict[str, list[str]] = {
     "crew": ["calculator:use", "file_reader:use", "database_query:use"],
     "orchestrator": ["memory:read", "memory:write"],
     "admin": ["memory:read", "memory:write", "memory:admin", "oauth:introspect"],
+    # callers of the orchestrator service (`orchestrator serve`): two tenants, and one that may only read
+    "alice": ["heist:run", "heist:read"],
+    "bob": ["heist:run", "heist:read"],
+    "reader": ["heist:read"],
 }
 """OAuth clients of the tests: one per agent, ``crew`` with every tool scope, the orchestrator, an admin."""
 

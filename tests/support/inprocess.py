@@ -51,7 +51,7 @@ class InProcessMesh:
         return server
 
     async def start_all(self) -> InProcessMesh:
-        for name in self.config.services:
+        for name in self.config.crew_services:  # the orchestrator service is started by the tests that need it
             await self.start(name)
         return self
 

@@ -228,8 +228,9 @@ class ProcessMesh:
         return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def start(self, *names: str) -> ProcessMesh:
-        """Start services in parallel (all of them by default) and wait until each is SERVING."""
-        chosen = [server for name in (names or self.servers) for server in self.replicas[name]]
+        """Start services in parallel (the crew's by default, not the orchestrator) and wait until each is SERVING."""
+        default = [name for name in self.servers if name in self.config.crew_services]
+        chosen = [server for name in (names or default) for server in self.replicas[name]]
         for server in chosen:
             server.spawn()
         for server in chosen:

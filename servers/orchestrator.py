@@ -1,0 +1,164 @@
+"""``python -m servers.orchestrator``: the orchestrator service (``orchestrator serve``), A2A over gRPC.
+
+The one servers module that imports ``orchestrator``: the service hosts heists
+(``orchestrator.service``) behind A2A's ``A2AService`` through the SDK's
+handler, on the common bootstrap.
+
+``servers.runtime.lifecycle`` gives it what every mesh service gets (mTLS,
+grpc.health.v1, reflection, metrics, OpenTelemetry, bearer tokens checked per
+method against ``heist_common.contract.A2A_SCOPES``, drain on SIGTERM). This
+module adds the caller as the SDK's user (its tenant), and the checks the SDK
+cannot make: the request's shape and the limits, before a heist is started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable
+from typing import Any
+
+import grpc
+from a2a.auth.user import UnauthenticatedUser, User
+from a2a.server.agent_execution import SimpleRequestContextBuilder
+from a2a.server.id_generator import IDGenerator, IDGeneratorContext
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.request_handlers.grpc_handler import DefaultGrpcServerCallContextBuilder, GrpcHandler
+from a2a.types import a2a_pb2
+
+from heist_common.audit import AuditError
+from heist_common.config import ORCHESTRATOR_SERVICE, HeistConfig
+from orchestrator.service.card import agent_card
+from orchestrator.service.host import (
+    RESERVATION,
+    HeistExecutor,
+    LimitError,
+    RequestError,
+    Reservation,
+    SessionHost,
+    parse_request,
+)
+from orchestrator.service.limits import ServiceLimits
+from orchestrator.service.tasks import AuditTaskStore
+from orchestrator.session.runner import new_session_id
+from servers.runtime import lifecycle
+from servers.runtime.lifecycle import ServiceDefinition
+from servers.runtime.middleware import CALLER
+
+__all__ = ["ClientUser", "HeistGrpcHandler", "Limits", "service_definition"]
+
+Limits = ServiceLimits
+"""``services.orchestrator.limits`` (the lifecycle validates them with this model)."""
+
+
+class ClientUser(User):
+    """The OAuth client whose verified token the call carries: the owner of the tasks it starts."""
+
+    def __init__(self, client_id: str) -> None:
+        self._client_id = client_id
+
+    @property
+    def is_authenticated(self) -> bool:
+        """Always: the middleware refused the call otherwise."""
+        return True
+
+    @property
+    def user_name(self) -> str:
+        """The OAuth client id."""
+        return self._client_id
+
+
+class CallerContextBuilder(DefaultGrpcServerCallContextBuilder):
+    """Make the call's verified OAuth client the SDK's user (``servers.runtime.middleware.CALLER``)."""
+
+    def build_user(self, context: grpc.aio.ServicerContext[Any, Any]) -> User:
+        """Return the caller's client, or nobody (who owns no task) if no token was checked."""
+        claims = CALLER.get()
+        return ClientUser(claims.client_id) if claims is not None else UnauthenticatedUser()
+
+
+class SessionIds(IDGenerator):
+    """Task ids are session ids: ``heist_YYYYMMDD_HHMMSS_<16 hex>``."""
+
+    def generate(self, context: IDGeneratorContext) -> str:
+        """Return a new session id."""
+        return new_session_id()
+
+
+class HeistGrpcHandler(GrpcHandler):
+    """The SDK's gRPC handler, with the request and the limits checked before a heist starts."""
+
+    def __init__(self, request_handler: DefaultRequestHandler, host: SessionHost) -> None:
+        super().__init__(request_handler, CallerContextBuilder())
+        self.host = host
+
+    async def _reserve(
+        self, request: a2a_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Reservation:
+        claims = CALLER.get()
+        if claims is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no verified token")
+        assert claims is not None
+        try:
+            heist = parse_request(request.message, self.host.config, self.host.limits)
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            return self.host.reserve(claims.client_id, heist)
+        except LimitError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        raise AssertionError("unreachable")
+
+    async def SendMessage(
+        self, request: a2a_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> a2a_pb2.SendMessageResponse:
+        """Start a heist (checked and counted first), then as the SDK does."""
+        reservation = await self._reserve(request, context)
+        token = RESERVATION.set(reservation)
+        try:
+            return await super().SendMessage(request, context)
+        finally:
+            RESERVATION.reset(token)
+            self.host.release(reservation)
+
+    async def SendStreamingMessage(
+        self, request: a2a_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterable[a2a_pb2.StreamResponse]:
+        """Start a heist (checked and counted first) and stream it, as the SDK does."""
+        reservation = await self._reserve(request, context)
+        token = RESERVATION.set(reservation)
+        try:
+            async for response in super().SendStreamingMessage(request, context):
+                yield response
+        finally:
+            RESERVATION.reset(token)
+            self.host.release(reservation)
+
+
+def service_definition(config: HeistConfig, limits: ServiceLimits) -> ServiceDefinition:
+    """Build the orchestrator service; its shared resources open when the server starts (``on_start``)."""
+    host = SessionHost(config, limits)
+    card = agent_card(config)
+    request_handler = DefaultRequestHandler(
+        agent_executor=HeistExecutor(host),
+        task_store=AuditTaskStore(lambda: host.audit),
+        agent_card=card,
+        extended_agent_card=card,
+        request_context_builder=SimpleRequestContextBuilder(task_id_generator=SessionIds()),
+    )
+
+    async def on_start() -> None:
+        try:
+            await host.open()
+        except AuditError as exc:  # the lifecycle reports an OSError in one line, never a traceback
+            raise OSError(str(exc)) from None
+
+    async def on_stop() -> None:
+        await request_handler.aclose()
+        await host.close()
+
+    return ServiceDefinition(
+        ORCHESTRATOR_SERVICE, HeistGrpcHandler(request_handler, host), on_stop=on_stop, on_start=on_start
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(lifecycle.main(__spec__))

@@ -170,7 +170,7 @@ async def test_run_json_prints_one_object_per_turn_then_the_summary_true_to_the_
     )
     assert (summary["status"], summary["turns"], summary["exit_code"]) == (status, num_turns, 0) == ("completed", 3, 0)
     assert summary["tool_calls_ok"] == 1 and summary["tool_calls_failed"] == 0 and summary["errors"] == 0
-    assert {health["service"] for health in summary["health"]} == {*mesh.config.services, "llm"}
+    assert {health["service"] for health in summary["health"]} == {*mesh.config.crew_services, "llm"}
     for health in summary["health"]:
         check_shape("health", health)
         assert health["ok"] is True and health["status"] == "SERVING"
@@ -208,7 +208,7 @@ async def test_sessions_show_and_health_json(
     health = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for record in health:
         check_shape("health", record)
-    assert [h["service"] for h in health] == [*mesh.config.services, "llm"]
+    assert [h["service"] for h in health] == [*mesh.config.crew_services, "llm"]
     await mesh.stop("memory")
     assert await cli("health", "--config", str(live_config), "--json") == 6
     down = {h["service"]: h for h in map(json.loads, capsys.readouterr().out.splitlines())}

@@ -27,6 +27,7 @@ import grpc
 
 from orchestrator.mesh.clients import ServiceClients
 from servers.auth import credential_store
+from tests.bench import embedded_server
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import STYLES, http_turns, parallel_http, run_cli, whole_process, write_style_config
@@ -120,7 +121,7 @@ def loadavg() -> list[float]:
         return []
 
 
-SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded")
+SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded", "server")
 """What a run measures; ``--only`` picks some (all by default)."""
 
 
@@ -144,6 +145,9 @@ def sizes_for(smoke: bool) -> dict[str, int]:
         "http_parallel_turns": 2 if smoke else 15,
         "http_parallel_delay_ms": 200,
         "llm_turns": 1 if smoke else 10,
+        "server_turns": 2 if smoke else 8,
+        "server_seeds": 1 if smoke else 4,
+        "server_tokens": 8 if smoke else 64,
     }
 
 
@@ -202,6 +206,12 @@ def run(smoke: bool, out: Path, loadgen: str = "auto", only: tuple[str, ...] = S
             if "embedded" in only:
                 print("embedded LLM (our own llama.cpp server) ...", flush=True)
                 results["embedded_llm"] = run_embedded_llm(mesh.config, work, sizes["llm_turns"])
+            if "server" in only:
+                print("the embedded model's server: one heist vs four, constrained vs free, tokens/s ...", flush=True)
+                servers = ["llama-server"] if smoke else list(embedded_server.SERVERS)
+                results["embedded_server"] = embedded_server.run(
+                    servers, sizes["server_turns"], sizes["server_seeds"], sizes["server_tokens"], None
+                )
         finally:
             slow_llm.stop()
             llm.stop()
@@ -316,6 +326,14 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
         llm = results["embedded_llm"]
         verdicts["llm_mesh_cost_pct"] = _target(llm["mesh_cost_pct"], TARGETS["llm_mesh_cost_pct"])
         verdicts["llm_mesh_time_share_pct"] = _target(llm["mesh_time_share_pct"], TARGETS["llm_mesh_cost_pct"])
+    new_server = results.get("embedded_server", {}).get("llama-server")
+    if new_server:
+        verdicts["four_heists_over_one"] = _target(
+            new_server["one_vs_four"]["four_over_one"], embedded_server.TARGETS["four_over_one"]
+        )
+        verdicts["constrained_tool_turn_extra_pct"] = _target(
+            new_server["constrained"]["constrained_extra_pct"], embedded_server.TARGETS["constrained_extra_pct"]
+        )
     return verdicts
 
 
@@ -425,6 +443,9 @@ def print_table(results: dict[str, Any]) -> None:
             f"   within the turns: {llm['llm_seconds_within_turns']} s waiting for the LLM, so the mesh's share of "
             f"turn time is {llm['mesh_time_share_pct']}% (service_ms per turn {llm['service_ms_per_turn_mean']})"
         )
+    if "embedded_server" in results:
+        print("\n7. the embedded model's server")
+        embedded_server.print_table(results["embedded_server"])
     print("\ntargets:")
     for name, row in results["verdict"].items():
         print(f"   {name:32s} {row['value']!s:>10s} (target {row['target']}) {'met' if row['met'] else 'MISSED'}")

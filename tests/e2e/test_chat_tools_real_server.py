@@ -26,7 +26,7 @@ pytestmark = pytest.mark.llm
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     log = tmp_path_factory.mktemp("llama") / "llm.log"
-    server = LlamaServer(log, extra_args=("--chat_format", "gemma"))  # as `make serve` starts it
+    server = LlamaServer(log)  # as `make serve` starts it
     try:
         yield server.start()
     finally:

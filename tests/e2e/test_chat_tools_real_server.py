@@ -1,4 +1,4 @@
-"""Chat style with native function calling against the real embedded server (llama-cpp-python, Gemma 3 270M).
+"""Chat style against the real embedded server (llama-server, Gemma 3 270M): native function calls, inline markers.
 
 What the scripted endpoint cannot prove: that the server accepts the messages
 we send after a tool call (``"content": ""``, not null, which it refuses with
@@ -63,3 +63,32 @@ async def test_forced_native_tool_calls_and_their_follow_ups_are_accepted(llama:
         )[0][0]  # fmt: skip
         llm_steps = [step for step in json.loads(timings)["steps"] if step[0] == "llm"]
         assert len(llm_steps) == 2 and all("OK" in step for step in llm_steps), llm_steps
+
+
+async def test_chat_with_inline_markers_under_the_grammar_is_accepted(llama: LlamaServer, tmp_path: Path) -> None:
+    """Chat style, inline markers: every request carries the reply's grammar, which the real server must take."""
+    config = load_config(write_heist_config(tmp_path, llm_base_url=llama.base_url))
+    mesh = InProcessMesh(config)
+    await mesh.start_all()
+    try:
+        mesh.config = mesh.with_llm(
+            llama.base_url, prompt_style="chat", tool_calling="inline", constrained_tools="grammar",
+            prefill_tool_every=0, timeout_s=120, health_timeout_s=60, max_tokens=40,
+        )  # fmt: skip
+        result = await run_session(mesh.config, RunOptions(turns=4, session_id="heist_chat_inline_real"))
+    finally:
+        await mesh.stop_all()
+
+    assert result.status == "completed", result.error
+    # `grammar` insists: a server refusing the field would make every turn an LLM error.
+    assert "error" not in [turn.status for turn in result.turns], [(t.status, t.message) for t in result.turns]
+    for turn in result.turns:
+        timings = audit_rows(
+            mesh.config, "SELECT timings FROM messages WHERE session_id = ? AND turn_id = ?",
+            "heist_chat_inline_real", turn.turn_id,
+        )[0][0]  # fmt: skip
+        llm_steps = [step for step in json.loads(timings)["steps"] if step[0] == "llm"]
+        assert llm_steps and all("OK" in step for step in llm_steps), llm_steps
+    # Whatever markers the model wrote named an argument its tool accepts (or another agent's tool: refused).
+    calls = audit_rows(mesh.config, "SELECT status_code FROM tool_usage WHERE session_id = ?", "heist_chat_inline_real")
+    assert all(code in ("OK", "NOT_ALLOWED") for (code,) in calls), calls

@@ -26,28 +26,31 @@ THREADS = 2
 
 # Gemma 3's turn format (<start_of_turn>user|model ... <end_of_turn>), which the
 # model file does not carry. Unlike Google's template it does not refuse
-# non-alternating roles and it renders tools: their definitions go before the
-# first user message, a call is a <tool_call> JSON line in the model's turn and
+# non-alternating roles and it renders tools: how to call one and their
+# definitions open the first user message (a small model that repeats its
+# prompt then starts a call), a call is a <tool_call> JSON line making up the model's turn and
 # a result a <tool_response> in a user turn. llama-server reads the call format
 # from this template (--jinja), parses the model's calls into `tool_calls` and,
 # when `tool_choice` forces a call, constrains the reply to that format.
 CHAT_TEMPLATE = """\
 {{- bos_token -}}
 {%- set ns = namespace(prefix="", first=true) -%}
-{%- if messages and messages[0].role == "system" -%}
-{%- set ns.prefix = messages[0].content + "\\n\\n" -%}
-{%- set loop_messages = messages[1:] -%}
-{%- else -%}
-{%- set loop_messages = messages -%}
-{%- endif -%}
 {%- if tools -%}
 {%- set ns.prefix = ns.prefix + "To call a function, reply with <tool_call>" -%}
 {%- set ns.prefix = ns.prefix + '{"name": <function name>, "arguments": <arguments object>}</tool_call>.' -%}
 {%- set ns.prefix = ns.prefix + "\\nFunctions:\\n" -%}
 {%- for tool in tools -%}
-{%- set ns.prefix = ns.prefix + (tool | tojson) + "\\n" -%}
+{%- set fn = tool.function -%}
+{%- set ns.prefix = ns.prefix + '{"name": "' + fn.name + '", "description": ' + ((fn.description or "") | tojson) -%}
+{%- set ns.prefix = ns.prefix + ', "parameters": ' + (fn.parameters | tojson) + "}\\n" -%}
 {%- endfor -%}
 {%- set ns.prefix = ns.prefix + "\\n" -%}
+{%- endif -%}
+{%- if messages and messages[0].role == "system" -%}
+{%- set ns.prefix = ns.prefix + messages[0].content + "\\n\\n" -%}
+{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+{%- set loop_messages = messages -%}
 {%- endif -%}
 {%- for message in loop_messages -%}
 {%- if ns.first and message.role != "user" and ns.prefix -%}
@@ -56,14 +59,14 @@ CHAT_TEMPLATE = """\
 {%- endif -%}
 {%- if message.role == "assistant" -%}
 {{- "<start_of_turn>model\\n" -}}
-{%- if message.content is string -%}{{- message.content | trim -}}{%- endif -%}
 {%- if message.tool_calls -%}
 {%- for call in message.tool_calls -%}
-{{- '<tool_call>\\n{"name": "' + call.function.name + '", "arguments": ' -}}
+{{- '<tool_call>{"name": "' + call.function.name + '", "arguments": ' -}}
 {%- if call.function.arguments is string -%}{{- call.function.arguments -}}
 {%- else -%}{{- call.function.arguments | tojson -}}{%- endif -%}
-{{- "}\\n</tool_call>" -}}
+{{- "}</tool_call>" -}}
 {%- endfor -%}
+{%- elif message.content is string -%}{{- message.content | trim -}}
 {%- endif -%}
 {{- "<end_of_turn>\\n" -}}
 {%- elif message.role == "tool" -%}

@@ -26,12 +26,12 @@ THREADS = 2
 
 # Gemma 3's turn format (<start_of_turn>user|model ... <end_of_turn>), which the
 # model file does not carry. Unlike Google's template it does not refuse
-# non-alternating roles and it renders tools: how to call one and their
-# definitions open the first user message (a small model that repeats its
-# prompt then starts a call), a call is a <tool_call> JSON line making up the model's turn and
-# a result a <tool_response> in a user turn. llama-server reads the call format
-# from this template (--jinja), parses the model's calls into `tool_calls` and,
-# when `tool_choice` forces a call, constrains the reply to that format.
+# non-alternating roles, and it renders tools: how to call one and their
+# definitions open the first user turn, a call is <tool_call>{json}</tool_call>
+# making up the model's turn, a result a <tool_response> in a user turn.
+# llama-server reads the call format from this template (--jinja), parses the
+# model's calls into `tool_calls`, and builds the grammar of a call (strict
+# schemas, `tool_choice: "required"`) from it.
 CHAT_TEMPLATE = """\
 {{- bos_token -}}
 {%- set ns = namespace(prefix="", first=true) -%}

@@ -22,7 +22,11 @@ Without it (the mesh installed with pip), a ``llama-server`` on the PATH is used
 CONTEXT_PER_SLOT = 4096
 """Tokens of context each slot gets: a heist prompt plus its reply fit with room to spare."""
 CHAT_TEMPLATE_FILE = "gemma-3-chat-template.jinja"
-THREADS = 2
+THREADS = 1
+"""Threads generating tokens: two threads meeting at every layer wait for each other whenever the
+other core is busy, which on a shared 2-core machine costs more than the second core gives."""
+THREADS_BATCH = 1
+"""Threads for prompts and batches of several slots' tokens (the same trade-off)."""
 
 # Gemma 3's turn format (<start_of_turn>user|model ... <end_of_turn>), which the
 # model file does not carry. Unlike Google's template it does not refuse
@@ -121,6 +125,7 @@ def command(model: Path, alias: str, host: str, port: int, parallel: int, chat_t
         "--parallel", str(parallel),
         "--cont-batching",
         "--threads", str(THREADS),
+        "--threads-batch", str(THREADS_BATCH),
         "--metrics",
         "--jinja",
         "--chat-template-file", str(chat_template),

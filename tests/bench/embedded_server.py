@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -34,6 +35,10 @@ from typing import Any
 import openai
 
 from heist_common.config import HeistConfig
+from orchestrator.audit import AuditStore
+from orchestrator.llm.client import LLMClient
+from orchestrator.mesh.clients import ServiceClients
+from orchestrator.session.runner import RunOptions, SessionRunner
 from tests.bench.constrained_heists import eval_config, heist
 from tests.bench.llm_e2e import LlamaServer
 from tests.bench.procs import machine_info
@@ -46,24 +51,46 @@ TARGETS = {"four_over_one": 2.0, "constrained_extra_pct": 5.0}
 GENERATION_PROMPT = "The crew met in the back room of the bakery. The planner unrolled the map and said:"
 
 
+async def play(config: HeistConfig, seeds: tuple[int, ...], turns: int) -> tuple[float, list[str]]:
+    """Play one heist per seed at once in one orchestrator (one audit writer, one mesh, one LLM client).
+
+    Returns the wall time and each session's status.
+    """
+    random.seed(seeds[0])  # the requests' sampling seeds (orchestrator.llm.client) follow from it
+    audit = AuditStore.open(config.database.url)
+    clients = ServiceClients(config)
+    llm = LLMClient(config.llm)
+    try:
+        runners = [
+            SessionRunner(config, clients, llm, audit, RunOptions(
+                turns=turns, seed=seed, session_id=f"par_{seed}_{time.time_ns()}", export=False))
+            for seed in seeds
+        ]  # fmt: skip
+        started = time.perf_counter()
+        results = await asyncio.gather(*(runner.run() for runner in runners))
+        wall = time.perf_counter() - started
+    finally:
+        await clients.close()
+        await llm.close()
+        audit.close()
+    return wall, [result.status for result in results]
+
+
 async def one_vs_four(config: HeistConfig, turns: int) -> dict[str, Any]:
     """Seeds 1-4 one at a time, then all four at once."""
     alone = []
     for seed in (1, 2, 3, 4):
-        started = time.perf_counter()
-        outcome = await heist(config, seed, turns)
-        alone.append(time.perf_counter() - started)
-        if outcome["status"] != "completed":
-            raise RuntimeError(f"heist {seed} {outcome['status']}")
-    started = time.perf_counter()
-    outcomes = await asyncio.gather(*(heist(config, seed, turns) for seed in (1, 2, 3, 4)))
-    together = time.perf_counter() - started
+        wall, statuses = await play(config, (seed,), turns)
+        alone.append(wall)
+        if statuses != ["completed"]:
+            raise RuntimeError(f"heist {seed} {statuses}")
+    together, statuses = await play(config, (1, 2, 3, 4), turns)
     one = statistics.mean(alone)
     return {
         "one_heist_s": [round(s, 2) for s in alone],
         "one_heist_mean_s": round(one, 2),
         "four_at_once_s": round(together, 2),
-        "four_completed": sum(o["status"] == "completed" for o in outcomes),
+        "four_completed": statuses.count("completed"),
         "four_over_one": round(together / one, 2),
     }
 

@@ -158,9 +158,9 @@ drills: install ## Run only the failure drills
 	$(PY) -m pytest -m drill $(PYTEST_ARGS)
 
 # Sections of `make bench`, e.g. BENCH_ONLY=real,startup (default: all of real, services, startup,
-# throughput, parallel, embedded).
+# throughput, parallel, embedded, mcp).
 BENCH_ONLY ?=
-bench: install system-deps ## Benchmarks: whole turns through HTTP with their floor, CLI start-up, throughput, parallel sessions, embedded LLM (docs/performance.md)
+bench: install system-deps ## Benchmarks: whole turns through HTTP with their floor, CLI start-up, throughput, parallel sessions, embedded LLM, the MCP gateway (docs/performance.md)
 	$(PY) -m tests.bench.run --out var/bench/results.json $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
 
 bench-mesh: install ## Data plane: turn cost and Evaluate req/s with plaintext, mTLS, two calculator replicas

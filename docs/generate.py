@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:  # `python docs/generate.py` puts docs/ first, not
 
 from heist_common.config import HeistConfig  # noqa: E402 (needs the repository on the path)
 from heist_common.exit_codes import ExitCode  # noqa: E402
+from orchestrator.session.records import SHAPES  # noqa: E402
 
 DOCS = ROOT / "docs"
 SHIPPED_CONFIG = ROOT / "config" / "heist.yaml"
@@ -431,7 +432,21 @@ def make_targets_block() -> str:
     return "\n".join(rows) + "\n"
 
 
-BLOCKS: dict[str, Callable[[], str]] = {"exit-codes": exit_codes_block, "make-targets": make_targets_block}
+def json_records_block() -> str:
+    """Render one table per ``--json`` record type from ``orchestrator.session.records.SHAPES``."""
+    parts = []
+    for kind, fields in SHAPES.items():
+        rows = [f"`{kind}` objects:", "", "| field | meaning |", "| --- | --- |"]
+        rows += [f"| `{name}` | {cell(meaning)} |" for name, meaning in fields.items()]
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "exit-codes": exit_codes_block,
+    "make-targets": make_targets_block,
+    "json-records": json_records_block,
+}
 
 
 def fill_blocks(text: str, source: str) -> str:

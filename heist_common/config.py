@@ -41,6 +41,7 @@ __all__ = [
     "GrpcRetryConfig",
     "HeistConfig",
     "LLMConfig",
+    "McpGatewayConfig",
     "MemoryContextConfig",
     "MeshConfig",
     "OAuthConfig",
@@ -328,6 +329,71 @@ class OAuthConfig(Section):
     )
 
 
+class McpGatewayConfig(Section):
+    """The MCP gateway (``servers.mcp_gateway``): every tool service as MCP tools over Streamable HTTP.
+
+    Why bounds here and not per tool: the gateway faces clients the mesh does not run (desktop
+    assistants, IDE agents), so what one client may send and how often is bounded before any tool
+    service sees a call; each tool service still applies its own ``limits``.
+    """
+
+    address: NonEmpty = Field(
+        default="127.0.0.1:18060",
+        description="`host:port` the gateway's HTTP server listens on (HTTPS with the mesh's certificates when "
+        "`security.transport` is `mtls`).",
+    )
+    path: Annotated[str, Field(strict=True, pattern=r"^/[A-Za-z0-9/_-]*$")] = Field(
+        default="/mcp", description="URL path of the MCP Streamable HTTP endpoint."
+    )
+    metrics_address: str | None = Field(
+        default=None,
+        description="`host:port` where the gateway serves Prometheus metrics (`GET /metrics`); unset: none.",
+    )
+    oauth_client: NonEmpty = Field(
+        default="mcp_gateway",
+        description="The gateway's own OAuth client (in `oauth.clients`, with every tool scope it relays): it "
+        "calls the tool services with its token and its `mcp_gateway` client certificate.",
+    )
+    max_request_bytes: Annotated[int, Field(strict=True, ge=1024, le=16 * 1024 * 1024)] = Field(
+        default=65_536, description="Largest HTTP request body the gateway reads (a bigger one gets HTTP 413)."
+    )
+    calls_per_second: Annotated[float, Field(strict=True, gt=0, le=10_000)] = Field(
+        default=20.0, description="Sustained tools/call rate per OAuth client; calls above it get a tool error."
+    )
+    burst: Annotated[int, Field(strict=True, ge=1, le=10_000)] = Field(
+        default=40, description="Tool calls a client may make at once above `calls_per_second` (token bucket size)."
+    )
+    max_concurrent_calls: Annotated[int, Field(strict=True, ge=1, le=10_000)] = Field(
+        default=32, description="Tool calls in flight through the gateway at once, all clients together."
+    )
+    max_concurrent_per_client: Annotated[int, Field(strict=True, ge=1, le=10_000)] = Field(
+        default=8, description="Tool calls one OAuth client may have in flight at once."
+    )
+    max_sessions: Annotated[int, Field(strict=True, ge=1, le=100_000)] = Field(
+        default=256, description="MCP sessions open at once (the SDK refuses new ones beyond it)."
+    )
+    session_idle_s: Annotated[float, Field(strict=True, gt=0, le=86_400)] = Field(
+        default=1800.0, description="An MCP session idle this long is closed."
+    )
+
+    @field_validator("address", "metrics_address")
+    @classmethod
+    def _valid_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        """Host part of ``address``."""
+        return split_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        """Port part of ``address``."""
+        return split_address(self.address)[1]
+
+
 class AgentConfig(Section):
     """One crew member: who it is, which tool services it may use, and which OAuth client it is."""
 
@@ -348,9 +414,24 @@ class AgentConfig(Section):
     is_saboteur: Flag = Field(
         default=False, description="Adds a secret brief to the system prompt: steer the crew towards mistakes."
     )
+    require_approval: tuple[NonEmpty, ...] = Field(
+        default=(),
+        description="Tool services (of `tools`) whose every call by this agent waits for a person's approval "
+        "(`orchestrator approve`/`deny`, or y/n on a terminal); a method whose proto says `APPROVAL_REQUIRED` "
+        "always waits (docs/approvals.md).",
+    )
+    max_llm_tokens: AtLeastOne | None = Field(
+        default=None,
+        description="The most LLM tokens (prompt plus completion) this agent's turns may use in one session; "
+        "the turn that goes over it is recorded, then the session ends `failed` (reason `budget`, exit 1). "
+        "Null: no limit of its own (`session.max_llm_tokens` still applies).",
+    )
 
     @model_validator(mode="after")
     def _default_client(self) -> AgentConfig:
+        unknown = [tool for tool in self.require_approval if tool not in self.tools]
+        if unknown:
+            raise ValueError(f"require_approval names {unknown}, not among the agent's tools {list(self.tools)}")
         if not self.oauth_client:
             object.__setattr__(self, "oauth_client", self.name)
         return self
@@ -530,10 +611,21 @@ class SessionConfig(Section):
         default="orchestrator",
         description="The OAuth client the orchestrator itself is, for session-wide calls (the memory service).",
     )
+    approval_timeout_s: Positive = Field(
+        default=300.0,
+        description="How long a tool call waits for a person's approval before it is denied by timeout "
+        "(docs/approvals.md).",
+    )
     stale_after_s: Positive = Field(
         default=600.0,
         description="`orchestrator resume`: an `active` session with no committed turn for this long counts as "
         "dead (at once if its process on this machine is gone). Keep it above the slowest possible turn.",
+    )
+    max_llm_tokens: AtLeastOne | None = Field(
+        default=None,
+        description="The most LLM tokens (prompt plus completion, all agents, estimates where the server reports "
+        "no usage) one session may use; the turn that goes over it is recorded, then the session ends `failed` "
+        "(reason `budget`, exit 1). A resumed session counts on from its audited total. Null: no budget.",
     )
 
 
@@ -635,6 +727,10 @@ class HeistConfig(Section):
         default=ResilienceConfig(), description="Retries, circuit breakers, health-check deadline, the LLM's breaker."
     )
     security: SecurityConfig = Field(default=SecurityConfig(), description="Transport security of every gRPC hop.")
+    mcp_gateway: McpGatewayConfig | None = Field(
+        default=None,
+        description="The MCP gateway `make serve` starts beside the services (docs/mcp.md); unset: no gateway.",
+    )
     _source: Path = PrivateAttr(default=DEFAULT_CONFIG_PATH)
 
     @model_validator(mode="before")
@@ -678,6 +774,12 @@ class HeistConfig(Section):
                     f"agents[{index}].oauth_client: {agent.oauth_client!r} is not in oauth.clients "
                     f"(known: {', '.join(sorted(self.oauth.clients))})"
                 )
+        gateway = self.mcp_gateway
+        if gateway is not None and gateway.oauth_client not in self.oauth.clients:
+            raise ValueError(
+                f"mcp_gateway.oauth_client: {gateway.oauth_client!r} is not in oauth.clients "
+                f"(known: {', '.join(sorted(self.oauth.clients))})"
+            )
         order = self.session.turn_order
         if order:
             unknown = [name for name in order if name not in names]

@@ -20,18 +20,23 @@ from types import ModuleType
 from typing import Any
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor_pb2 import MethodOptions
 from heist.auth.v1 import options_pb2 as auth_options
 from heist.tools.v1 import options_pb2 as tool_options
 
 __all__ = [
     "AUTHORIZATION_METADATA_KEY",
+    "CALL_ID_METADATA_KEY",
+    "ON_BEHALF_OF_METADATA_KEY",
     "SESSION_ID_PATTERN",
     "SESSION_METADATA_KEY",
     "TRACEPARENT_METADATA_KEY",
     "Catalogue",
     "ContractError",
     "ServiceContract",
+    "approval_required",
     "contract_of",
+    "is_idempotent",
     "is_inline_default",
     "required_scope",
     "tool_description",
@@ -45,6 +50,11 @@ AUTHORIZATION_METADATA_KEY = "authorization"
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """What a session ID may look like: it becomes file names, log fields and a token claim."""
+
+CALL_ID_METADATA_KEY = "x-call-id"
+"""Call metadata naming one tool call (``<turn>.<index>`` within the session): servers log it, the audit keys on it."""
+ON_BEHALF_OF_METADATA_KEY = "x-on-behalf-of"
+"""Call metadata a relaying caller (the MCP gateway) sends: the OAuth client it calls for."""
 
 TRACEPARENT_METADATA_KEY = "traceparent"
 """W3C Trace Context: ``00-<trace id>-<span id>-01``; one trace per agent turn."""
@@ -70,6 +80,23 @@ def is_inline_default(method: MethodDescriptor) -> bool:
     """Whether the inline ``[TOOL:name:argument]`` convention calls this method."""
     flag: bool = method.GetOptions().Extensions[tool_options.inline_default]
     return flag
+
+
+def approval_required(method: MethodDescriptor) -> bool:
+    """Whether the contract says every call of this method waits for a person's approval."""
+    policy: int = method.GetOptions().Extensions[tool_options.approval]
+    return policy == tool_options.APPROVAL_REQUIRED
+
+
+_REPEATABLE = frozenset({MethodOptions.NO_SIDE_EFFECTS, MethodOptions.IDEMPOTENT})
+
+
+def is_idempotent(method: MethodDescriptor) -> bool:
+    """Whether the contract declares the method safe to call again (protobuf's own ``idempotency_level``).
+
+    A resume sends such a call again when its result was lost; any other call is recorded as ``unknown``.
+    """
+    return method.GetOptions().idempotency_level in _REPEATABLE
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from heist_common.config import HeistConfig
 from heist_common.credentials import CredentialsError, write_private
-from heist_common.tls import CLIENT_IDENTITIES, server_name, tls_dir
+from heist_common.tls import CLIENT_IDENTITIES, GATEWAY_HTTPS_IDENTITY, server_name, tls_dir
 
 __all__ = ["ensure_dev_pki", "issue_certificate", "load_ca", "new_ca", "server_names"]
 
@@ -165,6 +165,8 @@ def ensure_dev_pki(config: HeistConfig) -> Path:
     ca_cert, ca_key = load_ca(config)
     leaves: dict[str, list[str]] = {name: server_names(name) for name in config.services}
     leaves.update({name: [] for name in CLIENT_IDENTITIES})
+    if config.mcp_gateway is not None:
+        leaves[GATEWAY_HTTPS_IDENTITY] = [*server_names("mcp_gateway"), config.mcp_gateway.host]
     for name, names in leaves.items():
         cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
         if cert_path.exists() and key_path.exists() and (not names or _names_exactly(cert_path, names)):

@@ -14,8 +14,8 @@ class ExitCode(IntEnum):
     OK = 0
     """Done: the session ``completed``, every service is healthy, the file was written."""
     FAILED = 1
-    """The work failed: a session ended ``failed`` (the LLM cannot answer, the audit database became unwritable),
-    a service did not start, a file could not be written."""
+    """The work failed: a session ended ``failed`` (the LLM cannot answer, the audit database became unwritable,
+    the token budget was spent), a service did not start, a file could not be written."""
     USAGE = 2
     """Bad command-line arguments (argparse's own code; also ``--turns`` out of range or an unknown ``--db``
     scheme)."""
@@ -36,5 +36,8 @@ class ExitCode(IntEnum):
     """The session ran every turn and ended ``degraded``: the crew could not use a service, every call it tried
     to make to it failed (``orchestrator.session.runner.unusable_services``); the summary names the service and the
     cause. Not resumable (no turn is left): run a new session once the service works."""
+    NOT_PENDING = 9
+    """``approve`` or ``deny``: the session has no such tool call waiting for a decision (an unknown call ID, or
+    one already decided: the message says by whom and when)."""
     INTERRUPTED = 130
     """Ctrl-C, or SIGTERM during ``run`` and ``resume``: the session is marked ``interrupted`` and can be resumed."""

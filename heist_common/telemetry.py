@@ -14,6 +14,11 @@ its own provider, and nothing depends on import order.
 
 The propagator is OpenTelemetry's own W3C one (``traceparent``, plus
 ``baggage`` for the agent's name when tracing is on).
+
+Metrics over OTLP (the orchestrator's ``gen_ai.client.token.usage``) follow
+the same switch with the metrics variables: ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` set, ``OTEL_METRICS_EXPORTER=none`` or
+``OTEL_SDK_DISABLED=true`` not (``setup_metrics``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = [
@@ -40,6 +46,8 @@ __all__ = [
     "TRACECONTEXT",
     "Telemetry",
     "export_requested",
+    "metrics_requested",
+    "setup_metrics",
     "setup_tracing",
 ]
 
@@ -47,6 +55,8 @@ log = logging.getLogger("heist.telemetry")
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 """Either one set (non-empty) turns span export on."""
+METRICS_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+"""Either one set (non-empty) turns metric export on."""
 SERVICE_NAMESPACE = "heist-mesh"
 AGENT_BAGGAGE_KEY = "heist.agent"
 """W3C baggage entry with the calling agent's name (servers put it on their spans)."""
@@ -65,6 +75,34 @@ def export_requested(environ: Mapping[str, str] | None = None) -> bool:
     if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() in ("none", ""):
         return False
     return any(env.get(name, "").strip() for name in ENDPOINT_VARIABLES)
+
+
+def metrics_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard OpenTelemetry variables ask for metrics to be exported over OTLP."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() in ("none", ""):
+        return False
+    return any(env.get(name, "").strip() for name in METRICS_ENDPOINT_VARIABLES)
+
+
+def setup_metrics(service_name: str, environ: Mapping[str, str] | None = None) -> MeterProvider | None:
+    """Return a meter provider for ``service_name`` exporting over OTLP/HTTP when ``metrics_requested``; else None.
+
+    Not the global provider, for the reason tracers are not (module docstring);
+    its owner shuts it down, which exports what is still unsent.
+    """
+    env = os.environ if environ is None else environ
+    if not metrics_requested(env):
+        return None
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create({"service.name": service_name, "service.namespace": SERVICE_NAMESPACE})
+    return MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())], resource=resource)
 
 
 @dataclass(frozen=True)

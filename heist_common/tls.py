@@ -60,6 +60,7 @@ __all__ = [
     "CA_FILE_ENV",
     "CERT_FILE_ENV",
     "CLIENT_IDENTITIES",
+    "GATEWAY_HTTPS_IDENTITY",
     "KEY_FILE_ENV",
     "SERVICE_DOMAIN",
     "RotatingServerCertificate",
@@ -67,6 +68,7 @@ __all__ = [
     "aio_channel",
     "channel_credentials",
     "client_material",
+    "identity_files",
     "mtls",
     "server_credentials",
     "server_material",
@@ -81,8 +83,15 @@ log = logging.getLogger("heist.tls")
 CA_FILE_ENV = "HEIST_TLS_CA_FILE"
 CERT_FILE_ENV = "HEIST_TLS_CERT_FILE"
 KEY_FILE_ENV = "HEIST_TLS_KEY_FILE"
-CLIENT_IDENTITIES = ("orchestrator", "grpcurl", "supervisor")
-"""Client certificates the dev PKI issues: the orchestrator, grpcurl by hand, ``make serve/status`` probes."""
+CLIENT_IDENTITIES = ("orchestrator", "grpcurl", "supervisor", "mcp_gateway")
+"""Client certificates the dev PKI issues: the orchestrator, grpcurl by hand, ``make serve/status`` probes,
+and the MCP gateway (which calls the tool services as itself)."""
+GATEWAY_HTTPS_IDENTITY = "mcp_gateway_https"
+"""The MCP gateway's HTTPS server certificate: ``server_name("mcp_gateway")`` and the host it listens on.
+
+Why the host too (unlike the gRPC services): MCP clients dial the gateway by URL and check the
+certificate against that host; no mesh service dials the gateway, so the name is not one a service could
+borrow to pass for another."""
 SERVICE_DOMAIN = "heist.internal"
 """DNS suffix of the names services' certificates carry; never resolved, only checked against the certificate."""
 
@@ -132,6 +141,11 @@ def _paths(config: HeistConfig, identity: str) -> tuple[Path, Path, Path]:
     cert = Path(os.environ.get(CERT_FILE_ENV) or folder / f"{identity}.crt")
     key = Path(os.environ.get(KEY_FILE_ENV) or folder / f"{identity}.key")
     return ca, cert, key
+
+
+def identity_files(config: HeistConfig, identity: str) -> tuple[Path, Path, Path]:
+    """Return the CA, certificate and key files of ``identity`` (each ``HEIST_TLS_*`` variable wins)."""
+    return _paths(config, identity)
 
 
 def _material(config: HeistConfig, identity: str) -> TlsMaterial:

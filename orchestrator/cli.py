@@ -6,7 +6,8 @@ Exit codes (``heist_common.exit_codes``, shared with ``make``): 0 ok; 1 failed
 6 unhealthy (``health`` when something is down, ``run --require-healthy``);
 7 not resumable (``resume`` of a completed, degraded or still running session);
 8 degraded (every turn ran, but the crew could not use a service: every call to it
-failed; the summary names it); 130 interrupted.
+failed; the summary names it); 9 not pending (``approve``/``deny`` of a call that
+does not wait for a decision); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import use_private_umask
@@ -30,11 +31,14 @@ from orchestrator.output.text import CONTROL_CHARACTERS
 # `export` never load gRPC or the LLM client, and nothing loads `openai` before a
 # completion is made (its import alone takes most of a second).
 if TYPE_CHECKING:
+    from heist_common.audit import AuditStore
+    from heist_common.audit.approvals import PendingCall
     from heist_common.config import HeistConfig
-    from orchestrator.audit import AuditStore
     from orchestrator.mesh.clients import HealthResult
     from orchestrator.session.resume import ResumePoint
     from orchestrator.session.runner import SessionResult
+    from orchestrator.turn.approval import ApprovalHooks
+    from orchestrator.turn.progress import TurnProgress
     from orchestrator.turn.turn import Turn
 
 __all__ = ["console_main", "main"]
@@ -48,10 +52,40 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (exit 2, ``ExitCode.USAGE``): the problem, and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version (read only when asked: the metadata costs a few ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version(PACKAGE)
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            found = "unknown (not installed)"
+        print(f"orchestrator {found}")
+        parser.exit(0)
+
+
+PACKAGE = "heist-mesh"
+"""The distribution ``orchestrator`` belongs to (pyproject.toml's ``name``)."""
+JSON_HELP = "print JSON, one object per line (fields: docs/cli.md)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="orchestrator", description="Run heist-planning sessions over the gRPC mesh and inspect their audit trail."
     )
+    parser.add_argument("--version", action=_Version)
     parser.add_argument(
         "--config", type=Path, default=None, help="config file (default: $HEIST_CONFIG or config/heist.yaml)"
     )
@@ -68,9 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help="model name (default: llm.model)")
     run.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
     run.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
+    run.add_argument("--json", action="store_true", help="print each turn, then the summary, as JSON lines")
+    run.add_argument(
+        "--no-prompt",
+        action="store_true",
+        help="never ask y/n on this terminal: calls that need approval wait for 'orchestrator approve'/'deny'",
+    )
 
     health = commands.add_parser("health", help="health table of every service", description="Check every service.")
     health.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    health.add_argument("--json", action="store_true", help=JSON_HELP)
 
     token = commands.add_parser(
         "token",
@@ -87,11 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     sessions = commands.add_parser("sessions", help="list sessions", description="List the audited sessions.")
     sessions.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     sessions.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    sessions.add_argument("--json", action="store_true", help=JSON_HELP)
 
     show = commands.add_parser("show", help="transcript of a session", description="Show one session's transcript.")
     show.add_argument("session_id", metavar="SESSION")
     show.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     show.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    show.add_argument("--json", action="store_true", help="print the session's whole log as one JSON object")
 
     export = commands.add_parser("export", help="export a session log", description="Export one session's log.")
     export.add_argument("session_id", metavar="SESSION")
@@ -100,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
     export.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
     _add_resume_parser(commands)
+    _add_approval_parsers(commands)
 
     report = commands.add_parser(
         "report",
@@ -127,7 +171,7 @@ schedule; 4 audit database unreachable; 5 unknown session; 6 unhealthy with
 """
 
 
-def _add_resume_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_resume_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     resume = commands.add_parser(
         "resume",
         help="continue an interrupted, failed or dead session",
@@ -142,6 +186,35 @@ def _add_resume_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     resume.add_argument("--model", default=None, help="model name (default: llm.model)")
     resume.add_argument("--require-healthy", action="store_true", help="exit 6 before any turn if a service is down")
     resume.add_argument("--out", type=Path, default=None, help="folder for the JSON and Markdown logs")
+    resume.add_argument(
+        "--no-prompt", action="store_true", help="never ask y/n on this terminal (decide with 'orchestrator approve')"
+    )
+
+
+def _add_approval_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    approvals = commands.add_parser(
+        "approvals",
+        help="tool calls waiting for approval",
+        description="List the tool calls that wait for a person's approval (docs/approvals.md).",
+    )
+    approvals.add_argument("session_id", metavar="SESSION", nargs="?", default=None, help="only this session's")
+    approvals.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    approvals.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    approvals.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
+    for name, verb in (("approve", "Approve"), ("deny", "Deny")):
+        decide = commands.add_parser(
+            name,
+            help=f"{name} a tool call that waits",
+            description=f"{verb} a tool call that waits for approval; the audit records who (the OS user) and when. "
+            "The session's process, or the next 'orchestrator resume', acts on it.",
+        )
+        decide.add_argument("session_id", metavar="SESSION")
+        decide.add_argument("call_id", metavar="CALL_ID", help="as 'orchestrator approvals' shows it, e.g. 3.1")
+        decide.add_argument(
+            "--reason", required=name == "deny", default="", help="why (shown to the model; at most 1000 characters)"
+        )
+        decide.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file")
+        decide.add_argument("--db", default=argparse.SUPPRESS, help="audit database URL")
 
 
 def _seed(text: str) -> int:
@@ -190,8 +263,8 @@ def _open_store(config: HeistConfig, *, create: bool) -> AuditStore:
     already have its folder, so a typo in ``--db`` fails instead of silently
     starting a new, empty audit trail somewhere else.
     """
+    from heist_common.audit import AuditError, AuditStore
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, AuditStore
 
     url = config.database.url
     path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") and ":memory:" not in url else None
@@ -244,12 +317,12 @@ def printable(text: str) -> str:
 
 
 def print_health(results: Sequence[HealthResult]) -> None:
-    """Print the service table: service, target, status, latency."""
-    width = max(len(r.target) for r in results) if results else 10
-    print(f"{'service':<16} {'target':<{width}} {'status':<13} {'latency':>9}")
-    for r in results:
-        note = f"  {r.detail}" if r.detail and not r.ok else ""
-        print(f"{r.service:<16} {r.target:<{width}} {r.status:<13} {r.latency_ms:>7.1f}ms{note}")
+    """Print the service table: service, target, status, latency, and why a service is not usable."""
+    from orchestrator.output.terminal import table
+
+    rows = [(r.service, r.target, r.status, f"{r.latency_ms:.1f}ms", r.detail if not r.ok else "") for r in results]
+    for line in table(("service", "target", "status", "latency", "detail"), rows, right=("latency",)):
+        print(printable(line))
 
 
 def _print_health_verdict(results: Sequence[HealthResult]) -> None:
@@ -284,6 +357,9 @@ def _print_summary(result: SessionResult) -> None:
     print(f"Tool calls: {result.tool_calls_ok} ok, {result.tool_calls_failed} failed")
     empty = f" ({result.empty_turns} empty {'reply' if result.empty_turns == 1 else 'replies'})"
     print(f"Errors:     {result.errors}{empty if result.empty_turns else ''}")
+    if result.tokens.session.counted_turns:
+        print(f"LLM tokens: {result.tokens.session.describe()}")
+        print(printable(f"  by agent: {result.tokens.describe_agents()}"))
     print(f"Audit DB:   {redact_url(result.database)}")
     if result.exports:
         print(f"Logs:       {', '.join(str(path) for path in result.exports)}")
@@ -304,6 +380,52 @@ def _print_summary(result: SessionResult) -> None:
         print(printable(f"Error:      {redact_urls(error)}"), file=sys.stderr)
 
 
+def _print_summary_json(result: SessionResult) -> None:
+    from heist_common.config import redact_url, redact_urls
+    from orchestrator.session.records import dumps, summary_record
+
+    error = redact_urls(result.error) if result.error else None
+    print(dumps(summary_record(result, database=redact_url(result.database), error=error)), flush=True)
+    if error:
+        print(printable(f"orchestrator: {error}"), file=sys.stderr)
+
+
+def _live_line_wanted() -> bool:
+    """Say whether to draw a live line: only on a terminal that can redraw one (not a log, a pipe, TERM=dumb)."""
+    return sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
+
+
+Above = Callable[[Callable[[], None]], None]
+"""Runs a function that prints lines, where the live line is (erased first, drawn again at the next phase)."""
+
+
+def _directly(write: Callable[[], None]) -> None:
+    write()
+
+
+@contextmanager
+def _turn_output(
+    session_id: str, *, as_json: bool
+) -> Iterator[tuple[Callable[[Turn], None], TurnProgress | None, Above]]:
+    """How ``run`` and ``resume`` show turns: JSON lines, or lines with a live line while each turn runs.
+
+    The third value prints other lines (a call waiting for approval, its y/n question) without a redraw
+    landing on them.
+    """
+    if as_json:
+        from orchestrator.session.records import dumps, turn_record
+
+        yield (lambda turn: print(dumps(turn_record(session_id, turn)), flush=True)), None, _directly
+        return
+    if not _live_line_wanted():
+        yield print_turn, None, _directly
+        return
+    from orchestrator.output.live import LiveLine
+
+    with LiveLine(sys.stdout) as live:
+        yield (lambda turn: live.replace(lambda: print_turn(turn))), live, live.replace
+
+
 def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfig:
     """Apply ``--llm-base-url`` and ``--model`` (run and resume take both)."""
     if not (args.llm_base_url or args.model):
@@ -320,9 +442,9 @@ def _with_llm_flags(config: HeistConfig, args: argparse.Namespace) -> HeistConfi
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError
-    from orchestrator.session.runner import RunOptions, run_session
+    from orchestrator.session.runner import RunOptions, new_session_id, run_session
 
     config = _with_llm_flags(_load(args), args)
     allowed = config.session.max_turns_allowed
@@ -330,22 +452,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(f"--turns must be 1 to {allowed} (session.max_turns_allowed)", ExitCode.USAGE)
     if args.out is not None:
         _check_writable(args.out)
+    session_id = args.session_id or new_session_id()  # known here: every JSON line carries it
     options = RunOptions(
-        session_id=args.session_id,
+        session_id=session_id,
         turns=args.turns,
         seed=args.seed,
         require_healthy=args.require_healthy,
         export_dir=args.out,
     )
     _open_store(config, create=True).close()  # a bad --db fails here, before any service is called
+    on_health = None if args.json else _print_health_verdict
     try:
-        with _sigterm_interrupts(), _credentials_checked():
-            result = asyncio.run(run_session(config, options, on_health=_print_health_verdict, on_turn=print_turn))
+        with (
+            _sigterm_interrupts(),
+            _credentials_checked(),
+            _turn_output(session_id, as_json=args.json) as (on_turn, on_progress, above),
+        ):
+            result = asyncio.run(
+                run_session(
+                    config,
+                    options,
+                    on_health=on_health,
+                    on_turn=on_turn,
+                    on_progress=on_progress,
+                    approval_hooks=_approval_hooks(args, above),
+                )
+            )
     except AuditError as exc:
         raise CommandError(redact_urls(str(exc)), ExitCode.DATABASE) from None
     except ValueError as exc:  # invalid --session-id
         raise CommandError(str(exc), ExitCode.USAGE) from None
-    _print_summary(result)
+    if args.json:
+        _print_summary_json(result)
+    else:
+        _print_summary(result)
     return result.exit_code
 
 
@@ -357,8 +497,8 @@ def _print_resume(point: ResumePoint) -> None:
 def _cmd_resume(args: argparse.Namespace) -> int:
     import asyncio
 
+    from heist_common.audit import AuditError, UnknownSessionError
     from heist_common.config import redact_urls
-    from orchestrator.audit import AuditError, UnknownSessionError
     from orchestrator.session.resume import NotResumableError, ResumeConflictError
     from orchestrator.session.runner import RunOptions, resume_session
 
@@ -368,7 +508,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     options = RunOptions(require_healthy=args.require_healthy, export_dir=args.out)
     _open_store(config, create=False).close()  # resume never creates an audit database
     try:
-        with _sigterm_interrupts(), _credentials_checked():
+        with (
+            _sigterm_interrupts(),
+            _credentials_checked(),
+            _turn_output(args.session_id, as_json=False) as (on_turn, on_progress, above),
+        ):
             result = asyncio.run(
                 resume_session(
                     config,
@@ -376,7 +520,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
                     options,
                     on_resume=_print_resume,
                     on_health=_print_health_verdict,
-                    on_turn=print_turn,
+                    on_turn=on_turn,
+                    on_progress=on_progress,
+                    approval_hooks=_approval_hooks(args, above),
                 )
             )
     except UnknownSessionError:
@@ -391,6 +537,146 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if result.turns_before:
         print(f"Resumed:    after turn {result.turns_before}; {result.turns_before + len(result.turns)} turns in all")
     return result.exit_code
+
+
+def _cli_prefix(args: argparse.Namespace) -> str:
+    """``orchestrator`` with this command's ``--config`` and ``--db``: what a command printed for the user needs."""
+    import shlex
+
+    from heist_common.config import redact_url
+
+    words = ["orchestrator"]
+    if args.config is not None:
+        words += ["--config", shlex.quote(str(args.config))]
+    database = getattr(args, "db", None)
+    if database:  # a URL with a password is never printed: the user fills it in
+        words += ["--db", shlex.quote(database) if redact_url(database) == database else "<URL>"]
+    return " ".join(words)
+
+
+def _approval_hooks(args: argparse.Namespace, above: Above = _directly) -> ApprovalHooks:
+    """Announce every call that waits with the commands that decide it; on a terminal, also ask y/n in place."""
+    from orchestrator.turn.approval import ApprovalHooks
+
+    prefix = _cli_prefix(args)
+
+    out = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json: stdout holds JSON lines only
+
+    def announce(call: PendingCall, seconds_left: float) -> None:
+        ref = f"{call.session_id} {call.call_id}"
+
+        def lines() -> None:
+            print(
+                printable(
+                    f"Waiting for approval: call {call.call_id} of {call.session_id}: {call.agent_name} wants "
+                    f"{call.tool_name}.{call.operation} {call.arguments}"
+                ),
+                file=out,
+            )
+            print(f"  approve: {prefix} approve {ref}", file=out)
+            print(f"  deny:    {prefix} deny {ref} --reason TEXT", file=out)
+            print(f"  (denied by timeout in {seconds_left:.0f} s: session.approval_timeout_s)", file=out, flush=True)
+
+        above(lines)  # the live line is erased first and stays so until the next phase
+
+    interactive = not args.no_prompt and sys.stdin.isatty() and sys.stdout.isatty()
+    return ApprovalHooks(prompt=_ask_on_terminal if interactive else None, announce=announce)
+
+
+async def _ask_on_terminal(call: PendingCall) -> bool | None:
+    """Ask y/n on the terminal without blocking the event loop (a decision from elsewhere cancels the question)."""
+    print(f"Approve call {call.call_id}? [y/n] ", end="", flush=True)
+    while True:
+        line = await _read_line()
+        if line is None:  # end of input: leave the decision to another terminal
+            return None
+        answer = line.strip().lower()
+        if answer in ("y", "yes"):
+            return True
+        if answer in ("n", "no"):
+            return False
+        print("Please answer y or n: ", end="", flush=True)
+
+
+async def _read_line() -> str | None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+    descriptor = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not future.done():
+            future.set_result(sys.stdin.readline())
+
+    loop.add_reader(descriptor, readable)
+    try:
+        line = await future
+    finally:
+        loop.remove_reader(descriptor)
+    return line or None
+
+
+def _cmd_approvals(args: argparse.Namespace) -> int:
+    import json
+
+    from heist_common.audit import CallStatus
+    from heist_common.audit.approvals import PendingCall
+
+    store = _open_store(_load(args, calls_services=False), create=False)
+    try:
+        if args.session_id is not None and not store.session_exists(args.session_id):
+            raise _unknown_session(args.session_id)
+        rows = store.read_tool_calls(args.session_id, CallStatus.PENDING_APPROVAL)
+    finally:
+        store.close()
+    pending = [PendingCall.from_record(row) for row in rows]
+    if args.json:
+        print(printable(json.dumps([call.as_json() for call in pending], indent=2, ensure_ascii=False)))
+        return 0
+    if not pending:
+        print("No tool calls wait for approval.")
+        return 0
+    print(f"{'session':<40} {'call':<8} {'agent':<12} {'tool':<28} {'waiting since':<29} arguments")
+    for call in pending:
+        arguments = call.arguments if len(call.arguments) <= 80 else call.arguments[:77] + "..."
+        print(
+            printable(
+                f"{call.session_id:<40} {call.call_id:<8} {call.agent_name:<12} "
+                f"{call.tool_name + '.' + call.operation:<28} {call.waiting_since:<29} {arguments}"
+            )
+        )
+    return 0
+
+
+def _cmd_decide(args: argparse.Namespace) -> int:
+    from heist_common.audit import AuditError, CallNotPendingError, UnknownCallError, UnknownSessionError
+    from heist_common.audit.approvals import check_decision, os_user
+
+    approve = args.command == "approve"
+    who = os_user()
+    try:
+        check_decision(args.reason, who)
+    except ValueError as exc:
+        raise CommandError(f"--reason: {exc}", ExitCode.USAGE) from None
+    store = _open_store(_load(args, calls_services=False), create=False)
+    try:
+        row = store.decide_now(args.session_id, args.call_id, approve, args.reason, who)
+    except UnknownSessionError:
+        raise _unknown_session(args.session_id) from None
+    except (UnknownCallError, CallNotPendingError) as exc:
+        raise CommandError(str(exc).strip("'\""), ExitCode.NOT_PENDING) from None
+    except AuditError as exc:
+        raise CommandError(str(exc), ExitCode.DATABASE) from None
+    finally:
+        store.close()
+    print(
+        printable(
+            f"{row['status']}: call {args.call_id} of {args.session_id} ({row['tool_name']}.{row['operation']}) "
+            f"by {who} at {row['decided_at']}"
+        )
+    )
+    return 0
 
 
 def _check_writable(folder: Path) -> None:
@@ -423,7 +709,13 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     with _credentials_checked():
         results = asyncio.run(probe())
-    print_health(results)
+    if args.json:
+        from orchestrator.session.records import dumps, health_record
+
+        for result in results:
+            print(dumps(health_record(result)))
+    else:
+        print_health(results)
     return ExitCode.OK if all(r.ok for r in results) else ExitCode.UNHEALTHY
 
 
@@ -459,27 +751,38 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     url = config.database.url
     configured = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
     if not getattr(args, "db", None) and configured is not None and not Path(configured).exists():
-        print("No sessions yet.")  # nothing has run with this config; a --db that does not exist is an error
+        if not args.json:  # JSON: no line at all
+            print("No sessions yet.")  # nothing has run with this config; a --db that does not exist is an error
         return 0
     store = _open_store(config, create=False)
     try:
         rows = store.read_sessions()
+        tokens = store.read_token_counts()
     finally:
         store.close()
+    if args.json:
+        from orchestrator.session.records import dumps, session_record
+
+        for row in rows:
+            print(dumps(session_record(row, tokens.get(row["session_id"]))))
+        return 0
     if not rows:
         print("No sessions yet.")
         return 0
-    print(f"{'session':<32} {'status':<12} {'turns':>5}  {'start':<29} end")
+    from orchestrator.output.terminal import table
+
+    shown = []
     for row in rows:
-        print(
-            f"{row['session_id']:<32} {row['status']:<12} {row['num_turns']:>5}  {row['start_time']:<29} "
-            f"{row['end_time'] or '-'}"
-        )
+        count = tokens.get(row["session_id"])
+        used = "-" if count is None else f"{'~' if count.estimated else ''}{count.total}"
+        shown.append((row["session_id"], row["status"], row["num_turns"], used, row["start_time"], row["end_time"]))
+    for line in table(("session", "status", "turns", "tokens", "start", "end"), shown, right=("turns", "tokens")):
+        print(printable(line))
     return 0
 
 
 def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> dict[str, object]:
-    from orchestrator.audit import UnknownSessionError
+    from heist_common.audit import UnknownSessionError
 
     store = _open_store(config or _load(args, calls_services=False), create=False)
     try:
@@ -491,9 +794,18 @@ def _read_log(args: argparse.Namespace, config: HeistConfig | None = None) -> di
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from orchestrator.output.export import render_markdown
+    log = _read_log(args)
+    if args.json:
+        from orchestrator.session.records import dumps
 
-    print(printable(render_markdown(_read_log(args), escaped=False)), end="")
+        print(dumps(log))
+        return 0
+    import shutil
+
+    from orchestrator.output.terminal import render_transcript
+
+    width = min(shutil.get_terminal_size((100, 24)).columns, 120) - 1
+    print(render_transcript(log, width, printable), end="")
     return 0
 
 
@@ -541,6 +853,9 @@ COMMANDS = {
     "export": _cmd_export,
     "resume": _cmd_resume,
     "report": _cmd_report,
+    "approvals": _cmd_approvals,
+    "approve": _cmd_decide,
+    "deny": _cmd_decide,
 }
 
 

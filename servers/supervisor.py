@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -51,6 +52,9 @@ from servers.auth import credential_store
 from servers.runtime.lifecycle import service_limits
 
 LLM_NAME = "llm"
+GATEWAY_NAME = "mcp_gateway"
+"""The MCP gateway's process (``servers.mcp_gateway``), run when the config has an ``mcp_gateway`` section."""
+GATEWAY_READINESS_PATH = "/readyz"
 LLM_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 GRPC_START_TIMEOUT_S = 30.0
 LLM_START_TIMEOUT_S = 120.0
@@ -126,6 +130,16 @@ class Supervisor:
         """Every replica of every configured service, in config order."""
         return [process for name in self.config.services for process in self.grpc_processes(name)]
 
+    def gateway_processes(self) -> list[ManagedProcess]:
+        """Describe the MCP gateway's process, if the config has one (after the services: it calls them)."""
+        settings = self.config.mcp_gateway
+        if settings is None:
+            return []
+        command = [sys.executable, "-m", f"servers.{GATEWAY_NAME}", "--config", str(self.config.config_path)]
+        return [
+            ManagedProcess(GATEWAY_NAME, settings.address, command, GRPC_START_TIMEOUT_S, settings.metrics_address)
+        ]
+
     def llm_process(self) -> ManagedProcess:
         """Describe the embedded model's process: llama.cpp's ``llama-server`` (servers/llama_server.py)."""
         host, port = llm_host_port(self.llm.base_url)
@@ -164,6 +178,8 @@ class Supervisor:
         started = time.perf_counter()
         if name == LLM_NAME:
             status = llm_completes(self.llm.base_url, self.llm.model, max(timeout_s, LLM_PROBE_TIMEOUT_S))
+        elif name == GATEWAY_NAME:
+            status = http_ready(self.config, address, timeout_s)
         else:
             service = service_of(name)
             status = grpc_health(self.config, service, address, self.catalogue[service].full_name, timeout_s)
@@ -174,7 +190,7 @@ class Supervisor:
     def serve(self, llm: bool) -> int:
         """Start whatever is not running yet and wait until everything is healthy; return the exit code."""
         credential_store.ensure_dev_credentials(self.config)
-        processes = self.all_grpc_processes()
+        processes = self.all_grpc_processes() + self.gateway_processes()
         if export_requested():
             print("tracing: every service exports spans over OTLP (OTEL_EXPORTER_OTLP_* is set)", file=self.out)
         if llm and self.llm.embedded:
@@ -293,7 +309,7 @@ class Supervisor:
 
     def known_processes(self) -> list[ManagedProcess]:
         """Every gRPC service, plus the embedded LLM when serve started it (``--llm off`` runs stay green)."""
-        processes = self.all_grpc_processes()
+        processes = self.all_grpc_processes() + self.gateway_processes()
         if self.pid_file(LLM_NAME).exists():
             processes.append(self.llm_process())
         return processes
@@ -330,7 +346,7 @@ class Supervisor:
         """SIGTERM every recorded process, SIGKILL what outlives the grace period, remove pid files."""
         # Every replica a pid file may exist for, also ones a smaller ``replicas`` no longer names.
         names = [replica_name(name, index) for name in self.config.services for index in range(MAX_REPLICAS)]
-        names.append(LLM_NAME)
+        names += [GATEWAY_NAME, LLM_NAME]
         targets: dict[str, PidRecord] = {}
         for name in names:
             record = self.read_record(name)
@@ -477,6 +493,31 @@ def grpc_health(config: HeistConfig, name: str, address: str, grpc_service: str,
         except grpc.RpcError:
             return "DOWN"
     return "SERVING" if response.status == health_pb2.HealthCheckResponse.SERVING else "NOT_SERVING"
+
+
+def http_ready(config: HeistConfig, address: str, timeout_s: float) -> str:
+    """Ask the MCP gateway's readiness endpoint: SERVING on 200, NOT_SERVING on 503, DOWN otherwise.
+
+    Under mTLS the gateway serves HTTPS with its certificate from the mesh CA, checked against the host
+    dialled (it carries that name, unlike the gRPC services' certificates).
+    """
+    context = None
+    scheme = "http"
+    if tls.mtls(config):
+        scheme = "https"
+        try:
+            cafile = os.environ.get(tls.CA_FILE_ENV) or tls.tls_dir(config) / "ca.crt"
+            context = ssl.create_default_context(cafile=cafile)
+        except OSError:
+            return "DOWN"
+    try:
+        with urllib.request.urlopen(f"{scheme}://{address}{GATEWAY_READINESS_PATH}", timeout=timeout_s,
+                                    context=context) as response:  # fmt: skip
+            return "SERVING" if response.status == 200 else "DOWN"
+    except urllib.error.HTTPError as exc:
+        return "NOT_SERVING" if exc.code == 503 else "DOWN"
+    except (urllib.error.URLError, OSError, ValueError):
+        return "DOWN"
 
 
 def llm_completes(base_url: str, model: str, timeout_s: float) -> str:

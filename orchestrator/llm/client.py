@@ -35,11 +35,13 @@ from urllib.parse import urlsplit
 import httpx2
 
 from heist_common.config import LLMConfig
+from orchestrator.llm.usage import TokenMeter, Usage, read_usage
 from orchestrator.mesh.clients import HealthResult
 from orchestrator.tracing import TurnScope, current_turn, elapsed_ms, end_span
 
 if TYPE_CHECKING:
     import openai
+    from opentelemetry.metrics import Meter
     from opentelemetry.trace import Span
 
 __all__ = [
@@ -98,6 +100,8 @@ class Completion:
     latency_ms: float = 0.0
     truncated: bool = False
     """The model ran out of ``max_tokens`` mid-reply."""
+    usage: Usage = field(default_factory=Usage)
+    """Tokens of the request and reply, as the server reported them or estimated (``llm.usage``)."""
 
     def assistant_message(self) -> dict[str, Any]:
         """Build the assistant turn to send back before the tool results (OpenAI protocol)."""
@@ -120,7 +124,8 @@ def _json_object(fields: dict[str, str]) -> bytes:
 class LLMClient:
     """One ``openai.AsyncOpenAI`` client configured from the ``llm`` section, one HTTP pool per run."""
 
-    def __init__(self, config: LLMConfig) -> None:
+    def __init__(self, config: LLMConfig, *, meter: Meter | None = None) -> None:
+        """``meter``: where the ``gen_ai.client.token.usage`` histogram goes (None: no OpenTelemetry metrics)."""
         self.config = config
         self.http = httpx2.AsyncClient(timeout=config.timeout_s, limits=CONNECTION_LIMITS, follow_redirects=True)
         """One connection pool, the probe's and the SDK's (``http_client``): turns reuse the probe's connection."""
@@ -137,6 +142,17 @@ class LLMClient:
         """Serialized ``tools`` lists by identity (each agent sends the same list object turn after turn)."""
         parts = urlsplit(config.base_url)
         self._server = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        self.tokens = TokenMeter(
+            config.model,
+            meter,
+            {
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": config.model,
+                "server.address": self._server[0],
+                "server.port": self._server[1],
+            },
+        )
+        """Every request's tokens, per agent: the Prometheus counter and the OpenTelemetry histogram."""
 
     @property
     def client(self) -> openai.AsyncOpenAI:
@@ -216,7 +232,18 @@ class LLMClient:
                 raise TypeError("content and function names must be strings")
         except (LookupError, TypeError, AttributeError) as exc:
             raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), elapsed_ms(start)) from None
-        return Completion(content=content.strip(), tool_calls=calls, latency_ms=elapsed_ms(start))
+        # The estimate (no usage in the reply) counts the serialized messages and functions: what the server templates.
+        sent = len(fields["messages"]) + len(fields.get("tools", ""))
+        said = len(content) + sum(len(call.name) + len(call.arguments) for call in calls)
+        usage = self._count(data, sent, said, "chat")
+        return Completion(content=content.strip(), tool_calls=calls, latency_ms=elapsed_ms(start), usage=usage)
+
+    def _count(self, data: Any, prompt_chars: int, completion_chars: int, operation: str) -> Usage:
+        """Read (or estimate) one reply's usage and meter it for the current turn's agent."""
+        usage = read_usage(data, prompt_chars, completion_chars)
+        turn = current_turn()
+        self.tokens.record(turn.agent if turn is not None else None, operation, usage)
+        return usage
 
     def _serialized_tools(self, tools: list[dict[str, Any]]) -> str:
         """``tools`` as JSON, serialized once per list object (the lists are built once and never modified)."""
@@ -266,7 +293,10 @@ class LLMClient:
                 raise TypeError(f"text is {type(text).__name__}")
         except (LookupError, TypeError, AttributeError) as exc:
             raise LLMError("BAD_RESPONSE", _short(f"unexpected reply: {exc!r}"), elapsed_ms(start)) from None
-        return Completion(content=text.strip(), latency_ms=elapsed_ms(start), truncated=finish_reason == "length")
+        usage = self._count(data, len(prompt), len(text), "text_completion")
+        return Completion(
+            content=text.strip(), latency_ms=elapsed_ms(start), truncated=finish_reason == "length", usage=usage
+        )
 
     async def _post(self, path: str, body: bytes, start: float, operation: str, step: str) -> Any:
         """POST a prepared JSON body as one step of the current turn (and its span); return the decoded reply.

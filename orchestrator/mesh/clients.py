@@ -40,13 +40,13 @@ from heist_common.contract import (
     contract_of,
 )
 from heist_common.credentials import CredentialsError, client_secret
-from orchestrator.tools.registry import ToolRegistry
+from heist_common.tools.registry import ToolRegistry
 from orchestrator.tracing import current_turn, elapsed_ms, end_span, step_kind
 
 if TYPE_CHECKING:
     import pybreaker
 
-    from orchestrator.audit import EventRow
+    from heist_common.audit import EventRow
 
 __all__ = [
     "CIRCUIT_OPEN",
@@ -93,7 +93,7 @@ class ServiceCallError(Exception):
 
     def to_event(self, turn_id: int | None = None, agent_name: str | None = None) -> EventRow:
         """Describe this failure as an ``events`` row."""
-        from orchestrator.audit import EventRow  # the audit (Peewee) is loaded by whoever records events
+        from heist_common.audit import EventRow  # the audit (Peewee) is loaded by whoever records events
 
         return EventRow(
             service=self.service,
@@ -326,7 +326,7 @@ class HealthResult:
 
     def to_event(self) -> EventRow:
         """Describe this health result as an ``events`` row."""
-        from orchestrator.audit import EventRow
+        from heist_common.audit import EventRow
 
         return EventRow(
             service=self.service,

@@ -12,7 +12,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from orchestrator.audit import AuditStore, EventRow
+from heist_common.audit import AuditStore, EventRow
 from orchestrator.mesh.clients import Metadata, ServiceCallError, ServiceClients
 from orchestrator.tracing import elapsed_ms
 

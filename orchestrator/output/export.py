@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from heist_common.audit.tokens import TokenTotals
 from orchestrator.output.atomic import write_atomically
 from orchestrator.output.report import render_report, report_path
 from orchestrator.output.text import markdown_text
@@ -20,24 +21,21 @@ def render_json(log: dict[str, Any]) -> str:
     return json.dumps(log, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
-def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
+def render_markdown(log: dict[str, Any]) -> str:
     """Render a readable transcript: turns in order, each with its tool calls and errors.
 
     Every text from the audit is escaped (``markdown_text``), so the model's
     words render literally in any Markdown viewer, never as HTML, a link or an
-    image. ``escaped=False`` keeps them as written, for ``orchestrator show``,
-    which makes the whole page safe for the terminal instead.
+    image. (``orchestrator show`` is ``output.terminal``'s view, not this file.)
     """
 
     def text(value: object) -> str:
         """Escape a few words that stand in the middle of a line."""
-        raw = "" if value is None else str(value)
-        return markdown_text(raw, inline=True) if escaped else raw
+        return markdown_text("" if value is None else str(value), inline=True)
 
     def cell(value: object) -> str:
         """Escape a value for one line: a list item, a table cell (where "|" would end the cell)."""
-        line = ("" if value is None else str(value)).replace("\n", " ")
-        return markdown_text(line, inline=True) if escaped else line.replace("|", "\\|")
+        return markdown_text(("" if value is None else str(value)).replace("\n", " "), inline=True)
 
     session = log["session"]
     lines = [
@@ -52,6 +50,10 @@ def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
     ]
     if session.get("error"):
         lines.append(f"- error: {cell(session['error'])}")
+    tokens = TokenTotals.from_messages(log["messages"])
+    if tokens.session.counted_turns:
+        lines.append(f"- LLM tokens: {text(tokens.session.describe())}")
+        lines.append(f"- LLM tokens by agent: {cell(tokens.describe_agents())}")
     lines += ["", "## Transcript", ""]
     tools_by_turn: dict[int, list[dict[str, Any]]] = {}
     for row in log["tool_usage"]:
@@ -63,7 +65,13 @@ def render_markdown(log: dict[str, Any], *, escaped: bool = True) -> str:
         turn = message["turn_id"]
         lines.append(f"### Turn {turn}: {text(message['agent_name'])} ({text(message['agent_role'])})")
         said = str(message["message"] or "")
-        lines += ["", markdown_text(said) if escaped else said, ""]
+        lines += ["", markdown_text(said), ""]
+        if message.get("prompt_tokens") is not None:
+            estimated = " (estimated)" if message.get("tokens_estimated") else ""
+            lines.append(
+                f"- tokens: {text(message['prompt_tokens'])} prompt + {text(message['completion_tokens'])} "
+                f"completion{estimated}"
+            )
         for row in tools_by_turn.get(turn, []):
             outcome = "ok" if row["success"] else f"FAILED ({text(row['status_code'])})"
             result = str(row["tool_result"] or "")

@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from heist_common.audit.tokens import TokenTotals
 from orchestrator.output.atomic import write_atomically
 from orchestrator.output.text import strip_controls
 from orchestrator.tracing import Step, read_timings
@@ -217,6 +218,12 @@ def render_report(log: dict[str, Any]) -> str:
     calls_failed = len(log["tool_usage"]) - calls_ok
     errors = sum(len(rows) for rows in errors_by_turn.values())
     turn_total = sum(float(m["latency_ms"] or 0) for m in messages)
+    tokens = TokenTotals.from_messages(messages)
+    token_card = (
+        f'<div class="card">LLM tokens<b>{"~" if tokens.session.estimated else ""}{tokens.session.total}</b></div>'
+        if tokens.session.counted_turns
+        else ""
+    )
 
     out = [
         "<!DOCTYPE html>",
@@ -235,6 +242,7 @@ def render_report(log: dict[str, Any]) -> str:
         f'<div class="card">tool calls<b>{calls_ok} ok · {calls_failed} failed</b></div>',
         f'<div class="card">errors<b class="{"bad" if errors else "ok"}">{errors}</b></div>',
         f'<div class="card">time in turns<b>{_text(_ms(turn_total))}</b></div>',
+        token_card,
         "</div>",
     ]
     if session.get("error"):
@@ -256,6 +264,8 @@ def render_report(log: dict[str, Any]) -> str:
             out.append(f'<div class="waterfall">{header}{chart}</div>')
 
     out += ["<h2>Latency and errors per service</h2>", _summary_table(service_summary(log))]
+    if tokens.session.counted_turns:
+        out += ["<h2>LLM tokens per agent</h2>", _tokens_table(tokens)]
     out += ["<h2>Transcript</h2>"]
     for message in messages:
         turn = message["turn_id"]
@@ -276,8 +286,8 @@ def _health_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return '<p class="muted">No health results recorded.</p>'
     body = "".join(
-        f"<tr><td>{_text(r['service'])}</td><td class=\"{_status_class(r['status_code'])}\">{_text(r['status_code'])}"
-        f"</td><td class=\"num\">{_text(_ms(r['latency_ms']))}</td><td>{_text(r['detail'])}</td></tr>"
+        f'<tr><td>{_text(r["service"])}</td><td class="{_status_class(r["status_code"])}">{_text(r["status_code"])}'
+        f'</td><td class="num">{_text(_ms(r["latency_ms"]))}</td><td>{_text(r["detail"])}</td></tr>'
         for r in rows
     )
     return (
@@ -290,15 +300,30 @@ def _summary_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return '<p class="muted">No calls recorded.</p>'
     body = "".join(
-        f"<tr><td>{_text(r['service'])}</td><td class=\"num\">{r['calls']}</td>"
-        f"<td class=\"num {'bad' if r['errors'] else ''}\">{r['errors']}</td>"
-        f"<td class=\"num\">{_text(_ms(r['p50_ms']))}</td><td class=\"num\">{_text(_ms(r['p95_ms']))}</td>"
-        f"<td class=\"num\">{_text(_ms(r['max_ms']))}</td></tr>"
+        f'<tr><td>{_text(r["service"])}</td><td class="num">{r["calls"]}</td>'
+        f'<td class="num {"bad" if r["errors"] else ""}">{r["errors"]}</td>'
+        f'<td class="num">{_text(_ms(r["p50_ms"]))}</td><td class="num">{_text(_ms(r["p95_ms"]))}</td>'
+        f'<td class="num">{_text(_ms(r["max_ms"]))}</td></tr>'
         for r in rows
     )
     return (
         '<table class="services"><thead><tr><th>service</th><th class="num">calls</th><th class="num">errors</th>'
         '<th class="num">p50</th><th class="num">p95</th><th class="num">max</th></tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+def _tokens_table(tokens: TokenTotals) -> str:
+    rows = [*tokens.agents.items(), ("all agents", tokens.session)]
+    body = "".join(
+        f'<tr><td>{_text(name)}</td><td class="num">{count.counted_turns}</td>'
+        f'<td class="num">{count.prompt}</td><td class="num">{count.completion}</td>'
+        f'<td class="num">{count.total}</td><td>{"estimated in part" if count.estimated else "reported"}</td></tr>'
+        for name, count in rows
+    )
+    return (
+        '<table class="tokens"><thead><tr><th>agent</th><th class="num">turns</th><th class="num">prompt</th>'
+        '<th class="num">completion</th><th class="num">total</th><th>source</th></tr></thead>'
         f"<tbody>{body}</tbody></table>"
     )
 
@@ -322,6 +347,11 @@ def _turn_html(message: dict[str, Any], tools: list[dict[str, Any]], errors: lis
         )
     calls = f'<ul class="calls">{"".join(items)}</ul>' if items else ""
     trace = f" · trace <code>{_text(message['trace_id'])}</code>" if message.get("trace_id") else ""
+    if message.get("prompt_tokens") is not None:
+        mark = "~" if message.get("tokens_estimated") else ""
+        trace = (
+            f" · {mark}{_text(message['prompt_tokens'])} + {mark}{_text(message['completion_tokens'])} tokens{trace}"
+        )
     return (
         f'<div class="turn{" failed" if failed else ""}" id="turn-{_text(message["turn_id"])}">'
         f"<h3>Turn {_text(message['turn_id'])}: {_text(message['agent_name'])} "
@@ -336,7 +366,7 @@ def _turn_html(message: dict[str, Any], tools: list[dict[str, Any]], errors: lis
 def _events_table(rows: list[dict[str, Any]]) -> str:
     body = "".join(
         f"<tr><td>{_text(r['timestamp'])}</td><td>{_text(r['service'])}.{_text(r['operation'])}</td>"
-        f"<td class=\"{_status_class(r['status_code'])}\">{_text(r['status_code'])}</td>"
+        f'<td class="{_status_class(r["status_code"])}">{_text(r["status_code"])}</td>'
         f"<td>{_text(r['detail'])}</td></tr>"
         for r in rows
     )

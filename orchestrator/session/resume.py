@@ -35,8 +35,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from heist_common.audit import RUNNING_STATUSES, AuditStore, SessionStatus
 from heist_common.config import HeistConfig
-from orchestrator.audit import AuditStore, SessionStatus
 from orchestrator.session.schedule import turn_schedule
 from orchestrator.turn.prompts import ConversationMessage
 
@@ -165,7 +165,7 @@ def plan_resume(
             f"session {session_id} is degraded: it played every turn, but a service never worked "
             f"({row.get('error') or 'see its events'}); nothing to resume: run a new session once the service works"
         )
-    if status == SessionStatus.ACTIVE:
+    if status in RUNNING_STATUSES:  # awaiting_approval too: a decision can be given while no process runs
         stale_after_s = config.session.stale_after_s
         verdict = judge_liveness(row, host=host, stale_after_s=stale_after_s, now=now, alive=alive)
         if verdict.live:

@@ -9,6 +9,11 @@ answered (an empty reply is no answer: status ``empty``); else ``degraded``
 (exit 8) when the crew could not use a service it needed (``unusable_services``:
 a service the turns tried to call at least once, and not once with an answer);
 else ``completed``.
+
+A session over its token budget (``session.max_llm_tokens``, or an agent's
+``agents[].max_llm_tokens``) ends ``failed`` after the turn that went over it
+is recorded, with ``sessions.error`` starting ``budget:`` and an ``events`` row
+(``orchestrator``/``budget``); a resumed session counts on from the audit's totals.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from heist_common.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError, TokenTotals
 from heist_common.config import HeistConfig
 from heist_common.contract import SESSION_ID_PATTERN
 from heist_common.exit_codes import ExitCode
-from heist_common.telemetry import Telemetry, setup_tracing
-from orchestrator.audit import AuditError, AuditStore, EventRow, SessionStatus, SessionTakenOverError
+from heist_common.telemetry import Telemetry, setup_metrics, setup_tracing
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import CIRCUIT_OPEN, HealthResult, ServiceClients
 from orchestrator.output.export import SessionFiles, write_session_files
@@ -36,9 +42,16 @@ from orchestrator.session.schedule import iter_schedule
 from orchestrator.session.unrecorded import record_later, settle_unrecorded, unrecorded_dir
 from orchestrator.tracing import rpc_service, turn_scope
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, MemoryFetch, SessionContext
+from orchestrator.turn.approval import ApprovalHooks
+from orchestrator.turn.progress import TurnProgress
 from orchestrator.turn.turn import EMPTY, LLM_ERROR, OK, Turn
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+
 __all__ = [
+    "BUDGET",
+    "BudgetExceeded",
     "RunOptions",
     "SessionResult",
     "SessionRunner",
@@ -123,6 +136,19 @@ class LLMBroken(Exception):
     """The LLM's circuit breaker tripped: too many consecutive turns failed to get an answer."""
 
 
+BUDGET = "budget"
+"""The reason a session over its token budget ended: ``sessions.error`` starts ``budget:``, its event's operation."""
+
+
+class BudgetExceeded(Exception):
+    """The session, or one agent, used more LLM tokens than the config allows."""
+
+    def __init__(self, message: str, turn_id: int | None = None, agent: str | None = None) -> None:
+        super().__init__(f"{BUDGET}: {message}")
+        self.turn_id = turn_id
+        self.agent = agent
+
+
 def new_session_id(now: datetime | None = None) -> str:
     """``heist_YYYYMMDD_HHMMSS_<16 hex>`` (UTC): sortable, and 64 random bits so nobody guesses a live one."""
     moment = now or datetime.now(UTC)
@@ -164,6 +190,8 @@ class SessionResult:
     """Why a session ended ``degraded`` (``unusable_services``); empty otherwise."""
     settled: list[str] = field(default_factory=list)
     """Earlier sessions whose end the database had missed, recorded when this run opened it."""
+    tokens: TokenTotals = field(default_factory=TokenTotals)
+    """LLM tokens of the whole session, per agent: a resumed session's earlier turns included (as audited)."""
 
     @property
     def tool_calls_ok(self) -> int:
@@ -204,7 +232,9 @@ class SessionRunner:
         *,
         on_health: Callable[[list[HealthResult]], None] | None = None,
         on_turn: TurnObserver | None = None,
+        on_progress: TurnProgress | None = None,
         resume: ResumePoint | None = None,
+        approval_hooks: ApprovalHooks | None = None,
     ) -> None:
         self.config = config
         self.options = options or RunOptions()
@@ -216,7 +246,11 @@ class SessionRunner:
         self.session_id = self.options.session_id or new_session_id()
         if not SESSION_ID_PATTERN.match(self.session_id):
             raise ValueError(f"invalid session ID {self.session_id!r} (letters, digits, '_', '.', '-'; max 128)")
-        self.context = SessionContext(self.session_id, config, clients, llm, audit)
+        self.context = SessionContext(
+            self.session_id, config, clients, llm, audit, approval_hooks, progress=on_progress
+        )
+        self._leftovers: list[dict[str, Any]] = []
+        """Tool calls of the turn a dead process left (a resume finishes them in that turn)."""
         self.agents = {agent.name: CrewAgent(agent, self.context) for agent in config.agents}
         self._on_health = on_health
         self._on_turn = on_turn
@@ -255,6 +289,8 @@ class SessionRunner:
             return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, str(exc))
         except LLMBroken as exc:
             return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, self._llm_down(str(exc)))
+        except BudgetExceeded as exc:
+            return await self._over_budget(result, exc)
         except (asyncio.CancelledError, KeyboardInterrupt):
             await asyncio.shield(self._finish(result, SessionStatus.INTERRUPTED, ExitCode.INTERRUPTED, "interrupted"))
             raise
@@ -282,6 +318,7 @@ class SessionRunner:
         history = await self._pick_up(result) if self.resume_point is not None else []
         for _ in history:  # the turns played before the session was resumed
             next(schedule, None)
+        self._check_budget(result.tokens, None, None)  # a resumed session may have spent it all already
         following = next(schedule, None)
         prefetched: asyncio.Task[MemoryFetch] | None = None
         failures_allowed = self.config.resilience.llm_max_consecutive_failures
@@ -302,11 +339,16 @@ class SessionRunner:
                         if following is not None and following != name
                         else None
                     )
-                    turn = await agent.take_turn(index + 1, history, memory)
+                    leftovers = [call for call in self._leftovers if call["agent_name"] == name]
+                    self._leftovers = []
+                    turn = await agent.take_turn(index + 1, history, memory, leftovers)
                 history.append(turn.as_message())
                 result.turns.append(turn)
+                if turn.llm_requests:
+                    result.tokens.add(name, turn.prompt_tokens, turn.completion_tokens, turn.tokens_estimated)
                 if self._on_turn is not None:
                     self._on_turn(turn)
+                self._check_budget(result.tokens, turn.turn_id, name)
                 failed_in_a_row = failed_in_a_row + 1 if turn.status in (LLM_ERROR, EMPTY) else 0
                 if failed_in_a_row >= failures_allowed:
                     last = "an empty reply" if turn.status == EMPTY else turn.message
@@ -328,8 +370,42 @@ class SessionRunner:
         # The memory service may have lost the session (restarted), or hold a turn the audit never got.
         events += await sync.rebuild(fresh=True)
         await self.context.audit.add_events(self.session_id, events)
+        self._leftovers = await self.context.audit.unsettled_tool_calls(self.session_id, point.turns_done)
         result.turns_before = point.turns_done
+        result.tokens = await self.context.audit.token_totals(self.session_id)
         return list(point.history)
+
+    def _check_budget(self, tokens: TokenTotals, turn_id: int | None, agent: str | None) -> None:
+        """Raise BudgetExceeded when the session or an agent (``agent``, or all of them) is over its limit."""
+        limit = self.config.session.max_llm_tokens
+        used = tokens.session
+        after = f" after turn {turn_id} ({agent})" if turn_id is not None else ""
+        if limit is not None and used.total > limit:
+            raise BudgetExceeded(
+                f"the session used {used.describe()} LLM tokens{after}, over session.max_llm_tokens = {limit}",
+                turn_id,
+                agent,
+            )
+        for name, crew_agent in self.agents.items():
+            agent_limit = crew_agent.config.max_llm_tokens
+            if agent_limit is None or (agent is not None and name != agent):
+                continue
+            spent = tokens.agent(name)
+            if spent.total > agent_limit:
+                raise BudgetExceeded(
+                    f"{name} used {spent.describe()} LLM tokens{after}, over its max_llm_tokens = {agent_limit}",
+                    turn_id,
+                    name,
+                )
+
+    async def _over_budget(self, result: SessionResult, exc: BudgetExceeded) -> SessionResult:
+        """End the session ``failed`` for its budget: an event says so, then the usual end (exit 1)."""
+        event = EventRow("orchestrator", BUDGET, "BUDGET_EXCEEDED", str(exc), None, exc.turn_id, exc.agent)
+        try:
+            await self.context.audit.add_events(self.session_id, [event])
+        except AuditError as error:
+            return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, f"{exc}; {error}")
+        return await self._finish(result, SessionStatus.FAILED, ExitCode.FAILED, str(exc))
 
     async def _finish(self, result: SessionResult, status: str, exit_code: int, error: str | None) -> SessionResult:
         result.status, result.exit_code, result.error = status, exit_code, error
@@ -390,12 +466,17 @@ async def run_session(
     *,
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
+    on_progress: TurnProgress | None = None,
+    approval_hooks: ApprovalHooks | None = None,
 ) -> SessionResult:
     """Open the audit store, channels and LLM client, run one new session, close everything.
 
     Raises AuditError if the audit database cannot be opened at all.
     """
-    return await _open_and_run(config, options, None, on_health=on_health, on_turn=on_turn)
+    return await _open_and_run(
+        config, options, None, on_health=on_health, on_turn=on_turn, on_progress=on_progress,
+        approval_hooks=approval_hooks,
+    )  # fmt: skip
 
 
 async def resume_session(
@@ -406,6 +487,8 @@ async def resume_session(
     on_resume: Callable[[ResumePoint], None] | None = None,
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
+    on_progress: TurnProgress | None = None,
+    approval_hooks: ApprovalHooks | None = None,
 ) -> SessionResult:
     """Continue an interrupted, failed or stale session from the audit alone (``orchestrator.session.resume``).
 
@@ -414,7 +497,10 @@ async def resume_session(
     opened or read, UnknownSessionError, and NotResumableError or
     ResumeConflictError (nothing was changed then).
     """
-    return await _open_and_run(config, options, session_id, on_resume=on_resume, on_health=on_health, on_turn=on_turn)
+    return await _open_and_run(
+        config, options, session_id, on_resume=on_resume, on_health=on_health, on_turn=on_turn,
+        on_progress=on_progress, approval_hooks=approval_hooks,
+    )  # fmt: skip
 
 
 async def _open_and_run(
@@ -425,6 +511,8 @@ async def _open_and_run(
     on_resume: Callable[[ResumePoint], None] | None = None,
     on_health: Callable[[list[HealthResult]], None] | None = None,
     on_turn: TurnObserver | None = None,
+    on_progress: TurnProgress | None = None,
+    approval_hooks: ApprovalHooks | None = None,
 ) -> SessionResult:
     """Open everything, run the session (new or resumed: one path for both), close everything."""
     audit = AuditStore.open(config.database.url)
@@ -442,15 +530,19 @@ async def _open_and_run(
             on_resume(point)
         config, options = _resumed(config, options, point)
     telemetry = setup_tracing(ORCHESTRATOR_SERVICE_NAME)
+    meters = setup_metrics(ORCHESTRATOR_SERVICE_NAME)
     clients = ServiceClients(config, tracer=telemetry.tracer)
-    llm = LLMClient(config.llm)
+    llm = LLMClient(config.llm, meter=meters.get_meter("heist-mesh") if meters is not None else None)
     try:
-        runner = SessionRunner(config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, resume=point)
+        runner = SessionRunner(
+            config, clients, llm, audit, options, on_health=on_health, on_turn=on_turn, on_progress=on_progress,
+            resume=point, approval_hooks=approval_hooks,
+        )  # fmt: skip
         result = await runner.run()
         result.settled = settled
         return result
     finally:
-        await asyncio.shield(_close(clients, llm, audit, telemetry))
+        await asyncio.shield(_close(clients, llm, audit, telemetry, meters))
 
 
 def _resumed(config: HeistConfig, options: RunOptions | None, point: ResumePoint) -> tuple[HeistConfig, RunOptions]:
@@ -467,12 +559,16 @@ def _resumed(config: HeistConfig, options: RunOptions | None, point: ResumePoint
     )
 
 
-async def _close(clients: ServiceClients, llm: LLMClient, audit: AuditStore, telemetry: Telemetry) -> None:
+async def _close(
+    clients: ServiceClients, llm: LLMClient, audit: AuditStore, telemetry: Telemetry, meters: MeterProvider | None
+) -> None:
     await clients.close()
     await llm.close()
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, audit.close)
     await loop.run_in_executor(None, telemetry.shutdown)  # the last spans are exported before the process ends
+    if meters is not None:
+        await loop.run_in_executor(None, meters.shutdown)  # ... and the last token counts
 
 
 def health_events(results: list[HealthResult]) -> list[EventRow]:

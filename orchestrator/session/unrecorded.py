@@ -24,7 +24,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchestrator.audit import AuditError, AuditStore, EventRow, now_iso
+from heist_common.audit import AuditError, AuditStore, EventRow, now_iso
 
 log = logging.getLogger("heist.orchestrator")
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Sequence
+from typing import Any
 
+from heist_common.audit import EventRow, TurnAudit
 from heist_common.config import AgentConfig
-from orchestrator.audit import EventRow, TurnAudit
 from orchestrator.llm.client import LLMError
 from orchestrator.mesh.clients import ServiceCallError
 from orchestrator.mesh.memory_sync import MemoryFetch
 from orchestrator.tracing import TurnScope, elapsed_ms, timings_json, turn_scope
 from orchestrator.turn.chat import ChatStyle
 from orchestrator.turn.context import SessionContext
+from orchestrator.turn.progress import Phase
 from orchestrator.turn.prompts import NO_REPLY, ConversationMessage
 from orchestrator.turn.style import PromptStyle
 from orchestrator.turn.tool_calls import ToolCaller
@@ -54,6 +56,10 @@ class CrewAgent:
             frozenset(config.tools),
             session.config.session.tool_result_max_chars,
             constraints=session.constrained.cache,
+            audit=session.audit,
+            gate=session.approvals,
+            require_approval=frozenset(config.require_approval),
+            on_call=lambda turn, tool: session.progress_at(turn, Phase.TOOL, tool),
         )
         # The session's prompt style is fixed by its config, so each agent builds only that one.
         style: type[PromptStyle] = TranscriptStyle if session.config.llm.prompt_style == "transcript" else ChatStyle
@@ -81,7 +87,11 @@ class CrewAgent:
         self.style.continue_after(turns_taken)
 
     async def take_turn(
-        self, turn_id: int, history: Sequence[ConversationMessage], memory: Awaitable[MemoryFetch] | None = None
+        self,
+        turn_id: int,
+        history: Sequence[ConversationMessage],
+        memory: Awaitable[MemoryFetch] | None = None,
+        leftovers: Sequence[dict[str, Any]] = (),
     ) -> Turn:
         """Play one turn and persist it; raises only AuditError (the audit database is unusable).
 
@@ -91,11 +101,14 @@ class CrewAgent:
         session = self.session
         with turn_scope(session.clients.tracer, session.session_id, self.name, turn_id) as scope:
             turn = Turn(turn_id, self.name, self.config.role, history, trace_id=scope.trace_id, steps=scope.steps)
-            return await self._take_turn(turn, memory, scope)
+            return await self._take_turn(turn, memory, scope, leftovers)
 
-    async def _take_turn(self, turn: Turn, memory: Awaitable[MemoryFetch] | None, scope: TurnScope) -> Turn:
+    async def _take_turn(
+        self, turn: Turn, memory: Awaitable[MemoryFetch] | None, scope: TurnScope, leftovers: Sequence[dict[str, Any]]
+    ) -> Turn:
         start = time.perf_counter()
-
+        progress = self.session.progress_at
+        progress(turn, Phase.MEMORY)
         if memory is None:
             fetched = await self.fetch_memory()
         else:  # prefetched during the previous turn: only the rest of its wait counts here
@@ -108,6 +121,13 @@ class CrewAgent:
             turn.events.append(fetched.error.to_event(turn.turn_id, self.name))
 
         turn.token = await self._token(turn, scope) if self.config.tools else None
+        if leftovers:
+            # The turn a dead process left: its calls are finished (never sent twice), the model is told how
+            # they ended, and it speaks without tools, so the resumed turn makes no call of its own.
+            notes = await self.tools.settle(turn, list(leftovers))
+            turn.memory = "\n".join([*notes, turn.memory]) if turn.memory else "\n".join(notes)
+            turn.token = None
+        progress(turn, Phase.THINKING)
         try:
             turn.message = await self.style.reply(turn)
             if not turn.message.strip():  # the style already resampled it once
@@ -128,6 +148,7 @@ class CrewAgent:
                 )
             )
         so_far = elapsed_ms(start)
+        progress(turn, Phase.WRITING)
         await self._persist(turn, turn.audit_rows(so_far, timings_json(scope.steps, so_far)), scope)
         turn.total_ms = elapsed_ms(start)
         # The whole timeline, audit write and StoreMemory included, rides on the next audit transaction.

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from heist_common.config import AgentConfig
+from heist_common.tools.registry import ToolMethod, ToolRegistry
 from orchestrator.llm.client import Completion, LLMError
-from orchestrator.tools.registry import ToolMethod, ToolRegistry
 from orchestrator.turn import prompts
 from orchestrator.turn.context import SessionContext
+from orchestrator.turn.progress import Phase
 from orchestrator.turn.style import PromptStyle
 from orchestrator.turn.tool_calls import ToolCaller
 from orchestrator.turn.turn import EMPTY_RESAMPLE_BOOST, Turn
@@ -112,6 +113,7 @@ class ChatStyle(PromptStyle):
                 {"role": "tool", "tool_call_id": call.call_id, "content": text}
                 for call, text in zip(completion.tool_calls, results, strict=True)
             )
+            self.context.progress_at(turn, Phase.THINKING)  # the model reads the results
             completion, functions = await self._chat_completion(
                 turn, conversation, functions or self._functions, final=rounds >= max_rounds
             )

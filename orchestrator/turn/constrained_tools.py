@@ -1,6 +1,6 @@
 """Constrained tool calls in a running session: which dialect a request carries, and the once-per-run fallback.
 
-``orchestrator.tools.argument_grammars`` derives a grammar and a JSON schema per tool method
+``heist_common.tools.argument_grammars`` derives a grammar and a JSON schema per tool method
 from the contract and the services' listings; this module decides, per
 ``llm.constrained_tools``, which of them a request carries:
 
@@ -30,19 +30,19 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from heist_common.audit import EventRow
 from heist_common.config import ConstrainedToolsMode
-from orchestrator.audit import EventRow
-from orchestrator.llm.client import LLMError
-from orchestrator.mesh.clients import ServiceCallError
-from orchestrator.tools import markers
-from orchestrator.tools.argument_grammars import (
+from heist_common.tools.argument_grammars import (
     ConstraintCache,
     ConstraintError,
     ListingFetcher,
     ToolConstraint,
     argument_hint,
 )
-from orchestrator.tools.registry import JsonSchema, ToolMethod, ToolRegistry
+from heist_common.tools.registry import JsonSchema, ToolMethod, ToolRegistry
+from orchestrator.llm.client import LLMError
+from orchestrator.mesh.clients import ServiceCallError
+from orchestrator.tools import markers
 
 __all__ = [
     "FALLBACK_OPERATION",

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from heist_common.config import AgentConfig, SessionConfig
+from heist_common.tools.registry import ToolMethod
 from orchestrator.tools import markers
-from orchestrator.tools.registry import ToolMethod
 
 __all__ = [
     "NO_REPLY",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from heist_common.config import AgentConfig
-from orchestrator.tools.registry import ToolMethod
+from heist_common.tools.registry import ToolMethod
 from orchestrator.turn.context import SessionContext
 from orchestrator.turn.tool_calls import ToolCaller
 from orchestrator.turn.turn import Turn

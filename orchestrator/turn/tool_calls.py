@@ -1,9 +1,17 @@
 """One agent's tool calls: each call the model asks for becomes exactly one ``tool_usage`` row.
 
 Whatever happens to a call (not allowed, no token, bad arguments, the service
-refusing or failing, the circuit open), the model gets a short text back and
-the audit gets one row saying what happened, so a session's tool trail is
-complete even when nothing worked.
+refusing or failing, the circuit open, a person denying it), the model gets a
+short text back and the audit gets one row saying what happened, so a session's
+tool trail is complete even when nothing worked.
+
+Exactly once: a call that gets past those checks is first written to the
+audit's ``tool_calls`` (id ``<turn>.<index>``, status ``pending_approval`` or
+``started``), then sent with that id as ``x-call-id`` metadata; its row in
+``tool_usage`` commits with the turn. A resume finds the calls of the turn a
+dead process left (``settle``): it sends an approved one, records a denied
+one, waits for an undecided one, and never sends a ``started`` one again
+(``RESULT_UNKNOWN``) unless its contract declares it idempotent.
 """
 
 from __future__ import annotations
@@ -11,18 +19,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
-from orchestrator.audit import ToolUsageRow
+from heist_common.audit import DENIED, RESULT_UNKNOWN, AuditStore, CallStatus, EventRow, ToolUsageRow, now_iso
+from heist_common.contract import CALL_ID_METADATA_KEY
+from heist_common.tools.argument_grammars import ConstraintCache, ListingFetcher
+from heist_common.tools.registry import ToolArgumentError, ToolMethod, render_result
 from orchestrator.mesh.clients import Metadata, ServiceCallError, ServiceClients, tool_metadata
 from orchestrator.tools import markers
-from orchestrator.tools.argument_grammars import ConstraintCache, ListingFetcher
-from orchestrator.tools.registry import ToolArgumentError, ToolMethod, render_result
 from orchestrator.tracing import elapsed_ms
+from orchestrator.turn.approval import ApprovalGate
 from orchestrator.turn.constrained_tools import listing_changed
 from orchestrator.turn.turn import Turn
 
@@ -31,7 +41,6 @@ __all__ = ["INVALID_ARGUMENT", "NOT_ALLOWED", "NO_TOKEN", "ToolCaller"]
 NOT_ALLOWED = "NOT_ALLOWED"
 NO_TOKEN = "NO_TOKEN"
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
-
 
 
 class ToolCaller:
@@ -47,8 +56,18 @@ class ToolCaller:
         result_max_chars: int,
         *,
         constraints: ConstraintCache | None = None,
+        on_call: Callable[[Turn, str], None] | None = None,
+        audit: AuditStore | None = None,
+        gate: ApprovalGate | None = None,
+        require_approval: frozenset[str] = frozenset(),
     ) -> None:
+        """``audit``: where calls are recorded before they are sent (None: not recorded, no approvals either)."""
+        self._audit = audit
         self._clients = clients
+        self._on_call = on_call
+        """Told ``tool.Method`` just before each RPC is sent (the turn's progress)."""
+        self._gate = gate
+        self._require_approval = require_approval
         self._constraints = constraints
         self._session_id = session_id
         self._agent = agent_name
@@ -129,10 +148,53 @@ class ToolCaller:
             reason = f"{self._agent} has no OAuth token this turn"
             service.unsent(operation, NO_TOKEN)
             return refuse(turn, method.tool, operation, params, NO_TOKEN, reason)
+        call_id = turn.next_call_id()
+        needs_approval = (
+            self._gate is not None
+            and self._audit is not None
+            and (method.approval_required or method.tool in self._require_approval)
+        )
+        status = CallStatus.PENDING_APPROVAL if needs_approval else CallStatus.STARTED
+        record = self._record(turn, call_id, method, params, status)
+        if self._audit is not None:  # before the RPC: a resume knows it may have run
+            await self._audit.open_tool_call(self._session_id, record)
+        if needs_approval:
+            assert self._gate is not None and self._audit is not None
+            decided = await self._gate.wait({"session_id": self._session_id, **record})
+            if decided["status"] != CallStatus.APPROVED or not await self._audit.start_tool_call(
+                self._session_id, call_id
+            ):
+                return self._denied(turn, method, params, call_id, decided)
+        return await self._send(turn, method, request, params, call_id, token, plain=plain)
+
+    def _record(self, turn: Turn, call_id: str, method: ToolMethod, params: str, status: str) -> dict[str, object]:
+        return {
+            "call_id": call_id,
+            "turn_id": turn.turn_id,
+            "call_index": int(call_id.rsplit(".", 1)[1]),
+            "agent_name": self._agent,
+            "tool_name": method.tool,
+            "operation": method.method.name,
+            "tool_params": params,
+            "status": status,
+            "created_at": now_iso(),
+            "started_at": now_iso() if status == CallStatus.STARTED else None,
+        }
+
+    async def _send(
+        self, turn: Turn, method: ToolMethod, request: Message, params: str, call_id: str, token: str, *, plain: bool
+    ) -> str:
+        """Send a recorded call (its id as ``x-call-id``) and append its ``tool_usage`` row."""
+        clients = self._clients
+        operation = method.method.name
+        service = clients.services[method.tool]
         rpc = getattr(clients.tool_stubs[method.tool], operation)
+        metadata = (*self._metadata_for(token), (CALL_ID_METADATA_KEY, call_id))
+        if self._on_call is not None:
+            self._on_call(turn, f"{method.tool}.{operation}")
         start = time.perf_counter()
         try:
-            response = await service.call(operation, rpc, request, self._metadata_for(token))
+            response = await service.call(operation, rpc, request, metadata)
         except ServiceCallError as exc:
             if exc.status_code == "UNAUTHENTICATED":
                 clients.tokens.invalidate(self._oauth_client)
@@ -142,17 +204,91 @@ class ToolCaller:
             latency = round(exc.latency_ms, 3)
             turn.tool_usage.append(
                 ToolUsageRow(
-                    turn.turn_id, self._agent, method.tool, operation, params, reason, False, exc.status_code, latency
+                    turn.turn_id, self._agent, method.tool, operation, params, reason, False, exc.status_code, latency,
+                    call_id=call_id,
                 )
-            )
+            )  # fmt: skip
             turn.events.append(exc.to_event(turn.turn_id, self._agent))
             return f"error: {reason}"
         text = render_result(response, self._result_max_chars, plain=plain)
         latency = round(elapsed_ms(start), 3)
         turn.tool_usage.append(
-            ToolUsageRow(turn.turn_id, self._agent, method.tool, operation, params, text, True, "OK", latency)
-        )
+            ToolUsageRow(turn.turn_id, self._agent, method.tool, operation, params, text, True, "OK", latency,
+                         call_id=call_id)
+        )  # fmt: skip
         return text
+
+    def _denied(self, turn: Turn, method: ToolMethod, params: str, call_id: str, record: dict[str, object]) -> str:
+        """Record a call a person (or the timeout) denied: a failed row with the reason; return what the model reads."""
+        by = record.get("decided_by") or "nobody"
+        reason = f"denied by {by}" + (f": {record['reason']}" if record.get("reason") else "")
+        operation = method.method.name
+        turn.tool_usage.append(
+            ToolUsageRow(turn.turn_id, self._agent, method.tool, operation, params, reason, False, DENIED, 0.0,
+                         call_id=call_id)
+        )  # fmt: skip
+        turn.events.append(EventRow(method.tool, operation, DENIED, reason, 0.0, turn.turn_id, self._agent))
+        return f"error: the call was {reason}"
+
+    async def settle(self, turn: Turn, leftovers: list[dict[str, object]]) -> list[str]:
+        """Finish the calls a dead process left in this turn (resume); return notes telling the model how they ended.
+
+        Never sends a ``started`` call again unless its method is idempotent; an
+        undecided one waits for its decision (the same record: nobody is asked
+        for a second call), an approved one is sent now, a denied one recorded.
+        """
+        registry = self._clients.registry
+        notes: list[str] = []
+        for record in leftovers:
+            call_id, tool, operation = str(record["call_id"]), str(record["tool_name"]), str(record["operation"])
+            params, status = str(record["tool_params"]), str(record["status"])
+            turn.skip_call_ids(int(str(record["call_index"])))
+            service = registry.services.get(tool)
+            method = next((m for m in service.methods if m.method.name == operation), None) if service else None
+            shown = f"{tool}.{operation} {params}"
+            if status == CallStatus.PENDING_APPROVAL and self._gate is not None and method is not None:
+                record = await self._gate.wait(record)
+                status = str(record["status"])
+            if method is None:
+                self._unknown(turn, tool, operation, params, call_id, "its tool is no longer configured")
+                notes.append(f"Before the interruption you called {shown}; it cannot be finished now.")
+            elif status == CallStatus.APPROVED and (token := await self._may_send(turn, call_id)) is not None:
+                result = await self._send(turn, method, method.parse_arguments(params), params, call_id, token,
+                                          plain=True)  # fmt: skip
+                notes.append(f"Your call {shown} was approved and returned: {result}")
+            elif status == CallStatus.APPROVED:  # approved, but this turn has no token to send it with
+                reason = f"{self._agent} has no OAuth token this turn"
+                turn.tool_usage.append(
+                    ToolUsageRow(turn.turn_id, self._agent, tool, operation, params, reason, False, NO_TOKEN, 0.0,
+                                 call_id=call_id)
+                )  # fmt: skip
+                notes.append(f"Your call {shown} was approved but could not be sent: {reason}.")
+            elif status in (CallStatus.DENIED, CallStatus.PENDING_APPROVAL):
+                text = self._denied(turn, method, params, call_id, record)
+                notes.append(f"Your call {shown} was not run: {text.removeprefix('error: ')}")
+            elif status == CallStatus.STARTED:
+                self._unknown(turn, tool, operation, params, call_id, "the process making it died before its result "
+                              "was recorded; it may have run")  # fmt: skip
+                if method.idempotent and turn.token is not None:
+                    result = await self.call(turn, method, method.parse_arguments(params), plain=True)
+                    notes.append(f"Your call {shown} was interrupted; sent again (it is safe to repeat): {result}")
+                else:
+                    notes.append(f"Your call {shown} was interrupted: it may or may not have run, and its result is "
+                                 "unknown; it was not sent again.")  # fmt: skip
+        return notes
+
+    async def _may_send(self, turn: Turn, call_id: str) -> str | None:
+        """Mark an approved leftover call ``started`` if it can be sent now; return the token to send it with."""
+        if turn.token is None or self._audit is None:
+            return None
+        return turn.token if await self._audit.start_tool_call(self._session_id, call_id) else None
+
+    def _unknown(self, turn: Turn, tool: str, operation: str, params: str, call_id: str, reason: str) -> None:
+        turn.tool_usage.append(
+            ToolUsageRow(turn.turn_id, self._agent, tool, operation, params, f"result unknown: {reason}", False,
+                         RESULT_UNKNOWN, None, call_id=call_id)
+        )  # fmt: skip
+        turn.events.append(EventRow(tool, operation, RESULT_UNKNOWN, reason, None, turn.turn_id, self._agent))
 
 
 def refuse(turn: Turn, tool: str, operation: str, params: str, code: str, reason: str) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from heist_common.config import AgentConfig
+from heist_common.tools.argument_grammars import ToolConstraint
+from heist_common.tools.registry import ToolMethod
 from orchestrator.llm.client import LLMError
 from orchestrator.tools import markers
-from orchestrator.tools.argument_grammars import ToolConstraint
-from orchestrator.tools.registry import ToolMethod
 from orchestrator.turn import prompts
 from orchestrator.turn.constrained_tools import accepts
 from orchestrator.turn.context import SessionContext

@@ -9,10 +9,11 @@ from it, so they cannot disagree.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
+from heist_common.audit import EventRow, MessageRow, ToolUsageRow, TurnAudit
 from orchestrator.llm.client import Completion
 from orchestrator.tracing import Step
 from orchestrator.turn.prompts import ConversationMessage
@@ -49,23 +50,44 @@ class Turn:
     events: list[EventRow] = field(default_factory=list)
     llm_ms: float = 0.0
     """Time spent waiting for the model (the sum of its requests, which are sequential)."""
+    llm_requests: int = 0
+    """Model requests answered in this turn (resamples and constrained arguments are requests of their own)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens of all those requests, summed."""
+    tokens_estimated: bool = False
+    """At least one of them had no usage from the server: the sums include estimates (``llm.usage``)."""
     total_ms: float = 0.0
     trace_id: str = ""
+    started: float = field(default_factory=time.monotonic)
+    """When the turn started (``time.monotonic()``): live progress shows how long it has run."""
     steps: list[Step] = field(default_factory=list)
     """The turn's timeline: every RPC (also those skipped or sent without a token) and LLM request, with its outcome.
 
     The same list its ``TurnScope`` records into, so a call that ends after the
     turn (the next speaker's memory prefetch) still lands here.
     """
+    calls_made: int = 0
+    """Tool calls given an id so far (``next_call_id``)."""
 
     @property
     def service_ms(self) -> float:
         """Time spent outside the LLM: memory, OAuth, tools, audit and StoreMemory."""
         return self.total_ms - self.llm_ms
 
+    @property
+    def tokens(self) -> int:
+        """Prompt and completion tokens of the turn."""
+        return self.prompt_tokens + self.completion_tokens
+
     def spent(self, completion: Completion) -> Completion:
-        """Count a completion's latency as LLM time, and hand it back."""
+        """Count a completion's latency as LLM time and its tokens as the turn's, and hand it back."""
         self.llm_ms += completion.latency_ms
+        usage = completion.usage
+        self.llm_requests += 1
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.tokens_estimated = self.tokens_estimated or usage.estimated
         return completion
 
     def stayed_empty(self, message: str) -> None:
@@ -95,6 +117,15 @@ class Turn:
         self.tool_usage.append(ToolUsageRow(self.turn_id, agent, tool, operation, params, reason, False, code, 0.0))
         self.events.append(EventRow(tool, operation, code, reason, 0.0, self.turn_id, agent))
 
+    def next_call_id(self) -> str:
+        """Return the next tool call's id, ``<turn>.<index>`` (unique in the session; what ``x-call-id`` carries)."""
+        self.calls_made += 1
+        return f"{self.turn_id}.{self.calls_made}"
+
+    def skip_call_ids(self, index: int) -> None:
+        """Never hand out an index up to ``index`` again (a resumed turn's calls follow those its dead run made)."""
+        self.calls_made = max(self.calls_made, index)
+
     def as_message(self) -> ConversationMessage:
         """Return the line this turn adds to the conversation."""
         return ConversationMessage(self.turn_id, self.agent_name, self.agent_role, self.message)
@@ -111,4 +142,8 @@ class Turn:
             trace_id=self.trace_id,
             timings=timings,
         )
+        if self.llm_requests:  # NULL: no request was answered, so nothing is known of its tokens
+            message.prompt_tokens = self.prompt_tokens
+            message.completion_tokens = self.completion_tokens
+            message.tokens_estimated = self.tokens_estimated
         return TurnAudit(message, self.tool_usage, self.events)

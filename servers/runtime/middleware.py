@@ -22,7 +22,13 @@ from opentelemetry import baggage
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, use_span
 
-from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, TRACEPARENT_METADATA_KEY
+from heist_common.contract import (
+    AUTHORIZATION_METADATA_KEY,
+    CALL_ID_METADATA_KEY,
+    ON_BEHALF_OF_METADATA_KEY,
+    SESSION_METADATA_KEY,
+    TRACEPARENT_METADATA_KEY,
+)
 from heist_common.telemetry import AGENT_BAGGAGE_KEY, PROPAGATOR
 from servers.auth.tokens import InvalidTokenError, TokenClaims, TokenVerifier
 from servers.runtime.metrics import MethodMetrics, ServerMetrics
@@ -375,6 +381,12 @@ class CallMiddleware:
             "session": _field(_find(metadata, SESSION_METADATA_KEY)),
             "trace": trace_id(_find(metadata, TRACEPARENT_METADATA_KEY)),
         }
+        call_id = _find(metadata, CALL_ID_METADATA_KEY)
+        if call_id:  # a tool call the orchestrator recorded first: the audit's tool_calls.call_id
+            record["call"] = _field(call_id)
+        relayed_for = _find(metadata, ON_BEHALF_OF_METADATA_KEY)
+        if relayed_for:  # a relaying caller (the MCP gateway) names the client it calls for
+            record["on_behalf_of"] = _field(relayed_for)
         record.update(auth)
         self._access_log.add(record)
 

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from heist_common.audit import AuditStore
 from heist_common.config import HeistConfig, LLMConfig
-from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.session.runner import RunOptions, SessionRunner
@@ -153,7 +153,9 @@ def run(seeds: int, turns: int, out: Path | None, first_seed: int = 1) -> dict[s
     with tempfile.TemporaryDirectory(prefix="heist-eval-") as tmp:
         work = Path(tmp)
         session = {**crew["session"], "max_turns": turns}
-        mesh = ProcessMesh(work, agents=crew["agents"], session=session)
+        # Nobody approves calls in a benchmark (docs/approvals.md): the shipped crew without require_approval.
+        agents = [{key: value for key, value in agent.items() if key != "require_approval"} for agent in crew["agents"]]
+        mesh = ProcessMesh(work, agents=agents, session=session)
         server = LlamaServer(work / "llama.log")
         try:
             mesh.start()

@@ -9,7 +9,7 @@ repeat_penalty 1.3, a newline stops) continues it, once per seed, under three
 conditions:
 
 * ``free``: no grammar, ``max_tokens`` 60 (today's transcript turn);
-* ``grammar``: the contract-bound grammar from ``orchestrator.tools.argument_grammars``,
+* ``grammar``: the contract-bound grammar from ``heist_common.tools.argument_grammars``,
   ``max_tokens`` = its ``max_bytes`` (so the argument can always be finished);
 * ``grammar@60``: the grammar tightened to ``max_bytes=60`` so that a
   60-token turn always fits `` <argument>]``;
@@ -48,8 +48,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from orchestrator.tools.argument_grammars import ToolConstraint, build_constraint
-from orchestrator.tools.registry import ToolRegistry
+from heist_common.tools.argument_grammars import ToolConstraint, build_constraint
+from heist_common.tools.registry import ToolRegistry
 from tests.support.llama_grammar import LlamaGrammarChecker, ensure_model
 from tests.support.processes import REPO
 from tests.support.tool_arguments import TOOLS, Sample, ServiceLogic, generate, transcript_prompt

@@ -37,8 +37,8 @@ from heist.oauth.v1 import oauth_pb2, oauth_pb2_grpc
 from heist_common.config import HeistConfig
 from heist_common.contract import AUTHORIZATION_METADATA_KEY, SESSION_METADATA_KEY, contract_of
 from heist_common.credentials import client_secret
+from heist_common.tools.registry import ToolRegistry
 from orchestrator.llm.client import LLMClient
-from orchestrator.tools.registry import ToolRegistry
 from orchestrator.turn.turn import Turn
 from tests.bench.http_llm import ARGUMENTS, HttpLLM
 from tests.bench.turns import check_turns, percentiles, run_sessions

@@ -32,8 +32,8 @@ import httpx2
 import openai
 
 from heist_common.config import LLMConfig
+from heist_common.tools.registry import ToolRegistry
 from orchestrator.llm.client import LLMClient
-from orchestrator.tools.registry import ToolRegistry
 from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import RawHTTP
 

@@ -33,6 +33,8 @@ from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import STYLES, http_turns, parallel_http, run_cli, whole_process, write_style_config
 from tests.bench.llm_e2e import run_embedded_llm
 from tests.bench.llm_requests import llm_requests
+from tests.bench.mcp_gateway import print_rows as print_mcp_rows
+from tests.bench.mcp_gateway import run_mcp_bench
 from tests.bench.procs import BenchMesh, machine_info
 from tests.bench.startup import cli_startup, compile_project, first_turn
 from tests.bench.throughput import generator, load
@@ -121,7 +123,7 @@ def loadavg() -> list[float]:
         return []
 
 
-SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded", "server")
+SECTIONS = ("real", "services", "startup", "throughput", "parallel", "embedded", "server", "mcp")
 """What a run measures; ``--only`` picks some (all by default)."""
 
 
@@ -148,6 +150,7 @@ def sizes_for(smoke: bool) -> dict[str, int]:
         "server_turns": 2 if smoke else 8,
         "server_seeds": 1 if smoke else 4,
         "server_tokens": 8 if smoke else 64,
+        "mcp_calls": 20 if smoke else 2000,
     }
 
 
@@ -212,6 +215,9 @@ def run(smoke: bool, out: Path, loadgen: str = "auto", only: tuple[str, ...] = S
                 results["embedded_server"] = embedded_server.run(
                     servers, sizes["server_turns"], sizes["server_seeds"], sizes["server_tokens"], None
                 )
+            if "mcp" in only:
+                print("MCP gateway: tools/call beside the same calls over gRPC ...", flush=True)
+                results["mcp_gateway"] = run_mcp_bench(sizes["mcp_calls"])
         finally:
             slow_llm.stop()
             llm.stop()
@@ -446,6 +452,10 @@ def print_table(results: dict[str, Any]) -> None:
     if "embedded_server" in results:
         print("\n7. the embedded model's server")
         embedded_server.print_table(results["embedded_server"])
+    gateway = results.get("mcp_gateway")
+    if gateway:
+        print(f"\nMCP gateway: {gateway['tool']} calls/s, tools/call through the gateway beside gRPC")
+        print_mcp_rows(gateway)
     print("\ntargets:")
     for name, row in results["verdict"].items():
         print(f"   {name:32s} {row['value']!s:>10s} (target {row['target']}) {'met' if row['met'] else 'MISSED'}")

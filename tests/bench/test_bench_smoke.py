@@ -99,6 +99,12 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert server["generation"]["one_stream_tokens_per_s"] > 0 and server["generation"]["four_streams_tokens_per_s"] > 0
     assert server["one_vs_four"]["four_completed"] == 4 and server["one_vs_four"]["four_over_one"] > 0
     assert server["constrained"]["free_tool_turn_ms"] > 0 and server["constrained"]["constrained_tool_turn_ms"] > 0
+    gateway = results["mcp_gateway"]
+    assert [row["concurrency"] for row in gateway["rows"]] == [1, 8]
+    for row in gateway["rows"]:
+        for path in ("grpc", "mcp"):
+            assert row[path]["calls"] == results["sizes"]["mcp_calls"] and row[path]["failures"] == 0
+            assert row[path]["calls_per_s"] > 0
 
     assert set(results["verdict"]) == {
         "transcript_turn_p50_ms",

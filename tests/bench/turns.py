@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from heist_common.audit import AuditStore
 from heist_common.config import HeistConfig
-from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.session.runner import RunOptions, SessionRunner

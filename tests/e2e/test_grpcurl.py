@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from heist_common.layout import REPO_ROOT
-from tests.e2e.harness import GRPCURL, SERVICES, Mesh, client_secrets, grpcurl, make, server_pids
+from tests.e2e.harness import GRPCURL, PROCESSES, SERVICES, Mesh, client_secrets, grpcurl, make, server_pids
 from tests.support.access_log import access_entries
 from tests.support.ports import listening
 
@@ -38,7 +38,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_serve_starts_every_service_and_status_is_green(mesh):
-    assert len(server_pids(mesh.config)) == len(SERVICES)
+    assert len(server_pids(mesh.config)) == PROCESSES
     status = subprocess.run(
         [sys.executable, "-m", "servers.supervisor", "status", "--config", str(mesh.config)],
         cwd=REPO_ROOT,
@@ -70,6 +70,21 @@ def test_describe_shows_the_scope_policy(mesh):
     assert 'option (.heist.auth.v1.required_scope) = "calculator:use";' in described.stdout
     request = mesh.grpcurl("calculator", mesh.address("calculator"), "describe", "heist.calculator.v1.EvaluateRequest")
     assert "string expression = 1" in request.stdout
+
+
+def test_describe_shows_the_idempotency_and_approval_contract(mesh):
+    """What a resume may send again (docs/approvals.md) is in the contract, visible to any gRPC client."""
+    calculator = mesh.grpcurl("calculator", mesh.address("calculator"), "describe", SERVICES["calculator"])
+    assert calculator.returncode == 0, calculator.stderr
+    assert "option idempotency_level = NO_SIDE_EFFECTS;" in calculator.stdout
+    database = mesh.grpcurl("database_query", mesh.address("database_query"), "describe", SERVICES["database_query"])
+    assert database.returncode == 0, database.stderr
+    query = database.stdout.split("rpc Query", 1)[1].split("rpc ", 1)[0]
+    assert "idempotency_level" not in query, "a query is never sent twice by a resume"
+    assert 'option (.heist.auth.v1.required_scope) = "database_query:use";' in query
+    policy = mesh.grpcurl("calculator", mesh.address("calculator"), "describe", "heist.tools.v1.Approval")
+    assert policy.returncode == 0, policy.stderr
+    assert "APPROVAL_REQUIRED = 1;" in policy.stdout
 
 
 def test_tool_calls_with_the_right_scope(mesh):
@@ -308,7 +323,7 @@ def test_serve_twice_starts_no_duplicates(mesh):
     pid_files = {path.name: path.read_text() for path in (mesh.run_dir / "run").glob("*.pid")}
     again = make("serve", f"CONFIG={mesh.config}", "LLM=off")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("already running") == len(SERVICES)
+    assert again.stdout.count("already running") == PROCESSES
     assert server_pids(mesh.config) == before
     assert {path.name: path.read_text() for path in (mesh.run_dir / "run").glob("*.pid")} == pid_files
 

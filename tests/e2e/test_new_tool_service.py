@@ -5,7 +5,8 @@ In a copy of the source tree, this adds a ``lockpick`` service (a contract in
 ``servers/lockpick.py``), regenerates the contracts, and changes only the config
 file. Then, with no edit to existing code: the supervisor serves it with health
 and reflection, grpcurl sees and describes it, its scope is enforced, an agent
-is offered it and calls it, and the call is audited.
+is offered it and calls it, and the call is audited; the MCP gateway lists it
+and an MCP client calls it.
 """
 
 from __future__ import annotations
@@ -142,12 +143,15 @@ def served(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
     work = tmp_path_factory.mktemp("lockpick")
     llm = ScriptedLLM().start()
     data = heist_config(work, llm_base_url=llm.base_url)
-    names = [*data["services"], "lockpick"]
+    names = [*data["services"], "lockpick", "mcp_gateway"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     data["services"]["lockpick"] = {"address": "127.0.0.1:0", "deadline_s": 1.0, "limits": {"max_model_chars": 40}}
     for name, port in ports.items():
-        data["services"][name]["address"] = f"127.0.0.1:{port}"
+        if name in data["services"]:
+            data["services"][name]["address"] = f"127.0.0.1:{port}"
     data["oauth"]["clients"]["locksmith"] = ["lockpick:use"]
+    data["oauth"]["clients"]["mcp_gateway"] = ["lockpick:use"]
+    data["mcp_gateway"] = {"address": f"127.0.0.1:{ports['mcp_gateway']}"}
     locksmith = {"name": "locksmith", "role": "Locksmith", "system_prompt": "You open locks.", "tools": ["lockpick"]}
     data["agents"] = [data["agents"][0], locksmith]
     config = work / "heist.yaml"
@@ -210,3 +214,32 @@ def test_an_agent_is_offered_it_calls_it_and_the_call_is_audited(tree: Path, ser
         ("heist_lockpick_1",),
     ).fetchall()
     assert rows == [("locksmith", "lockpick", "Estimate", "100", 1)]
+
+
+async def test_the_mcp_gateway_lists_it_and_an_mcp_client_calls_it(served: dict[str, Any]) -> None:
+    import ssl
+
+    import httpx2
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    run_dir = served["work"] / "run"
+    secrets = json.loads((run_dir / "credentials" / "clients.json").read_text())
+    grant = {"grant_type": "client_credentials", "client_id": "locksmith", "client_secret": secrets["locksmith"]}
+    oauth = f"127.0.0.1:{served['ports']['oauth']}"
+    issue = "heist.oauth.v1.OAuthService/IssueToken"
+    issued = grpcurl(served, "oauth", "-d", "@", oauth, issue, stdin=json.dumps(grant))
+    token = json.loads(issued.stdout)["access_token"]
+    verify = ssl.create_default_context(cafile=run_dir / "credentials" / "tls" / "ca.crt")
+    url = f"https://127.0.0.1:{served['ports']['mcp_gateway']}/mcp"
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=30) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+        result = await session.call_tool("lockpick_estimate", {"lock_model": "Chubb 3000"})
+    assert tools["lockpick_estimate"].description == "Estimate how many seconds picking a lock model takes."
+    assert tools["lockpick_estimate"].input_schema["properties"]["lock_model"]["type"] == "string"
+    assert not result.is_error and result.structured_content == {"seconds": 100}

@@ -54,6 +54,14 @@ def test_a_heist_is_one_trace_per_turn_across_the_services(tmp_path: Path, recei
         finally:
             mesh.stop()  # SIGTERM: each server exports what it still holds before it exits
     assert receiver.rejected == []
+    # The orchestrator's token histogram went the same way (cumulative: the latest point of each series counts).
+    points = [point for point in receiver.points if point.metric == "gen_ai.client.token.usage"]
+    assert {(point.service, point.unit) for point in points} == {("heist-orchestrator", "{token}")}
+    latest = {tuple(sorted(point.attributes.items())): point for point in points}
+    for kind in ("input", "output"):  # the scripted LLM reports 1 token each way per request
+        assert sum(p.sum for p in latest.values() if p.attributes["gen_ai.token.type"] == kind) == len(
+            llm.chat_requests
+        )
 
     rows = mesh.rows("SELECT turn_id, agent_name, trace_id FROM messages ORDER BY turn_id")
     traces = receiver.traces()

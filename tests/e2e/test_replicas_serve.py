@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from heist_common.layout import REPO_ROOT
-from tests.e2e.harness import SERVICES, Mesh, make, server_pids
+from tests.e2e.harness import PROCESSES, SERVICES, Mesh, make, server_pids
 
 
 def test_serve_status_and_stop_handle_every_replica(tmp_path) -> None:
@@ -22,7 +22,7 @@ def test_serve_status_and_stop_handle_every_replica(tmp_path) -> None:
         served = make("serve", f"CONFIG={mesh.config}", "LLM=off")
         assert served.returncode == 0, served.stdout + served.stderr
         assert f"calculator.1: SERVING on {second}" in served.stdout
-        assert len(server_pids(mesh.config)) == len(SERVICES) + 1
+        assert len(server_pids(mesh.config)) == PROCESSES + 1
         status = subprocess.run(
             [sys.executable, "-m", "servers.supervisor", "status", "--config", str(mesh.config)],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.audit import (
+from heist_common.audit import (
     AuditError,
     AuditStore,
     EventRow,
@@ -19,6 +20,7 @@ from orchestrator.audit import (
     TurnAudit,
     UnknownSessionError,
 )
+from heist_common.audit.schema import MODELS
 from tests.support.audit_db import query
 from tests.support.ports import free_port
 
@@ -187,7 +189,7 @@ async def test_old_schema_is_migrated_in_place(audit_url: str) -> None:
 WRITER = textwrap.dedent(
     """
     import asyncio, sys
-    from orchestrator.audit import AuditStore, MessageRow, TurnAudit
+    from heist_common.audit import AuditStore, MessageRow, TurnAudit
     async def main(url, worker):
         store = AuditStore.open(url)
         sid = f"heist_w{worker}"
@@ -211,7 +213,7 @@ def test_four_processes_write_concurrently_without_locking_errors(audit_url: str
     assert query(audit_url, "SELECT COUNT(DISTINCT session_id) FROM messages") == [(4,)]
 
 
-OPENER = "import sys; from orchestrator.audit import AuditStore; AuditStore.open(sys.argv[1]).close()"
+OPENER = "import sys; from heist_common.audit import AuditStore; AuditStore.open(sys.argv[1]).close()"
 
 
 def test_processes_creating_the_same_new_sqlite_database_at_once_all_open_it(tmp_path) -> None:
@@ -224,6 +226,27 @@ def test_processes_creating_the_same_new_sqlite_database_at_once_all_open_it(tmp
         assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
 
 
+def test_an_audit_database_in_use_opens_while_another_process_holds_the_write_lock(tmp_path) -> None:
+    # Opening a database that has its schema only reads; before, every open queued for the write lock
+    # (BEGIN IMMEDIATE) and failed "database is locked" behind a writer that kept it past the busy timeout.
+    path = tmp_path / "busy.db"
+    url = f"sqlite:///{path}"
+    AuditStore.open(url).close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute(
+            "INSERT INTO sessions (session_id, start_time, num_turns, status) VALUES ('heist_busy', 'now', 0, 'active')"
+        )
+        opened = subprocess.run([sys.executable, "-c", OPENER, url], capture_output=True, text=True, timeout=60)
+        assert opened.returncode == 0, opened.stderr
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+    assert query(url, "SELECT session_id FROM sessions") == [("heist_busy",)]
+    assert query(url, "PRAGMA journal_mode") == [("wal",)]
+
+
 def test_processes_creating_the_schema_in_one_new_postgresql_database_at_once_all_open_it(postgres_cluster) -> None:
     # Concurrent CREATE TABLE IF NOT EXISTS in one PostgreSQL database fails for all but one with
     # "duplicate key value violates unique constraint pg_type_typname_nsp_index" unless serialised.
@@ -232,4 +255,5 @@ def test_processes_creating_the_schema_in_one_new_postgresql_database_at_once_al
         procs = [subprocess.Popen([sys.executable, "-c", OPENER, url], stderr=subprocess.PIPE) for _ in range(4)]
         errors = [p.communicate(timeout=60)[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
-        assert query(url, "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'") == [(4,)]
+        tables = query(url, "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        assert tables == [(len(MODELS),)]

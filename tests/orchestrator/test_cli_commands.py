@@ -58,7 +58,8 @@ async def test_run_then_sessions_show_export(
 
     assert await cli("show", "heist_cli_1", "--config", str(live_config)) == 0
     shown = capsys.readouterr().out
-    assert "### Turn 2: hacker (Hacker)" in shown and "file_reader.ReadFile" in shown
+    assert "Turn 2  hacker (Hacker)" in shown and "file_reader.ReadFile" in shown
+    assert "###" not in shown and "\\" not in shown  # a terminal view, not the Markdown file
 
     target = tmp_path / "export.json"
     assert (
@@ -192,7 +193,7 @@ def test_inspection_commands_load_no_async_grpc_or_spare_database_engines(tmp_pa
     asyncio, gRPC and ``playhouse.db_url`` (which imports every engine it knows) cost a command
     that only reads one file a tenth of a second or more; ``playhouse.migrate`` only an old file needs.
     """
-    from orchestrator.audit import AuditStore
+    from heist_common.audit import AuditStore
 
     config = write_heist_config(tmp_path)
     url = f"sqlite:///{tmp_path / 'audit.db'}"

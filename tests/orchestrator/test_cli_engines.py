@@ -42,7 +42,7 @@ async def test_run_sessions_show_export_with_db_url(
     assert await cli("sessions", *db) == 0
     assert "heist_engines" in capsys.readouterr().out
     assert await cli("show", "heist_engines", *db) == 0
-    assert "### Turn 2: hacker (Hacker)" in capsys.readouterr().out
+    assert "Turn 2  hacker (Hacker)" in capsys.readouterr().out
     assert await cli("export", "heist_engines", "--format", "json", *db) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["messages"] == report["messages"] and exported["session"]["status"] == "completed"

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from heist_common.config import HeistConfig
+from heist_common.tools.argument_grammars import ConstraintError, Listing, build_constraint
+from heist_common.tools.registry import ToolRegistry
 from orchestrator.session.runner import RunOptions, run_session
-from orchestrator.tools.argument_grammars import ConstraintError, Listing, build_constraint
-from orchestrator.tools.registry import ToolRegistry
 from orchestrator.turn import constrained_tools
 from orchestrator.turn.constrained_tools import FALLBACK_OPERATION, reply_grammar, strict_schema
 from tests.support.inprocess import InProcessMesh, audit_rows

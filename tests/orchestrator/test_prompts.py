@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from heist_common.config import AgentConfig, SessionConfig
-from orchestrator.tools.registry import ToolRegistry
+from heist_common.tools.registry import ToolRegistry
 from orchestrator.turn import prompts
 from orchestrator.turn.prompts import ConversationMessage
 from tests.support.config import TOOLS

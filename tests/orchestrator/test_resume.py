@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from heist_common.audit import AuditStore, MessageRow, SessionStatus, SessionTakenOverError, TurnAudit
 from heist_common.config import HeistConfig, load_config
 from heist_common.exit_codes import ExitCode
-from orchestrator.audit import AuditStore, MessageRow, SessionStatus, SessionTakenOverError, TurnAudit
 from orchestrator.cli import main
 from orchestrator.session.resume import NotResumableError, ResumeConflictError, judge_liveness, pid_alive, plan_resume
 from orchestrator.session.runner import RunOptions, SessionResult, resume_session, run_session

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.audit import EventRow
+from heist_common.audit import EventRow
 from orchestrator.session.runner import UnusableService, unusable_services
 from orchestrator.tracing import Step
 from orchestrator.turn.turn import Turn

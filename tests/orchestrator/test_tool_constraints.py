@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from heist.file_reader.v1 import file_reader_pb2
 from heist.tools.v1 import options_pb2 as tool_options
 
-from orchestrator.tools.argument_grammars import (
+from heist_common.tools.argument_grammars import (
     ARGUMENT_RULE,
     ARITHMETIC_SHAPES,
     ColumnInfo,
@@ -38,8 +38,8 @@ from orchestrator.tools.argument_grammars import (
     listing_from_response,
     names_grammar,
 )
-from orchestrator.tools.gbnf import Alt, Chars, Grammar, Lit, Node, Ref, Repeat, Seq
-from orchestrator.tools.registry import ToolRegistry
+from heist_common.tools.gbnf import Alt, Chars, Grammar, Lit, Node, Ref, Repeat, Seq
+from heist_common.tools.registry import ToolRegistry
 from servers.file_reader import DEFAULT_DOCUMENTS_DIR
 from tests.support.llama_grammar import GrammarSyntaxError, LlamaGrammarChecker
 from tests.support.tool_arguments import TOOLS, ServiceLogic, generate, transcript_prompt
@@ -201,7 +201,7 @@ def test_arithmetic_length_bound_is_tight_and_accepted(checker: LlamaGrammarChec
     assert constraint.max_bytes is not None and constraint.max_bytes <= (max_bytes or 502)
     assert constraint.json_schema["properties"]["expression"]["maxLength"] == constraint.max_bytes - 2 <= 500
     # The bound is attained: the longest continuation is accepted by llama.cpp and is exactly max_bytes long.
-    from orchestrator.tools.argument_grammars import arithmetic_grammar
+    from heist_common.tools.argument_grammars import arithmetic_grammar
 
     grammar = arithmetic_grammar(500, max_bytes=None if max_bytes is None else max_bytes - 2)
     longest = _longest(grammar, Ref(ARGUMENT_RULE))
@@ -211,7 +211,7 @@ def test_arithmetic_length_bound_is_tight_and_accepted(checker: LlamaGrammarChec
 
 
 def test_grammar_algebra_refuses_what_it_cannot_render(checker: LlamaGrammarChecker) -> None:
-    from orchestrator.tools.gbnf import GrammarError
+    from heist_common.tools.gbnf import GrammarError
 
     with pytest.raises(GrammarError, match="undefined rule 'nope'"):
         Grammar({"root": Ref("nope")})
@@ -224,7 +224,7 @@ def test_grammar_algebra_refuses_what_it_cannot_render(checker: LlamaGrammarChec
 
 
 def test_arithmetic_shapes_are_ordered_richest_first() -> None:
-    from orchestrator.tools.argument_grammars import _arithmetic
+    from heist_common.tools.argument_grammars import _arithmetic
 
     sizes = [_arithmetic(shape).max_bytes(ARGUMENT_RULE) or 0 for shape in ARITHMETIC_SHAPES]
     assert sizes == sorted(sizes, reverse=True)

@@ -5,7 +5,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from heist.calculator.v1 import calculator_pb2
 
 from heist_common.contract import contract_of, required_scope
-from orchestrator.tools.registry import ToolArgumentError, ToolRegistry, message_schema
+from heist_common.tools.registry import ToolArgumentError, ToolRegistry, message_schema
 from tests.support.config import TOOLS
 
 REGISTRY = ToolRegistry.for_services(TOOLS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 
-from orchestrator.audit import AuditStore, EventRow
+from heist_common.audit import AuditStore, EventRow
 from orchestrator.session.runner import RunOptions, run_session
 from orchestrator.tracing import current_trace_id, turn_scope
 from tests.support.access_log import access_entries
@@ -85,5 +85,8 @@ async def test_an_audit_file_from_before_trace_ids_is_upgraded_in_place(tmp_path
         store.close()
     upgraded = sqlite3.connect(path)
     columns = [row[1] for row in upgraded.execute("PRAGMA table_info(messages)")]
-    assert columns[-2:] == ["trace_id", "timings"]
-    assert upgraded.execute("SELECT message, trace_id, timings FROM messages").fetchall() == [("hello", None, None)]
+    assert columns[9:11] == ["trace_id", "timings"]
+    assert {"prompt_tokens", "completion_tokens", "tokens_estimated"} <= set(columns[11:])  # and other later ones
+    assert upgraded.execute("SELECT message, trace_id, timings, prompt_tokens FROM messages").fetchall() == [
+        ("hello", None, None, None)
+    ]

@@ -10,8 +10,8 @@ from heist.database_query.v1 import database_query_pb2
 
 from heist_common.config import ConfigError, HeistConfig, load_config
 from heist_common.layout import REPO_ROOT
+from heist_common.tools.registry import ToolRegistry, render_result
 from orchestrator.session.runner import RunOptions, run_session
-from orchestrator.tools.registry import ToolRegistry, render_result
 from tests.support.config import TOOLS
 from tests.support.inprocess import InProcessMesh, audit_rows
 from tests.support.scripted_llm import ScriptedLLM, text

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import yaml
 
+from heist_common.audit import AuditStore
 from heist_common.config import HeistConfig
-from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.turn.agent import ConversationMessage, CrewAgent, SessionContext

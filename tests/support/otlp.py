@@ -1,9 +1,10 @@
-"""A real OTLP/HTTP trace receiver for tests: what a collector (Jaeger, Tempo, Alloy) would be sent.
+"""A real OTLP/HTTP receiver for tests: what a collector (Jaeger, Tempo, Alloy) would be sent.
 
 It accepts ``POST /v1/traces`` with a protobuf ``ExportTraceServiceRequest``
-(gzip or not), decodes it with ``opentelemetry-proto`` and keeps every span
-with its ``service.name``; anything else is refused, so a malformed export
-fails the test instead of passing silently.
+and ``POST /v1/metrics`` with an ``ExportMetricsServiceRequest`` (gzip or not),
+decodes them with ``opentelemetry-proto`` and keeps every span and histogram
+point with its ``service.name``; anything else is refused, so a malformed
+export fails the test instead of passing silently.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -44,11 +49,24 @@ class ReceivedSpan:
         return not self.parent_span_id
 
 
+@dataclass(frozen=True)
+class ReceivedPoint:
+    """One decoded histogram data point (cumulative: the latest export of a series holds its whole count)."""
+
+    service: str
+    metric: str
+    unit: str
+    attributes: dict[str, Any] = field(hash=False)
+    count: int = 0
+    sum: float = 0.0
+
+
 class OTLPReceiver:
     """``start()``/``stop()`` or a context manager; ``endpoint`` is what OTEL_EXPORTER_OTLP_ENDPOINT takes."""
 
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.points: list[ReceivedPoint] = []
         self.requests = 0
         self.rejected: list[str] = []
         self._lock = threading.Lock()
@@ -66,12 +84,19 @@ class OTLPReceiver:
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
+                paths = ("/v1/traces", "/v1/metrics")
+                if self.path not in paths or self.headers.get("Content-Type") != "application/x-protobuf":
                     receiver._reject(f"{self.path} {self.headers.get('Content-Type')}")
                     self._answer(404, b"")
                     return
                 if self.headers.get("Content-Encoding") == "gzip":
                     raw = gzip.decompress(raw)
+                if self.path == "/v1/metrics":
+                    metrics = ExportMetricsServiceRequest()
+                    metrics.ParseFromString(raw)
+                    receiver._add_metrics(metrics)
+                    self._answer(200, ExportMetricsServiceResponse().SerializeToString())
+                    return
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(raw)
                 receiver._add(request)
@@ -134,6 +159,27 @@ class OTLPReceiver:
         with self._lock:
             self.requests += 1
             self.spans.extend(spans)
+
+    def _add_metrics(self, request: ExportMetricsServiceRequest) -> None:
+        points = []
+        for resource_metrics in request.resource_metrics:
+            resource = {item.key: _value(item.value) for item in resource_metrics.resource.attributes}
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    for point in metric.histogram.data_points:
+                        points.append(
+                            ReceivedPoint(
+                                service=str(resource.get("service.name", "")),
+                                metric=metric.name,
+                                unit=metric.unit,
+                                attributes={item.key: _value(item.value) for item in point.attributes},
+                                count=point.count,
+                                sum=point.sum,
+                            )
+                        )
+        with self._lock:
+            self.requests += 1
+            self.points.extend(points)
 
     def traces(self) -> dict[str, list[ReceivedSpan]]:
         """Spans grouped by trace ID."""

@@ -49,11 +49,22 @@ class Reply:
     error_message: str = "scripted failure"
     delay_s: float = 0.0
     finish_reason: str = "stop"
+    usage: tuple[int, int] | None = (1, 1)
+    """``usage``'s prompt and completion tokens; None: the reply has no ``usage`` (as some servers send)."""
 
 
-def text(content: str, delay_s: float = 0.0, finish_reason: str = "stop") -> Reply:
-    """A plain assistant message (``finish_reason="length"``: it ran out of max_tokens)."""
-    return Reply(content=content, delay_s=delay_s, finish_reason=finish_reason)
+def text(
+    content: str, delay_s: float = 0.0, finish_reason: str = "stop", usage: tuple[int, int] | None = (1, 1)
+) -> Reply:
+    """A plain assistant message (``finish_reason="length"``: it ran out of max_tokens; ``usage``: see ``Reply``)."""
+    return Reply(content=content, delay_s=delay_s, finish_reason=finish_reason, usage=usage)
+
+
+def _usage(reply: Reply) -> dict[str, Any]:
+    if reply.usage is None:
+        return {}
+    prompt, completion = reply.usage
+    return {"usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
 def inline_tool(tool: str, argument: str, before: str = "Let me check.", after: str = "") -> Reply:
@@ -220,7 +231,7 @@ class ScriptedLLM:
             "choices": [
                 {"index": 0, "message": message, "finish_reason": "tool_calls" if reply.tool_calls else "stop"}
             ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            **_usage(reply),
         }
 
     def text_completion_body(self, reply: Reply, model: str) -> dict[str, Any]:
@@ -231,7 +242,7 @@ class ScriptedLLM:
             "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "text": reply.content, "finish_reason": reply.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            **_usage(reply),
         }
 
     @property

@@ -28,9 +28,9 @@ from heist.database_query.v1 import database_query_pb2
 from heist.file_reader.v1 import file_reader_pb2
 
 from heist_common.config import load_config
+from heist_common.tools.argument_grammars import ONE_OF_LISTING, SQL_SELECT, Listing, listing_from_response
+from heist_common.tools.registry import ToolRegistry
 from orchestrator.tools import markers
-from orchestrator.tools.argument_grammars import ONE_OF_LISTING, SQL_SELECT, Listing, listing_from_response
-from orchestrator.tools.registry import ToolRegistry
 from orchestrator.turn.prompts import ConversationMessage, close_prefill, transcript_tool_brief
 from orchestrator.turn.prompts import transcript_prompt as agent_transcript_prompt
 from servers import calculator, file_reader

@@ -9,7 +9,7 @@ longest string a grammar accepts, which is what a caller needs to size
 sampled token is at least one byte).
 
 Only non-recursive grammars render as regular expressions; every grammar here
-is non-recursive on purpose (see ``orchestrator.tools.argument_grammars``).
+is non-recursive on purpose (see ``heist_common.tools.argument_grammars``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 
 import peewee
 
-from orchestrator.audit.schema import now_iso
+from heist_common.audit.schema import now_iso
 
 
 @dataclass(slots=True)
@@ -30,6 +30,9 @@ class MessageRow:
     timestamp: str = field(default_factory=now_iso)
     trace_id: str | None = None
     timings: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_estimated: bool | None = None
 
 
 @dataclass(slots=True)
@@ -46,6 +49,8 @@ class ToolUsageRow:
     status_code: str | None = None
     latency_ms: float | None = None
     timestamp: str = field(default_factory=now_iso)
+    call_id: str | None = None
+    """The ``tool_calls`` record of a call that was sent or waited for approval (None: refused before)."""
 
 
 @dataclass(slots=True)

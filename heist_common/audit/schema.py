@@ -23,6 +23,36 @@ class SessionStatus:
     """Every turn was played, but a service the crew needed never worked (``orchestrator.session.runner``)."""
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    GATEWAY = "gateway"
+    """Not a heist: the MCP gateway's log of one OAuth client's tool calls (``servers.mcp_gateway``), never resumed."""
+    AWAITING_APPROVAL = "awaiting_approval"
+    """Running, and a tool call waits for a person's approval (``orchestrator approvals``); like ``active`` else."""
+
+
+RUNNING_STATUSES = frozenset({SessionStatus.ACTIVE, SessionStatus.AWAITING_APPROVAL})
+"""Statuses of a session some process is (or was, until it died) playing."""
+
+
+RESULT_UNKNOWN = "RESULT_UNKNOWN"
+"""``tool_usage.status_code`` of a call that was sent by a process that died before its result was recorded."""
+DENIED = "DENIED"
+"""``tool_usage.status_code`` of a call a person (or ``session.approval_timeout_s``) denied: never sent."""
+
+
+class CallStatus:
+    """Values of ``tool_calls.status``: where one tool call is, written before anything happens to it."""
+
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    """Approved and not sent yet (a resume sends it)."""
+    DENIED = "denied"
+    """Denied by a person or by ``session.approval_timeout_s``: never sent."""
+    STARTED = "started"
+    """Sent (or about to be): a resume finding it so does not know whether it ran."""
+    DONE = "done"
+    """Its outcome is in ``tool_usage`` (committed with its turn)."""
+    UNKNOWN = "unknown"
+    """Started by a process that died before its result was recorded; never sent again unless idempotent."""
 
 
 def now_iso() -> str:
@@ -71,6 +101,10 @@ class MessageRecord(_BaseModel):
     latency_ms = peewee.FloatField(null=True)
     trace_id = peewee.TextField(null=True)  # W3C trace of the turn: grep the server logs for trace=<id>
     timings = peewee.TextField(null=True)  # the turn's timeline as JSON (orchestrator.tracing.timings_json)
+    # LLM tokens of the turn's requests, summed (NULL: no request answered, or written before tokens were counted):
+    prompt_tokens = peewee.IntegerField(null=True)
+    completion_tokens = peewee.IntegerField(null=True)
+    tokens_estimated = peewee.BooleanField(null=True)  # some request had no usage from the server: estimated
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "messages"
@@ -92,10 +126,40 @@ class ToolUsageRecord(_BaseModel):
     success = peewee.IntegerField()
     status_code = peewee.TextField(null=True)
     latency_ms = peewee.FloatField(null=True)
+    call_id = peewee.TextField(null=True)  # tool_calls.call_id of a call that was sent or waited for approval
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "tool_usage"
         indexes = ((("session", "turn_id"), False),)
+
+
+class ToolCallRecord(_BaseModel):
+    """One tool call's state, written before it is sent (or waits for approval): what makes calls exactly-once.
+
+    ``call_id`` is ``<turn>.<index>`` within the session, also sent as ``x-call-id``
+    metadata, which the servers log: audit and access logs can be matched call for call.
+    """
+
+    id = peewee.AutoField()
+    session = peewee.ForeignKeyField(SessionRecord, column_name="session_id", field="session_id", backref="tool_calls")
+    call_id = peewee.TextField()
+    turn_id = peewee.IntegerField()
+    call_index = peewee.IntegerField()
+    agent_name = peewee.TextField()
+    tool_name = peewee.TextField()
+    operation = peewee.TextField()
+    tool_params = peewee.TextField()
+    status = peewee.TextField()
+    created_at = peewee.TextField()
+    decided_at = peewee.TextField(null=True)
+    decided_by = peewee.TextField(null=True)
+    reason = peewee.TextField(null=True)
+    started_at = peewee.TextField(null=True)
+    finished_at = peewee.TextField(null=True)
+
+    class Meta:  # noqa: D106 - Peewee options
+        table_name = "tool_calls"
+        indexes = ((("session", "call_id"), True), (("status",), False))
 
 
 class EventRecord(_BaseModel):
@@ -119,4 +183,4 @@ class EventRecord(_BaseModel):
         indexes = ((("session", "id"), False),)
 
 
-MODELS: tuple[type[peewee.Model], ...] = (SessionRecord, MessageRecord, ToolUsageRecord, EventRecord)
+MODELS: tuple[type[peewee.Model], ...] = (SessionRecord, MessageRecord, ToolUsageRecord, EventRecord, ToolCallRecord)

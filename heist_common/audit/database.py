@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 
 import peewee
 
+from heist_common.audit.schema import MODELS
 from heist_common.layout import make_private
-from orchestrator.audit.schema import MODELS
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -28,6 +28,14 @@ class AuditError(RuntimeError):
 
 class UnknownSessionError(LookupError):
     """No session with that ID in the audit database."""
+
+
+class UnknownCallError(LookupError):
+    """No tool call with that ID in that session."""
+
+
+class CallNotPendingError(Exception):
+    """The tool call is not waiting for a decision (already decided, or it never needed one)."""
 
 
 class SessionTakenOverError(AuditError):
@@ -62,19 +70,54 @@ SCHEMA_LOCK_KEY = 0x4E15_7A0D
 
 
 def create_schema(database: peewee.Database) -> None:
-    """Create missing tables and columns in one transaction, one process at a time.
+    """Create missing tables and columns in one transaction, one process at a time, and only if any are missing.
+
+    Why the check first: an audit database in use already has its schema, and
+    the check only reads (in WAL mode readers never wait for a writer), so the
+    many processes that start at once on one SQLite file do not each queue for
+    the write lock just to find nothing to do; behind a writer that holds that
+    lock for longer than the busy timeout, they would fail to open at all.
 
     Why the lock: several orchestrators starting at once against a new
     PostgreSQL database race in ``CREATE TABLE IF NOT EXISTS`` (the loser fails
     on a duplicate type name), and two of them adding the same new column fail
     the same way. An advisory lock held for the transaction serialises them, and
-    DDL is transactional there. SQLite's ``BEGIN IMMEDIATE`` does the same.
+    DDL is transactional there. SQLite's ``BEGIN IMMEDIATE`` does the same, and
+    whoever gets the lock second finds the work done (the check is repeated
+    inside the transaction).
     """
+    if schema_complete(database):
+        return
     with database.atomic():
         if isinstance(database, peewee.PostgresqlDatabase):
             database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))  # type: ignore[no-untyped-call]
         database.create_tables(MODELS, safe=True)
         _add_missing_columns(database)
+
+
+def schema_complete(database: peewee.Database) -> bool:
+    """Whether every table and every column of the models exists (read-only: takes no write lock)."""
+    tables = set(database.get_tables())
+    for model in MODELS:
+        meta: Any = model._meta
+        if meta.table_name not in tables:
+            return False
+        existing = {column.name for column in database.get_columns(meta.table_name)}
+        if any(field.column_name not in existing for field in meta.sorted_fields):
+            return False
+    return True
+
+
+def use_wal(database: peewee.Database) -> None:
+    """Switch a SQLite file to WAL mode unless it is in it already (the mode is kept in the file).
+
+    Why not a pragma on every connection: switching needs the file to itself,
+    and SQLite answers a concurrent switch with "database is locked" at once,
+    without waiting for the busy timeout; asking first (a read) means only the
+    processes that open a brand-new file ever try, and the caller retries them.
+    """
+    if isinstance(database, peewee.SqliteDatabase) and str(database.pragma("journal_mode")).lower() != "wal":
+        database.pragma("journal_mode", "wal")
 
 
 def one_line(exc: BaseException) -> str:
@@ -120,9 +163,10 @@ def _open_database(url: str) -> peewee.Database:
     sqlite_file = _sqlite_path(url)
     if url.startswith("sqlite"):
         options = {
+            # The busy timeout first (sqlite3.connect's ``timeout`` sets it too, before any statement); WAL
+            # mode is ``use_wal``'s, once per file, not a pragma every connection would race for.
             "pragmas": (
                 ("busy_timeout", BUSY_TIMEOUT_MS),
-                ("journal_mode", "wal"),
                 ("foreign_keys", 1),
                 ("synchronous", "normal"),
             ),

@@ -54,8 +54,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from heist.tools.v1 import options_pb2 as tool_options
 
-from orchestrator.tools.gbnf import Chars, Grammar, Node, Ref, Repeat, alt, opt, rule_name, seq, upto
-from orchestrator.tools.registry import JsonSchema, ToolRegistry, message_schema
+from heist_common.tools.gbnf import Chars, Grammar, Node, Ref, Repeat, alt, opt, rule_name, seq, upto
+from heist_common.tools.registry import JsonSchema, ToolRegistry, message_schema
 
 __all__ = [
     "ARITHMETIC",

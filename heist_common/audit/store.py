@@ -21,30 +21,38 @@ from typing import Any, TypeVar, cast
 
 import peewee
 
-from heist_common.config import redact_url
-from orchestrator.audit.database import (
+from heist_common.audit.database import (
     _DB_ERRORS,
     BUSY_TIMEOUT_MS,
     OPEN_RETRY_DELAY_S,
     AuditError,
+    CallNotPendingError,
     SessionTakenOverError,
+    UnknownCallError,
     UnknownSessionError,
     _open_database,
     _root_cause,
     _sqlite_path,
     create_schema,
     one_line,
+    use_wal,
 )
-from orchestrator.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
-from orchestrator.audit.schema import (
+from heist_common.audit.rows import EventRow, MessageRow, ToolUsageRow, TurnAudit, _PreparedInsert
+from heist_common.audit.schema import (
+    RESULT_UNKNOWN,
+    RUNNING_STATUSES,
+    CallStatus,
     EventRecord,
     MessageRecord,
     SessionRecord,
     SessionStatus,
+    ToolCallRecord,
     ToolUsageRecord,
     database_proxy,
     now_iso,
 )
+from heist_common.audit.tokens import TokenCount, TokenTotals
+from heist_common.config import redact_url
 
 T = TypeVar("T")
 
@@ -87,16 +95,17 @@ class AuditStore:
         expression: peewee.Expression = (SessionRecord.pid == self.pid) & (SessionRecord.host == self.host)
         return expression
 
-
     @classmethod
     def open(cls, url: str) -> AuditStore:
         """Connect, create missing tables, and start the writer thread; AuditError if unreachable.
 
-        Several processes creating the same new SQLite file at once race on
-        ``PRAGMA journal_mode=wal``, which SQLite refuses with "database is
-        locked" without waiting for its busy timeout; so a locked open is retried
-        until that timeout has passed (once the file is in WAL mode the pragma
-        needs no lock and the race is over).
+        The busy timeout is set when connecting, before any statement. Several
+        processes creating the same new SQLite file at once race on switching it
+        to WAL mode, which SQLite refuses with "database is locked" without
+        waiting for its busy timeout; so a locked open is retried until that
+        timeout has passed (once the file is in WAL mode nobody switches it
+        again and the race is over). A file that has its schema is opened with
+        reads only (``create_schema``), so a busy writer never makes it fail.
         """
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
         while True:
@@ -104,6 +113,7 @@ class AuditStore:
                 database = _open_database(url)
                 database_proxy.initialize(database)
                 with database.connection_context():
+                    use_wal(database)
                     create_schema(database)
                 return cls(url, database)
             except _DB_ERRORS as exc:
@@ -181,6 +191,25 @@ class AuditStore:
 
         await self._in_writer(work, f"create session {session_id}")
 
+    async def ensure_session(self, session_id: str, *, status: str, strategy: str, model: str) -> None:
+        """Create the session unless it exists (a log several processes append to, e.g. the MCP gateway's)."""
+
+        def work() -> None:
+            with self.database.atomic():
+                started = now_iso()
+                SessionRecord.insert(
+                    session_id=session_id,
+                    start_time=started,
+                    status=status,
+                    strategy=strategy,
+                    model=model,
+                    pid=self.pid,
+                    host=self.host,
+                    heartbeat_at=started,
+                ).on_conflict_ignore().execute()
+
+        await self._in_writer(work, f"open session {session_id}")
+
     async def write_turn(self, session_id: str, turn: TurnAudit) -> None:
         """Commit one turn's message, tool calls and events in a single transaction."""
         await self._in_writer(lambda: self._write_turn(session_id, turn), "write a turn")
@@ -205,6 +234,13 @@ class AuditStore:
             self._apply_pending_timings()
             for usage in turn.tool_usage:
                 self._insert_tool_usage.execute(session_id, usage)
+                if usage.call_id is not None:  # the call's outcome is recorded now: it is settled
+                    settled = CallStatus.UNKNOWN if usage.status_code == RESULT_UNKNOWN else CallStatus.DONE
+                    ToolCallRecord.update(status=settled, finished_at=usage.timestamp).where(
+                        (ToolCallRecord.session == session_id)
+                        & (ToolCallRecord.call_id == usage.call_id)
+                        & (ToolCallRecord.status == CallStatus.STARTED)
+                    ).execute()
             for event in turn.events:
                 self._insert_event.execute(session_id, event)
             if turn.message is not None:
@@ -365,7 +401,202 @@ class AuditStore:
 
         return await self._in_writer(work, "read messages")
 
+    # Tool calls: each is written before it is sent or waits for approval -------------------------
+
+    async def open_tool_call(self, session_id: str, fields: Mapping[str, Any]) -> None:
+        """Insert a tool call's record (``pending_approval`` or ``started``), only while this process owns the session.
+
+        Awaited before the RPC: a call that was sent always has a record, so a
+        resume knows it may have run.
+        """
+
+        def work() -> None:
+            with self.database.atomic():
+                owned = SessionRecord.select(SessionRecord.session_id).where(
+                    (SessionRecord.session_id == session_id) & self._owned()
+                )
+                if not owned.exists():
+                    raise self._taken_over(session_id)
+                ToolCallRecord.create(session=session_id, **fields)
+
+        await self._in_writer(work, "record a tool call")
+
+    async def start_tool_call(self, session_id: str, call_id: str) -> bool:
+        """Mark an approved (or just opened) call ``started`` right before it is sent; False if it is not approved."""
+
+        def work() -> bool:
+            with self.database.atomic():
+                updated = (
+                    ToolCallRecord.update(status=CallStatus.STARTED, started_at=now_iso())
+                    .where(
+                        (ToolCallRecord.session == session_id)
+                        & (ToolCallRecord.call_id == call_id)
+                        & (ToolCallRecord.status == CallStatus.APPROVED)
+                    )
+                    .execute()
+                )
+            return int(updated) == 1
+
+        return await self._in_writer(work, "start a tool call")
+
+    async def tool_call(self, session_id: str, call_id: str) -> dict[str, Any]:
+        """One tool call's record; UnknownCallError if there is none."""
+        return await self._in_writer(lambda: self._tool_call(session_id, call_id), "read a tool call")
+
+    def _tool_call(self, session_id: str, call_id: str) -> dict[str, Any]:
+        row = (
+            ToolCallRecord.select()
+            .where((ToolCallRecord.session == session_id) & (ToolCallRecord.call_id == call_id))
+            .dicts()
+            .first()
+        )
+        if row is None:
+            raise UnknownCallError(f"session {session_id} has no tool call {call_id!r} (see 'orchestrator approvals')")
+        return _call_dict(row)
+
+    async def unsettled_tool_calls(self, session_id: str, after_turn: int) -> list[dict[str, Any]]:
+        """Return the calls of turns after ``after_turn`` (none committed): what a killed turn left, in call order."""
+
+        def work() -> list[dict[str, Any]]:
+            query = (
+                ToolCallRecord.select()
+                .where((ToolCallRecord.session == session_id) & (ToolCallRecord.turn_id > after_turn))
+                .order_by(ToolCallRecord.turn_id, ToolCallRecord.call_index)
+                .dicts()
+            )
+            return [_call_dict(row) for row in query]
+
+        return await self._in_writer(work, "read unsettled tool calls")
+
+    async def set_awaiting_approval(self, session_id: str, awaiting: bool) -> None:
+        """Switch the session between ``active`` and ``awaiting_approval`` (and beat its heart); fenced on the owner."""
+        status = SessionStatus.AWAITING_APPROVAL if awaiting else SessionStatus.ACTIVE
+
+        def work() -> None:
+            with self.database.atomic():
+                updated = (
+                    SessionRecord.update(status=status, heartbeat_at=now_iso())
+                    .where(
+                        (SessionRecord.session_id == session_id)
+                        & self._owned()
+                        & SessionRecord.status.in_(RUNNING_STATUSES)
+                    )
+                    .execute()
+                )
+                if updated != 1:
+                    raise self._taken_over(session_id)
+
+        await self._in_writer(work, f"mark session {session_id} {status}")
+
+    async def decide(
+        self, session_id: str, call_id: str, approve: bool, reason: str, decided_by: str
+    ) -> dict[str, Any]:
+        """``decide_now`` on the writer thread (for the event loop)."""
+        return await self._in_writer(
+            lambda: self._decide(session_id, call_id, approve, reason, decided_by), f"decide tool call {call_id}"
+        )
+
+    def decide_now(self, session_id: str, call_id: str, approve: bool, reason: str, decided_by: str) -> dict[str, Any]:
+        """Approve or deny a pending call (compare and set: only a ``pending_approval`` one); return its record.
+
+        UnknownSessionError, UnknownCallError, CallNotPendingError (already
+        decided: the record says by whom and when); AuditError if the database fails.
+        """
+        try:
+            with self.database.connection_context():
+                return self._decide(session_id, call_id, approve, reason, decided_by)
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot decide call {call_id} in {self.location}: {one_line(exc)}") from None
+
+    def _decide(self, session_id: str, call_id: str, approve: bool, reason: str, decided_by: str) -> dict[str, Any]:
+        with self.database.atomic():
+            updated = (
+                ToolCallRecord.update(
+                    status=CallStatus.APPROVED if approve else CallStatus.DENIED,
+                    decided_at=now_iso(),
+                    decided_by=decided_by,
+                    reason=reason or None,
+                )
+                .where(
+                    (ToolCallRecord.session == session_id)
+                    & (ToolCallRecord.call_id == call_id)
+                    & (ToolCallRecord.status == CallStatus.PENDING_APPROVAL)
+                )
+                .execute()
+            )
+            if updated != 1:
+                if not SessionRecord.select().where(SessionRecord.session_id == session_id).exists():
+                    raise UnknownSessionError(session_id)
+                row = self._tool_call(session_id, call_id)
+                by = f" by {row['decided_by']} at {row['decided_at']}" if row["decided_by"] else ""
+                raise CallNotPendingError(f"call {call_id} of session {session_id} is {row['status']}{by}, not pending")
+            return self._tool_call(session_id, call_id)
+
+    def read_tool_calls(self, session_id: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        """Tool call records, oldest first; of one session and/or in one status (``pending_approval``)."""
+        condition: peewee.Expression = ToolCallRecord.id > 0
+        if session_id is not None:
+            condition &= ToolCallRecord.session == session_id
+        if status is not None:
+            condition &= ToolCallRecord.status == status
+        try:
+            with self.database.connection_context():
+                query = ToolCallRecord.select().where(condition).order_by(ToolCallRecord.id).dicts()
+                return [_call_dict(row) for row in query]
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read tool calls from {self.location}: {one_line(exc)}") from None
+
+    def session_exists(self, session_id: str) -> bool:
+        """Whether the audit knows the session (for the CLI's exit 5)."""
+        try:
+            with self.database.connection_context():
+                return bool(SessionRecord.select().where(SessionRecord.session_id == session_id).exists())
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read sessions from {self.location}: {one_line(exc)}") from None
+    async def token_totals(self, session_id: str) -> TokenTotals:
+        """Return the session's LLM tokens so far, per agent (where a resumed session's budget starts from)."""
+
+        def work() -> TokenTotals:
+            query = (
+                MessageRecord.select(
+                    MessageRecord.agent_name,
+                    MessageRecord.prompt_tokens,
+                    MessageRecord.completion_tokens,
+                    MessageRecord.tokens_estimated,
+                )
+                .where(MessageRecord.session == session_id)
+                .order_by(MessageRecord.turn_id)
+                .dicts()
+            )
+            return TokenTotals.from_messages(cast("list[dict[str, Any]]", list(query)))
+
+        return await self._in_writer(work, f"read the tokens of session {session_id}")
+
     # Synchronous readers for the CLI -------------------------------------------------------------
+
+    def read_token_counts(self) -> dict[str, TokenCount]:
+        """Every session's LLM tokens in all (sessions without any counted turn are absent)."""
+        try:
+            with self.database.connection_context():
+                query = (
+                    MessageRecord.select(
+                        MessageRecord.session,
+                        peewee.fn.SUM(MessageRecord.prompt_tokens),
+                        peewee.fn.SUM(MessageRecord.completion_tokens),
+                        peewee.fn.MAX(peewee.Case(None, [(MessageRecord.tokens_estimated, 1)], 0)),
+                        peewee.fn.COUNT(MessageRecord.prompt_tokens),
+                    )
+                    .where(MessageRecord.prompt_tokens.is_null(False) & MessageRecord.completion_tokens.is_null(False))
+                    .group_by(MessageRecord.session)
+                    .tuples()
+                )
+                rows = cast("list[tuple[Any, Any, Any, Any, Any]]", list(query))
+        except _DB_ERRORS as exc:
+            raise AuditError(f"cannot read token counts from {self.location}: {one_line(exc)}") from None
+        return {
+            str(session): TokenCount(int(prompt or 0), int(completion or 0), bool(estimated), int(turns))
+            for session, prompt, completion, estimated, turns in rows
+        }
 
     def read_sessions(self) -> list[dict[str, Any]]:
         """Every session, newest first."""
@@ -397,3 +628,8 @@ class AuditStore:
                 }
         except _DB_ERRORS as exc:
             raise AuditError(f"cannot read session {session_id} from {self.location}: {one_line(exc)}") from None
+
+
+def _call_dict(row: Any) -> dict[str, Any]:
+    """Return a ``tool_calls`` row as a dict whose session key is ``session_id`` (as every other reader returns it)."""
+    return {("session_id" if key == "session" else key): value for key, value in row.items()}

@@ -21,7 +21,15 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from heist.tools.v1 import options_pb2 as tool_options
 
-from heist_common.contract import ServiceContract, contract_of, is_inline_default, required_scope, tool_description
+from heist_common.contract import (
+    ServiceContract,
+    approval_required,
+    contract_of,
+    is_idempotent,
+    is_inline_default,
+    required_scope,
+    tool_description,
+)
 
 JsonSchema = dict[str, Any]
 
@@ -52,6 +60,15 @@ _WELL_KNOWN_SCHEMAS: dict[str, JsonSchema] = {
     "google.protobuf.Int32Value": {"type": "integer"},
 }
 _MAX_DEPTH = 6
+_64_BIT_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
 
 
 class ToolArgumentError(ValueError):
@@ -62,18 +79,22 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def _field_schema(fd: FieldDescriptor, depth: int) -> JsonSchema:
+def _field_schema(fd: FieldDescriptor, depth: int, output: bool) -> JsonSchema:
     """Describe one field's value(s); maps and repeated fields wrap the element schema."""
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
         value_field = fd.message_type.fields_by_name["value"]
-        return {"type": "object", "additionalProperties": _value_schema(value_field, depth)}
-    element = _value_schema(fd, depth)
+        return {"type": "object", "additionalProperties": _value_schema(value_field, depth, output)}
+    element = _value_schema(fd, depth, output)
     return {"type": "array", "items": element} if fd.is_repeated else element
 
 
-def _value_schema(fd: FieldDescriptor, depth: int) -> JsonSchema:
+def _value_schema(fd: FieldDescriptor, depth: int, output: bool) -> JsonSchema:
     if fd.message_type is not None:
-        return message_schema(fd.message_type, depth + 1)
+        return message_schema(fd.message_type, depth + 1, output=output)
+    if output and fd.enum_type is not None and fd.enum_type.full_name == "google.protobuf.NullValue":
+        return {"type": "null"}  # proto3 JSON writes NullValue as null
+    if output and fd.type in _64_BIT_TYPES:
+        return {"type": "string", "pattern": "^-?[0-9]+$"}  # proto3 JSON writes 64-bit integers as strings
     if fd.enum_type is not None:
         return {"type": "string", "enum": [value.name for value in fd.enum_type.values]}
     if fd.type == FieldDescriptor.TYPE_BOOL:
@@ -96,8 +117,12 @@ def _is_required(fd: FieldDescriptor) -> bool:
     return not fd.is_repeated and not fd.has_presence and fd.type != FieldDescriptor.TYPE_MESSAGE
 
 
-def message_schema(descriptor: Descriptor, depth: int = 0) -> JsonSchema:
-    """JSON schema (OpenAI function-parameters dialect) of a request message."""
+def message_schema(descriptor: Descriptor, depth: int = 0, *, output: bool = False) -> JsonSchema:
+    """JSON schema (OpenAI function-parameters dialect) of a request message.
+
+    ``output``: the schema of a response as ``response_data`` writes it (proto3 JSON: 64-bit integers
+    as strings, NullValue as null, every field present), for MCP's ``outputSchema``.
+    """
     if descriptor.full_name in _WELL_KNOWN_SCHEMAS:
         return dict(_WELL_KNOWN_SCHEMAS[descriptor.full_name])
     if depth > _MAX_DEPTH:  # recursive messages: stop describing, still accept an object
@@ -105,14 +130,22 @@ def message_schema(descriptor: Descriptor, depth: int = 0) -> JsonSchema:
     properties: dict[str, JsonSchema] = {}
     required: list[str] = []
     for fd in descriptor.fields:
-        schema = _field_schema(fd, depth)
+        schema = _field_schema(fd, depth, output)
         description: str = fd.GetOptions().Extensions[tool_options.argument_description]
         if description:
             schema["description"] = description
         properties[fd.name] = schema
-        if _is_required(fd):
+        if _is_required(fd) or (output and fd.is_repeated):
             required.append(fd.name)
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+def response_data(response: Message) -> dict[str, Any]:
+    """Return a response as proto3 JSON: the proto's field names, every field present (what ``output`` describes)."""
+    data: dict[str, Any] = json_format.MessageToDict(
+        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return data
 
 
 @dataclass(frozen=True)
@@ -127,6 +160,12 @@ class ToolMethod:
     required_scope: str | None
     inline_default: bool
     parameters: JsonSchema
+    result_schema: JsonSchema
+    """The response message's schema, as ``response_data`` writes it (MCP's ``outputSchema``)."""
+    approval_required: bool = False
+    """The contract's ``approval`` option: every call waits for a person (agents' ``require_approval`` adds more)."""
+    idempotent: bool = False
+    """The contract's ``idempotency_level``: a resume may send a call again whose result was lost."""
 
     @property
     def rpc_path(self) -> str:
@@ -208,6 +247,9 @@ def _build_service(contract: ServiceContract) -> ToolService:
             required_scope=required_scope(method),
             inline_default=is_inline_default(method),
             parameters=message_schema(method.input_type),
+            approval_required=approval_required(method),
+            idempotent=is_idempotent(method),
+            result_schema=message_schema(method.output_type, output=True),
         )
         for method in contract.tool_methods  # only methods the proto offers to models
     )

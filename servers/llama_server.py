@@ -22,11 +22,12 @@ Without it (the mesh installed with pip), a ``llama-server`` on the PATH is used
 CONTEXT_PER_SLOT = 4096
 """Tokens of context each slot gets: a heist prompt plus its reply fit with room to spare."""
 CHAT_TEMPLATE_FILE = "gemma-3-chat-template.jinja"
-THREADS = 1
-"""Threads generating tokens: two threads meeting at every layer wait for each other whenever the
-other core is busy, which on a shared 2-core machine costs more than the second core gives."""
-THREADS_BATCH = 1
-"""Threads for prompts and batches of several slots' tokens (the same trade-off)."""
+
+
+def default_threads() -> int:
+    """One thread per CPU core this process may use: on a machine of its own the server is fastest so."""
+    return len(os.sched_getaffinity(0))
+
 
 # Gemma 3's turn format (<start_of_turn>user|model ... <end_of_turn>), which the
 # model file does not carry. Unlike Google's template it does not refuse
@@ -113,8 +114,14 @@ def write_chat_template(models_dir: Path) -> Path:
     return path
 
 
-def command(model: Path, alias: str, host: str, port: int, parallel: int, chat_template: Path) -> list[str]:
-    """Return the ``llama-server`` command line: ``parallel`` slots batched continuously, metrics, the template."""
+def command(
+    model: Path, alias: str, host: str, port: int, parallel: int, chat_template: Path, threads: int | None = None
+) -> list[str]:
+    """Return the ``llama-server`` command line: ``parallel`` slots batched continuously, metrics, the template.
+
+    ``threads`` (None: one per core) serves both generation and prompt batches.
+    """
+    threads = threads or default_threads()
     return [
         str(binary()),
         "--model", str(model),
@@ -124,8 +131,8 @@ def command(model: Path, alias: str, host: str, port: int, parallel: int, chat_t
         "--ctx-size", str(CONTEXT_PER_SLOT * parallel),
         "--parallel", str(parallel),
         "--cont-batching",
-        "--threads", str(THREADS),
-        "--threads-batch", str(THREADS_BATCH),
+        "--threads", str(threads),
+        "--threads-batch", str(threads),
         "--metrics",
         "--jinja",
         "--chat-template-file", str(chat_template),

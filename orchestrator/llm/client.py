@@ -199,12 +199,12 @@ class LLMClient:
         *,
         final: bool = False,
         extra_body: Mapping[str, Any] | None = None,
-        tool_choice: Mapping[str, Any] | None = None,
+        tool_choice: Mapping[str, Any] | str | None = None,
         temperature_boost: float = 0.0,
     ) -> Completion:
         """One chat completion; ``final`` forbids further tool calls. LLMError on any failure.
 
-        ``tool_choice`` (with ``tools``, not ``final``) forces a call, e.g. of one named function.
+        ``tool_choice`` (with ``tools``, not ``final``) forces a call, e.g. ``"required"``.
 
         ``extra_body`` is merged over the config's sampling extras (e.g. a ``grammar``);
         ``temperature_boost`` is added to the configured temperature (a resample).

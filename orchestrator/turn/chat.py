@@ -41,18 +41,19 @@ class ChatStyle(PromptStyle):
         forced = self._inline_methods[0].function_name if self._inline_methods else None
         if forced is None and self._methods:
             forced = self._methods[0].function_name
-        self._forced_choice = {"type": "function", "function": {"name": forced}} if forced is not None else None
+        self._forced_function = forced
 
-    def _tool_choice(self) -> dict[str, Any] | None:
-        """Return the ``tool_choice`` that forces a call on every ``prefill_tool_every``-th turn (None otherwise).
+    def _tool_choice(self) -> str | None:
+        """Return the function a call is forced to on every ``prefill_tool_every``-th turn (None otherwise).
 
         The chat counterpart of the transcript's marker prefill: a small model
-        rarely calls a function by itself. A named function, not "required":
-        llama-cpp-python's server ignores "required" but turns a named choice
-        into a grammar. Only the turn's first request is forced; the model
-        answers the results freely.
+        rarely calls a function by itself. The request offers that function
+        alone with ``tool_choice: "required"`` (and no parallel calls), which
+        llama.cpp's llama-server, vLLM and OpenAI all honour; llama-server
+        ignores a named ``tool_choice`` object. Only the turn's first request
+        is forced; the model answers the results freely.
         """
-        return self._forced_choice if self._tool_call_prompted() else None
+        return self._forced_function if self._tool_call_prompted() else None
 
     async def reply(self, turn: Turn) -> str:
         """LLM plus tool calls, per ``llm.tool_calling``.
@@ -129,24 +130,27 @@ class ChatStyle(PromptStyle):
         *,
         final: bool = False,
         grammar: str | None = None,
-        forced: dict[str, Any] | None = None,
+        forced: str | None = None,
         temperature_boost: float = 0.0,
     ) -> tuple[Completion, list[dict[str, Any]] | None]:
         """One chat request; a constraint the server rejects (``auto``) is dropped and the request sent again.
 
-        ``forced``: the ``tool_choice`` that makes the model call a function (``_tool_choice``).
+        ``forced``: the function the model must call (``_tool_choice``): offered alone, ``tool_choice: "required"``.
 
         Returns the completion and the functions to offer from now on.
         """
         llm = self.context.llm
-        extra_body = {"grammar": grammar} if grammar is not None else None
+        extra_body: dict[str, Any] = {"grammar": grammar} if grammar is not None else {}
+        choice = "required" if forced is not None and functions else None
+        if choice is not None:
+            extra_body["parallel_tool_calls"] = False
         try:
             completion = await llm.complete(
                 messages,
-                functions,
+                _only(functions, forced),
                 final=final,
-                extra_body=extra_body,
-                tool_choice=forced,
+                extra_body=extra_body or None,
+                tool_choice=choice,
                 temperature_boost=temperature_boost,
             )
             return turn.spent(completion), functions
@@ -157,6 +161,19 @@ class ChatStyle(PromptStyle):
             self.context.fall_back("grammar" if grammar else "json_schema", exc, turn)
         plain = self._functions if functions is not None else None
         completion = await llm.complete(
-            messages, plain, final=final, tool_choice=forced, temperature_boost=temperature_boost
+            messages,
+            _only(plain, forced),
+            final=final,
+            extra_body={"parallel_tool_calls": False} if choice is not None else None,
+            tool_choice=choice,
+            temperature_boost=temperature_boost,
         )
         return turn.spent(completion), plain
+
+
+def _only(functions: list[dict[str, Any]] | None, name: str | None) -> list[dict[str, Any]] | None:
+    """``functions`` narrowed to the one named ``name`` (all of them when ``name`` is None or not among them)."""
+    if functions is None or name is None:
+        return functions
+    named = [function for function in functions if function.get("function", {}).get("name") == name]
+    return named or functions

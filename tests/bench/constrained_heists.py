@@ -3,7 +3,7 @@
     python -m tests.bench.constrained_heists [--seeds 20] [--turns 12] [--out var/bench/constrained_heists.json]
 
 Every service runs as its own process on free ports, our own
-``llama_cpp.server`` serves Gemma 3 270M (tests/bench/llm_e2e.py), and each
+``llama-server`` serves Gemma 3 270M (tests/bench/llm_e2e.py), and each
 heist is a real session through the orchestrator with the shipped crew and the
 shipped ``llm`` section (transcript prompts, a prefilled marker every second
 line of a tool agent, max_tokens 60), only ``llm.constrained_tools`` differing.
@@ -112,6 +112,7 @@ async def heist(config: HeistConfig, seed: int, turns: int) -> dict[str, Any]:
         "refused": [[tool, params, code, result_text[:120]] for ok, tool, params, code, result_text in rows if not ok],
         "messages": [f"{t.agent_name}: {t.message[:200]}" for t in result.turns],
         "turn_ms": [round(t.total_ms) for t in result.turns],
+        "tool_turns": [bool(t.tool_usage) for t in result.turns],
     }
 
 
@@ -165,7 +166,8 @@ def run(seeds: int, turns: int, out: Path | None, first_seed: int = 1) -> dict[s
                 for mode in MODES if seed % 2 else reversed(MODES):
                     outcome = asyncio.run(heist(configs[mode], seed, turns))
                     heists[mode].append(outcome)
-                    counts = {k: v for k, v in outcome.items() if k not in ("messages", "refused", "turn_ms")}
+                    lists = ("messages", "refused", "turn_ms", "tool_turns")
+                    counts = {k: v for k, v in outcome.items() if k not in lists}
                     print(f"seed {seed:2d} {mode:4s} {json.dumps(counts)}", flush=True)
         finally:
             server.stop()

@@ -21,7 +21,6 @@ import dataclasses
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ from heist_common.config import HeistConfig
 from orchestrator.llm.client import LLMClient
 from orchestrator.mesh.clients import ServiceClients
 from orchestrator.session.runner import RunOptions, SessionRunner
+from servers import llama_server
+from servers.supervisor import llm_completes
 from tests.support.ports import free_port
 from tests.support.processes import REPO, stop_process
 
@@ -51,14 +52,23 @@ def ensure_model(path: Path = MODEL_PATH) -> Path:
 
 
 class LlamaServer:
-    """Our own ``python -m llama_cpp.server`` on a free port (never the default 1234); ``stop()`` ends it."""
+    """The embedded model's server on a free port (never the default 1234), started as ``make serve`` starts it.
 
-    def __init__(self, log_path: Path, alias: str = "gemma-3-270m", extra_args: tuple[str, ...] = ()) -> None:
+    ``legacy=True`` starts llama-cpp-python's ``python -m llama_cpp.server`` instead (the server before
+    llama-server, one request at a time), for the benchmarks' old-beside-new comparison. ``stop()`` ends it.
+    """
+
+    def __init__(
+        self, log_path: Path, alias: str = "gemma-3-270m", parallel: int = 4, legacy: bool = False,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         self.port = free_port()
         self.alias = alias
         self.log_path = log_path
+        self.parallel = parallel
+        self.legacy = legacy
         self.extra_args = extra_args
-        """More server flags, e.g. ``("--chat_format", "gemma")`` for chat requests (as ``make serve`` starts it)."""
+        """More server flags, appended to the command line."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,28 +76,32 @@ class LlamaServer:
         """The OpenAI-compatible base URL."""
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def command(self, model: Path) -> list[str]:
+        """The server's command line."""
+        if self.legacy:
+            return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", self.alias,
+                    "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "4096", "--n_threads", "2",
+                    "--chat_format", "gemma", *self.extra_args]  # fmt: skip
+        template = llama_server.write_chat_template(self.log_path.parent)
+        return [*llama_server.command(model, self.alias, "127.0.0.1", self.port, self.parallel, template),
+                *self.extra_args]  # fmt: skip
+
     def start(self) -> LlamaServer:
-        """Start and wait until ``/v1/models`` answers."""
+        """Start and wait until a one-token completion succeeds (the supervisor's probe)."""
         model = ensure_model()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", self.alias,
-                 "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "4096", "--n_threads", "2",
-                 *self.extra_args],
+                self.command(model),
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited:\n{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=1) as reply:
-                    if reply.status == 200:
-                        return self
-            except OSError:
-                pass
+                raise RuntimeError(f"LLM server exited:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+            if llm_completes(self.base_url, self.alias, 5.0) == "SERVING":
+                return self
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server not up after {START_TIMEOUT_S} s")
+                raise RuntimeError(f"LLM server not up after {START_TIMEOUT_S} s")
             time.sleep(0.2)
 
     def stop(self) -> None:

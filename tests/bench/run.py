@@ -27,6 +27,7 @@ import grpc
 
 from orchestrator.mesh.clients import ServiceClients
 from servers.auth import credential_store
+from tests.bench import embedded_server
 from tests.bench.echo import METHOD as ECHO_METHOD
 from tests.bench.http_llm import HttpLLM
 from tests.bench.http_turns import STYLES, http_turns, parallel_http, run_cli, whole_process, write_style_config
@@ -128,7 +129,7 @@ def loadavg() -> list[float]:
         return []
 
 
-SECTIONS = ("real", "services", "startup", "throughput", "parallel", "service", "embedded", "mcp")
+SECTIONS = ("real", "services", "startup", "throughput", "parallel", "service", "embedded", "server", "mcp")
 """What a run measures; ``--only`` picks some (all by default)."""
 
 
@@ -158,6 +159,9 @@ def sizes_for(smoke: bool) -> dict[str, int]:
         "service_turns": 2 if smoke else 8,
         "service_delay_ms": 100 if smoke else 1000,
         "llm_turns": 1 if smoke else 10,
+        "server_turns": 2 if smoke else 8,
+        "server_seeds": 1 if smoke else 4,
+        "server_tokens": 8 if smoke else 64,
         "mcp_calls": 20 if smoke else 2000,
     }
 
@@ -224,6 +228,12 @@ def run(smoke: bool, out: Path, loadgen: str = "auto", only: tuple[str, ...] = S
             if "embedded" in only:
                 print("embedded LLM (our own llama.cpp server) ...", flush=True)
                 results["embedded_llm"] = run_embedded_llm(mesh.config, work, sizes["llm_turns"])
+            if "server" in only:
+                print("the embedded model's server: one heist vs four, constrained vs free, tokens/s ...", flush=True)
+                servers = ["llama-server"] if smoke else list(embedded_server.SERVERS)
+                results["embedded_server"] = embedded_server.run(
+                    servers, sizes["server_turns"], sizes["server_seeds"], sizes["server_tokens"], None
+                )
             if "mcp" in only:
                 print("MCP gateway: tools/call beside the same calls over gRPC ...", flush=True)
                 results["mcp_gateway"] = run_mcp_bench(sizes["mcp_calls"])
@@ -351,6 +361,14 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
         llm = results["embedded_llm"]
         verdicts["llm_mesh_cost_pct"] = _target(llm["mesh_cost_pct"], TARGETS["llm_mesh_cost_pct"])
         verdicts["llm_mesh_time_share_pct"] = _target(llm["mesh_time_share_pct"], TARGETS["llm_mesh_cost_pct"])
+    new_server = results.get("embedded_server", {}).get("llama-server")
+    if new_server:
+        verdicts["four_heists_over_one"] = _target(
+            new_server["one_vs_four"]["four_over_one"], embedded_server.TARGETS["four_over_one"]
+        )
+        verdicts["constrained_tool_turn_extra_pct"] = _target(
+            new_server["constrained"]["constrained_extra_pct"], embedded_server.TARGETS["constrained_extra_pct"]
+        )
     return verdicts
 
 
@@ -471,6 +489,9 @@ def print_table(results: dict[str, Any]) -> None:
             f"   within the turns: {llm['llm_seconds_within_turns']} s waiting for the LLM, so the mesh's share of "
             f"turn time is {llm['mesh_time_share_pct']}% (service_ms per turn {llm['service_ms_per_turn_mean']})"
         )
+    if "embedded_server" in results:
+        print("\n7. the embedded model's server")
+        embedded_server.print_table(results["embedded_server"])
     gateway = results.get("mcp_gateway")
     if gateway:
         print(f"\nMCP gateway: {gateway['tool']} calls/s, tools/call through the gateway beside gRPC")

@@ -101,6 +101,10 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert llm["endpoint_tokens_per_s"] > 0 and llm["end_to_end_tokens_per_s"] > 0
     assert llm["mesh_cost_pct"] is not None and llm["mesh_time_share_pct"] is not None
 
+    server = results["embedded_server"]["llama-server"]
+    assert server["generation"]["one_stream_tokens_per_s"] > 0 and server["generation"]["four_streams_tokens_per_s"] > 0
+    assert server["one_vs_four"]["four_completed"] == 4 and server["one_vs_four"]["four_over_one"] > 0
+    assert server["constrained"]["free_tool_turn_ms"] > 0 and server["constrained"]["constrained_tool_turn_ms"] > 0
     gateway = results["mcp_gateway"]
     assert [row["concurrency"] for row in gateway["rows"]] == [1, 8]
     for row in gateway["rows"]:
@@ -122,6 +126,8 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "llm_mesh_cost_pct",
         "llm_mesh_time_share_pct",
         "service_failures",  # the smoke's sizes are not 64 or 256, so only this service target applies
+        "four_heists_over_one",
+        "constrained_tool_turn_extra_pct",
     }
 
 

@@ -2,12 +2,14 @@
 
 llama.cpp's AMX matmul faults on some Sapphire Rapids VMs (a general protection
 fault at ``ldtilecfg``), and a ``-march=native`` build from one CPU dies with an
-illegal instruction on another. ``make install`` builds a portable wheel; these
-tests read the installed libraries' machine code to prove it.
+illegal instruction on another. ``make install`` builds llama-server and its
+shared libraries portably; these tests read their machine code to prove it
+(and that llama-cpp-python's bindings load those very libraries).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,17 +18,19 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
+from servers import llama_server
+
 AMX_INSTRUCTIONS = re.compile(
     r"\s(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilezero|tilerelease|tdpb\w*)\s"
 )
 AVX512_REGISTERS = re.compile(r"%zmm\d+|%k[1-7]\b")
 
 
-def ggml_libraries() -> list[Path]:
-    package = Path(llama_cpp.__file__).resolve().parent
-    libraries = sorted(package.rglob("libggml*.so*"))
-    assert libraries, f"no libggml*.so under {package}"
-    return libraries
+def llama_build() -> list[Path]:
+    """The llama-server binary and every shared library beside it (each real file once, not its version links)."""
+    folder = llama_server.BINARY.resolve().parent
+    files = {path.resolve() for path in [folder / llama_server.BINARY.name, *folder.glob("lib*.so*")]}
+    return sorted(files)
 
 
 def disassemble(library: Path) -> str:
@@ -39,11 +43,22 @@ def disassemble(library: Path) -> str:
 
 @pytest.fixture(scope="module")
 def disassembly() -> dict[str, str]:
-    return {library.name: disassemble(library) for library in ggml_libraries()}
+    return {library.name: disassemble(library) for library in llama_build()}
 
 
-def test_the_cpu_backend_is_among_the_inspected_libraries(disassembly: dict[str, str]) -> None:
-    assert any(name.startswith("libggml-cpu") for name in disassembly), sorted(disassembly)
+def test_the_server_and_its_libraries_are_among_the_inspected_files(disassembly: dict[str, str]) -> None:
+    names = sorted(disassembly)
+    assert "llama-server" in names, names
+    for library in ("libggml-cpu", "libggml-base", "libllama", "libmtmd"):
+        assert any(name.startswith(library + ".so") for name in names), (library, names)
+
+
+def test_the_python_bindings_load_the_same_libraries() -> None:
+    package_libs = Path(llama_cpp.__file__).resolve().parent / "lib"
+    assert package_libs.resolve() == llama_server.BINARY.resolve().parent
+    # `import llama_cpp` (above) loaded libllama: the real file is the one beside llama-server.
+    libllama = (llama_server.BINARY.resolve().parent / "libllama.so").resolve()
+    assert str(libllama) in Path(f"/proc/{os.getpid()}/maps").read_text()
 
 
 def test_no_amx_tile_instructions(disassembly: dict[str, str]) -> None:

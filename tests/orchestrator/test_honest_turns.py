@@ -137,7 +137,7 @@ async def test_tool_agents_are_made_to_call_a_function_every_nth_turn(
     )
     scripted_llm.responder = lambda body: (
         tool_call("calculator_evaluate", expression="2+3")
-        if isinstance(body.get("tool_choice"), dict)
+        if body.get("tool_choice") == "required"
         else text("Five minutes.")
     )
     result = await run_session(mesh.config, RunOptions(turns=5))
@@ -145,8 +145,10 @@ async def test_tool_agents_are_made_to_call_a_function_every_nth_turn(
     assert [turn.status for turn in result.turns] == ["ok"] * 5
     first_requests = [body for body in scripted_llm.chat_requests if body["messages"][-1]["role"] != "tool"]
     choices = [body.get("tool_choice") for body in first_requests]
-    forced = {"type": "function", "function": {"name": "calculator_evaluate"}}
-    assert choices == [forced, "auto", forced, "auto", forced], "turns 1, 3 and 5 of the agent are forced"
+    assert choices == ["required", "auto", "required", "auto", "required"], "turns 1, 3 and 5 of the agent are forced"
+    for body in first_requests[::2]:  # the forced function offered alone, one call
+        assert [tool["function"]["name"] for tool in body["tools"]] == ["calculator_evaluate"]
+        assert body["parallel_tool_calls"] is False
     follow_ups = [body.get("tool_choice") for body in scripted_llm.chat_requests if body not in first_requests]
     assert follow_ups == ["auto"] * 3, "the model answers the results freely"
     assert [len(turn.tool_usage) for turn in result.turns] == [1, 0, 1, 0, 1]

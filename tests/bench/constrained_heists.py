@@ -45,7 +45,7 @@ from orchestrator.turn.constrained_tools import FALLBACK_OPERATION
 from orchestrator.turn.prompts import NO_REPLY, one_line, parrots
 from tests.bench.llm_e2e import LlamaServer
 from tests.bench.procs import machine_info
-from tests.support.config import shipped
+from tests.support.config import shipped, unattended_agents
 from tests.support.processes import ProcessMesh
 
 MODES = ("off", "auto")
@@ -153,9 +153,7 @@ def run(seeds: int, turns: int, out: Path | None, first_seed: int = 1) -> dict[s
     with tempfile.TemporaryDirectory(prefix="heist-eval-") as tmp:
         work = Path(tmp)
         session = {**crew["session"], "max_turns": turns}
-        # Nobody approves calls in a benchmark (docs/approvals.md): the shipped crew without require_approval.
-        agents = [{key: value for key, value in agent.items() if key != "require_approval"} for agent in crew["agents"]]
-        mesh = ProcessMesh(work, agents=agents, session=session)
+        mesh = ProcessMesh(work, agents=unattended_agents(), session=session)
         server = LlamaServer(work / "llama.log")
         try:
             mesh.start()

@@ -42,7 +42,7 @@ from orchestrator.session.runner import RunOptions, SessionRunner
 from tests.bench.constrained_heists import eval_config, heist
 from tests.bench.llm_e2e import LlamaServer
 from tests.bench.procs import machine_info
-from tests.support.config import shipped
+from tests.support.config import shipped, unattended_agents
 from tests.support.processes import ProcessMesh
 
 SERVERS = {"llama-server": False, "llama_cpp.server": True}
@@ -159,7 +159,7 @@ def run(servers: list[str], turns: int, seeds: int, tokens: int, out: Path | Non
     with tempfile.TemporaryDirectory(prefix="heist-embedded-") as tmp:
         work = Path(tmp)
         session = {**crew["session"], "max_turns": turns}
-        mesh = ProcessMesh(work, agents=crew["agents"], session=session)
+        mesh = ProcessMesh(work, agents=unattended_agents(), session=session)
         try:
             mesh.start()
             for name in servers:

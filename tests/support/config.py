@@ -22,6 +22,11 @@ def shipped() -> dict[str, Any]:
     return data
 
 
+def unattended_agents() -> list[dict[str, Any]]:
+    """The shipped crew without ``require_approval``: nobody approves calls in a benchmark (docs/approvals.md)."""
+    return [{key: value for key, value in agent.items() if key != "require_approval"} for agent in shipped()["agents"]]
+
+
 SERVICES: tuple[str, ...] = tuple(shipped()["services"])
 """Every service of the shipped config, in start order."""
 TOOLS: tuple[str, ...] = tuple(name for name in SERVICES if name not in ("oauth", "memory", "orchestrator"))

@@ -144,7 +144,12 @@ async def test_denying_over_a2a_fails_the_call_with_the_reason(mesh: ProcessMesh
 
 async def test_the_cli_approves_a_call_of_a_service_hosted_session(mesh: ProcessMesh) -> None:
     alice = oauth_token(mesh.config, "alice")
-    task_id, _ = await waiting_task(mesh, alice)
+    run = [str(Path(sys.executable).parent / "orchestrator"), "run", "--turns", str(TURNS), "--config",
+           str(mesh.config_path), "--via", mesh.address("orchestrator"), "--client", "alice"]  # fmt: skip
+    ran = await asyncio.to_thread(subprocess.run, run, cwd=REPO, capture_output=True, text=True, timeout=60)
+    # `run --via` says which call waits and how to decide it (A2A ends the stream at INPUT_REQUIRED).
+    assert ran.returncode != 0 and "waits for approval of call 4.1" in ran.stderr and "Traceback" not in ran.stderr
+    task_id = ran.stderr.split("orchestrator approve ")[1].split()[0]
     command = [str(Path(sys.executable).parent / "orchestrator"), "approve", task_id, "4.1",
                "--config", str(mesh.config_path)]  # fmt: skip
     done = await asyncio.to_thread(subprocess.run, command, cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -25,14 +25,14 @@ from a2a.server.tasks import TaskUpdater
 from a2a.types import a2a_pb2
 from google.protobuf import json_format
 
-from heist_common.audit import AuditStore, EventRow, SessionStatus
-from heist_common.audit.approvals import PendingCall
+from heist_common.audit import AuditStore, CallStatus, EventRow, SessionStatus
+from heist_common.audit.approvals import PendingCall, pending_calls
 from heist_common.config import HeistConfig
 from orchestrator.service.limits import ServiceLimits
 from orchestrator.service.tasks import pending_message, turn_message
 from orchestrator.session.resume import judge_liveness
 from orchestrator.session.runner import SEED_LIMIT, RunOptions, SessionResources, SessionResult, SessionRunner
-from orchestrator.turn.approval import ApprovalHooks
+from orchestrator.turn.approval import ApprovalHooks, seconds_since
 from orchestrator.turn.turn import Turn
 
 __all__ = [
@@ -159,13 +159,16 @@ class Hosted:
     runner: SessionRunner
     task: asyncio.Task[SessionResult]
     client: str
-    listener: asyncio.Queue[Turn | Waiting] | None = None
-    """Where its turns and waiting calls go while an A2A call streams it (None: nobody listens)."""
+    listener: asyncio.Queue[Turn | Waiting] = field(default_factory=asyncio.Queue)
+    """Where its turns and waiting calls go: the A2A call streaming it, or a buffer until one attaches.
+
+    Bounded by the session's turns (and its calls that wait); a waiting call
+    found there is checked against the audit before it is shown.
+    """
 
     def tell(self, event: Turn | Waiting) -> None:
-        """Pass a turn or a waiting call to whoever streams the heist now."""
-        if self.listener is not None:
-            self.listener.put_nowait(event)
+        """Pass a turn or a waiting call to whoever streams the heist now (or the next to attach)."""
+        self.listener.put_nowait(event)
 
 
 class SessionHost:
@@ -302,7 +305,7 @@ class SessionHost:
             self.release(reservation)
             raise
         task = asyncio.ensure_future(runner.run())
-        hosted = Hosted(runner, task, reservation.client, asyncio.Queue())
+        hosted = Hosted(runner, task, reservation.client)
         self._claim(reservation, session_id, hosted)
         task.add_done_callback(lambda _: self._ended(session_id))
         return hosted
@@ -380,13 +383,27 @@ class HeistExecutor(AgentExecutor):
             await updater.update_status(a2a_pb2.TASK_STATE_WORKING)
             return
         await updater.start_work()
+        # Another call of the same turn may wait too (its announcement went to the stream that ended).
+        waiting = await pending_calls(self.host.audit, task_id)
+        if waiting:
+            await updater.update_status(a2a_pb2.TASK_STATE_INPUT_REQUIRED, self._pending(waiting[0]))
+            return
         await self._stream(hosted, task_id, updater)
+
+    def _pending(self, call: PendingCall) -> a2a_pb2.Message:
+        left = self.host.config.session.approval_timeout_s - seconds_since(call.waiting_since)
+        return pending_message(call, max(0.0, left))
+
+    async def _still_waits(self, task_id: str, call: PendingCall) -> bool:
+        with contextlib.suppress(LookupError):
+            row = await self.host.audit.tool_call(task_id, call.call_id)
+            return bool(row["status"] == CallStatus.PENDING_APPROVAL)
+        return False
 
     async def _stream(self, hosted: Hosted, task_id: str, updater: TaskUpdater) -> None:
         listener: asyncio.Queue[Turn | Waiting] = asyncio.Queue()
-        if hosted.listener is not None:
-            while not hosted.listener.empty():  # what happened before anyone listened (the first turn's call)
-                listener.put_nowait(hosted.listener.get_nowait())
+        while not hosted.listener.empty():  # what happened while nobody listened
+            listener.put_nowait(hosted.listener.get_nowait())
         hosted.listener = listener
         ending = asyncio.ensure_future(asyncio.shield(hosted.task))
         try:
@@ -400,8 +417,9 @@ class HeistExecutor(AgentExecutor):
                 event = getting.result()
                 if isinstance(event, Turn):
                     await updater.update_status(a2a_pb2.TASK_STATE_WORKING, turn_message(task_id, event))
-                else:
+                elif await self._still_waits(task_id, event[0]):
                     await updater.update_status(a2a_pb2.TASK_STATE_INPUT_REQUIRED, pending_message(*event))
+                    ending.cancel()  # the shield only: the session waits on
                     return
         except asyncio.CancelledError:
             ending.cancel()
@@ -409,10 +427,12 @@ class HeistExecutor(AgentExecutor):
                 hosted.task.cancel()
             raise
         finally:
-            if hosted.listener is listener:
-                hosted.listener = None
-        while not listener.empty():  # the last turn, told just before the session ended
-            event = listener.get_nowait()
+            if hosted.listener is listener:  # buffer for the next call that attaches
+                hosted.listener = asyncio.Queue()
+                while not listener.empty():
+                    hosted.listener.put_nowait(listener.get_nowait())
+        while not hosted.listener.empty():  # the last turn, told just before the session ended
+            event = hosted.listener.get_nowait()
             if isinstance(event, Turn):
                 await updater.update_status(a2a_pb2.TASK_STATE_WORKING, turn_message(task_id, event))
         result = ending.result()

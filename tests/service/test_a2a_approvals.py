@@ -115,6 +115,9 @@ async def test_a_waiting_call_is_input_required_and_approving_it_over_a2a_runs_i
             after.append(event)
         states = [e.status_update.status.state for e in after if e.HasField("status_update")]
         assert states[0] == a2a_pb2.TASK_STATE_WORKING and states[-1] == a2a_pb2.TASK_STATE_COMPLETED
+        turns = [int(e.status_update.status.message.metadata["turn"]) for e in after
+                 if e.HasField("status_update") and "turn" in e.status_update.status.message.metadata]  # fmt: skip
+        assert turns == [4], "the turn whose call was approved streams to the call that approved it"
         # Deciding twice: not pending any more, and the message says so.
         with pytest.raises(Exception) as twice:
             async for _ in a2a.send_message(decision(task_id, call_id="4.1", decision="deny"), context=bearer(alice)):

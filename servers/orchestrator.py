@@ -24,7 +24,8 @@ from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.request_handlers.grpc_handler import DefaultGrpcServerCallContextBuilder, GrpcHandler
 from a2a.types import a2a_pb2
 
-from heist_common.audit import AuditError
+from heist_common.audit import AuditError, CallNotPendingError, UnknownCallError, UnknownSessionError
+from heist_common.audit.approvals import decide
 from heist_common.config import ORCHESTRATOR_SERVICE, HeistConfig
 from orchestrator.service.card import agent_card
 from orchestrator.service.host import (
@@ -34,6 +35,7 @@ from orchestrator.service.host import (
     RequestError,
     Reservation,
     SessionHost,
+    parse_decision,
     parse_request,
 )
 from orchestrator.service.limits import ServiceLimits
@@ -107,11 +109,44 @@ class HeistGrpcHandler(GrpcHandler):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         raise AssertionError("unreachable")
 
+    async def _decide(self, request: a2a_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Decide the waiting call a message on a task names, as its owner (any other client: NOT_FOUND)."""
+        claims = CALLER.get()
+        if claims is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no verified token")
+        assert claims is not None
+        session_id = request.message.task_id
+        if not request.message.context_id:  # a heist's context is its session: the SDK would make up another
+            request.message.context_id = session_id
+        audit = self.host.audit
+        try:
+            owner = (await audit.run_in_writer(lambda: audit.read_session_log(session_id)))["session"].get("client_id")
+        except UnknownSessionError:
+            owner = None
+        except AuditError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the audit: {exc}")
+        if owner is None or owner != claims.client_id:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {session_id!r}")
+        try:
+            call_id = ""
+            call_id, decision, reason = parse_decision(request.message)
+            await decide(audit, session_id, call_id, decision, reason, claims.client_id)
+        except UnknownCallError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"task {session_id!r} has no call {call_id!r}")
+        except (RequestError, ValueError, CallNotPendingError) as exc:  # not pending: decided already, by whom
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except AuditError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot record the decision: {exc}")
+
     async def SendMessage(
         self, request: a2a_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> a2a_pb2.SendMessageResponse:
-        """Start a heist (checked and counted first), then as the SDK does."""
+        """Start a heist (checked and counted first), or decide a waiting call; then as the SDK does."""
+        if request.message.task_id:
+            await self._decide(request, context)
+            return await super().SendMessage(request, context)
         reservation = await self._reserve(request, context)
+        request.message.context_id = ""  # a heist's context is its session (the task id), whatever the caller chose
         token = RESERVATION.set(reservation)
         try:
             return await super().SendMessage(request, context)
@@ -122,8 +157,14 @@ class HeistGrpcHandler(GrpcHandler):
     async def SendStreamingMessage(
         self, request: a2a_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterable[a2a_pb2.StreamResponse]:
-        """Start a heist (checked and counted first) and stream it, as the SDK does."""
+        """Start a heist (checked and counted first), or decide a waiting call; stream it, as the SDK does."""
+        if request.message.task_id:
+            await self._decide(request, context)
+            async for response in super().SendStreamingMessage(request, context):
+                yield response
+            return
         reservation = await self._reserve(request, context)
+        request.message.context_id = ""  # a heist's context is its session (the task id), whatever the caller chose
         token = RESERVATION.set(reservation)
         try:
             async for response in super().SendStreamingMessage(request, context):

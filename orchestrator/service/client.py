@@ -135,11 +135,21 @@ def service_address(config: HeistConfig, address: str | None) -> str | None:
     return config.services[ORCHESTRATOR_SERVICE].address if ORCHESTRATOR_SERVICE in config.services else None
 
 
+def _waiting_text(task_id: str, status: a2a_pb2.TaskStatus) -> str:
+    """Say which call the session waits for, and how to decide it (A2A ends a stream at INPUT_REQUIRED)."""
+    call = next((item for item in message_fields(status.message)[1] if item["kind"] == "approval"), {})
+    call_id = call.get("call_id", "CALL_ID")
+    return (
+        f"{task_id} waits for approval of call {call_id} ({call.get('agent', '?')}: {call.get('tool', '?')}); "
+        f"decide with: orchestrator approve {task_id} {call_id} (or deny --reason TEXT)"
+    )
+
+
 async def _events(
     stream: AsyncIterator[a2a_pb2.StreamResponse], on_turn: TurnPrinter, seen: set[int]
-) -> tuple[str, a2a_pb2.TaskStatus | None]:
-    """Print each new turn; return the task id and its final status (None if the stream ended before it)."""
-    task_id, final = "", None
+) -> tuple[str, a2a_pb2.TaskStatus | None, a2a_pb2.TaskStatus | None]:
+    """Print each new turn; return the task id, its final status and the status asking for a decision (or None)."""
+    task_id, final, waiting = "", None, None
     async for event in stream:
         if event.HasField("task"):
             task_id = event.task.id
@@ -153,7 +163,9 @@ async def _events(
             _print_new(event.status_update.status.message, on_turn, seen)
             if event.status_update.status.state in TERMINAL:
                 final = event.status_update.status
-    return task_id, final
+            elif event.status_update.status.state == a2a_pb2.TASK_STATE_INPUT_REQUIRED:
+                waiting = event.status_update.status
+    return task_id, final, waiting
 
 
 def _print_new(message: a2a_pb2.Message, on_turn: TurnPrinter, seen: set[int]) -> None:
@@ -187,11 +199,13 @@ async def submit(
 
     try:
         async with _client(config, address) as client:
-            task_id, final = await _events(client.send_message(request, context=context), keep, set())
+            task_id, final, waiting = await _events(client.send_message(request, context=context), keep, set())
     except Exception as exc:  # the SDK wraps every transport failure; its gRPC status says which
         code, detail = _status_of(exc)
         status = code.name if code else "error"
         raise ServiceError(f"the orchestrator service at {address}: {status}: {detail}", code) from None
+    if final is None and waiting is not None:
+        raise ServiceError(_waiting_text(task_id, waiting), None)
     if final is None:
         raise ServiceError(f"the orchestrator service at {address} ended the stream of {task_id} early", None)
     summary = next((item for item in message_fields(final.message)[1] if item["kind"] == "summary"), {})
@@ -211,10 +225,12 @@ async def follow_service(
     try:
         async with _client(config, address) as client:
             stream = client.subscribe(a2a_pb2.SubscribeToTaskRequest(id=session_id), context=context)
-            _, final = await _events(stream, on_turn, set())
+            _, final, waiting = await _events(stream, on_turn, set())
     except Exception as exc:  # the SDK wraps every transport failure; its gRPC status says which
         code, detail = _status_of(exc)
         raise ServiceError(f"{code.name if code else 'error'}: {detail}", code) from None
+    if final is None and waiting is not None:
+        raise ServiceError(_waiting_text(session_id, waiting), None)
     if final is None:
         raise ServiceError("the stream ended before the session did", None)
     return message_fields(final.message)[0] or a2a_pb2.TaskState.Name(final.state)

@@ -15,9 +15,9 @@ import contextlib
 import contextvars
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
@@ -25,19 +25,30 @@ from a2a.server.tasks import TaskUpdater
 from a2a.types import a2a_pb2
 from google.protobuf import json_format
 
-from heist_common.audit import AuditStore, EventRow, SessionStatus
+from heist_common.audit import AuditStore, CallStatus, EventRow, SessionStatus
+from heist_common.audit.approvals import PendingCall, pending_calls
 from heist_common.config import HeistConfig
 from orchestrator.service.limits import ServiceLimits
-from orchestrator.service.tasks import turn_message
+from orchestrator.service.tasks import pending_message, turn_message
 from orchestrator.session.resume import judge_liveness
 from orchestrator.session.runner import SEED_LIMIT, RunOptions, SessionResources, SessionResult, SessionRunner
+from orchestrator.turn.approval import ApprovalHooks, seconds_since
 from orchestrator.turn.turn import Turn
 
-__all__ = ["HeistExecutor", "HeistRequest", "RequestError", "Reservation", "SessionHost", "parse_request"]
+__all__ = [
+    "HeistExecutor",
+    "HeistRequest",
+    "RequestError",
+    "Reservation",
+    "SessionHost",
+    "parse_decision",
+    "parse_request",
+]
 
 log = logging.getLogger("heist.orchestrator.service")
 
 DATA_KEYS = frozenset({"turns", "seed"})
+DECISION_KEYS = frozenset({"call_id", "decision", "reason"})
 
 
 class RequestError(ValueError):
@@ -79,7 +90,7 @@ def parse_request(message: a2a_pb2.Message, config: HeistConfig, limits: Service
         elif kind == "data":
             value = json_format.MessageToDict(part.data)
             if not isinstance(value, dict):
-                raise RequestError("the data part must be an object such as {\"turns\": 8, \"seed\": 7}")
+                raise RequestError('the data part must be an object such as {"turns": 8, "seed": 7}')
             unknown = sorted(set(value) - DATA_KEYS)
             if unknown:
                 raise RequestError(f"data part: unknown key(s) {', '.join(unknown)} (known: turns, seed)")
@@ -98,6 +109,32 @@ def parse_request(message: a2a_pb2.Message, config: HeistConfig, limits: Service
     return HeistRequest(objective or None, turns, seed)
 
 
+def parse_decision(message: a2a_pb2.Message) -> tuple[str, Literal["approve", "deny"], str]:
+    """Read a decision on a waiting call (a message on the task): call id, approve or deny, reason."""
+    data: dict[str, Any] | None = None
+    for part in message.parts:
+        if part.WhichOneof("content") == "data":
+            value = json_format.MessageToDict(part.data)
+            if not isinstance(value, dict) or data is not None:
+                raise RequestError('a message on a task decides a waiting call: one data part such as '
+                                   '{"call_id": "...", "decision": "approve"}')  # fmt: skip
+            data = value
+    if data is None:
+        raise RequestError('a message on a task decides a waiting call: send a data part such as '
+                           '{"call_id": "...", "decision": "approve"|"deny", "reason": "..."}')  # fmt: skip
+    unknown = sorted(set(data) - DECISION_KEYS)
+    if unknown:
+        raise RequestError(f"data part: unknown key(s) {', '.join(unknown)} (known: call_id, decision, reason)")
+    call_id, decision, reason = data.get("call_id"), data.get("decision"), data.get("reason", "")
+    if not isinstance(call_id, str) or not call_id:
+        raise RequestError("data part: 'call_id' is missing (the pending call's id, from the task's status message)")
+    if decision not in ("approve", "deny"):
+        raise RequestError(f"data part: 'decision' must be 'approve' or 'deny', not {decision!r}")
+    if not isinstance(reason, str):
+        raise RequestError("data part: 'reason' must be text")
+    return call_id, decision, reason
+
+
 @dataclass
 class Reservation:
     """One heist being started: counted against the limits from the check until it runs or the call fails."""
@@ -111,6 +148,10 @@ RESERVATION: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar
 """Set by the gRPC handler around the SDK's call; the executor's task inherits it and claims it."""
 
 
+Waiting = tuple[PendingCall, float]
+"""A call that started waiting for a decision, and the seconds left before its timeout."""
+
+
 @dataclass
 class Hosted:
     """A heist running in this process."""
@@ -118,6 +159,16 @@ class Hosted:
     runner: SessionRunner
     task: asyncio.Task[SessionResult]
     client: str
+    listener: asyncio.Queue[Turn | Waiting] = field(default_factory=asyncio.Queue)
+    """Where its turns and waiting calls go: the A2A call streaming it, or a buffer until one attaches.
+
+    Bounded by the session's turns (and its calls that wait); a waiting call
+    found there is checked against the audit before it is shown.
+    """
+
+    def tell(self, event: Turn | Waiting) -> None:
+        """Pass a turn or a waiting call to whoever streams the heist now (or the next to attach)."""
+        self.listener.put_nowait(event)
 
 
 class SessionHost:
@@ -170,9 +221,7 @@ class SessionHost:
             if verdict.live:
                 continue
             session_id = str(row["session_id"])
-            reason = (
-                f"the service running it stopped ({verdict.reason}); resumable: orchestrator resume {session_id}"
-            )
+            reason = f"the service running it stopped ({verdict.reason}); resumable: orchestrator resume {session_id}"
             event = EventRow("orchestrator", "recover", "INTERRUPTED", reason)
             now = datetime.now(UTC).isoformat(timespec="milliseconds")
             owner = (int(row["pid"]), str(row["host"]))
@@ -227,17 +276,28 @@ class SessionHost:
         if hosted is not None:
             self._by_client[hosted.client] -= 1
 
-    async def start(self, reservation: Reservation, session_id: str, on_turn: Any) -> Hosted:
-        """Record the reserved heist as session ``session_id``, then play it in the background; AuditError if not."""
+    async def start(self, reservation: Reservation, session_id: str) -> Hosted:
+        """Record the reserved heist as session ``session_id``, then play it in the background; AuditError if not.
+
+        Its turns and waiting calls go to ``Hosted.listener``: the A2A call that
+        streams the heist changes when a decision (a SendMessage) re-attaches to it.
+        """
         request = reservation.request
         config = self.config
         if request.objective is not None:
             config = config.with_overrides(session=config.session.model_copy(update={"objective": request.objective}))
         options = RunOptions(session_id=session_id, turns=request.turns, seed=request.seed, export=self.limits.export)
         resources = self.resources
+        hosted: Hosted | None = None
+
+        def tell(event: Turn | Waiting) -> None:
+            if hosted is not None:
+                hosted.tell(event)
+
+        hooks = ApprovalHooks(announce=lambda call, left: tell((call, left)))
         runner = SessionRunner(
-            config, resources.clients, resources.llm, resources.audit, options, on_turn=on_turn,
-            client_id=reservation.client,
+            config, resources.clients, resources.llm, resources.audit, options, on_turn=tell,
+            approval_hooks=hooks, client_id=reservation.client,
         )  # fmt: skip
         try:
             await runner.record()
@@ -291,14 +351,22 @@ class HeistExecutor(AgentExecutor):
         self.host = host
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        """Run the heist; one WORKING status update per completed turn, then its end."""
+        """Start a heist, or re-attach to one after a decision; stream it until a call waits or it ends.
+
+        A waiting call ends this stream with INPUT_REQUIRED (A2A's interrupted
+        state); the session itself waits on in the background, and the SendMessage
+        that decides (already decided by the gRPC handler) streams it on from here.
+        """
+        task_id = str(context.task_id)
+        context_id = task_id  # a heist's context is its session, as tasks read from the audit have it
+        updater = TaskUpdater(event_queue, task_id, context_id)
+        if context.current_task is not None:
+            await self._follow(task_id, updater)
+            return
         reservation = RESERVATION.get()
         if reservation is None or reservation.claimed:  # only the service's own handler starts heists
             raise RuntimeError("a heist must be started through the service's SendMessage")
-        task_id, context_id = str(context.task_id), str(context.context_id)
-        updater = TaskUpdater(event_queue, task_id, context_id)
-        turns: asyncio.Queue[Turn | None] = asyncio.Queue()
-        hosted = await self.host.start(reservation, task_id, turns.put_nowait)  # in the audit before it is announced
+        hosted = await self.host.start(reservation, task_id)  # in the audit before it is announced
         first = a2a_pb2.Task(
             id=task_id, context_id=context_id, status=a2a_pb2.TaskStatus(state=a2a_pb2.TASK_STATE_SUBMITTED)
         )
@@ -306,21 +374,68 @@ class HeistExecutor(AgentExecutor):
             first.history.append(context.message)
         await event_queue.enqueue_event(first)
         await updater.start_work()
+        await self._stream(hosted, task_id, updater)
 
-        async def pump() -> None:
-            while (turn := await turns.get()) is not None:
-                await updater.update_status(a2a_pb2.TASK_STATE_WORKING, turn_message(task_id, turn))
+    async def _follow(self, task_id: str, updater: TaskUpdater) -> None:
+        """After a decision: WORKING again, then the heist's stream (if it still runs in this process)."""
+        hosted = self.host.running.get(task_id)
+        if hosted is None:  # not running here (a restarted service): the decision waits for ``resume``
+            await updater.update_status(a2a_pb2.TASK_STATE_WORKING)
+            return
+        await updater.start_work()
+        # Another call of the same turn may wait too (its announcement went to the stream that ended).
+        waiting = await pending_calls(self.host.audit, task_id)
+        if waiting:
+            await updater.update_status(a2a_pb2.TASK_STATE_INPUT_REQUIRED, self._pending(waiting[0]))
+            return
+        await self._stream(hosted, task_id, updater)
 
-        pumping = asyncio.ensure_future(pump())
+    def _pending(self, call: PendingCall) -> a2a_pb2.Message:
+        left = self.host.config.session.approval_timeout_s - seconds_since(call.waiting_since)
+        return pending_message(call, max(0.0, left))
+
+    async def _still_waits(self, task_id: str, call: PendingCall) -> bool:
+        with contextlib.suppress(LookupError):
+            row = await self.host.audit.tool_call(task_id, call.call_id)
+            return bool(row["status"] == CallStatus.PENDING_APPROVAL)
+        return False
+
+    async def _stream(self, hosted: Hosted, task_id: str, updater: TaskUpdater) -> None:
+        listener: asyncio.Queue[Turn | Waiting] = asyncio.Queue()
+        while not hosted.listener.empty():  # what happened while nobody listened
+            listener.put_nowait(hosted.listener.get_nowait())
+        hosted.listener = listener
+        ending = asyncio.ensure_future(asyncio.shield(hosted.task))
         try:
-            result = await asyncio.shield(hosted.task)
+            while True:
+                getting = asyncio.ensure_future(listener.get())
+                either: set[asyncio.Future[Any]] = {getting, ending}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    break
+                event = getting.result()
+                if isinstance(event, Turn):
+                    await updater.update_status(a2a_pb2.TASK_STATE_WORKING, turn_message(task_id, event))
+                elif await self._still_waits(task_id, event[0]):
+                    await updater.update_status(a2a_pb2.TASK_STATE_INPUT_REQUIRED, pending_message(*event))
+                    ending.cancel()  # the shield only: the session waits on
+                    return
         except asyncio.CancelledError:
-            pumping.cancel()
+            ending.cancel()
             if not hosted.task.done():  # the SDK cancelled this call, not the session: stop the session too
                 hosted.task.cancel()
             raise
-        turns.put_nowait(None)
-        await pumping
+        finally:
+            if hosted.listener is listener:  # buffer for the next call that attaches
+                hosted.listener = asyncio.Queue()
+                while not listener.empty():
+                    hosted.listener.put_nowait(listener.get_nowait())
+        while not hosted.listener.empty():  # the last turn, told just before the session ended
+            event = hosted.listener.get_nowait()
+            if isinstance(event, Turn):
+                await updater.update_status(a2a_pb2.TASK_STATE_WORKING, turn_message(task_id, event))
+        result = ending.result()
         if result.status in (SessionStatus.COMPLETED, SessionStatus.DEGRADED):
             await updater.complete(_summary(result))
         else:

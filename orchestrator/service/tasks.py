@@ -23,13 +23,15 @@ from a2a.types import a2a_pb2
 from a2a.utils.errors import InvalidParamsError
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from heist_common.audit import AuditStore, SessionStatus
+from heist_common.audit import AuditStore, CallStatus, SessionStatus
+from heist_common.audit.approvals import PendingCall
 from orchestrator.turn.turn import Turn
 
 __all__ = [
     "TERMINAL",
     "AuditTaskStore",
     "message_fields",
+    "pending_message",
     "task_from_log",
     "task_state",
     "turn_message",
@@ -41,6 +43,7 @@ MAX_PAGE_OFFSET = 1_000_000
 
 STATES: dict[str, a2a_pb2.TaskState] = {
     SessionStatus.ACTIVE: a2a_pb2.TASK_STATE_WORKING,
+    SessionStatus.AWAITING_APPROVAL: a2a_pb2.TASK_STATE_INPUT_REQUIRED,
     SessionStatus.COMPLETED: a2a_pb2.TASK_STATE_COMPLETED,
     SessionStatus.DEGRADED: a2a_pb2.TASK_STATE_COMPLETED,
     SessionStatus.FAILED: a2a_pb2.TASK_STATE_FAILED,
@@ -127,6 +130,21 @@ def turn_message(session_id: str, turn: Turn) -> a2a_pb2.Message:
     return _message(
         session_id, turn.turn_id, turn.agent_name, turn.agent_role, turn.message, turn.status, tools, problems
     )
+
+
+def pending_message(call: PendingCall, seconds_left: float) -> a2a_pb2.Message:
+    """Ask for a decision on a waiting call: who calls what, with which arguments, and how to answer."""
+    text = (
+        f"{call.agent_name} wants to call {call.tool_name}.{call.operation} (call {call.call_id}); approve or deny: "
+        'SendMessage on this task with a data part {"call_id": ..., "decision": "approve"|"deny", "reason": ...}'
+    )
+    details = {**call.as_json(), "seconds_left": round(seconds_left, 1)}
+    return a2a_pb2.Message(
+        message_id=f"{call.session_id}-approval-{call.call_id}", context_id=call.session_id,
+        task_id=call.session_id, role=a2a_pb2.ROLE_AGENT,
+        parts=[a2a_pb2.Part(text=text), _data_part(details, "approval")],
+        metadata=_struct({"call_id": call.call_id}),
+    )  # fmt: skip
 
 
 def status_text(row: dict[str, Any]) -> str:
@@ -222,12 +240,25 @@ class AuditTaskStore(TaskStore):
     async def get(self, task_id: str, context: ServerCallContext) -> a2a_pb2.Task | None:
         """Return the caller's task ``task_id``; None (NOT_FOUND) when it is someone else's or does not exist."""
         live = self._live.get(task_id)
-        if live is not None:
+        if live is not None and live[1].status.state != a2a_pb2.TASK_STATE_INPUT_REQUIRED:
             return live[1] if live[0] == _owner(context) else None
+        # Waiting for a decision, which any front end (``orchestrator approve``) may give: the audit knows best.
         log = await self._read_log(task_id)
         if log is None or log["session"].get("client_id") != _owner(context):
             return None
-        return task_from_log(log)
+        task = task_from_log(log)
+        if task.status.state in TERMINAL:
+            self._live.pop(task_id, None)
+        elif task.status.state == a2a_pb2.TASK_STATE_INPUT_REQUIRED:
+            audit = self._audit
+            rows = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: audit.read_tool_calls(task_id, CallStatus.PENDING_APPROVAL)
+            )
+            for row in rows[:1]:
+                call = PendingCall.from_record(row)
+                task.status.message.CopyFrom(pending_message(call, 0.0))
+                task.status.message.parts[1].data.struct_value.fields.pop("seconds_left", None)
+        return task
 
     async def _read_log(self, task_id: str) -> dict[str, Any] | None:
         from heist_common.audit import UnknownSessionError

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from heist_common.audit import AuditStore, CallNotPendingError, CallStatus
 from heist_common.audit.approvals import PendingCall, os_user
 
-__all__ = ["TIMEOUT_DECIDER", "ApprovalGate", "ApprovalHooks", "Prompter"]
+__all__ = ["TIMEOUT_DECIDER", "ApprovalGate", "ApprovalHooks", "Prompter", "seconds_since"]
 
 POLL_S = 0.25
 """How often a waiting call's record is read (a decision from another process shows within this)."""
@@ -64,7 +64,8 @@ class ApprovalHooks:
     announce: Announcer | None = None
 
 
-def _seconds_since(timestamp: str) -> float:
+def seconds_since(timestamp: str) -> float:
+    """Seconds from an audit timestamp (ISO, UTC if naive) until now."""
     moment = datetime.fromisoformat(timestamp)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -105,7 +106,7 @@ class ApprovalGate:
         try:
             if self._waiting == 1:
                 await audit.set_awaiting_approval(session_id, True)
-            left = self._timeout_s - _seconds_since(pending.waiting_since)
+            left = self._timeout_s - seconds_since(pending.waiting_since)
             if self._hooks.announce is not None:
                 self._hooks.announce(pending, max(0.0, left))
             if self._hooks.prompt is not None:
@@ -115,7 +116,7 @@ class ApprovalGate:
                 row = await audit.tool_call(session_id, pending.call_id)
                 if row["status"] != CallStatus.PENDING_APPROVAL:
                     break
-                left = self._timeout_s - _seconds_since(pending.waiting_since)
+                left = self._timeout_s - seconds_since(pending.waiting_since)
                 if prompt_task is not None and prompt_task.done():
                     answer, prompt_task = prompt_task.result(), None
                     if answer is not None:
@@ -144,8 +145,8 @@ class ApprovalGate:
         label = decision_label(row)
         DECIDED.labels(tool, label).inc()
         if row.get("decided_at"):
-            WAITED.labels(tool, label).observe(max(0.0, _seconds_since(pending.waiting_since)
-                                                   - _seconds_since(str(row["decided_at"]))))  # fmt: skip
+            WAITED.labels(tool, label).observe(max(0.0, seconds_since(pending.waiting_since)
+                                                   - seconds_since(str(row["decided_at"]))))  # fmt: skip
         return row
 
     async def _decide(self, pending: PendingCall, approve: bool, reason: str, decided_by: str) -> None:

@@ -86,6 +86,8 @@ class SessionRecord(_BaseModel):
     heartbeat_at = peewee.TextField(null=True)  # last sign of life: start, each committed turn, a resume
     # The OAuth client that started it through `orchestrator serve` (NULL: the CLI); only it sees the task.
     client_id = peewee.TextField(null=True)
+    # The objective it was played with (a service caller may send its own); resume continues with it.
+    objective = peewee.TextField(null=True)
 
     class Meta:  # noqa: D106 - Peewee options
         table_name = "sessions"

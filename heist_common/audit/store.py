@@ -177,10 +177,12 @@ class AuditStore:
         model: str,
         turns_planned: int | None = None,
         client_id: str | None = None,
+        objective: str | None = None,
     ) -> None:
         """Insert the session as ``active``, owned by this process (a reused ID is an error, not a merge).
 
-        ``client_id``: the OAuth client that started it through ``orchestrator serve`` (its tenant).
+        ``client_id``: the OAuth client that started it through ``orchestrator serve`` (its tenant);
+        ``objective``: what the crew plans, kept so ``resume`` continues the same heist.
         """
 
         def work() -> None:
@@ -198,6 +200,7 @@ class AuditStore:
                     host=self.host,
                     heartbeat_at=started,
                     client_id=client_id,
+                    objective=objective,
                 )
 
         await self._in_writer(work, f"create session {session_id}")

@@ -84,6 +84,8 @@ class ResumePoint:
     stale_reason: str | None = None
     answered_before: int = 0
     """Earlier turns the model answered (status ``ok``): a resumed session in which it spoke is not a dud."""
+    objective: str | None = None
+    """The objective it was played with (None: recorded before objectives were kept; the config's then)."""
 
     @property
     def turns_done(self) -> int:
@@ -203,7 +205,7 @@ def plan_resume(
     answered = sum(1 for *_, turn_status in messages if turn_status == "ok")
     return ResumePoint(
         session_id, strategy, None if seed is None else int(seed), turns_planned, history, status,
-        row.get("error"), stale_reason, answered,
+        row.get("error"), stale_reason, answered, row.get("objective"),
     )  # fmt: skip
 
 

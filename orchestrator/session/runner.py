@@ -286,6 +286,7 @@ class SessionRunner:
             model=self.config.llm.model,
             turns_planned=self.turns,
             client_id=self.client_id,
+            objective=self.config.session.objective,
         )
         self._recorded = True
 
@@ -627,8 +628,11 @@ async def _open_and_run(
 def resumed_config(
     config: HeistConfig, options: RunOptions | None, point: ResumePoint
 ) -> tuple[HeistConfig, RunOptions]:
-    """Give a resumed session its own strategy, seed and length, whatever the config or flags say today."""
-    config = config.with_overrides(session=config.session.model_copy(update={"strategy": point.strategy}))
+    """Give a resumed session its own strategy, seed, length and objective, whatever the config or flags say today."""
+    update: dict[str, object] = {"strategy": point.strategy}
+    if point.objective is not None:
+        update["objective"] = point.objective
+    config = config.with_overrides(session=config.session.model_copy(update=update))
     given = options or RunOptions()
     return config, RunOptions(
         session_id=point.session_id,

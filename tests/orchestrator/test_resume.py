@@ -253,6 +253,25 @@ async def test_an_interrupted_random_session_resumes_where_it_stopped(
         await resume_session(config, sid)
 
 
+async def test_a_resumed_session_keeps_the_objective_it_was_started_with(
+    mesh: InProcessMesh, scripted_llm: ScriptedLLM, audit_url: str
+) -> None:
+    scripted_llm.responder = lambda body: text(f"line {len(scripted_llm.chat_requests)}")
+    config = random_config(mesh, audit_url, 6)
+    own = "Lift the clock collection from the city museum."
+    assert config.session.objective != own
+    started = config.with_overrides(session=config.session.model_copy(update={"objective": own}))
+    sid = "heist_resume_objective"
+    await interrupted_after(started, 2, sid)
+    assert query(audit_url, "SELECT objective FROM sessions") == [(own,)]
+
+    result = await resume_session(config, sid)  # today's config has another objective
+
+    assert result.status == "completed" and [t.turn_id for t in result.turns] == [3, 4, 5, 6]
+    resumed_prompts = [str(request["messages"]) for request in scripted_llm.chat_requests[-4:]]
+    assert all(own in prompt and config.session.objective not in prompt for prompt in resumed_prompts)
+
+
 async def test_resume_rebuilds_a_memory_service_that_lost_everything(
     mesh: InProcessMesh, scripted_llm: ScriptedLLM, audit_url: str
 ) -> None:

@@ -13,7 +13,7 @@ cannot make: the request's shape and the limits, before a heist is started.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterator
 from typing import Any
 
 import grpc
@@ -23,6 +23,8 @@ from a2a.server.id_generator import IDGenerator, IDGeneratorContext
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.request_handlers.grpc_handler import DefaultGrpcServerCallContextBuilder, GrpcHandler
 from a2a.types import a2a_pb2
+from prometheus_client import Metric
+from prometheus_client.registry import Collector
 
 from heist_common.audit import AuditError, CallNotPendingError, UnknownCallError, UnknownSessionError
 from heist_common.audit.approvals import decide
@@ -41,6 +43,7 @@ from orchestrator.service.host import (
 from orchestrator.service.limits import ServiceLimits
 from orchestrator.service.tasks import AuditTaskStore
 from orchestrator.session.runner import new_session_id
+from orchestrator.turn import approval
 from servers.runtime import lifecycle
 from servers.runtime.lifecycle import ServiceDefinition
 from servers.runtime.middleware import CALLER
@@ -174,6 +177,29 @@ class HeistGrpcHandler(GrpcHandler):
             self.host.release(reservation)
 
 
+class HostedSessionSeries(Collector):
+    """The LLM token counts of the heists this service hosts, on its own ``/metrics``.
+
+    Why a collector that looks them up: the counter lives with the shared LLM
+    client, which opens only when the server starts.
+    """
+
+    def __init__(self, host: SessionHost) -> None:
+        self.host = host
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the series exist once the host is open."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the token counter's series (none before the host opens)."""
+        try:
+            resources = self.host.resources
+        except RuntimeError:
+            return
+        yield from resources.llm.tokens.registry.collect()
+
+
 def service_definition(config: HeistConfig, limits: ServiceLimits) -> ServiceDefinition:
     """Build the orchestrator service; its shared resources open when the server starts (``on_start``)."""
     host = SessionHost(config, limits)
@@ -196,9 +222,12 @@ def service_definition(config: HeistConfig, limits: ServiceLimits) -> ServiceDef
         await request_handler.aclose()
         await host.close()
 
+    # Approvals are counted in the process's default registry (orchestrator.turn.approval); served here too.
+    collectors = (HostedSessionSeries(host), approval.PENDING, approval.DECIDED, approval.WAITED)
     return ServiceDefinition(
-        ORCHESTRATOR_SERVICE, HeistGrpcHandler(request_handler, host), on_stop=on_stop, on_start=on_start
-    )
+        ORCHESTRATOR_SERVICE, HeistGrpcHandler(request_handler, host), on_stop=on_stop, on_start=on_start,
+        collectors=collectors,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

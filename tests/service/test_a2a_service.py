@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import grpc
 import pytest
 from a2a.client.client import Client
 from a2a.types import a2a_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from heist_common.config import HeistConfig
 from tests.bench.http_llm import HttpLLM
@@ -106,6 +108,15 @@ async def test_a_streamed_heist_sends_each_turn_then_completes_and_is_audited(
     assert task.status.state == a2a_pb2.TASK_STATE_COMPLETED
     assert [int(m.metadata["turn"]) for m in task.history] == list(range(1, TURNS + 1))
     assert task.history[0].parts[0].text == updates[0].status.message.parts[0].text
+
+    # The service's /metrics counts the tokens its heists spent, per agent (never per session).
+    with urllib.request.urlopen(mesh.metrics_url("orchestrator"), timeout=10) as response:
+        exposition = response.read().decode()
+    families = {family.name: family for family in text_string_to_metric_families(exposition)}
+    tokens = [sample for sample in families["heist_llm_tokens"].samples if sample.name == "heist_llm_tokens_total"]
+    assert {sample.labels["agent"] for sample in tokens} >= {"planner"} and all(s.value > 0 for s in tokens)
+    assert all("session" not in sample.labels for sample in tokens)
+    assert "heist_tool_approvals_pending" in families
 
 
 async def test_list_shows_only_the_callers_tasks_and_others_get_not_found(config: HeistConfig, address: str) -> None:

@@ -43,7 +43,8 @@ def edited_config(resources: list[Resource], **changes: object) -> None:
 
 def test_the_rendered_manifests_keep_the_policy(rendered: list[Resource]) -> None:
     assert by_kind(rendered, "NetworkPolicy") and by_kind(rendered, "PodDisruptionBudget")
-    assert len(by_kind(rendered, "Certificate")) == 7  # the CA, five servers, the orchestrator
+    # The CA, five servers, the orchestrator (service and Job), the MCP gateway.
+    assert len(by_kind(rendered, "Certificate")) == 8
     assert policy_problems(rendered) == []
 
 
@@ -72,10 +73,10 @@ def _break(resources: list[Resource], breakage: str) -> None:
     elif breakage == "no default deny":
         resources.remove(by_kind(resources, "NetworkPolicy")["default-deny"])
     elif breakage == "tool open to every pod":
-        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator"]
+        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator-and-gateway"]
         policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
     elif breakage == "tool open to another namespace":
-        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator"]
+        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator-and-gateway"]
         policy["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
     elif breakage == "metrics closed":
         resources.remove(by_kind(resources, "NetworkPolicy")["metrics-from-monitoring"])

@@ -19,7 +19,6 @@ deliberately broken manifest and see the problem reported.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import re
 import shutil
@@ -36,12 +35,10 @@ import yaml
 from google.protobuf.descriptor import ServiceDescriptor
 
 from heist_common.contract import contract_of
-
 from tests.deploy.project import (
     CREDENTIALS_DIR_ENV,
     PUBLIC_KEY_FILE_ENV,
     SIGNING_KEY_FILE_ENV,
-    required_scope,
 )
 
 Resource = dict[str, Any]
@@ -204,7 +201,7 @@ def mesh_service_names(config_path: Path = REPO_CONFIG) -> list[str]:
 
 
 def service_descriptor(service: str) -> ServiceDescriptor:
-    """The one gRPC service of ``service`` as the server loads it (heist_common.contract: the A2A one for the orchestrator)."""
+    """The one gRPC service that ``service's server serves (heist_common.contract: A2A's for the orchestrator)."""
     return contract_of(service).descriptor
 
 

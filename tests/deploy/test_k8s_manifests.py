@@ -148,7 +148,7 @@ def test_every_mesh_service_has_probes_on_its_own_grpc_service(resources: list[R
         ("Service selects nothing", "Service/calculator: selector"),
         ("Service targets an undeclared port", "targetPort 'grpcx'"),
         ("secret key does not exist", "Secret 'heist-oauth-clients' has no key 'planer'"),
-        ("ConfigMap loses a service", "services ['calculator', 'database_query', 'file_reader', 'oauth', 'orchestrator']"),
+        ("ConfigMap loses a service", "['calculator', 'database_query', 'file_reader', 'oauth', 'orchestrator']"),
         ("a tool server has no public key", "HEIST_OAUTH_PUBLIC_KEY_FILE is not set"),
         ("a tool server mounts the signing key", "mounts the signing key Secret 'heist-oauth-signing-key'"),
         ("container runs as root", "overrides the pod's non-root user"),

@@ -190,14 +190,10 @@ def schema_errors(resource: Resource, version: str) -> list[str]:
 # --- the mesh's own truth: services from config/heist.yaml, names from the descriptors ------------
 
 
-NOT_DEPLOYED: tuple[str, ...] = ()
-"""Services deploy/ does not run yet: none (``orchestrator serve`` and the MCP gateway run too)."""
-
-
 def mesh_service_names(config_path: Path = REPO_CONFIG) -> list[str]:
-    """The ``services:`` keys of the repository's config/heist.yaml that deploy/ runs."""
+    """The ``services:`` keys of the repository's config/heist.yaml: deploy/ runs every one."""
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    return [name for name in config["services"] if name not in NOT_DEPLOYED]
+    return list(config["services"])
 
 
 def service_descriptor(service: str) -> ServiceDescriptor:

@@ -21,9 +21,11 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from types import FrameType
 from typing import Any
 
 import grpc
@@ -438,6 +440,9 @@ async def serve(config: HeistConfig, settings: McpGatewayConfig, grace_s: float)
         )
         log.info("%s metrics on %s", NAME, metrics.url)
     log.info("%s: MCP at %s%s (%s)", NAME, base_url(settings, secure), settings.path, config.security.transport)
+    # uvicorn re-raises the signal it stopped on once it has drained, to the handler installed before it:
+    # the default one would kill the process before the audit store closes and exit 143 (Kubernetes: failed).
+    previous = {sig: signal.signal(sig, _already_stopping) for sig in STOP_SIGNALS}
     try:
         await server.serve()
     finally:
@@ -445,9 +450,18 @@ async def serve(config: HeistConfig, settings: McpGatewayConfig, grace_s: float)
         if metrics is not None:
             await metrics.stop()
         telemetry.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         raise OSError(f"{NAME}: cannot listen on {settings.address} (port in use?)")
     log.info("%s: stopped", NAME)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _already_stopping(signum: int, frame: FrameType | None) -> None:
+    """Take the signal uvicorn re-raises after its graceful shutdown: the gateway is stopping already."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,6 @@ deliberately broken manifest and see the problem reported.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import re
 import shutil
@@ -35,11 +34,11 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
 from google.protobuf.descriptor import ServiceDescriptor
 
+from heist_common.contract import contract_of
 from tests.deploy.project import (
     CREDENTIALS_DIR_ENV,
     PUBLIC_KEY_FILE_ENV,
     SIGNING_KEY_FILE_ENV,
-    required_scope,
 )
 
 Resource = dict[str, Any]
@@ -191,23 +190,15 @@ def schema_errors(resource: Resource, version: str) -> list[str]:
 # --- the mesh's own truth: services from config/heist.yaml, names from the descriptors ------------
 
 
-NOT_DEPLOYED = ("orchestrator",)
-"""Services deploy/ does not run yet: ``orchestrator serve`` (docs/service.md says so)."""
-
-
 def mesh_service_names(config_path: Path = REPO_CONFIG) -> list[str]:
-    """The ``services:`` keys of the repository's config/heist.yaml that deploy/ runs."""
+    """The ``services:`` keys of the repository's config/heist.yaml: deploy/ runs every one."""
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    return [name for name in config["services"] if name not in NOT_DEPLOYED]
+    return list(config["services"])
 
 
 def service_descriptor(service: str) -> ServiceDescriptor:
-    """The one gRPC service of ``heist.<service>.v1.<service>_pb2`` (generated from protos/)."""
-    module = importlib.import_module(f"heist.{service}.v1.{service}_pb2")
-    services = list(module.DESCRIPTOR.services_by_name.values())
-    assert len(services) == 1, f"{module.__name__} defines {len(services)} services, expected one"
-    descriptor: ServiceDescriptor = services[0]
-    return descriptor
+    """The one gRPC service that ``service's server serves (heist_common.contract: A2A's for the orchestrator)."""
+    return contract_of(service).descriptor
 
 
 def full_service_name(service: str) -> str:
@@ -217,7 +208,8 @@ def full_service_name(service: str) -> str:
 
 def needs_token(service: str) -> bool:
     """Whether any method of the service requires an OAuth scope (its server verifies tokens)."""
-    return any(required_scope(method) is not None for method in service_descriptor(service).methods)
+    contract = contract_of(service)
+    return any(contract.scope_of(method) is not None for method in contract.descriptor.methods)
 
 
 def k8s_name(service: str) -> str:

@@ -71,7 +71,8 @@ def issued_certificates(resources: list[Resource]) -> dict[str, dict[str, bytes]
     """What cert-manager would write for each Certificate: Secret name -> ca.crt, tls.crt, tls.key.
 
     One CA (the manifests' CA Issuer) signs every leaf; a Certificate with dnsNames
-    becomes a server certificate with exactly those names, one without a client one.
+    becomes a server certificate with exactly those names, one without a client one; usage
+    ``client auth`` makes it a client certificate too (the orchestrator's, the gateway's).
     """
     ca_cert, ca_key = dev_pki.new_ca("heist mesh CA")
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
@@ -81,7 +82,10 @@ def issued_certificates(resources: list[Resource]) -> dict[str, dict[str, bytes]
         if spec.get("isCA"):
             continue
         name = str(spec.get("commonName") or certificate["metadata"]["name"])
-        cert, key = dev_pki.issue_certificate(ca_cert, ca_key, name, server_names=list(spec.get("dnsNames") or []))
+        client = "client auth" in (spec.get("usages") or [])
+        cert, key = dev_pki.issue_certificate(
+            ca_cert, ca_key, name, server_names=list(spec.get("dnsNames") or []), client=client
+        )
         issued[str(spec["secretName"])] = {"ca.crt": ca_pem, "tls.crt": cert, "tls.key": key}
     return issued
 
@@ -244,14 +248,26 @@ def loopback_addresses(config_text: str, ports: list[int]) -> tuple[dict[str, An
                 moved[key] = f"{LOOPBACK}:{local}"
                 port_of[container_port(str(settings[key]))] = local
         edit[name] = moved
+    result: dict[str, Any] = {"services": edit}
+    gateway = yaml.safe_load(config_text).get("mcp_gateway")
+    if gateway is not None:  # not a `services:` entry: its own section, same keys
+        result["mcp_gateway"] = {}
+        for key in ("address", "metrics_address"):
+            if gateway.get(key):
+                local = next(free)
+                result["mcp_gateway"][key] = f"{LOOPBACK}:{local}"
+                port_of[container_port(str(gateway[key]))] = local
     assert next(free, None) is None, "more ports than addresses"
-    return {"services": edit}, port_of
+    return result, port_of
 
 
 def address_count(config_text: str) -> int:
-    """How many addresses (API, health, metrics) the config's services set: the free ports a test needs."""
-    services = yaml.safe_load(config_text)["services"]
-    return sum(1 for settings in services.values() for key in ("address", *SIDE_ADDRESSES) if settings.get(key))
+    """How many addresses (API, health, metrics) the config's services and gateway set: the free ports a test needs."""
+    config = yaml.safe_load(config_text)
+    gateway = config.get("mcp_gateway") or {}
+    return sum(
+        1 for settings in config["services"].values() for key in ("address", *SIDE_ADDRESSES) if settings.get(key)
+    ) + sum(1 for key in ("address", "metrics_address") if gateway.get(key))
 
 
 def container_port(address: str) -> int:

@@ -34,6 +34,21 @@ from tests.deploy.manifests import (
 )
 
 MONITORING_NAMESPACE = "monitoring"
+NAMESPACE = "heist"
+NAME_LABEL = "app.kubernetes.io/name"
+GATEWAY = "mcp-gateway"
+"""The MCP gateway's Kubernetes name (it is no ``services:`` entry: the config's ``mcp_gateway`` section)."""
+CALLERS: dict[str, set[str]] = {
+    "memory": {"orchestrator"},
+    "calculator": {"orchestrator", GATEWAY},
+    "file-reader": {"orchestrator", GATEWAY},
+    "database-query": {"orchestrator", GATEWAY},
+}
+"""Who calls each API port in the mesh, by pod name label: the orchestrator (Job and service) and the gateway."""
+CLIENT_LABELS = {"orchestrator": "heist-mesh/a2a-client", GATEWAY: "heist-mesh/mcp-client"}
+"""The services whose callers the mesh does not run: only pods the operator labels may reach them."""
+CLIENT_SECRET_READERS = {"servers.oauth", "servers.orchestrator", "servers.mcp_gateway"}
+"""Modules that read client secrets: oauth checks them, the orchestrator and the gateway use their own."""
 
 
 def selects(selector: Resource | None, labels: dict[str, str]) -> bool:
@@ -97,6 +112,8 @@ def _tls_problems(resources: list[Resource], config: Resource, services: list[st
     issued = certificate_secrets(resources)
     deployments = by_kind(resources, "Deployment")
     wanted: dict[str, tuple[str, ...]] = {k8s_name(s): (server_name(s),) for s in services}
+    # The gateway's HTTPS certificate also names the host MCP clients dial (heist_common.tls.GATEWAY_HTTPS_IDENTITY).
+    wanted[GATEWAY] = (server_name("mcp_gateway"), f"{GATEWAY}.{NAMESPACE}.svc")
     for resource, spec in workloads(resources):
         where = describe(resource)
         container = spec["containers"][0]
@@ -130,7 +147,12 @@ def _tls_problems(resources: list[Resource], config: Resource, services: list[st
                 )
             if "server auth" not in usages:
                 problems.append(f"{where}: Certificate/{certificate['metadata']['name']} lacks usage 'server auth'")
-        elif cert_spec.get("dnsNames") or "client auth" not in usages:
+            if name in CLIENT_LABELS and "client auth" not in usages:
+                problems.append(f"{where}: Certificate/{certificate['metadata']['name']} lacks usage 'client auth'")
+        elif "client auth" not in usages or tuple(cert_spec.get("dnsNames") or ()) not in (
+            (), (server_name("orchestrator"),)
+        ):
+            # The Job shares the orchestrator service's certificate (server and client, as heist_common.dev_pki).
             problems.append(f"{where}: Certificate/{certificate['metadata']['name']} must be a client certificate")
         if cert_spec.get("issuerRef", {}).get("name") not in by_kind(resources, "Issuer"):
             problems.append(f"Certificate/{certificate['metadata']['name']}: its issuer is not defined here")
@@ -165,12 +187,18 @@ def _network_problems(resources: list[Resource], config: Resource, services: lis
         labels = pod_labels(resource)
         if not any(selects(p["spec"].get("podSelector"), labels) for p in policies):
             problems.append(f"{describe(resource)}: its pods are selected by no NetworkPolicy")
-    # Ingress to each API port: from the orchestrator only (oauth: from every pod of the namespace).
-    orchestrators = {describe(job) for job in by_kind(resources, "Job").values()}
-    for service in services:
-        name = k8s_name(service)
-        port = int(str(config["services"][service]["address"]).rpartition(":")[2])
-        deployment = by_kind(resources, "Deployment").get(name)
+    # Ingress to each API port: from the pods that call it only (oauth: from every pod of the namespace).
+    deployments = by_kind(resources, "Deployment")
+    callers = {
+        name: {describe(w) for w, _ in workloads(resources) if pod_labels(w).get(NAME_LABEL) in names}
+        for name, names in CALLERS.items()
+    }
+    ports = {k8s_name(s): int(str(config["services"][s]["address"]).rpartition(":")[2]) for s in services}
+    gateway = config.get("mcp_gateway")
+    if gateway is not None:
+        ports[GATEWAY] = int(str(gateway["address"]).rpartition(":")[2])
+    for name, port in ports.items():
+        deployment = deployments.get(name)
         if deployment is None:
             continue
         labels = pod_labels(deployment)
@@ -181,18 +209,29 @@ def _network_problems(resources: list[Resource], config: Resource, services: lis
             for rule in policy["spec"].get("ingress") or []:
                 if port in _allowed_ports(rule) or not rule.get("ports"):
                     sources += rule.get("from") or [{"anywhere": True}]
+        admitted_by_all: set[str] = set()
         for source in sources:
             if "anywhere" in source or "ipBlock" in source or "namespaceSelector" in source:
                 problems.append(f"{describe(deployment)}: API port {port} is open beyond the namespace: {source}")
-            elif service != "oauth":
+            elif name in CLIENT_LABELS:
+                if source.get("podSelector") != {"matchLabels": {CLIENT_LABELS[name]: "true"}}:
+                    problems.append(
+                        f"{describe(deployment)}: API port {port} admits {source}, not only pods labelled "
+                        f"{CLIENT_LABELS[name]}: \"true\""
+                    )
+            elif name != "oauth":
                 admitted = {
                     describe(w) for w, _ in workloads(resources) if selects(source.get("podSelector"), pod_labels(w))
                 }
-                if admitted != orchestrators:
+                admitted_by_all |= admitted
+                if not admitted or not admitted <= callers.get(name, set()):
                     problems.append(
                         f"{describe(deployment)}: API port {port} admits {source} ({sorted(admitted)}), "
-                        "not only the orchestrator"
+                        f"not only its callers {sorted(callers.get(name, set()))}"
                     )
+        if name in CALLERS and sources and admitted_by_all != callers[name]:
+            problems.append(f"{describe(deployment)}: API port {port} admits {sorted(admitted_by_all)}, "
+                            f"not all of its callers {sorted(callers[name])}")  # fmt: skip
         if not sources:
             problems.append(f"{describe(deployment)}: no NetworkPolicy admits callers to API port {port}")
         metrics = [
@@ -234,10 +273,13 @@ def _secret_env_problems(resources: list[Resource]) -> list[str]:
             for name, entry in env_of(container).items():
                 if (entry.get("valueFrom") or {}).get("secretKeyRef") and name not in SECRET_ENV_ALLOWED:
                     problems.append(f"{describe(resource)}: env {name} carries a Secret (mount it as a file)")
-            if CLIENT_SECRETS_DIR_ENV in env_of(container) and "oauth" not in str(container.get("args")) and (
+            args = [str(arg) for arg in container.get("args") or []]
+            if CLIENT_SECRETS_DIR_ENV in env_of(container) and not (set(args[:1]) & CLIENT_SECRET_READERS) and (
                 resource.get("kind") != "Job"
             ):
-                problems.append(f"{describe(resource)}: reads client secrets but is neither oauth nor the orchestrator")
+                problems.append(
+                    f"{describe(resource)}: reads client secrets but is neither oauth, the orchestrator nor the gateway"
+                )
     return problems
 
 

@@ -58,8 +58,7 @@ def required_scope(method: MethodDescriptor) -> str | None:
 
 def service_ports(config_path: Path) -> dict[str, int]:
     config = load_config(config_path)
-    # deploy/ does not run the orchestrator service yet (docs/service.md)
-    return {name: int(config.services[name].address.rpartition(":")[2]) for name in config.crew_services}
+    return {name: int(service.address.rpartition(":")[2]) for name, service in config.services.items()}
 
 
 def credentials_dir(config_path: Path) -> Path:

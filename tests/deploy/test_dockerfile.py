@@ -23,6 +23,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from heist_common.config import load_config
 from tests.deploy.manifests import REPO, REPO_CONFIG, load_resources, workloads
 from tests.deploy.project import CLIENTS_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE, credentials_dir, service_ports
 
@@ -315,7 +316,10 @@ def test_dockerignore_matching_is_not_vacuous() -> None:
 def test_exposed_ports_are_the_mesh_ports(stages: list[list[Instruction]]) -> None:
     expose = _last(stages[-1], "EXPOSE")
     assert expose is not None
-    assert sorted(int(p) for p in expose.arguments.split()) == sorted(service_ports(REPO_CONFIG).values())
+    gateway = load_config(REPO_CONFIG).mcp_gateway
+    assert gateway is not None
+    wanted = [*service_ports(REPO_CONFIG).values(), gateway.port]
+    assert sorted(int(p) for p in expose.arguments.split()) == sorted(wanted)
 
 
 def test_base_image_is_pinned_to_a_release(stages: list[list[Instruction]]) -> None:

@@ -133,7 +133,9 @@ def test_every_mesh_service_has_probes_on_its_own_grpc_service(resources: list[R
     deployments = by_kind(resources, "Deployment")
     for service in services:
         full = full_service_name(service)
-        assert full.startswith(f"heist.{service}.v1.") and full.endswith("Service")
+        # The orchestrator serves A2A's own service; every other one its heist proto.
+        package = "lf.a2a.v1." if service == "orchestrator" else f"heist.{service}.v1."
+        assert full.startswith(package) and full.endswith("Service")
         container = deployments[k8s_name(service)]["spec"]["template"]["spec"]["containers"][0]
         for probe in ("readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["service"] == full
@@ -146,7 +148,7 @@ def test_every_mesh_service_has_probes_on_its_own_grpc_service(resources: list[R
         ("Service selects nothing", "Service/calculator: selector"),
         ("Service targets an undeclared port", "targetPort 'grpcx'"),
         ("secret key does not exist", "Secret 'heist-oauth-clients' has no key 'planer'"),
-        ("ConfigMap loses a service", "services ['calculator', 'database_query', 'file_reader', 'oauth']"),
+        ("ConfigMap loses a service", "['calculator', 'database_query', 'file_reader', 'oauth', 'orchestrator']"),
         ("a tool server has no public key", "HEIST_OAUTH_PUBLIC_KEY_FILE is not set"),
         ("a tool server mounts the signing key", "mounts the signing key Secret 'heist-oauth-signing-key'"),
         ("container runs as root", "overrides the pod's non-root user"),
@@ -217,7 +219,10 @@ def test_configmap_heist_yaml_loads_with_the_projects_own_loaders(tmp_path: Path
     agents = raw["agents"]
     assert {agent["name"] for agent in agents} == set(raw["session"]["turn_order"])
     own = raw.get("session", {}).get("oauth_client", "orchestrator")
-    assert set(raw["oauth"]["clients"]) == {agent.get("oauth_client", agent["name"]) for agent in agents} | {own}
+    gateway = raw.get("mcp_gateway", {}).get("oauth_client", "mcp_gateway")
+    assert set(raw["oauth"]["clients"]) == {agent.get("oauth_client", agent["name"]) for agent in agents} | {
+        own, gateway
+    }
 
 
 def test_configmap_keeps_the_redis_store_as_a_comment_only(resources: list[Resource]) -> None:

@@ -43,7 +43,8 @@ def edited_config(resources: list[Resource], **changes: object) -> None:
 
 def test_the_rendered_manifests_keep_the_policy(rendered: list[Resource]) -> None:
     assert by_kind(rendered, "NetworkPolicy") and by_kind(rendered, "PodDisruptionBudget")
-    assert len(by_kind(rendered, "Certificate")) == 7  # the CA, five servers, the orchestrator
+    # The CA, five servers, the orchestrator (service and Job), the MCP gateway.
+    assert len(by_kind(rendered, "Certificate")) == 8
     assert policy_problems(rendered) == []
 
 
@@ -55,6 +56,9 @@ def test_the_database_pod_fits_its_workers(rendered: list[Resource]) -> None:
     needed = database_query_memory_bytes(yaml.safe_load(configmap["data"]["heist.yaml"]))
     assert needed >= 4 * 256 * 2**20, "the defaults: 4 workers of 256 MiB"
     assert limit >= needed
+
+
+NAME = "app.kubernetes.io/name"
 
 
 def _break(resources: list[Resource], breakage: str) -> None:
@@ -72,11 +76,25 @@ def _break(resources: list[Resource], breakage: str) -> None:
     elif breakage == "no default deny":
         resources.remove(by_kind(resources, "NetworkPolicy")["default-deny"])
     elif breakage == "tool open to every pod":
-        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator"]
+        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator-and-gateway"]
         policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
     elif breakage == "tool open to another namespace":
-        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator"]
+        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator-and-gateway"]
         policy["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
+    elif breakage == "orchestrator open to every pod":
+        policy = by_kind(resources, "NetworkPolicy")["orchestrator-from-a2a-clients"]
+        policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
+    elif breakage == "gateway reaches memory":
+        policy = by_kind(resources, "NetworkPolicy")["memory-from-orchestrator"]
+        policy["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {NAME: "mcp-gateway"}}})
+    elif breakage == "tool closed to the gateway":
+        policy = by_kind(resources, "NetworkPolicy")["calculator-from-orchestrator-and-gateway"]
+        policy["spec"]["ingress"][0]["from"].pop()
+    elif breakage == "gateway certificate for servers only":
+        by_kind(resources, "Certificate")["heist-mcp-gateway"]["spec"]["usages"].remove("client auth")
+    elif breakage == "gateway without its client label":
+        policy = by_kind(resources, "NetworkPolicy")["mcp-gateway-from-mcp-clients"]
+        policy["spec"]["ingress"][0]["from"] = [{"podSelector": {"matchLabels": {NAME: "orchestrator"}}}]
     elif breakage == "metrics closed":
         resources.remove(by_kind(resources, "NetworkPolicy")["metrics-from-monitoring"])
     elif breakage == "no budget":
@@ -107,6 +125,11 @@ def _break(resources: list[Resource], breakage: str) -> None:
         ("no default deny", "no default-deny NetworkPolicy"),
         ("tool open to every pod", "Deployment/calculator: API port 18053 admits {'podSelector': {}}"),
         ("tool open to another namespace", "API port 18053 is open beyond the namespace"),
+        ("orchestrator open to every pod", "Deployment/orchestrator: API port 18050 admits {'podSelector': {}}"),
+        ("gateway reaches memory", "Deployment/memory: API port 18052 admits"),
+        ("tool closed to the gateway", "Deployment/calculator: API port 18053 admits ['Deployment/orchestrator'"),
+        ("gateway certificate for servers only", "Certificate/heist-mcp-gateway lacks usage 'client auth'"),
+        ("gateway without its client label", "not only pods labelled heist-mesh/mcp-client"),
         ("metrics closed", "metrics port is not open to the 'monitoring' namespace"),
         ("no budget", "Deployment/calculator: 0 PodDisruptionBudgets"),
         ("secret in env", "env HEIST_OAUTH_CLIENT_SECRET_PLANNER carries a Secret"),

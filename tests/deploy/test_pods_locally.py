@@ -1,4 +1,4 @@
-"""The manifests' pods as local processes: the five servers and then the orchestrator Job.
+"""The manifests' pods as local processes: the servers (the MCP gateway too) and then the orchestrator Job.
 
 This is the closest to a cluster this machine gets (see tests/deploy/pods.py
 for what is simulated and the three deliberate differences). It proves what
@@ -17,8 +17,11 @@ stops every server cleanly within its grace period.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,7 +92,7 @@ def _health(port: int, service: str, timeout_s: float = 0.5) -> str:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The five Deployments' pods running, plus what the Job's pod needs."""
+    """The Deployments' pods running, plus what the Job's pod needs."""
     tmp = tmp_path_factory.mktemp("pods")
     resources = load_resources()
     configmap = mesh_configmap(resources)
@@ -112,10 +115,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
     llm = ScriptedLLM(responder=_responder, models=(str(cluster_config(resources)["llm"]["model"]),)).start()
     edit, port_of = loopback_addresses(config_text, free_ports(address_count(config_text)))
-    job_edit = {**edit, "llm": {"base_url": llm.base_url}}
+    # The orchestrator service and the gateway read the audit database from the ConfigMap (the Job: --db).
+    job_edit = {**edit, "llm": {"base_url": llm.base_url}, "database": {"url": audit["HEIST_AUDIT_DB_URL"]}}
 
     pods = {
-        name: local_pod(deployment, resources, secrets, tmp / "pods" / name, edit)
+        name: local_pod(deployment, resources, secrets, tmp / "pods" / name, job_edit)
         for name, deployment in by_kind(resources, "Deployment").items()
     }
     (job,) = by_kind(resources, "Job").values()
@@ -134,12 +138,35 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         llm.stop()
 
 
+def _ready(port: int, path: str, timeout_s: float = 0.5) -> str:
+    """What the kubelet's HTTPS probe asks: GET ``path``, certificate unchecked, no client certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", timeout=timeout_s, context=context) as reply:
+            return "SERVING" if reply.status == 200 else f"HTTP {reply.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except OSError as exc:
+        return f"DOWN ({exc})"
+
+
+def _probe(mesh: dict[str, Any], probe: dict[str, Any], container: dict[str, Any]) -> str:
+    """Run one probe of a container as the kubelet would (gRPC or HTTPS GET)."""
+    if "grpc" in probe:
+        return _health(mesh["port_of"][probe["grpc"]["port"]], probe["grpc"]["service"])
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    http = probe["httpGet"]
+    assert http["scheme"] == "HTTPS"
+    return _ready(mesh["port_of"][named.get(http["port"], http["port"])], http["path"])
+
+
 def _wait_serving(mesh: dict[str, Any]) -> None:
     deadline = time.monotonic() + 30  # the startupProbe's budget: 30 x 1 s
     for name, deployment in by_kind(mesh["resources"], "Deployment").items():
-        probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]
-        port = mesh["port_of"][probe["port"]]
-        while (status := _health(port, probe["service"])) != "SERVING":
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        while (status := _probe(mesh, container["readinessProbe"], container)) != "SERVING":
             process = mesh["processes"][name]
             log = (mesh["tmp"] / f"{name}.log").read_text(encoding="utf-8", errors="replace")
             assert process.poll() is None, f"{name} exited {process.returncode}:\n{log}"
@@ -151,6 +178,10 @@ def test_every_server_pod_passes_its_grpc_probes(mesh: dict[str, Any]) -> None:
     _wait_serving(mesh)
     for name, deployment in by_kind(mesh["resources"], "Deployment").items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert _probe(mesh, container[probe], container) == "SERVING", (name, probe)
+        if "grpc" not in container["readinessProbe"]:
+            continue  # the MCP gateway: HTTPS /readyz (tests/servers/mcp_gateway cover its API port)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc_probe = container[probe]["grpc"]
             assert _health(mesh["port_of"][grpc_probe["port"]], grpc_probe["service"]) == "SERVING", (name, probe)
@@ -232,4 +263,4 @@ def test_sigterm_stops_every_server_within_its_grace_period(mesh: dict[str, Any]
         process = mesh["processes"][name]
         process.terminate()
         assert process.wait(timeout=grace) == 0, f"{name} did not exit cleanly on SIGTERM"
-    assert {k8s_name(s) for s in mesh_service_names()} == set(mesh["processes"])
+    assert {k8s_name(s) for s in mesh_service_names()} | {"mcp-gateway"} == set(mesh["processes"])

@@ -34,37 +34,44 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
         server.stop()
 
 
-async def test_a_native_heist_with_strict_schemas_and_forced_calls_is_accepted(
-    llama: LlamaServer, tmp_path: Path
-) -> None:
-    """Strict tool definitions, ``tool_choice: "required"`` with the one function: every request is answered."""
+async def play_chat_heist(
+    llama: LlamaServer, tmp_path: Path, session_id: str, turns: int, **llm: object
+) -> list[str]:
+    """Play a chat-style heist on the real server, check every request was answered; return its tool calls' codes."""
     config = load_config(write_heist_config(tmp_path, llm_base_url=llama.base_url))
     mesh = InProcessMesh(config)
     await mesh.start_all()
     try:
         mesh.config = mesh.with_llm(
-            llama.base_url, prompt_style="chat", tool_calling="native", constrained_tools="json_schema",
-            prefill_tool_every=1, timeout_s=120, health_timeout_s=60, max_tokens=40,
-        )  # fmt: skip
-        result = await run_session(mesh.config, RunOptions(turns=3, session_id="heist_chat_native_real"))
+            llama.base_url, prompt_style="chat", timeout_s=120, health_timeout_s=60, max_tokens=40, **llm
+        )
+        result = await run_session(mesh.config, RunOptions(turns=turns, session_id=session_id))
     finally:
         await mesh.stop_all()
 
     assert result.status == "completed", result.error
+    # The constraint insists: a server refusing it would make these turns LLM errors.
     assert "error" not in [turn.status for turn in result.turns], [(t.status, t.message) for t in result.turns]
-    # json_schema insists: a server refusing strict definitions or "required" would make these LLM errors.
     for turn in result.turns:
         timings = audit_rows(
-            mesh.config, "SELECT timings FROM messages WHERE session_id = ? AND turn_id = ?",
-            "heist_chat_native_real", turn.turn_id,
-        )[0][0]  # fmt: skip
+            mesh.config, "SELECT timings FROM messages WHERE session_id = ? AND turn_id = ?", session_id, turn.turn_id
+        )[0][0]
         llm_steps = [step for step in json.loads(timings)["steps"] if step[0] == "llm"]
         assert llm_steps and all("OK" in step for step in llm_steps), llm_steps
-    # Whatever the model called went through the strict schema: the services accept every argument.
-    calls = audit_rows(
-        mesh.config, "SELECT status_code FROM tool_usage WHERE session_id = ?", "heist_chat_native_real"
+    calls = audit_rows(mesh.config, "SELECT status_code FROM tool_usage WHERE session_id = ?", session_id)
+    return [code for (code,) in calls]
+
+
+async def test_a_native_heist_with_strict_schemas_and_forced_calls_is_accepted(
+    llama: LlamaServer, tmp_path: Path
+) -> None:
+    """Strict tool definitions, ``tool_choice: "required"`` with the one function: every request is answered."""
+    codes = await play_chat_heist(
+        llama, tmp_path, "heist_chat_native_real", 3,
+        tool_calling="native", constrained_tools="json_schema", prefill_tool_every=1,
     )  # fmt: skip
-    assert all(code == "OK" for (code,) in calls), calls
+    # Whatever the model called went through the strict schema: the services accept every argument.
+    assert all(code == "OK" for code in codes), codes
 
 
 async def test_the_request_after_a_tool_call_is_accepted(llama: LlamaServer, tmp_path: Path) -> None:
@@ -95,28 +102,9 @@ async def test_the_request_after_a_tool_call_is_accepted(llama: LlamaServer, tmp
 
 async def test_chat_with_inline_markers_under_the_grammar_is_accepted(llama: LlamaServer, tmp_path: Path) -> None:
     """Chat style, inline markers: every request carries the reply's grammar, which the real server must take."""
-    config = load_config(write_heist_config(tmp_path, llm_base_url=llama.base_url))
-    mesh = InProcessMesh(config)
-    await mesh.start_all()
-    try:
-        mesh.config = mesh.with_llm(
-            llama.base_url, prompt_style="chat", tool_calling="inline", constrained_tools="grammar",
-            prefill_tool_every=0, timeout_s=120, health_timeout_s=60, max_tokens=40,
-        )  # fmt: skip
-        result = await run_session(mesh.config, RunOptions(turns=4, session_id="heist_chat_inline_real"))
-    finally:
-        await mesh.stop_all()
-
-    assert result.status == "completed", result.error
-    # `grammar` insists: a server refusing the field would make every turn an LLM error.
-    assert "error" not in [turn.status for turn in result.turns], [(t.status, t.message) for t in result.turns]
-    for turn in result.turns:
-        timings = audit_rows(
-            mesh.config, "SELECT timings FROM messages WHERE session_id = ? AND turn_id = ?",
-            "heist_chat_inline_real", turn.turn_id,
-        )[0][0]  # fmt: skip
-        llm_steps = [step for step in json.loads(timings)["steps"] if step[0] == "llm"]
-        assert llm_steps and all("OK" in step for step in llm_steps), llm_steps
+    codes = await play_chat_heist(
+        llama, tmp_path, "heist_chat_inline_real", 4,
+        tool_calling="inline", constrained_tools="grammar", prefill_tool_every=0,
+    )  # fmt: skip
     # Whatever markers the model wrote named an argument its tool accepts (or another agent's tool: refused).
-    calls = audit_rows(mesh.config, "SELECT status_code FROM tool_usage WHERE session_id = ?", "heist_chat_inline_real")
-    assert all(code in ("OK", "NOT_ALLOWED") for (code,) in calls), calls
+    assert all(code in ("OK", "NOT_ALLOWED") for code in codes), codes

@@ -168,6 +168,14 @@ class AuditStore:
         """Run arbitrary database work on the writer thread (tests and tools use this)."""
         return await self._in_writer(work, "run a statement")
 
+    def _owned_session(self, session_id: str, status: str, **fields: Any) -> dict[str, Any]:
+        """Build a new ``sessions`` row owned by this process, started (and last alive) now."""
+        started = now_iso()
+        return {
+            "session_id": session_id, "start_time": started, "status": status,
+            "pid": self.pid, "host": self.host, "heartbeat_at": started, **fields,
+        }  # fmt: skip
+
     async def create_session(
         self,
         session_id: str,
@@ -184,24 +192,12 @@ class AuditStore:
         ``client_id``: the OAuth client that started it through ``orchestrator serve`` (its tenant);
         ``objective``: what the crew plans, kept so ``resume`` continues the same heist.
         """
+        fields = {"strategy": strategy, "seed": seed, "model": model, "turns_planned": turns_planned,
+                  "client_id": client_id, "objective": objective}  # fmt: skip
 
         def work() -> None:
             with self.database.atomic():
-                started = now_iso()
-                SessionRecord.create(
-                    session_id=session_id,
-                    start_time=started,
-                    status=SessionStatus.ACTIVE,
-                    strategy=strategy,
-                    seed=seed,
-                    model=model,
-                    turns_planned=turns_planned,
-                    pid=self.pid,
-                    host=self.host,
-                    heartbeat_at=started,
-                    client_id=client_id,
-                    objective=objective,
-                )
+                SessionRecord.create(**self._owned_session(session_id, SessionStatus.ACTIVE, **fields))
 
         await self._in_writer(work, f"create session {session_id}")
 
@@ -210,17 +206,8 @@ class AuditStore:
 
         def work() -> None:
             with self.database.atomic():
-                started = now_iso()
-                SessionRecord.insert(
-                    session_id=session_id,
-                    start_time=started,
-                    status=status,
-                    strategy=strategy,
-                    model=model,
-                    pid=self.pid,
-                    host=self.host,
-                    heartbeat_at=started,
-                ).on_conflict_ignore().execute()
+                row = self._owned_session(session_id, status, strategy=strategy, model=model)
+                SessionRecord.insert(**row).on_conflict_ignore().execute()
 
         await self._in_writer(work, f"open session {session_id}")
 
